@@ -1,0 +1,258 @@
+"""THE reference of every distillation op: pure torch, fp32, written from the definitions.
+
+Never optimised and never used in training. Tests, benchmarks and the torch fallback compare with
+these functions; nothing else in the project defines what a divergence is.
+
+Conventions (stated once, here)
+-------------------------------
+* ``p`` is the teacher distribution, ``q`` the student's, both at temperature ``T``:
+  ``q = softmax(student_logits / T)``, ``p = softmax(teacher_logits / T)``.
+* forward KL  = KL(p || q) = sum_v p_v (log p_v - log q_v)
+* reverse KL  = KL(q || p)
+* generalized JSD with ``beta`` (TRL's ``generalized_jsd_loss`` convention): the mixture is
+  ``m = (1 - beta) * q + beta * p`` and ``JSD = beta * KL(p || m) + (1 - beta) * KL(q || m)``;
+  ``beta = 0`` is defined as forward KL and ``beta = 1`` as reverse KL (the limits of the mixture
+  form are 0, so TRL special-cases both ends, and so do we).
+* skew KL (DistiLLM)         = KL(p || alpha * p + (1 - alpha) * q)
+* skew reverse KL (DistiLLM) = KL(q || alpha * q + (1 - alpha) * p)
+* TVD = 0.5 * sum_v |p_v - q_v|
+* No T^2 factor here: the objective (distill.losses.objective) applies it when configured.
+* ``labels`` only masks: rows whose label equals ``ignore_index`` contribute nothing. Labels are
+  aligned with the logits rows (already shifted by the caller).
+* reduction ``"mean"``: sum over the vocabulary, mean over non-ignored rows (0 when every row is
+  ignored); ``"sum"``: sum over non-ignored rows; ``"none"``: one value per row, 0 on ignored rows.
+
+Top-k teacher
+-------------
+The teacher is given as ``topk_ids [..., k]``, ``topk_logprobs [..., k]`` (its log-probabilities at
+temperature 1, normalised over the FULL vocabulary) and ``tail_mass [...]``, the probability mass
+outside the top-k at temperature 1. The tail mass is computed by the teacher in fp32 from its
+log-partition (``exp(logsumexp(tail logits) - logZ)``), so it is exact even when the k log-probs
+travel in bf16; when it is not given it is taken as ``clamp(1 - sum(exp(topk_logprobs)), 0, 1)``.
+
+The teacher is then a distribution over k + 1 outcomes: the k tokens and one tail bucket.
+At temperature T that distribution is tempered as a whole: ``p_T ∝ [p_top, p_tail] ** (1 / T)``
+(exact at T = 1; the teacher's individual tail logits are unknown, so this is the definition).
+The student is bucketed the same way: ``q_top = q[topk_ids]`` and ``q_tail = 1 - sum(q_top)``,
+computed as the student's exact mass outside the k ids.
+
+How each divergence treats the tail:
+* forward KL: no tail term, ``sum_{v in top-k} p_v (log p_v - log q_v)`` with the teacher's
+  probabilities NOT renormalised; its gradient w.r.t. the student logits (T = 1) is exactly
+  ``M * q - p`` on the full vocabulary with ``M = sum_{top-k} p`` (no renormalisation bias).
+  JSD with beta = 0 is this.
+* reverse KL, JSD (0 < beta <= 1), skew KL, skew reverse KL, TVD: over the k + 1 outcomes, the
+  tail being one bucket on both sides.
+With ``k`` equal to the vocabulary the tail is empty on both sides and every top-k divergence equals
+its full-vocabulary form.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+
+# Floor for log() of a probability that may be exactly 0 (an empty tail bucket). A term whose
+# leading probability is 0 contributes 0 regardless (0 * log 0 = 0).
+_TINY = 1e-30
+
+
+def _xlogy_ratio(a: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """a * (log a - log b), with the convention 0 * anything = 0."""
+    return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a))
+
+
+def _kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """Elementwise a * (log a - log b) from log-probabilities."""
+    return _xlogy_ratio(log_a.exp(), log_a, log_b)
+
+
+def _divergence_from_logprobs(
+    log_q: torch.Tensor, log_p: torch.Tensor, kind: str, beta: float, alpha: float
+) -> torch.Tensor:
+    """Per-row divergence between two distributions given by log-probs over the last dim."""
+    q, p = log_q.exp(), log_p.exp()
+    if kind == "jsd":
+        if beta == 0.0:
+            kind = "forward_kl"
+        elif beta == 1.0:
+            kind = "reverse_kl"
+    if kind == "forward_kl":
+        terms = _kl_terms(log_p, log_q)
+    elif kind == "reverse_kl":
+        terms = _kl_terms(log_q, log_p)
+    elif kind == "jsd":
+        m = (1.0 - beta) * q + beta * p
+        log_m = m.clamp_min(_TINY).log()
+        terms = beta * _kl_terms(log_p, log_m) + (1.0 - beta) * _kl_terms(log_q, log_m)
+    elif kind == "skew_kl":
+        m = alpha * p + (1.0 - alpha) * q
+        terms = _kl_terms(log_p, m.clamp_min(_TINY).log())
+    elif kind == "skew_reverse_kl":
+        m = alpha * q + (1.0 - alpha) * p
+        terms = _kl_terms(log_q, m.clamp_min(_TINY).log())
+    elif kind == "tvd":
+        terms = 0.5 * (p - q).abs()
+    else:
+        raise ValueError(f"unknown divergence kind {kind!r}; expected one of {KINDS}")
+    return terms.sum(-1)
+
+
+def _reduce(per_row: torch.Tensor, labels, ignore_index: int, reduction: str) -> torch.Tensor:
+    if labels is None:
+        mask = torch.ones_like(per_row, dtype=torch.bool)
+    else:
+        mask = labels.reshape(per_row.shape) != ignore_index
+    per_row = torch.where(mask, per_row, torch.zeros_like(per_row))
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / mask.sum().clamp_min(1)
+    raise ValueError(f"unknown reduction {reduction!r}; expected mean, sum or none")
+
+
+def kd_div_ref(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    kind: str = "jsd",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Divergence between student and a full-vocabulary teacher. Shapes [..., V]; fp32 math."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ in shape"
+        )
+    vocab = student_logits.shape[-1]
+    log_q = torch.log_softmax(student_logits.float().reshape(-1, vocab) / temperature, dim=-1)
+    log_p = torch.log_softmax(teacher_logits.float().reshape(-1, vocab) / temperature, dim=-1)
+    per_row = _divergence_from_logprobs(log_q, log_p, kind, beta, alpha)
+    return _reduce(per_row, labels, ignore_index, reduction)
+
+
+def topk_bucket_logprobs(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    tail_mass: torch.Tensor | None,
+    temperature: float,
+):
+    """(log q over k+1 buckets, log p over k+1 buckets), rows flattened, both at temperature T."""
+    vocab = student_logits.shape[-1]
+    k = topk_ids.shape[-1]
+    s = student_logits.float().reshape(-1, vocab) / temperature
+    ids = topk_ids.reshape(-1, k).long()
+    lp1 = topk_logprobs.float().reshape(-1, k)
+    if tail_mass is None:
+        tail = (1.0 - lp1.exp().sum(-1)).clamp(0.0, 1.0)
+    else:
+        tail = tail_mass.float().reshape(-1).clamp(0.0, 1.0)
+    # Teacher: temper the (k + 1)-outcome distribution as a whole.
+    log_tail1 = torch.where(tail > 0, tail.clamp_min(_TINY).log(), torch.full_like(tail, -float("inf")))
+    log_p = torch.log_softmax(torch.cat([lp1, log_tail1[:, None]], dim=-1) / temperature, dim=-1)
+    # Student: exact mass on the k ids and outside them.
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    log_q_top = s.gather(-1, ids) - lse
+    in_top = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, ids, True)
+    log_q_tail = torch.logsumexp(s.masked_fill(in_top, -float("inf")), dim=-1, keepdim=True) - lse
+    log_q = torch.cat([log_q_top, log_q_tail], dim=-1)
+    return log_q, log_p
+
+
+def topk_kd_ref(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    tail_mass: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    *,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Divergence between the student and a top-k teacher (see the module docstring for the tail)."""
+    if topk_ids.shape != topk_logprobs.shape or topk_ids.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(
+            f"top-k ids {tuple(topk_ids.shape)} / log-probs {tuple(topk_logprobs.shape)} do not "
+            f"match student logits {tuple(student_logits.shape)}"
+        )
+    log_q, log_p = topk_bucket_logprobs(student_logits, topk_ids, topk_logprobs, tail_mass, temperature)
+    eff = kind
+    if kind == "jsd" and beta == 0.0:
+        eff = "forward_kl"
+    if eff == "forward_kl":
+        # No tail term: drop the last bucket on both sides, teacher probabilities not renormalised.
+        per_row = _kl_terms(log_p[:, :-1], log_q[:, :-1]).sum(-1)
+    else:
+        per_row = _divergence_from_logprobs(log_q, log_p, kind, beta, alpha)
+    return _reduce(per_row, labels, ignore_index, reduction)
+
+
+def fused_linear_kd_ref(
+    student_hidden: torch.Tensor,
+    student_lm_head: torch.Tensor,
+    teacher,
+    labels: torch.Tensor | None = None,
+    *,
+    kind: str = "jsd",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Student logits = hidden @ lm_head.T, then the divergence to ``teacher``.
+
+    ``teacher`` is either a tuple ``(teacher_hidden, teacher_lm_head)`` (full logits) or an object
+    with ``.ids``, ``.logprobs`` and ``.tail_mass`` (a top-k teacher).
+    """
+    s = student_hidden.float() @ student_lm_head.float().t()
+    if isinstance(teacher, tuple):
+        t_hidden, t_head = teacher
+        t = t_hidden.float() @ t_head.float().t()
+        return kd_div_ref(
+            s, t, labels, kind=kind, beta=beta, alpha=alpha, temperature=temperature,
+            ignore_index=ignore_index, reduction=reduction,
+        )
+    return topk_kd_ref(
+        s, teacher.ids, teacher.logprobs, teacher.tail_mass, labels, kind=kind, beta=beta,
+        alpha=alpha, temperature=temperature, ignore_index=ignore_index, reduction=reduction,
+    )
+
+
+def assert_close_to_ref(out, ref_in_dtype, ref_fp32, *, atol: float | None = None, name: str = "output"):
+    """Flash-attention's tolerance rule, the one helper every test uses:
+    ``|out - ref_fp32| <= 2 * |ref_in_dtype - ref_fp32| + atol``.
+
+    ``ref_in_dtype`` is the reference run on inputs in the dtype under test (its own rounding error
+    sets the bar); ``atol`` defaults to a small dtype-scaled floor.
+    """
+    out = out.float()
+    ref_fp32 = ref_fp32.float()
+    ref_in_dtype = ref_in_dtype.float()
+    if atol is None:
+        scale = float(ref_fp32.abs().max()) if ref_fp32.numel() else 0.0
+        atol = 1e-5 * max(1.0, scale)
+    err = (out - ref_fp32).abs()
+    bound = 2 * (ref_in_dtype - ref_fp32).abs() + atol
+    bad = err > bound
+    if bool(bad.any()):
+        idx = int(bad.flatten().nonzero()[0])
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{bad.numel()} elements out of tolerance; first at flat index "
+            f"{idx}: got {float(out.flatten()[idx])}, ref_fp32 {float(ref_fp32.flatten()[idx])}, "
+            f"bound {float(bound.flatten()[idx])}; max err {float(err.max())}"
+        )
