@@ -1,0 +1,237 @@
+"""Offline teacher targets: the teacher's top-k for a whole prompt set in sharded safetensors files.
+
+Layout of a cache folder::
+
+    manifest.json            teacher, k, tokenizer hash, prompt-set hash, n_prompts, shard size,
+                             values dtype, format version; "complete": true once every shard exists
+    shard-00000.safetensors  prompts [0, S): top-k of every target position + teacher answers
+    shard-00000.json         the shard's index entry (range, positions, sha256), written after it
+    index.json               every shard's entry, written when the cache is complete
+
+A shard holds ``ids`` int32 ``[P, k]``, ``logprobs`` (the service's dtype) ``[P, k]``, ``tail_mass``
+fp32 ``[P]``, ``pos_offsets`` int64 ``[n+1]`` (prompt i's positions are rows
+``pos_offsets[i]:pos_offsets[i+1]``), and ``answer_ids`` int32 + ``answer_offsets`` int64 ``[n+1]``
+(the teacher's generated answer for fine-grained prompts, empty for classification).
+
+Resumable: a shard is written to a temporary name and renamed, then its ``.json`` entry is written
+(also by rename); a shard counts as done only when its entry exists and the file's sha256 matches.
+After ``kill -9`` a rerun keeps the done shards, deletes temporaries and unfinished shards, and
+writes the rest. Shard file names are the shard number, so nothing is ever duplicated.
+
+Reading refuses a cache whose manifest does not match the run (teacher, k, teacher tokenizer,
+prompt set), or that is incomplete, with a message naming the field and both values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from distill.teacher.output import TopKTeacher
+
+FORMAT_VERSION = 1
+# Manifest fields that must match between the cache and the run reading or extending it.
+KEY_FIELDS = ("teacher", "k", "tokenizer_hash", "prompt_set_hash", "n_prompts", "shard_size")
+
+
+class CacheMismatch(ValueError):
+    """The cache on disk was built for another teacher, k, tokenizer or prompt set."""
+
+
+class CacheIncomplete(RuntimeError):
+    """Some shards are missing (the cache stage did not finish)."""
+
+
+@dataclass
+class CachedTarget:
+    """One prompt's teacher signal: top-k ``[P, k]`` at its target positions (+ the teacher answer)."""
+
+    topk: TopKTeacher
+    answer_ids: list[int]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _mismatch_message(root: Path, field: str, have, want) -> str:
+    return (
+        f"teacher cache {root} was built with {field}={have!r}, but this run needs {field}={want!r}. "
+        f"Point teacher.cache_dir at another folder (or delete this one) and rerun --stage cache."
+    )
+
+
+def check_manifest(root: Path, have: dict, want: dict) -> None:
+    for key in KEY_FIELDS:
+        if key in want and have.get(key) != want[key]:
+            raise CacheMismatch(_mismatch_message(root, key, have.get(key), want[key]))
+    if have.get("format_version") != FORMAT_VERSION:
+        raise CacheMismatch(_mismatch_message(root, "format_version", have.get("format_version"), FORMAT_VERSION))
+
+
+def shard_name(s: int) -> str:
+    return f"shard-{s:05d}"
+
+
+class CacheWriter:
+    """Writes shards of a cache folder; refuses a folder that holds a different cache."""
+
+    def __init__(self, root: str | os.PathLike, manifest: dict):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.manifest = {**manifest, "format_version": FORMAT_VERSION}
+        path = self.root / "manifest.json"
+        if path.exists():
+            try:
+                have = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise CacheMismatch(f"teacher cache {path}: unreadable manifest ({e}); delete the folder") from e
+            check_manifest(self.root, have, self.manifest)
+            self.manifest["complete"] = bool(have.get("complete"))
+        else:
+            self.manifest["complete"] = False
+            _write_json_atomic(path, self.manifest)
+        self.n_shards = -(-self.manifest["n_prompts"] // self.manifest["shard_size"])
+        self._clean()
+
+    def _clean(self) -> None:
+        """Remove temporaries and shards without a valid entry (an interrupted write)."""
+        done = self.done_shards()
+        for f in self.root.iterdir():
+            if f.name.endswith(".tmp"):
+                f.unlink()
+            elif f.name.startswith("shard-") and f.suffix == ".safetensors":
+                s = int(f.stem.split("-")[1])
+                if s not in done:
+                    f.unlink()
+
+    def shard_range(self, s: int) -> tuple[int, int]:
+        size = self.manifest["shard_size"]
+        return s * size, min((s + 1) * size, self.manifest["n_prompts"])
+
+    def done_shards(self) -> set[int]:
+        done = set()
+        for entry in self.root.glob("shard-*.json"):
+            try:
+                meta = json.loads(entry.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                continue
+            f = self.root / meta.get("file", "")
+            if f.is_file() and f.stat().st_size == meta.get("bytes") and _sha256(f) == meta.get("sha256"):
+                done.add(int(meta["shard"]))
+        return done
+
+    def write_shard(self, s: int, targets: Sequence[CachedTarget]) -> dict:
+        from safetensors.torch import save_file
+
+        start, end = self.shard_range(s)
+        if len(targets) != end - start:
+            raise ValueError(f"shard {s}: expected {end - start} prompts, got {len(targets)}")
+        k = self.manifest["k"]
+        for i, t in enumerate(targets):
+            if t.topk.ids.ndim != 2 or t.topk.k != k:
+                raise ValueError(f"shard {s}, prompt {start + i}: top-k shape {tuple(t.topk.ids.shape)}, want [P, {k}]")
+        pos = torch.tensor([0] + [int(t.topk.ids.shape[0]) for t in targets]).cumsum(0)
+        ans = torch.tensor([0] + [len(t.answer_ids) for t in targets]).cumsum(0)
+        tails = [
+            t.topk.tail_mass if t.topk.tail_mass is not None else (1 - t.topk.logprobs.float().exp().sum(-1)).clamp(0, 1)
+            for t in targets
+        ]
+        tensors = {
+            "ids": torch.cat([t.topk.ids.to(torch.int32) for t in targets]).contiguous(),
+            "logprobs": torch.cat([t.topk.logprobs for t in targets]).contiguous(),
+            "tail_mass": torch.cat([x.float() for x in tails]).contiguous(),
+            "pos_offsets": pos.to(torch.int64),
+            "answer_ids": torch.tensor([a for t in targets for a in t.answer_ids], dtype=torch.int32),
+            "answer_offsets": ans.to(torch.int64),
+        }
+        name = shard_name(s)
+        final = self.root / f"{name}.safetensors"
+        tmp = self.root / f"{name}.safetensors.tmp"
+        save_file(tensors, str(tmp), metadata={"start": str(start), "end": str(end)})
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        meta = {
+            "shard": s, "file": final.name, "start": start, "end": end, "positions": int(pos[-1]),
+            "bytes": final.stat().st_size, "sha256": _sha256(final),
+        }
+        _write_json_atomic(self.root / f"{name}.json", meta)
+        return meta
+
+    def finalize(self) -> None:
+        done = self.done_shards()
+        missing = sorted(set(range(self.n_shards)) - done)
+        if missing:
+            raise CacheIncomplete(f"teacher cache {self.root}: shards {missing[:10]} missing; rerun --stage cache")
+        entries = [json.loads((self.root / f"{shard_name(s)}.json").read_text(encoding="utf-8")) for s in range(self.n_shards)]
+        _write_json_atomic(self.root / "index.json", {"shards": entries})
+        self.manifest["complete"] = True
+        _write_json_atomic(self.root / "manifest.json", self.manifest)
+
+
+class TeacherCache:
+    """Read-only access to a complete cache; ``cache[i]`` is prompt i's :class:`CachedTarget`."""
+
+    def __init__(self, root: str | os.PathLike, expect: dict | None = None):
+        self.root = Path(root)
+        path = self.root / "manifest.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no teacher cache at {self.root} (manifest.json missing): run "
+                f"`python launchers/icldist.py --stage cache` first, or set teacher.source=online"
+            )
+        self.manifest = json.loads(path.read_text(encoding="utf-8"))
+        check_manifest(self.root, self.manifest, expect or {})
+        if not self.manifest.get("complete"):
+            raise CacheIncomplete(
+                f"teacher cache {self.root} is incomplete (the cache stage was interrupted): "
+                f"rerun `python launchers/icldist.py --stage cache` to finish it"
+            )
+        index = json.loads((self.root / "index.json").read_text(encoding="utf-8"))
+        self.entries = index["shards"]
+        self.size = self.manifest["shard_size"]
+        self._open: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return self.manifest["n_prompts"]
+
+    def _shard(self, s: int) -> dict[str, torch.Tensor]:
+        if s not in self._open:
+            from safetensors.torch import load_file
+
+            entry = self.entries[s]
+            f = self.root / entry["file"]
+            if not f.is_file():
+                raise CacheIncomplete(f"teacher cache {self.root}: {f.name} is missing (listed in index.json)")
+            self._open[s] = load_file(str(f))
+        return self._open[s]
+
+    def __getitem__(self, i: int) -> CachedTarget:
+        if not 0 <= i < len(self):
+            raise IndexError(f"prompt {i} not in teacher cache of {len(self)} prompts")
+        s, j = divmod(i, self.size)
+        t = self._shard(s)
+        a, b = int(t["pos_offsets"][j]), int(t["pos_offsets"][j + 1])
+        c, d = int(t["answer_offsets"][j]), int(t["answer_offsets"][j + 1])
+        topk = TopKTeacher(ids=t["ids"][a:b], logprobs=t["logprobs"][a:b], tail_mass=t["tail_mass"][a:b])
+        return CachedTarget(topk=topk, answer_ids=t["answer_ids"][c:d].tolist())

@@ -1,0 +1,51 @@
+"""ICLDist: distil in-context sentiment skills from a teacher on diversified few-shot prompts.
+
+    # 1 process, built-in tiny default (CPU is fine; private loopback Ray teacher, then the report):
+    python launchers/icldist.py
+    # 1 node through deepspeed (student ranks; the teacher service is shared by all ranks):
+    deepspeed --num_gpus 8 launchers/icldist.py --config launchers/configs/llama8b_to_qwen05b_icldist.yaml
+    # SLURM (Ray head on node 0, workers elsewhere, students by srun): see slurm/icldist.sh
+    srun python launchers/icldist.py --config FILE --teacher.ray_address=HOST:PORT
+    # offline teacher targets: cache once, then train with no teacher running
+    python launchers/icldist.py --stage cache --config FILE
+    deepspeed launchers/icldist.py --config FILE --teacher.source=cache
+
+Flags (everything else is ``--section.key=value``, see distill/icldist/config.py and docs/icldist.md):
+
+    --config FILE                 YAML with any of the sections run/prompts/teacher/student/loss/train/eval
+    --stage all|prompts|cache|train|eval
+                                  all (default): prompts -> (cache if teacher.source=cache) -> train -> eval
+    --run.out_dir=DIR             run folder (default runs/icldist): prompts.jsonl, teacher_cache/,
+                                  checkpoints, export/ (the student), export/results.{json,md,png}
+    --teacher.model=builtin|PATH|HF_NAME
+    --teacher.source=online|cache online: Ray teacher service during training (prefetched top-k);
+                                  cache: read teacher.cache_dir (built by --stage cache)
+    --teacher.ray_address=ADDR    HOST:PORT or "auto" of a running Ray cluster (SLURM);
+                                  "" (default): a private loopback Ray on 127.0.0.2 started here;
+                                  "local": in-process teacher, no Ray
+    --teacher.replicas=N --teacher.shards=N --teacher.num_gpus=G (per shard actor; -1 = auto)
+    --teacher.k=64                top-k per target position
+    --teacher.cache_dir=DIR       default <out_dir>/teacher_cache
+    --student.model=PATH          the KnowDist export (or any HF causal LM); "" = built-in tiny student
+    --prompts.held_out=a,b        SentiBench tasks left out of training entirely
+    --eval.limit=N                test sentences per task in the report (0 = all)
+    --local_rank / $LOCAL_RANK    accepted (deepspeed); RANK / WORLD_SIZE from the environment
+
+With several student ranks, rank 0 builds the prompt set (and, in online mode, the teacher's
+fine-grained answers) and starts or connects to the teacher service; every rank sends its own
+batches' top-k requests to that service. The report is written by rank 0 after training.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from distill.icldist.stage import run_from_argv
+
+    return run_from_argv(sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
