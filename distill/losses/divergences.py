@@ -1,0 +1,661 @@
+"""Distillation divergences in torch, chunked over tokens, with the gradient computed in forward.
+
+What is computed is defined once in ``distill_kernels.ref`` (kernels/ref.py): forward KL(p || q),
+reverse KL, generalized JSD (TRL convention, beta=0 -> forward, beta=1 -> reverse), skew KL and
+skew reverse KL (DistiLLM, alpha), TVD; ``p`` the teacher, ``q`` the student, both at temperature T;
+no T^2 factor here. A teacher is either full logits ``[..., V]`` or a
+:class:`~distill.teacher.output.TopKTeacher` ``[..., k]`` (k+1 buckets, forward KL without a tail
+term; see the reference's docstring and docs/losses.md).
+
+Memory
+------
+Eager torch materialises several fp32 ``[tokens x vocab]`` tensors (two log-softmaxes, their
+exponentials, the mixture, and the same again in autograd's backward). Here the rows are processed
+``chunk_tokens`` at a time inside one :class:`torch.autograd.Function`: for each chunk the loss per
+row AND its gradient w.r.t. the student logits are computed in closed form in forward (fp32
+arithmetic) and the gradient is written into one buffer of the student logits' shape and dtype.
+Backward only multiplies that buffer by the upstream gradient (in place). The peak above the inputs
+is therefore the gradient buffer plus the fp32 working set of ONE chunk (a handful of
+``[chunk_tokens x vocab]`` fp32 tensors). With ``grad_inplace=True`` the gradient is written into
+the student-logits buffer itself and the gradient buffer disappears too: the caller gives the
+logits up (they hold the gradient after the call; autograd's version counter makes any other
+consumer that saved them fail loudly instead of silently reading gradients).
+
+Gradient formulas
+-----------------
+For a per-row loss ``L(q)`` with ``q = softmax(s / T)``: ``dL/ds = (qg - q * sum(qg)) / T`` where
+``qg = q * dL/dq``. Each kind supplies ``qg`` in closed form (forward KL: ``-p``; reverse KL:
+``q (log q - log p)``; JSD: ``(1-beta) q (log q - log m)``; skew KL: ``-(1-alpha) p q / m``; skew
+reverse KL: ``q (log q - log m) - alpha q^2 / m``; TVD: ``q sign(q - p) / 2``). For a top-k teacher
+the same is applied to the k+1 bucket probabilities and spread back to the vocabulary: a top-k id
+gets ``qg_b - q_j S``, a tail token ``q_j (qg_tail / Q_tail - S)`` with ``S = sum_b qg_b``. Forward
+KL's top-k gradient is therefore exactly ``M q - p`` (``M`` = teacher mass on the k ids).
+
+The teacher is frozen: it gets no gradient, and teacher logits that require grad are refused (an
+autograd graph through the teacher is wasted memory; compute them under ``torch.no_grad()``).
+
+Final-logit softcapping (Gemma-2: ``cap * tanh(x / cap)``) is applied per side, chunk by chunk,
+before the temperature (``student_softcap``, ``teacher_softcap``); the student's gradient includes
+the ``1 - tanh^2`` factor.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import warnings
+from typing import Callable, NamedTuple
+
+import torch
+
+from distill.teacher.output import TopKTeacher
+
+KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+REDUCTIONS = ("mean", "sum", "none")
+IMPLS = ("auto", "torch", "triton")
+
+# Default chunk: one fp32 [chunk_tokens x vocab] tensor of about this many bytes. The working set of a
+# chunk is a few such tensors (about 5 for a full teacher, 3 for a top-k teacher); at vocab 151,936
+# this is 55 rows per chunk.
+DEFAULT_CHUNK_BYTES = 32 * 1024 * 1024
+
+# Floor for log() of a probability that may be 0 (same constant as the reference).
+_TINY = 1e-30
+
+
+def default_chunk_tokens(vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Rows per chunk so that one fp32 ``[rows x vocab]`` tensor is about ``chunk_bytes``."""
+    return max(1, chunk_bytes // (4 * max(1, vocab)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry: kind -> closed-form (per-row loss, q * dL/dq) on log-probabilities over the last dim.
+# One definition serves the full-vocabulary teacher and the k+1 buckets of a top-k teacher.
+# ----------------------------------------------------------------------------------------------
+
+
+class _Params(NamedTuple):
+    beta: float
+    alpha: float
+
+
+TermsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, _Params], tuple]
+
+
+def _xlogy_ratio(a: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """a * (log a - log b) with 0 * anything = 0."""
+    return torch.where(a > 0, a * (log_a - log_b), 0.0)
+
+
+def _forward_kl(log_q, q, log_p, p, prm):
+    loss = _xlogy_ratio(p, log_p, log_q).sum(-1)
+    return loss, -p
+
+
+def _reverse_kl(log_q, q, log_p, p, prm):
+    qg = _xlogy_ratio(q, log_q, log_p)
+    return qg.sum(-1), qg
+
+
+def _jsd(log_q, q, log_p, p, prm):
+    b = prm.beta
+    m = (1.0 - b) * q + b * p
+    log_m = m.clamp_min(_TINY).log_()
+    kl_qm = _xlogy_ratio(q, log_q, log_m)
+    loss = b * _xlogy_ratio(p, log_p, log_m).sum(-1) + (1.0 - b) * kl_qm.sum(-1)
+    return loss, kl_qm.mul_(1.0 - b)
+
+
+def _skew_kl(log_q, q, log_p, p, prm):
+    a = prm.alpha
+    m = a * p + (1.0 - a) * q
+    loss = _xlogy_ratio(p, log_p, m.clamp_min(_TINY).log()).sum(-1)
+    qg = torch.where(m > 0, p * q / m.clamp_min(_TINY), 0.0).mul_(-(1.0 - a))
+    return loss, qg
+
+
+def _skew_reverse_kl(log_q, q, log_p, p, prm):
+    a = prm.alpha
+    m = a * q + (1.0 - a) * p
+    m_safe = m.clamp_min(_TINY)
+    kl_terms = _xlogy_ratio(q, log_q, m_safe.log())
+    loss = kl_terms.sum(-1)
+    qg = kl_terms - torch.where(m > 0, a * q * q / m_safe, 0.0)
+    return loss, qg
+
+
+def _tvd(log_q, q, log_p, p, prm):
+    diff = q - p
+    loss = 0.5 * diff.abs().sum(-1)
+    return loss, 0.5 * q * torch.sign(diff)
+
+
+_REGISTRY: dict[str, TermsFn] = {
+    "forward_kl": _forward_kl,
+    "reverse_kl": _reverse_kl,
+    "jsd": _jsd,
+    "skew_kl": _skew_kl,
+    "skew_reverse_kl": _skew_reverse_kl,
+    "tvd": _tvd,
+}
+
+
+def _effective_kind(kind: str, beta: float) -> str:
+    """JSD's ends are defined as the KLs (TRL and the reference special-case them)."""
+    if kind not in _REGISTRY:
+        raise ValueError(f"unknown divergence kind {kind!r}; expected one of {KINDS}")
+    if kind == "jsd" and beta == 0.0:
+        return "forward_kl"
+    if kind == "jsd" and beta == 1.0:
+        return "reverse_kl"
+    return kind
+
+
+# ----------------------------------------------------------------------------------------------
+# One chunk: per-row KD / CE values and the (unreduced) gradient w.r.t. the student logits.
+# ----------------------------------------------------------------------------------------------
+
+
+class _Cfg(NamedTuple):
+    kind: str  # effective kind (JSD ends resolved)
+    prm: _Params
+    temperature: float
+    student_softcap: float | None
+    teacher_softcap: float | None
+    kd_weight: float  # weight of d(kd_row) in the stored gradient
+    ce_weight: float  # weight of d(ce_row) in the stored gradient (0: no CE)
+
+
+def _owned_fp32(x: torch.Tensor) -> torch.Tensor:
+    """A new contiguous fp32 copy (``.float()`` would alias an fp32 input, which we overwrite)."""
+    return torch.empty(x.shape, dtype=torch.float32, device=x.device).copy_(x)
+
+
+def _softcap_(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    if cap is not None:
+        x.div_(cap).tanh_().mul_(cap)
+    return x
+
+
+def _chunk(s_raw, teacher, ce_labels, mask, cfg: _Cfg, need_grad: bool):
+    """Returns (kd_rows [n] fp32 or None, ce_rows [n] fp32 or None, grad [n, V] fp32 or None).
+
+    ``s_raw``: student rows [n, V] (any dtype, any strides); ``teacher``: teacher rows [n, V], a tuple
+    (ids [n, k], logprobs [n, k], tail [n] or None), or None; ``ce_labels``: [n] long or None;
+    ``mask``: [n] bool, rows to count. Rows outside the mask give 0 loss and 0 gradient.
+    """
+    T = cfg.temperature
+    s = _owned_fp32(s_raw)  # the one fp32 chunk this function owns and overwrites
+    _softcap_(s, cfg.student_softcap)  # s = capped student logits, temperature 1
+    grad = None
+    kd_rows = ce_rows = None
+    if cfg.student_softcap is not None and need_grad:
+        # d cap*tanh(x/cap) / dx = 1 - (capped / cap)^2, applied to the whole gradient at the end.
+        cap_factor = torch.square(s / cfg.student_softcap).neg_().add_(1.0)
+    else:
+        cap_factor = None
+
+    if ce_labels is not None:
+        lse1 = torch.logsumexp(s, dim=-1)
+        safe_labels = torch.where(mask, ce_labels, 0).long()
+        picked = s.gather(-1, safe_labels[:, None]).squeeze(-1)
+        ce_rows = torch.where(mask, lse1 - picked, 0.0)
+        if need_grad and cfg.ce_weight != 0.0:
+            grad = (s - lse1[:, None]).exp_()
+            grad.scatter_add_(-1, safe_labels[:, None], torch.full_like(picked[:, None], -1.0))
+            grad.mul_(cfg.ce_weight)
+
+    if teacher is not None:
+        if T != 1.0:
+            s.div_(T)
+        if isinstance(teacher, tuple):
+            kd_rows, kd_grad = _topk_terms(s, teacher, cfg, need_grad)
+        else:
+            kd_rows, kd_grad = _full_terms(s, teacher, cfg, need_grad)
+        kd_rows = torch.where(mask, kd_rows, 0.0)
+        if kd_grad is not None:
+            # dL/dlogits = dL/ds / T.
+            scale = cfg.kd_weight / T
+            if grad is None:
+                grad = kd_grad.mul_(scale)
+            else:
+                grad.add_(kd_grad, alpha=scale)
+            del kd_grad
+    del s
+    if grad is not None:
+        if cap_factor is not None:
+            grad.mul_(cap_factor)
+        # masked_fill, not a multiply: a masked row may hold NaN/inf from garbage (padding) logits.
+        grad.masked_fill_(~mask[:, None], 0.0)
+    return kd_rows, ce_rows, grad
+
+
+def _full_terms(s, t_raw, cfg: _Cfg, need_grad: bool):
+    """Full-vocabulary teacher. ``s`` = tempered student logits (fp32, owned: overwritten)."""
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    log_q = s.sub_(lse)
+    q = log_q.exp()
+    t = _owned_fp32(t_raw)
+    _softcap_(t, cfg.teacher_softcap)
+    if cfg.temperature != 1.0:
+        t.div_(cfg.temperature)
+    log_p = t.sub_(torch.logsumexp(t, dim=-1, keepdim=True))
+    p = log_p.exp()
+    loss, qg = _REGISTRY[cfg.kind](log_q, q, log_p, p, cfg.prm)
+    del log_p, p, t
+    if not need_grad:
+        return loss, None
+    total = qg.sum(-1, keepdim=True)
+    # grad = qg - q * sum(qg), written over q (no new buffer).
+    grad = q.mul_(total.neg()).add_(qg)
+    return loss, grad
+
+
+def _topk_terms(s, teacher, cfg: _Cfg, need_grad: bool):
+    """Top-k teacher over k+1 buckets. ``s`` = tempered student logits (fp32, owned: overwritten)."""
+    ids, logprobs, tail = teacher
+    ids = ids.long()
+    T = cfg.temperature
+    k = ids.shape[-1]
+    # Teacher: the (k + 1)-outcome distribution at temperature 1, tempered as a whole.
+    lp1 = logprobs.float()
+    if tail is None:
+        tail1 = (1.0 - lp1.exp().sum(-1)).clamp(0.0, 1.0)
+    else:
+        tail1 = tail.float().clamp(0.0, 1.0)
+    log_tail1 = torch.where(tail1 > 0, tail1.clamp_min(_TINY).log(), -float("inf"))
+    log_p = torch.log_softmax(torch.cat([lp1, log_tail1[:, None]], dim=-1) / T, dim=-1)
+    p = log_p.exp()
+    # Student: exact mass on the k ids and outside them.
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    s_top = s.gather(-1, ids)
+    s.scatter_(-1, ids, -float("inf"))  # s now holds the tail logits only
+    tail_lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    log_q = torch.cat([s_top - lse, tail_lse - lse], dim=-1)
+    q = log_q.exp()
+
+    if cfg.kind == "forward_kl":
+        # No tail term, teacher probabilities not renormalised; the tail bucket gets qg = 0.
+        loss, qg_top = _forward_kl(log_q[:, :k], q[:, :k], log_p[:, :k], p[:, :k], cfg.prm)
+        qg = torch.cat([qg_top, torch.zeros_like(qg_top[:, :1])], dim=-1)
+    else:
+        loss, qg = _REGISTRY[cfg.kind](log_q, q, log_p, p, cfg.prm)
+    if not need_grad:
+        return loss, None
+    total = qg.sum(-1, keepdim=True)  # S
+    tail_lse_safe = torch.where(torch.isfinite(tail_lse), tail_lse, 0.0)
+    # Tail tokens: exp(s_j - lse_tail) * qg_tail - q_j * S. Top ids are -inf in s, so they get 0
+    # here and are overwritten by the scatter below.
+    grad = torch.sub(s, tail_lse_safe).exp_().mul_(qg[:, k:])
+    s.sub_(lse).exp_()  # s := q over the vocabulary (0 on the top ids)
+    grad.addcmul_(s, total, value=-1.0)
+    grad.scatter_(-1, ids, qg[:, :k] - q[:, :k] * total)
+    return loss, grad
+
+
+# ----------------------------------------------------------------------------------------------
+# The autograd Function: chunk loop in forward, scaling only in backward.
+# ----------------------------------------------------------------------------------------------
+
+
+class ChunkedDistillFunction(torch.autograd.Function):
+    """rows = ce_weight * ce_row + kd_weight * kd_row for every row, chunked.
+
+    forward(student_logits [N, Vfull], teacher, ce_labels, mask, cfg, vocab, chunk_tokens, inplace)
+    returns (rows [N] fp32 differentiable, kd_rows [N], ce_rows [N] non-differentiable).
+    Columns ``vocab:`` of the student (padded embedding rows) are ignored and get zero gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher, ce_labels, mask, cfg, vocab, chunk_tokens, inplace):
+        n_rows, v_full = student_logits.shape
+        need_grad = ctx.needs_input_grad[0]
+        dev = student_logits.device
+        kd_rows = torch.zeros(n_rows, dtype=torch.float32, device=dev)
+        ce_rows = torch.zeros(n_rows, dtype=torch.float32, device=dev)
+        grad_buf = None
+        if need_grad:
+            if inplace and student_logits.is_contiguous():
+                grad_buf = student_logits  # documented: the caller gives the logits up
+            else:
+                grad_buf = torch.empty_like(student_logits, memory_format=torch.contiguous_format)
+            if vocab < v_full:
+                grad_buf[:, vocab:].zero_()
+        for start in range(0, n_rows, chunk_tokens):
+            end = min(start + chunk_tokens, n_rows)
+            t_chunk = None
+            if isinstance(teacher, tuple):
+                ids, lp, tail = teacher
+                t_chunk = (ids[start:end], lp[start:end], None if tail is None else tail[start:end])
+            elif teacher is not None:
+                t_chunk = teacher[start:end, :vocab]
+            kd, ce, g = _chunk(
+                student_logits[start:end, :vocab],
+                t_chunk,
+                None if ce_labels is None else ce_labels[start:end],
+                mask[start:end],
+                cfg,
+                need_grad,
+            )
+            if kd is not None:
+                kd_rows[start:end] = kd
+            if ce is not None:
+                ce_rows[start:end] = ce
+            if need_grad:
+                if g is None:
+                    grad_buf[start:end, :vocab].zero_()
+                else:
+                    grad_buf[start:end, :vocab].copy_(g)
+                del g
+        rows = cfg.kd_weight * kd_rows + cfg.ce_weight * ce_rows
+        ctx.mark_non_differentiable(kd_rows, ce_rows)
+        ctx.grad_buf = grad_buf
+        return rows, kd_rows, ce_rows
+
+    @staticmethod
+    def backward(ctx, grad_rows, _grad_kd, _grad_ce):
+        grad_buf = ctx.grad_buf
+        if grad_buf is None:
+            raise RuntimeError(
+                "ChunkedDistillFunction: backward called twice (the stored gradient is scaled in "
+                "place and freed); retain_graph=True is not supported"
+            )
+        ctx.grad_buf = None
+        grad_buf.mul_(grad_rows[:, None])
+        return grad_buf, None, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver shared by the functionals and the objective.
+# ----------------------------------------------------------------------------------------------
+
+
+def _flatten_rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., V] -> [N, V]; a view when the leading dims are mergeable (also for vocab-sliced views)."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def _check_teacher(teacher) -> None:
+    tensors = [teacher] if isinstance(teacher, torch.Tensor) else [teacher.logprobs]
+    if isinstance(teacher, TopKTeacher) and teacher.tail_mass is not None:
+        tensors.append(teacher.tail_mass)
+    for t in tensors:
+        if t.requires_grad:
+            raise ValueError(
+                "teacher tensors require grad: the teacher is frozen and gets no gradient. Compute "
+                "its logits under torch.no_grad() (or pass .detach()) so no autograd graph is kept"
+            )
+
+
+def chunked_rows(
+    student_logits: torch.Tensor,
+    teacher,
+    *,
+    mask: torch.Tensor | None,
+    ce_labels: torch.Tensor | None = None,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    vocab_size: int | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    chunk_tokens: int | None = None,
+    grad_inplace: bool = False,
+):
+    """Per-row (rows, kd_rows, ce_rows), each [N] fp32, rows = kd_weight*kd + ce_weight*ce.
+
+    The building block of the functionals and of the objective (one code path). ``teacher``: full
+    logits [..., Vt], a TopKTeacher [..., k], or None (CE only). ``mask``: [...] bool or None (all).
+    ``vocab_size``: use only the first ``vocab_size`` columns of both sides (views, no copies).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    eff = _effective_kind(kind, beta)
+    if kind == "jsd" and not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
+    if kind in ("skew_kl", "skew_reverse_kl") and not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"{kind} alpha must be in [0, 1], got {alpha}")
+    v_student = student_logits.shape[-1]
+    lead = student_logits.shape[:-1]
+    vocab = v_student if vocab_size is None else int(vocab_size)
+    if vocab > v_student:
+        raise ValueError(
+            f"vocab_size={vocab} is larger than the student's {v_student} logit columns"
+        )
+    t_arg = None
+    if isinstance(teacher, TopKTeacher):
+        _check_teacher(teacher)
+        if teacher.ids.shape[:-1] != lead:
+            raise ValueError(
+                f"top-k teacher positions {tuple(teacher.ids.shape[:-1])} do not match student "
+                f"logits {tuple(student_logits.shape)}"
+            )
+        if teacher.k > vocab:
+            raise ValueError(f"top-k teacher k={teacher.k} exceeds the vocabulary size {vocab}")
+        if teacher_softcap is not None:
+            raise ValueError(
+                "teacher_softcap applies to full teacher logits; a top-k teacher must be built from "
+                "the teacher's softcapped logits (TopKTeacher.from_logits(cap*tanh(logits/cap), k))"
+            )
+        k = teacher.k
+        t_arg = (
+            teacher.ids.reshape(-1, k),
+            teacher.logprobs.reshape(-1, k),
+            None if teacher.tail_mass is None else teacher.tail_mass.reshape(-1),
+        )
+    elif isinstance(teacher, torch.Tensor):
+        _check_teacher(teacher)
+        v_teacher = teacher.shape[-1]
+        if teacher.shape[:-1] != lead:
+            raise ValueError(
+                f"teacher logits {tuple(teacher.shape)} and student logits "
+                f"{tuple(student_logits.shape)} differ in their leading (position) dims"
+            )
+        if vocab_size is None and v_teacher != v_student:
+            raise ValueError(
+                f"teacher has {v_teacher} logit columns and student {v_student}: pass vocab_size "
+                f"(the tokenizer's real vocabulary) to compare the first vocab_size columns"
+            )
+        if vocab > v_teacher:
+            raise ValueError(
+                f"vocab_size={vocab} is larger than the teacher's {v_teacher} logit columns "
+                f"(student has {v_student})"
+            )
+        t_arg = _flatten_rows(teacher)
+    elif teacher is not None:
+        raise TypeError(f"teacher must be a tensor of logits or a TopKTeacher, got {type(teacher).__name__}")
+    elif ce_labels is None:
+        raise ValueError("nothing to compute: no teacher and no CE labels")
+
+    s2d = _flatten_rows(student_logits)
+    n_rows = s2d.shape[0]
+    if mask is None:
+        mask_flat = torch.ones(n_rows, dtype=torch.bool, device=student_logits.device)
+    else:
+        mask_flat = mask.reshape(-1).to(device=student_logits.device, dtype=torch.bool)
+    labels_flat = None if ce_labels is None else ce_labels.reshape(-1).to(student_logits.device)
+    if chunk_tokens is None:
+        chunk_tokens = default_chunk_tokens(vocab)
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    cfg = _Cfg(
+        kind=eff,
+        prm=_Params(float(beta), float(alpha)),
+        temperature=float(temperature),
+        student_softcap=None if student_softcap is None else float(student_softcap),
+        teacher_softcap=None if teacher_softcap is None else float(teacher_softcap),
+        kd_weight=float(kd_weight) if teacher is not None else 0.0,
+        ce_weight=float(ce_weight) if ce_labels is not None else 0.0,
+    )
+    # An in-place gradient needs the flattened rows to share the caller's storage.
+    inplace = grad_inplace and s2d.is_contiguous() and s2d.data_ptr() == student_logits.data_ptr()
+    rows, kd_rows, ce_rows = ChunkedDistillFunction.apply(
+        s2d, t_arg, labels_flat, mask_flat, cfg, vocab, int(chunk_tokens), inplace
+    )
+    return rows.reshape(lead), kd_rows.reshape(lead), ce_rows.reshape(lead)
+
+
+def _reduce(rows: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    n = rows.numel() if mask is None else mask.sum()
+    if isinstance(n, int):
+        return total / max(n, 1)
+    return total / n.clamp_min(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# impl selection and the Triton path.
+# ----------------------------------------------------------------------------------------------
+
+# Kinds each kernel supports when the kernels module does not say (it may export SUPPORTED_KINDS).
+_TRITON_DEFAULT_KINDS = {
+    "kd_div": ("forward_kl", "reverse_kl", "jsd"),
+    "topk_kd": ("forward_kl", "reverse_kl", "jsd", "skew_kl"),
+}
+_warned: set = set()
+
+
+def _warn_once(key, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, stacklevel=3)
+
+
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
+
+
+def resolve_impl(impl: str, student_logits: torch.Tensor) -> str:
+    """"auto" -> "triton" for CUDA logits when triton is installed, else "torch"."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
+    if impl == "auto":
+        return "triton" if student_logits.is_cuda and _triton_available() else "torch"
+    return impl
+
+
+def triton_op(kind: str, topk: bool):
+    """The distill_kernels op for (kind, teacher form), or None (with a one-time warning) when the
+    kernels do not support it and the torch path must be used."""
+    name = "topk_kd" if topk else "kd_div"
+    try:
+        mod = importlib.import_module(f"distill_kernels.{name}")
+        op = getattr(mod, name)
+    except Exception as exc:  # noqa: BLE001 - any import failure means: use torch
+        _warn_once(("import", name), f"distill_kernels.{name} unavailable ({exc!r}); using the torch path")
+        return None
+    supported = getattr(mod, "SUPPORTED_KINDS", _TRITON_DEFAULT_KINDS[name])
+    if kind not in supported:
+        _warn_once(
+            (name, kind),
+            f"distill_kernels.{name} does not support kind={kind!r} (supports {tuple(supported)}); "
+            f"using the torch path",
+        )
+        return None
+    return op
+
+
+def _triton_call(kind, student_logits, teacher, labels, *, beta, alpha, temperature, ignore_index, reduction):
+    op = triton_op(kind, isinstance(teacher, TopKTeacher))
+    if op is None:
+        return None
+    kw = dict(kind=kind, beta=beta, alpha=alpha, temperature=temperature,
+              ignore_index=ignore_index, reduction=reduction)
+    if isinstance(teacher, TopKTeacher):
+        _check_teacher(teacher)
+        return op(student_logits, teacher.ids, teacher.logprobs, teacher.tail_mass, labels, **kw)
+    _check_teacher(teacher)
+    return op(student_logits, teacher, labels, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functionals (contract: COMMON.md §1).
+# ----------------------------------------------------------------------------------------------
+
+
+def divergence(
+    kind: str,
+    student_logits: torch.Tensor,
+    teacher,
+    labels: torch.Tensor | None = None,
+    *,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    impl: str = "auto",
+    chunk_tokens: int | None = None,
+    vocab_size: int | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    grad_inplace: bool = False,
+) -> torch.Tensor:
+    """Divergence ``kind`` between the student and a teacher, per kernels/ref.py.
+
+    student_logits: ``[..., V]`` (bf16/fp16/fp32; any strides, e.g. a vocab-sliced view).
+    teacher:        logits ``[..., V]`` (frozen, no grad) or a ``TopKTeacher`` ``[..., k]``.
+    labels:         ``[...]`` aligned with the rows; a mask only (rows == ignore_index count 0).
+    reduction:      "mean" (sum over vocab, mean over counted rows, 0 if none), "sum", "none".
+    impl:           "torch" (chunked, this module), "triton" (distill_kernels; kinds or options
+                    the kernels lack fall back to torch with a one-time warning), "auto" (triton
+                    for CUDA logits when triton imports, torch otherwise).
+    chunk_tokens:   rows per chunk of the torch path (default: ~32 MiB of fp32 per [chunk x V]).
+    vocab_size:     compare only the first vocab_size columns of both sides (padded vocabularies).
+    student_softcap / teacher_softcap: Gemma-2 final-logit softcap per side, before the temperature.
+    grad_inplace:   torch path only: write the gradient into the student-logits buffer (which the
+                    caller must not read afterwards); saves one logits-sized buffer.
+    No T^2 factor (the objective applies it).
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
+    _effective_kind(kind, beta)
+    if resolve_impl(impl, student_logits) == "triton":
+        extras = vocab_size is not None or student_softcap is not None or teacher_softcap is not None
+        if extras:
+            _warn_once(("extras", kind), "vocab_size/softcap are handled by the torch path only; using it")
+        else:
+            out = _triton_call(
+                kind, student_logits, teacher, labels, beta=beta, alpha=alpha,
+                temperature=temperature, ignore_index=ignore_index, reduction=reduction,
+            )
+            if out is not None:
+                return out
+    mask = None if labels is None else labels != ignore_index
+    rows, _, _ = chunked_rows(
+        student_logits, teacher, mask=mask, kind=kind, beta=beta, alpha=alpha,
+        temperature=temperature, vocab_size=vocab_size, student_softcap=student_softcap,
+        teacher_softcap=teacher_softcap, chunk_tokens=chunk_tokens, grad_inplace=grad_inplace,
+    )
+    return _reduce(rows, mask, reduction)
+
+
+def _make(kind: str, doc: str):
+    def fn(student_logits, teacher, labels=None, *, beta=0.5, alpha=0.1, temperature=1.0,
+           ignore_index=-100, reduction="mean", impl="auto", chunk_tokens=None, **options):
+        return divergence(
+            kind, student_logits, teacher, labels, beta=beta, alpha=alpha, temperature=temperature,
+            ignore_index=ignore_index, reduction=reduction, impl=impl, chunk_tokens=chunk_tokens,
+            **options,
+        )
+
+    fn.__name__ = fn.__qualname__ = kind
+    fn.__doc__ = f"{doc}\n\nSame arguments as :func:`divergence` (without ``kind``)."
+    return fn
+
+
+forward_kl = _make("forward_kl", "Forward KL(teacher || student); top-k: no tail term, gradient M*q - p.")
+reverse_kl = _make("reverse_kl", "Reverse KL(student || teacher); top-k: one tail bucket.")
+jsd = _make("jsd", "Generalized JSD, mixture (1-beta)*q + beta*p; beta=0 forward KL, beta=1 reverse KL.")
+skew_kl = _make("skew_kl", "Skew KL(p || alpha*p + (1-alpha)*q) (DistiLLM); top-k: one tail bucket.")
+skew_reverse_kl = _make(
+    "skew_reverse_kl", "Skew reverse KL(q || alpha*q + (1-alpha)*p) (DistiLLM); top-k: one tail bucket."
+)
+tvd = _make("tvd", "Total variation distance 0.5 * sum |p - q|; top-k: one tail bucket.")
