@@ -514,11 +514,6 @@ def _reduce(rows: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> to
 # impl selection and the Triton path.
 # ----------------------------------------------------------------------------------------------
 
-# Kinds each kernel supports when the kernels module does not say (it may export SUPPORTED_KINDS).
-_TRITON_DEFAULT_KINDS = {
-    "kd_div": ("forward_kl", "reverse_kl", "jsd"),
-    "topk_kd": ("forward_kl", "reverse_kl", "jsd", "skew_kl"),
-}
 _warned: set = set()
 
 
@@ -541,38 +536,33 @@ def resolve_impl(impl: str, student_logits: torch.Tensor) -> str:
     return impl
 
 
-def triton_op(kind: str, topk: bool):
-    """The distill_kernels op for (kind, teacher form), or None (with a one-time warning) when the
-    kernels do not support it and the torch path must be used."""
-    name = "topk_kd" if topk else "kd_div"
+def triton_divergence(kind, student_logits, teacher, labels, *, beta, alpha, temperature,
+                      ignore_index, reduction, grad_inplace=False):
+    """``distill_kernels.kd_div`` / ``topk_kd`` (imported here, lazily), or None when the kernels
+    cannot serve the call (not importable, or NotImplementedError for this kind / input): the
+    caller then uses the torch path. Each reason is warned about once per process."""
+    name = "topk_kd" if isinstance(teacher, TopKTeacher) else "kd_div"
     try:
-        mod = importlib.import_module(f"distill_kernels.{name}")
-        op = getattr(mod, name)
+        op = getattr(importlib.import_module(f"distill_kernels.{name}"), name)
     except Exception as exc:  # noqa: BLE001 - any import failure means: use torch
         _warn_once(("import", name), f"distill_kernels.{name} unavailable ({exc!r}); using the torch path")
         return None
-    supported = getattr(mod, "SUPPORTED_KINDS", _TRITON_DEFAULT_KINDS[name])
-    if kind not in supported:
-        _warn_once(
-            (name, kind),
-            f"distill_kernels.{name} does not support kind={kind!r} (supports {tuple(supported)}); "
-            f"using the torch path",
-        )
-        return None
-    return op
-
-
-def _triton_call(kind, student_logits, teacher, labels, *, beta, alpha, temperature, ignore_index, reduction):
-    op = triton_op(kind, isinstance(teacher, TopKTeacher))
-    if op is None:
-        return None
+    _check_teacher(teacher)
     kw = dict(kind=kind, beta=beta, alpha=alpha, temperature=temperature,
               ignore_index=ignore_index, reduction=reduction)
-    if isinstance(teacher, TopKTeacher):
-        _check_teacher(teacher)
-        return op(student_logits, teacher.ids, teacher.logprobs, teacher.tail_mass, labels, **kw)
-    _check_teacher(teacher)
-    return op(student_logits, teacher, labels, **kw)
+    if grad_inplace:
+        kw["grad_inplace"] = True
+    try:
+        if name == "topk_kd":
+            out = op(student_logits, teacher.ids, teacher.logprobs, teacher.tail_mass, labels, **kw)
+        else:
+            out = op(student_logits, teacher, labels, **kw)
+    except NotImplementedError as exc:
+        _warn_once((name, kind), f"distill_kernels.{name}: {exc}; using the torch path")
+        return None
+    if reduction == "none":
+        out = out.reshape(student_logits.shape[:-1])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -610,8 +600,8 @@ def divergence(
     chunk_tokens:   rows per chunk of the torch path (default: ~32 MiB of fp32 per [chunk x V]).
     vocab_size:     compare only the first vocab_size columns of both sides (padded vocabularies).
     student_softcap / teacher_softcap: Gemma-2 final-logit softcap per side, before the temperature.
-    grad_inplace:   torch path only: write the gradient into the student-logits buffer (which the
-                    caller must not read afterwards); saves one logits-sized buffer.
+    grad_inplace:   write the gradient into the student-logits buffer during the forward (the
+                    caller must not read the logits afterwards); saves one logits-sized buffer.
     No T^2 factor (the objective applies it).
     """
     if reduction not in REDUCTIONS:
@@ -622,9 +612,10 @@ def divergence(
         if extras:
             _warn_once(("extras", kind), "vocab_size/softcap are handled by the torch path only; using it")
         else:
-            out = _triton_call(
+            out = triton_divergence(
                 kind, student_logits, teacher, labels, beta=beta, alpha=alpha,
                 temperature=temperature, ignore_index=ignore_index, reduction=reduction,
+                grad_inplace=grad_inplace,
             )
             if out is not None:
                 return out
