@@ -124,56 +124,31 @@ def _response(task: str, r: dict) -> tuple[str, str] | None:
     return None
 
 
-_TASK_FILES = {
-    "sc/sst2": "sc/sst2", "sc/imdb": "sc/imdb", "sc/yelp2": "sc/yelp2", "sc/twitter": "sc/twitter",
-    "multifaced/irony18": "multifaced/irony18", "multifaced/tweeteval": "multifaced/tweeteval",
-    "multifaced/pstance": "multifaced/pstance", "multifaced/intimacy": "multifaced/intimacy",
-    "absa/atsa_rest16": "absa/atsa_rest16", "absa/asqp_rest16": "absa/asqp_rest16",
-    "absa/opener": "absa/opener",
-}
+_TASKS = (
+    "sc/sst2", "sc/imdb", "sc/yelp2", "sc/twitter", "multifaced/irony18", "multifaced/tweeteval",
+    "multifaced/pstance", "multifaced/intimacy", "absa/atsa_rest16", "absa/asqp_rest16", "absa/opener",
+)
 
 
 def _records_by_task(data_dir: str | os.PathLike | None = None) -> tuple[dict[str, list[dict]], str]:
-    """{task: raw train records} and a description of the source (for the recipe hash)."""
-    from distill.data.locate import sentibench_dir
+    """{task: raw train records} and a description of the source (for the recipe hash).
 
-    root = sentibench_dir(data_dir)
-    if root is not None:
-        out = {}
-        for task, rel in _TASK_FILES.items():
-            f = root / rel / "train.json"
-            if f.is_file():
-                out[task] = _read_json(f)
-        if out:
-            return out, f"sentibench:{root.resolve()}"
-    # The package sample (written by the SentiBench reader's owner under distill/data/sample/).
-    sample = Path(__file__).resolve().parents[1] / "data" / "sample"
+    Reads SentiBench through :mod:`distill.data.sentibench` (the data folder, or the package sample
+    when the data is not found).
+    """
+    from distill.data import sentibench as sb
+
     out = {}
-    for task, rel in _TASK_FILES.items():
-        for cand in (sample / rel / "train.json", sample / (rel.replace("/", "_") + ".json"),
-                     sample / (rel.replace("/", "__") + ".json")):
-            if cand.is_file():
-                out[task] = _read_json(cand)
-                break
-    if not out:
-        try:  # the reader's API (contract 4), when the sample has another layout
-            from distill.data import sentibench as sb
-
-            for task in getattr(sb, "TASKS", ()):
-                try:
-                    recs = sb.load_task(task, split="train")
-                except Exception:
-                    continue
-                out[task] = [r if isinstance(r, dict) else {**vars(r), "sentence": getattr(r, "text", getattr(r, "sentence", ""))}
-                             for r in recs]
-        except ImportError:
-            pass
+    for task in _TASKS:
+        path = sb.task_file(task, "train", data_dir)
+        if path.is_file():
+            out[task] = sb.read_raw(path)
+    source = sb.data_source(data_dir)
     if not out:
         raise FileNotFoundError(
-            "no SentiBench data: set $SENTIBENCH_DIR (or --data-dir) to the SentiBench folder; the package "
-            f"sample under {sample} was not found either"
+            f"no SentiBench train split found under {source}: set $SENTIBENCH_DIR (or data_dir) to the SentiBench folder"
         )
-    return out, "package-sample"
+    return out, f"sentibench:{source}"
 
 
 def builtin_pairs(records: dict[str, list[dict]], per_task: int, seed: int = 0) -> list[tuple[str, str, str]]:
