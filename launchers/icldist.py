@@ -12,12 +12,14 @@
 
 Flags (everything else is ``--section.key=value``, see distill/icldist/config.py and docs/icldist.md):
 
-    --config FILE                 YAML with any of the sections run/prompts/teacher/student/loss/train/eval
+    --config FILE                 YAML with any of the sections run, model, prompts, teacher, icl, train, kd,
+                                  deepspeed, checkpoint, log, report (train/kd/deepspeed/... = the core trainer's)
     --stage all|prompts|cache|train|eval
                                   all (default): prompts -> (cache if teacher.source=cache) -> train -> eval
     --run.out_dir=DIR             run folder (default runs/icldist): prompts.jsonl, teacher_cache/,
                                   checkpoints, export/ (the student), export/results.{json,md,png}
-    --teacher.model=builtin|PATH|HF_NAME
+    --model.teacher=builtin|PATH|HF_NAME     the teacher (default: the built-in tiny teacher)
+    --model.student=builtin|PATH|HF_NAME     student init: the KnowDist export; builtin = tiny student
     --teacher.source=online|cache online: Ray teacher service during training (prefetched top-k);
                                   cache: read teacher.cache_dir (built by --stage cache)
     --teacher.ray_address=ADDR    HOST:PORT or "auto" of a running Ray cluster (SLURM);
@@ -26,9 +28,8 @@ Flags (everything else is ``--section.key=value``, see distill/icldist/config.py
     --teacher.replicas=N --teacher.shards=N --teacher.num_gpus=G (per shard actor; -1 = auto)
     --teacher.k=64                top-k per target position
     --teacher.cache_dir=DIR       default <out_dir>/teacher_cache
-    --student.model=PATH          the KnowDist export (or any HF causal LM); "" = built-in tiny student
     --prompts.held_out=a,b        SentiBench tasks left out of training entirely
-    --eval.limit=N                test sentences per task in the report (0 = all)
+    --report.limit=N              test sentences per task in the SentiBench report (0 = all)
     --local_rank / $LOCAL_RANK    accepted (deepspeed); RANK / WORLD_SIZE from the environment
 
 With several student ranks, rank 0 builds the prompt set (and, in online mode, the teacher's

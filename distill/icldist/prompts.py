@@ -200,7 +200,7 @@ def build_task_prompts(task: TaskData, cfg: PromptConfig) -> list[Prompt]:
         out.append(
             Prompt(
                 id=f"{task.name}/{i}", task=task.name, kind=task.kind, format=fmt, n_shots=kept,
-                prompt=text, answer=ex.answer, label_words=list(words), gold=gold,
+                prompt=text, answer=ex.eval_answer if fmt == "eval" else ex.answer, label_words=list(words), gold=gold,
             )
         )
     return out

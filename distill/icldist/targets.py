@@ -62,11 +62,11 @@ def check_token_level(teacher_tok, student_tok, what: str = "fine-grained tasks"
     )
 
 
-def label_token_ids(tokenizer, label_words: Sequence[str]) -> list[int]:
+def label_token_ids(tokenizer, task: str, label_words: Sequence[str]) -> list[int]:
     """The evaluation's verbalizer: first sub-token of each ``" " + word``; collisions are errors."""
     from distill.icldist.tasks import verbalizer_ids
 
-    return list(verbalizer_ids(tokenizer, list(label_words)))
+    return list(verbalizer_ids(tokenizer, task, list(label_words)))
 
 
 def label_logprobs_from_topk(topk: TopKTeacher, label_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:

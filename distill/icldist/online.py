@@ -1,0 +1,309 @@
+"""The teacher side of ICLDist: connecting to the teacher, its answers, online top-k with prefetch,
+and the offline cache builder.
+
+Teacher clients (all with ``async_topk / topk / async_generate / generate / shutdown``):
+
+* ``teacher.ray_address="local"``: :class:`distill.teacher.local.LocalTeacher` in this process.
+* otherwise the Ray :class:`distill.teacher.ray_service.TeacherService`. Rank 0 creates it (on the
+  cluster at ``ray_address``, or on a private Ray node bound to ``teacher.ray_node_ip`` when the
+  address is empty); with several student ranks it parks the service's router handle in a named
+  actor and broadcasts the cluster address over the student process group, and every other rank
+  attaches to the SAME service (one teacher for all ranks, never one per rank).
+
+Online targets (:class:`OnlineTargets`): the trainer calls ``prefetch(batch)`` for the next batches
+before it trains on the current one; the top-k requests then run on the service while the student
+computes. ``get`` waits only for what is not there yet; the time spent waiting is accumulated
+(``wait_s``) and the trainer logs it as a fraction of the step time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+from distill.icldist.cache import CachedTarget, CacheWriter, TeacherCache
+from distill.icldist.data import TeacherRequest
+from distill.icldist.prompts import Prompt
+from distill.teacher.output import TopKTeacher
+
+HANDOFF_NAMESPACE = "distill-icldist"
+
+
+def _is_object_ref(x) -> bool:
+    try:
+        import ray
+
+        return isinstance(x, ray.ObjectRef)
+    except Exception:
+        return False
+
+
+def resolve(handle):
+    """Value of an ObjectRef (Ray), a Future (LocalTeacher / thread) or a plain value."""
+    if isinstance(handle, Future):
+        return handle.result()
+    if _is_object_ref(handle):
+        import ray
+
+        return ray.get(handle)
+    return handle
+
+
+# ---------------------------------------------------------------------------------------------------
+# Clients
+
+
+class _AttachedService:
+    """A rank's view of a TeacherService created by rank 0 (same router, same replicas)."""
+
+    def __init__(self, router, info, tokenizer, values_dtype: str):
+        self._router, self.info, self.tokenizer, self.values_dtype = router, info, tokenizer, values_dtype
+
+    def async_topk(self, sequences, positions, k):
+        from distill.teacher import pipeline as P
+
+        sequences = [list(map(int, s)) for s in sequences]
+        positions = [list(map(int, p)) for p in positions]
+        P.validate_topk(self.info, sequences, positions, k)
+        return self._router.topk.remote(sequences, positions, k, self.values_dtype)
+
+    def topk(self, sequences, positions, k):
+        return resolve(self.async_topk(sequences, positions, k))
+
+    def shutdown(self) -> None:  # rank 0 owns the service
+        self._router = None
+
+
+def _handoff_actor_cls():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class _Handoff:
+        """Holds rank 0's service router handle so other ranks can attach to it."""
+
+        def __init__(self, box):
+            self.box = box
+
+        def get(self):
+            return self.box
+
+    return _Handoff
+
+
+def _ray_init(tcfg) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if tcfg.ray_address:
+        ray.init(address=tcfg.ray_address, log_to_driver=False)
+    else:
+        # A private Ray node on a loopback address: no traffic leaves the machine.
+        ray.init(_node_ip_address=tcfg.ray_node_ip, include_dashboard=False, log_to_driver=False,
+                 num_cpus=max(os.cpu_count() or 1, tcfg.replicas * tcfg.shards), _temp_dir="/tmp/ray_icldist")
+
+
+def open_teacher(tcfg, model: str, *, rank: int = 0, world: int = 1, broadcast=None, run_id: str = "icldist"):
+    """A teacher client for this rank (see the module docstring). ``broadcast(obj)`` sends rank 0's
+    object to every rank (the student process group) and returns it; needed when ``world > 1``."""
+    if tcfg.ray_address == "local":
+        from distill.teacher.local import LocalTeacher
+
+        return LocalTeacher(model, shards=tcfg.shards, dtype=tcfg.dtype, quantization=tcfg.quantization or None,
+                            max_batch_tokens=tcfg.max_batch_tokens)
+    import ray
+
+    name = f"handoff-{run_id}"
+    if rank == 0:
+        from distill.teacher.ray_service import TeacherService
+
+        _ray_init(tcfg)
+        kwargs = dict(replicas=tcfg.replicas, shards=tcfg.shards, dtype=tcfg.dtype,
+                      quantization=tcfg.quantization or None, max_batch_tokens=tcfg.max_batch_tokens)
+        if tcfg.num_gpus >= 0:
+            kwargs["use_gpu"] = tcfg.num_gpus > 0
+        svc = TeacherService(model, **kwargs)
+        if world > 1:
+            box = {"router": svc._router, "info": svc.info, "values_dtype": svc.values_dtype}
+            svc._icldist_handoff = _handoff_actor_cls().options(name=name, namespace=HANDOFF_NAMESPACE).remote(box)
+            ray.get(svc._icldist_handoff.get.remote())
+            address = ray.get_runtime_context().gcs_address
+            broadcast({"address": address, "name": name})
+        return svc
+    msg = broadcast(None)
+    if not ray.is_initialized():
+        ray.init(address=msg["address"], log_to_driver=False, namespace=HANDOFF_NAMESPACE)
+    box = ray.get(ray.get_actor(msg["name"], namespace=HANDOFF_NAMESPACE).get.remote())
+    return _AttachedService(box["router"], box["info"], None, box["values_dtype"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Teacher answers for fine-grained prompts
+
+
+def newline_token_ids(tokenizer) -> list[int]:
+    """Ids of every token whose text contains a newline: the evaluation reads the first line only."""
+    out = []
+    for tok, i in tokenizer.get_vocab().items():
+        text = tokenizer.convert_tokens_to_string([tok])
+        if "\n" in text:
+            out.append(int(i))
+    return sorted(out)
+
+
+def generate_answers(client, prompts: Sequence[Prompt], path: str | os.PathLike, *, tokenizer, max_new_tokens: int,
+                     request_size: int = 32, progress: bool = True) -> dict[str, list[int]]:
+    """The teacher's greedy answer (token ids, first line) to every fine-grained prompt.
+
+    Appends ``{"id", "answer_ids", "text", "finish_reason"}`` lines to ``path`` as requests finish, so a
+    rerun after a crash only asks for the missing prompts (a torn last line is ignored). Returns
+    ``{prompt id: answer ids}``.
+    """
+    from distill.teacher.pipeline import SamplingParams
+
+    path = Path(path)
+    done: dict[str, list[int]] = {}
+    if path.is_file():
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+                done[rec["id"]] = rec["answer_ids"]
+    todo = [p for p in prompts if p.kind == "fine-grained" and p.id not in done]
+    if not todo:
+        return done
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
+                              stop_token_ids=newline_token_ids(tokenizer))
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), desc="teacher answers", disable=not progress)
+    with open(path, "a", encoding="utf-8") as fh:
+        if fh.tell() and not path.read_bytes().endswith(b"\n"):
+            fh.write("\n")
+        chunks = [todo[i:i + request_size] for i in range(0, len(todo), request_size)]
+        pending = [(c, client.async_generate([p.prompt for p in c], sampling)) for c in chunks[:2]]
+        nxt = 2
+        while pending:
+            chunk, ref = pending.pop(0)
+            if nxt < len(chunks):
+                pending.append((chunks[nxt], client.async_generate([p.prompt for p in chunks[nxt]], sampling)))
+                nxt += 1
+            for p, g in zip(chunk, resolve(ref)):
+                ids = list(g.token_ids)
+                if not ids:  # an empty answer still needs one target token: the teacher's stop token
+                    ids = [tokenizer.eos_token_id]
+                done[p.id] = ids
+                fh.write(json.dumps({"id": p.id, "answer_ids": ids, "text": g.text, "finish_reason": g.finish_reason}) + "\n")
+            fh.flush()
+            bar.update(len(chunk))
+    bar.close()
+    return done
+
+
+# ---------------------------------------------------------------------------------------------------
+# Targets: online (prefetched) and cached
+
+
+class OnlineTargets:
+    """Top-k per prompt from the live service, requested ahead of use."""
+
+    def __init__(self, client, requests: Sequence[TeacherRequest], k: int):
+        self.client, self.requests, self.k = client, requests, k
+        self._pending: dict[tuple[int, ...], object] = {}
+        self._pool = None
+        self.wait_s = 0.0
+        self.n_requests = 0
+
+    def _submit(self, ids: tuple[int, ...]):
+        seqs = [self.requests[i].seq for i in ids]
+        poss = [self.requests[i].pos for i in ids]
+        self.n_requests += 1
+        if type(self.client).__name__ != "LocalTeacher":
+            return self.client.async_topk(seqs, poss, self.k)  # an ObjectRef: already asynchronous
+        # An in-process teacher computes eagerly: run it on a worker thread so it overlaps the step.
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="icldist-teacher")
+        return self._pool.submit(self.client.topk, seqs, poss, self.k)
+
+    def prefetch(self, ids: Sequence[int]) -> None:
+        key = tuple(int(i) for i in ids)
+        if key not in self._pending:
+            self._pending[key] = self._submit(key)
+
+    def get(self, ids: Sequence[int]) -> list[TopKTeacher]:
+        key = tuple(int(i) for i in ids)
+        handle = self._pending.pop(key, None)
+        if handle is None:
+            handle = self._submit(key)
+        t0 = time.perf_counter()
+        out = resolve(handle)
+        self.wait_s += time.perf_counter() - t0
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+class CachedTargets:
+    """Top-k per prompt read back from a :class:`TeacherCache` (no teacher running)."""
+
+    def __init__(self, cache: TeacherCache):
+        self.cache = cache
+        self.wait_s = 0.0
+        self.n_requests = 0
+
+    def prefetch(self, ids) -> None:
+        pass
+
+    def get(self, ids: Sequence[int]) -> list[TopKTeacher]:
+        t0 = time.perf_counter()
+        out = [self.cache[int(i)].topk for i in ids]
+        self.wait_s += time.perf_counter() - t0
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def build_cache(client, requests: Sequence[TeacherRequest], answers: Sequence[list[int]], root, manifest: dict, *,
+                request_size: int = 32, window: int = 4, progress: bool = True) -> Path:
+    """Write the teacher's top-k for every request to ``root`` (resumable, see distill.icldist.cache)."""
+    from tqdm import tqdm
+
+    writer = CacheWriter(root, manifest)
+    k = manifest["k"]
+    done = writer.done_shards()
+    todo = [s for s in range(writer.n_shards) if s not in done]
+    bar = tqdm(total=writer.n_shards, initial=writer.n_shards - len(todo), desc="teacher cache", unit="shard",
+               disable=not progress)
+
+    def submit(s):
+        start, end = writer.shard_range(s)
+        refs = []
+        for a in range(start, end, request_size):
+            b = min(a + request_size, end)
+            refs.append(client.async_topk([requests[i].seq for i in range(a, b)], [requests[i].pos for i in range(a, b)], k))
+        return s, refs
+
+    pending = [submit(s) for s in todo[:window]]
+    nxt = window
+    while pending:
+        s, refs = pending.pop(0)
+        if nxt < len(todo):
+            pending.append(submit(todo[nxt]))
+            nxt += 1
+        topks = [t for r in refs for t in resolve(r)]
+        start, end = writer.shard_range(s)
+        writer.write_shard(s, [CachedTarget(t, list(answers[i])) for t, i in zip(topks, range(start, end))])
+        bar.update(1)
+    bar.close()
+    writer.finalize()
+    return writer.root
