@@ -144,3 +144,20 @@ def div_terms(log_q, log_p, KIND: tl.constexpr, beta, alpha):
         g = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
     qg = tl.where(q > 0, q * g, 0.0)
     return term, g, qg
+
+
+# Workaround (2026-11-23, Triton 3.9): the interpreter (TRITON_INTERPRET=1) converts fp32 to bf16
+# by truncating the mantissa, while compiled kernels round to nearest even. Kernels round
+# explicitly in the interpreter so CPU tests see the GPU's numerics.
+def interp_bf16_rounding(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def to_store(x, dst_ty: tl.constexpr, RTNE_BF16: tl.constexpr):
+    """Cast fp32 ``x`` for a store into ``dst_ty``, rounding to nearest even."""
+    if RTNE_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dst_ty)

@@ -43,8 +43,9 @@ import triton
 import triton.language as tl
 
 from distill_kernels._common import (
-    FKL, RKL, check_common, div_terms, launch_config, no_grad_for, reduce_rows, resolve_kind,
-    rows_2d, valid_count_scale,
+    check_common, div_terms, interp_bf16_rounding, launch_config, no_grad_for, reduce_rows,
+    resolve_kind,
+    rows_2d, to_store, valid_count_scale,
 )
 
 _NEG_BIG = -1.0e38  # finite "minus infinity" for running maxima (keeps exp(m_old - m_new) finite)
@@ -55,7 +56,7 @@ def _kd_div_fwd_kernel(
     s_ptr, s_stride, t_ptr, t_stride, g_ptr, g_stride, labels_ptr, loss_ptr, scale_ptr,
     V, inv_T, beta, alpha, ignore_index,
     KIND: tl.constexpr, HAS_LABELS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, RTNE_BF16: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride
@@ -133,7 +134,7 @@ def _kd_div_fwd_kernel(
                 else:
                     term, g, qg = div_terms(log_q, b - lse_b, KIND, beta, alpha)
                     grad = qg - q * s_sum
-                tl.store(g_row + offs, (grad * gscale).to(g_ptr.dtype.element_ty), mask=mask)
+                tl.store(g_row + offs, to_store(grad * gscale, g_ptr.dtype.element_ty, RTNE_BF16), mask=mask)
     else:
         tl.store(loss_ptr + row, 0.0)
         if COMPUTE_GRAD:
@@ -170,7 +171,7 @@ def kd_div_fwd(
         lab, per_row, scale,
         vocab, 1.0 / temperature, float(beta), float(alpha), int(ignore_index),
         KIND=kind_code, HAS_LABELS=labels_1d is not None, COMPUTE_GRAD=grad_out is not None,
-        BLOCK_V=block, num_warps=num_warps,
+        BLOCK_V=block, RTNE_BF16=interp_bf16_rounding(g.dtype), num_warps=num_warps,
     )
     return per_row
 

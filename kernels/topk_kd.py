@@ -42,8 +42,8 @@ import triton
 import triton.language as tl
 
 from distill_kernels._common import (
-    check_common, div_terms, launch_config, no_grad_for, reduce_rows, resolve_kind,
-    rows_2d, valid_count_scale,
+    check_common, div_terms, interp_bf16_rounding, launch_config, no_grad_for, reduce_rows, resolve_kind,
+    rows_2d, to_store, valid_count_scale,
 )
 
 _NEG_BIG = -1.0e38
@@ -57,6 +57,7 @@ def _topk_kd_fwd_kernel(
     V, K, inv_T, beta, alpha, ignore_index,
     KIND: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_LABELS: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    RTNE_BF16: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride
@@ -137,7 +138,7 @@ def _topk_kd_fwd_kernel(
                 x = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
                 q = tl.exp2((x - m) * c - log2_z)
                 grad = tl.where(q > 0, q * coef_tail, 0.0) * gscale
-                tl.store(g_row + offs, grad.to(g_ptr.dtype.element_ty), mask=mask)
+                tl.store(g_row + offs, to_store(grad, g_ptr.dtype.element_ty, RTNE_BF16), mask=mask)
             # The ids were written with the tail coefficient above; overwrite them after every
             # thread's block stores are done.
             tl.debug_barrier()
@@ -145,7 +146,7 @@ def _topk_kd_fwd_kernel(
                 g_top = mass * q_top - tl.exp(log_p)
             else:
                 g_top = qg - q_top * s_sum
-            tl.store(g_row + ids, (g_top * gscale).to(g_ptr.dtype.element_ty), mask=kmask)
+            tl.store(g_row + ids, to_store(g_top * gscale, g_ptr.dtype.element_ty, RTNE_BF16), mask=kmask)
     else:
         tl.store(loss_ptr + row, 0.0)
         if COMPUTE_GRAD:
@@ -186,7 +187,7 @@ def topk_kd_fwd(
         vocab, k, 1.0 / temperature, float(beta), float(alpha), int(ignore_index),
         KIND=kind_code, HAS_TAIL=tail_1d is not None, HAS_LABELS=labels_1d is not None,
         COMPUTE_GRAD=grad_out is not None, BLOCK_V=block,
-        BLOCK_K=max(16, triton.next_power_of_2(k)), num_warps=num_warps,
+        BLOCK_K=max(16, triton.next_power_of_2(k)), RTNE_BF16=interp_bf16_rounding(g.dtype), num_warps=num_warps,
     )
     return per_row
 
