@@ -1,0 +1,388 @@
+"""Teacher service on Ray: one causal-LM teacher held as ``replicas x shards`` actors.
+
+Layout
+- Each replica is a pipeline of ``shards`` stage actors (:mod:`distill.teacher.shard`): stage ``s``
+  loads only decoder layers ``[start_s, end_s)`` from the checkpoint (embeddings on the first, final
+  norm + lm_head on the last). A batch goes ``stage0.forward.remote(payload)`` ->
+  ``stage1.forward.remote(ref)`` -> ...: hidden states move actor-to-actor through the object store,
+  never through the driver, and consecutive batches overlap across stages (pipelining).
+- One async router actor (no CPU/GPU reservation) owns the replicas: it splits each request into
+  length-sorted, padded batches (``max_batch_tokens`` padded tokens, ``max_batch_size`` rows),
+  sends each batch to the least-busy healthy replica (at most ``shards + 1`` batches in flight per
+  replica), and assembles results. ``async_topk``/``async_generate`` return the router's ObjectRef:
+  the caller's process never sees more than the top-k it asked for.
+- Top-k: the last stage applies the norm and the lm_head to the REQUESTED positions only, takes the
+  fp32 log-softmax's top-k and the exact fp32 tail mass (``TopKTeacher.from_logits``) and ships int32
+  ids + bf16 log-probs + fp32 tail; full ``[tokens x vocab]`` logits never leave the GPU.
+- Generation: KV cache kept on every stage per session (each stage caches its own layers), prompts
+  left-padded, greedy / temperature / top-k / top-p sampling with one seeded generator per prompt
+  (a prompt's continuation does not depend on which batch or replica served it).
+
+Fault tolerance: the router restarts a replica whose actor died (all its stage actors are rebuilt
+from the checkpoint; Ray's own actor restarts are off so no call is replayed behind our back) and
+sends its in-flight batches again. A batch's result is accepted exactly once, so nothing is lost and
+nothing is scored twice; a batch that fails ``max_retries`` times, or any ordinary exception in the
+model code, is raised to the caller. The router itself is not replicated: if it dies the service is
+gone (calls then raise).
+
+Ray placement: a stage reserves ``num_gpus=1`` (on a GPU cluster) or ``num_cpus_per_shard`` CPUs.
+``ray_address=None`` joins the Ray instance of this process, else ``$RAY_ADDRESS``, else starts a
+local single-node Ray bound to loopback (127.0.0.2), which :meth:`shutdown` stops again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, field
+
+import ray
+import torch
+
+from distill.teacher import pipeline as P
+from distill.teacher.pipeline import Generation, SamplingParams
+
+_VALUE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _is_actor_death(e: BaseException) -> bool:
+    from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+
+    if isinstance(e, (RayActorError, ActorUnavailableError)):
+        return True
+    if isinstance(e, RayTaskError):
+        cause = getattr(e, "cause", None)
+        return isinstance(cause, (RayActorError, ActorUnavailableError))
+    return False
+
+
+@ray.remote(max_restarts=0, max_task_retries=0)
+class _StageActor:
+    """Holds one stage (a contiguous layer range) of one replica."""
+
+    def __init__(self, model: str, spec, dtype: str, quantization, use_gpu: bool, num_threads: int):
+        from distill.teacher.shard import build_stage
+
+        torch.set_num_threads(max(1, num_threads))
+        device = "cuda" if use_gpu else "cpu"
+        t0 = time.perf_counter()
+        self.stage = build_stage(model, spec, device=device, dtype=dtype, quantization=quantization)
+        self.load_s = time.perf_counter() - t0
+
+    def ready(self) -> dict:
+        return {"pid": os.getpid(), "layers": (self.stage.spec.start, self.stage.spec.end), "load_s": self.load_s,
+                "device": str(self.stage.device)}
+
+    def forward(self, payload):
+        return self.stage(payload)
+
+
+@dataclass
+class _Replica:
+    index: int
+    stages: list  # actor handles, stage order
+    epoch: int = 0  # bumped at every restart
+    inflight: int = 0
+    healthy: bool = True
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@ray.remote(max_restarts=0)
+class _Router:
+    """Batches requests, spreads them over replicas, restarts dead replicas, re-sends lost batches."""
+
+    def __init__(self, model: str, replicas: int, shards: int, dtype: str, quantization, use_gpu: bool,
+                 num_cpus_per_shard: float, max_batch_tokens: int, max_batch_size: int, max_retries: int,
+                 max_inflight: int | None, info, vocab_limit):
+        from distill.teacher.shard import StageSpec, split_layers
+
+        self.model, self.dtype, self.quantization, self.use_gpu = model, dtype, quantization, use_gpu
+        self.num_cpus_per_shard = num_cpus_per_shard
+        self.info = info
+        self.vocab_limit = vocab_limit
+        self.max_batch_tokens, self.max_batch_size, self.max_retries = max_batch_tokens, max_batch_size, max_retries
+        self.specs = [StageSpec(i, shards, s, e) for i, (s, e) in enumerate(split_layers(info.num_layers, shards))]
+        self.max_inflight = max_inflight or (shards + 1)
+        self.replicas = [_Replica(r, self._make_stages()) for r in range(replicas)]
+        self._cond: asyncio.Condition | None = None
+        self._tokenizer = None
+        self.stats = {"batches": 0, "sequences": 0, "tokens": 0, "retried_batches": 0, "restarts": 0,
+                      "batches_per_replica": [0] * replicas}
+
+    def _make_stages(self) -> list:
+        opts = {"num_gpus": 1} if self.use_gpu else {"num_cpus": self.num_cpus_per_shard}
+        threads = int(max(1, self.num_cpus_per_shard))
+        return [_StageActor.options(**opts).remote(self.model, spec, self.dtype, self.quantization, self.use_gpu, threads)
+                for spec in self.specs]
+
+    async def ready(self) -> list:
+        return [await asyncio.gather(*[h.ready.remote() for h in r.stages]) for r in self.replicas]
+
+    def stage_handles(self) -> list:
+        return [list(r.stages) for r in self.replicas]
+
+    def get_stats(self) -> dict:
+        return dict(self.stats, batches_per_replica=list(self.stats["batches_per_replica"]),
+                    epochs=[r.epoch for r in self.replicas])
+
+    # -- scheduling ---------------------------------------------------------------------------
+    def _condition(self) -> asyncio.Condition:
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        return self._cond
+
+    async def _acquire(self) -> _Replica:
+        cond = self._condition()
+        async with cond:
+            while True:
+                free = [r for r in self.replicas if r.healthy and r.inflight < self.max_inflight]
+                if free:
+                    rep = min(free, key=lambda r: (r.inflight, self.stats["batches_per_replica"][r.index]))
+                    rep.inflight += 1
+                    return rep
+                await cond.wait()
+
+    async def _release(self, rep: _Replica) -> None:
+        cond = self._condition()
+        async with cond:
+            rep.inflight -= 1
+            cond.notify_all()
+
+    async def _run_on(self, rep: _Replica, stages: list, payload):
+        ref = payload
+        for h in stages:
+            ref = h.forward.remote(ref)
+        return await ref
+
+    async def _restart(self, rep: _Replica, epoch: int) -> None:
+        async with rep.lock:
+            if rep.epoch != epoch:  # another batch of this replica already restarted it
+                return
+            rep.healthy = False
+            for h in rep.stages:
+                try:
+                    ray.kill(h, no_restart=True)
+                except Exception:
+                    pass
+            rep.stages = self._make_stages()
+            await asyncio.gather(*[h.ready.remote() for h in rep.stages])
+            rep.epoch += 1
+            rep.healthy = True
+            self.stats["restarts"] += 1
+        cond = self._condition()
+        async with cond:
+            cond.notify_all()
+
+    async def _dispatch(self, work, what: str):
+        """Run ``work(run)`` on some replica; on actor death restart that replica and try again."""
+        failures = 0
+        while True:
+            rep = await self._acquire()
+            epoch, stages = rep.epoch, list(rep.stages)
+            try:
+                result = await work(lambda payload: self._run_on(rep, stages, payload))
+                self.stats["batches_per_replica"][rep.index] += 1
+                return result
+            except Exception as e:
+                if not _is_actor_death(e):
+                    raise
+                failures += 1
+                self.stats["retried_batches"] += 1
+                if failures > self.max_retries:
+                    raise RuntimeError(
+                        f"teacher service: {what} failed {failures} times because a teacher actor died "
+                        f"(last: {type(e).__name__}: {e}); giving up after max_retries={self.max_retries}"
+                    ) from e
+            finally:
+                await self._release(rep)
+            await self._restart(rep, epoch)
+
+    # -- requests -----------------------------------------------------------------------------
+    async def topk(self, sequences, positions, k: int, values_dtype: str):
+        vd = _VALUE_DTYPES[values_dtype]
+        batches = P.make_batches([len(s) for s in sequences], self.max_batch_tokens, self.max_batch_size)
+        out: list = [None] * len(sequences)
+
+        async def one(bi, batch):
+            seqs, poss = [sequences[i] for i in batch], [positions[i] for i in batch]
+            res = await self._dispatch(lambda run: P.topk_batch(run, self.info, seqs, poss, k, vd), f"top-k batch {bi}")
+            for i, r in zip(batch, res):
+                if out[i] is not None:  # cannot happen: each batch is accepted once
+                    raise RuntimeError(f"teacher service: sequence {i} scored twice")
+                out[i] = r
+            self.stats["batches"] += 1
+            self.stats["sequences"] += len(batch)
+            self.stats["tokens"] += sum(len(s) for s in seqs)
+
+        await asyncio.gather(*[one(bi, b) for bi, b in enumerate(batches)])
+        missing = [i for i, r in enumerate(out) if r is None]
+        if missing:
+            raise RuntimeError(f"teacher service: sequences {missing[:5]} got no result")
+        return out
+
+    async def generate(self, prompt_ids, sampling: SamplingParams, seeds):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model)
+        lengths = [len(p) + sampling.max_new_tokens for p in prompt_ids]
+        batches = P.make_batches(lengths, self.max_batch_tokens, self.max_batch_size)
+        out: list = [None] * len(prompt_ids)
+
+        async def one(bi, batch):
+            ids, sd = [prompt_ids[i] for i in batch], [seeds[i] for i in batch]
+            res = await self._dispatch(
+                lambda run: P.generate_batch(run, self.info, ids, sampling, sd, self.vocab_limit), f"generate batch {bi}")
+            for i, (toks, reason) in zip(batch, res):
+                out[i] = Generation(self._tokenizer.decode(toks, skip_special_tokens=True), toks, reason,
+                                    len(prompt_ids[i]))
+            self.stats["batches"] += 1
+            self.stats["sequences"] += len(batch)
+            self.stats["tokens"] += sum(len(x) + len(t) for x, (t, _) in zip(ids, res))
+
+        await asyncio.gather(*[one(bi, b) for bi, b in enumerate(batches)])
+        return out
+
+    async def shutdown(self) -> None:
+        for r in self.replicas:
+            for h in r.stages:
+                try:
+                    ray.kill(h, no_restart=True)
+                except Exception:
+                    pass
+        self.replicas = []
+
+
+class TeacherService:
+    """A teacher served by ``replicas x shards`` Ray actors (see the module docstring).
+
+    ``model``: a local HF folder or a hub name (each stage downloads only its safetensors files).
+    ``dtype``: ``auto`` (checkpoint dtype on GPU, fp32 on CPU) | bfloat16 | float16 | float32.
+    ``quantization``: None | ``"8bit"`` | ``"4bit"`` (bitsandbytes; CUDA only).
+    ``values_dtype``: dtype of the top-k log-probs shipped back (bfloat16, float16 or float32).
+    """
+
+    def __init__(self, model: str | os.PathLike, *, replicas: int = 1, shards: int = 1, dtype: str = "auto",
+                 quantization: str | None = None, max_batch_tokens: int = 16384, max_batch_size: int = 64,
+                 ray_address: str | None = None, use_gpu: bool | None = None, num_cpus_per_shard: float = 1,
+                 values_dtype: str = "bfloat16", max_retries: int = 3, max_inflight_per_replica: int | None = None,
+                 ray_temp_dir: str | None = None):
+        from distill.teacher.shard import load_config
+
+        if replicas < 1:
+            raise ValueError(f"replicas={replicas} must be >= 1")
+        if values_dtype not in _VALUE_DTYPES:
+            raise ValueError(f"values_dtype={values_dtype!r} must be one of {sorted(_VALUE_DTYPES)}")
+        if max_batch_tokens < 1 or max_batch_size < 1:
+            raise ValueError(f"max_batch_tokens={max_batch_tokens} and max_batch_size={max_batch_size} must be >= 1")
+        self.model = str(model)
+        self.replicas, self.shards = replicas, shards
+        self.values_dtype = values_dtype
+        self._owns_ray = False
+        self._router = None
+        config = load_config(self.model)
+        try:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model)
+        except Exception:
+            self.tokenizer = None
+        self.info = P.teacher_info(self.model, config, self.tokenizer)
+        from distill.teacher.shard import split_layers
+
+        split_layers(self.info.num_layers, shards)  # clear error before any actor starts
+        if use_gpu is None:
+            use_gpu = torch.cuda.is_available()
+        if quantization is not None and not use_gpu:
+            raise RuntimeError(f"quantization={quantization!r} needs CUDA GPUs (bitsandbytes); this service runs on CPU")
+        self._connect(ray_address, ray_temp_dir, replicas * shards)
+        vocab_limit = len(self.tokenizer) if self.tokenizer is not None else None
+        self._router = _Router.options(num_cpus=0, max_concurrency=10000).remote(
+            self.model, replicas, shards, dtype, quantization, use_gpu, num_cpus_per_shard, max_batch_tokens,
+            max_batch_size, max_retries, max_inflight_per_replica, self.info, vocab_limit)
+        try:
+            self.stage_info = ray.get(self._router.ready.remote())
+        except Exception:
+            self.shutdown()
+            raise
+
+    def _connect(self, address: str | None, temp_dir: str | None, n_actors: int) -> None:
+        if ray.is_initialized():
+            return
+        if address is None and not os.environ.get("RAY_ADDRESS"):
+            # A private single-node Ray on loopback: nothing leaves the machine.
+            ray.init(_node_ip_address="127.0.0.2", include_dashboard=False,
+                     num_cpus=max(os.cpu_count() or 1, n_actors), _temp_dir=temp_dir or "/tmp/ray_distill",
+                     log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
+        self._owns_ray = True
+
+    def _check_open(self) -> None:
+        if self._router is None:
+            raise RuntimeError(f"TeacherService({self.model}) was shut down; create a new one")
+
+    # -- calls --------------------------------------------------------------------------------
+    def async_topk(self, sequences: list[list[int]], positions: list[list[int]], k: int):
+        """ObjectRef of list[TopKTeacher]: per sequence, rows = ``positions[i]`` (logits at those indices)."""
+        self._check_open()
+        sequences = [list(map(int, s)) for s in sequences]
+        positions = [list(map(int, p)) for p in positions]
+        P.validate_topk(self.info, sequences, positions, k)
+        return self._router.topk.remote(sequences, positions, k, self.values_dtype)
+
+    def topk(self, sequences, positions, k):
+        return ray.get(self.async_topk(sequences, positions, k))
+
+    def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
+        if self.tokenizer is None:
+            raise RuntimeError(f"teacher {self.model} has no tokenizer files: generate() needs one")
+        return [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+    def async_generate(self, prompts: list[str], sampling: SamplingParams | None = None, *, seeds: list[int] | None = None):
+        """ObjectRef of list[Generation], one per prompt."""
+        self._check_open()
+        sampling = sampling or SamplingParams()
+        sampling.validate()
+        ids = self.encode_prompts(prompts)
+        P.validate_prompts(self.info, ids)
+        seeds = list(seeds) if seeds is not None else [sampling.seed + i for i in range(len(prompts))]
+        if len(seeds) != len(prompts):
+            raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts")
+        return self._router.generate.remote(ids, sampling, seeds)
+
+    def generate(self, prompts, sampling=None, *, seeds=None) -> list[Generation]:
+        return ray.get(self.async_generate(prompts, sampling, seeds=seeds))
+
+    # -- operations ---------------------------------------------------------------------------
+    def stats(self) -> dict:
+        self._check_open()
+        return ray.get(self._router.get_stats.remote())
+
+    def stage_handles(self) -> list[list]:
+        """Actor handles, ``[replica][stage]`` (for monitoring, and for the fault-injection tests)."""
+        self._check_open()
+        return ray.get(self._router.stage_handles.remote())
+
+    def shutdown(self) -> None:
+        """Stop every actor of this service (and the local Ray it started, if any). Idempotent."""
+        router, self._router = self._router, None
+        if router is not None:
+            try:
+                ray.get(router.shutdown.remote(), timeout=60)
+            except Exception:
+                pass
+            try:
+                ray.kill(router, no_restart=True)
+            except Exception:
+                pass
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+            self._owns_ray = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()

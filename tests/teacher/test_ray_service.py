@@ -1,0 +1,146 @@
+"""The Ray teacher service on a loopback-only local Ray: exactness, replicas, fault tolerance, errors.
+
+One service (2 replicas x 2 shards, 4 stage actors) serves every test of this module: starting actors
+is what costs time on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from distill.teacher.pipeline import SamplingParams
+
+pytestmark = pytest.mark.ray
+
+BATCH = 2  # sequences per batch: many batches, so work visibly spreads and a kill lands mid-run
+
+
+@pytest.fixture(scope="module")
+def service(ray_session, tiny_teacher_dir):
+    from distill.teacher.ray_service import TeacherService
+
+    svc = TeacherService(tiny_teacher_dir, replicas=2, shards=2, values_dtype="float32", max_batch_size=BATCH)
+    yield svc
+    svc.shutdown()
+
+
+class _OneThread:
+    """The unsharded teacher in-process, batching like the service and, like each stage actor
+    (num_cpus=1), on one thread: CPU GEMMs block by thread count, so only then are results bitwise equal."""
+
+    def __init__(self, teacher):
+        self.teacher = teacher
+
+    def __getattr__(self, name):
+        fn = getattr(self.teacher, name)
+
+        def call(*a, **kw):
+            n = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return fn(*a, **kw)
+            finally:
+                torch.set_num_threads(n)
+
+        return call
+
+
+@pytest.fixture(scope="module")
+def local_ref(tiny_teacher_dir):
+    from distill.teacher.local import LocalTeacher
+
+    return _OneThread(LocalTeacher(tiny_teacher_dir, shards=1, values_dtype=torch.float32, max_batch_size=BATCH))
+
+
+def _seqs(n, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 24, (n,), generator=g).tolist()
+    return [torch.randint(4, vocab, (L,), generator=g).tolist() for L in lengths]
+
+
+def test_two_shards_exactly_match_unsharded(service, local_ref):
+    assert [len(r) for r in service.stage_info] == [2, 2]
+    assert service.stage_info[0][0]["layers"] == (0, 1) and service.stage_info[0][1]["layers"] == (1, 2)
+    seqs = _seqs(6, service.info.vocab_size)
+    poss = [list(range(0, len(s), 2)) for s in seqs]
+    got = service.topk(seqs, poss, 16)
+    ref = local_ref.topk(seqs, poss, 16)
+    assert len(got) == len(seqs)
+    for g, r, p in zip(got, ref, poss):
+        assert g.ids.shape == (len(p), 16) and g.ids.dtype == torch.int32
+        assert torch.equal(g.ids, r.ids)
+        assert torch.equal(g.logprobs, r.logprobs)
+        assert torch.equal(g.tail_mass, r.tail_mass)
+
+
+def test_two_replicas_split_the_work(service):
+    before = service.stats()
+    seqs = _seqs(16, service.info.vocab_size, seed=1)
+    service.topk(seqs, [[len(s) - 1] for s in seqs], 4)
+    after = service.stats()
+    per = [a - b for a, b in zip(after["batches_per_replica"], before["batches_per_replica"])]
+    assert sum(per) == after["batches"] - before["batches"] == 8
+    assert min(per) >= 1, per
+
+
+def test_generate_matches_local(service, local_ref):
+    prompts = ["this movie was great", "bad", "the food was cold and the staff"]
+    sp = SamplingParams(max_new_tokens=6, temperature=0.8, top_p=0.9)
+    got = service.generate(prompts, sp, seeds=[3, 4, 5])
+    ref = local_ref.generate(prompts, sp, seeds=[3, 4, 5])
+    assert [(g.token_ids, g.finish_reason, g.text) for g in got] == [(r.token_ids, r.finish_reason, r.text) for r in ref]
+
+
+def test_killed_actor_loses_nothing_and_duplicates_nothing(ray_session, service, local_ref):
+    ray = ray_session
+    seqs = _seqs(40, service.info.vocab_size, seed=2)
+    poss = [list(range(len(s))) for s in seqs]
+    ref = local_ref.topk(seqs, poss, 8)
+    before = service.stats()
+    victim = service.stage_handles()[0][1]  # replica 0, last stage
+    pending = service.async_topk(seqs, poss, 8)
+    deadline = time.time() + 60
+    while service.stats()["batches"] - before["batches"] < 2 and time.time() < deadline:
+        time.sleep(0.02)
+    ray.kill(victim, no_restart=True)
+    got = ray.get(pending, timeout=300)
+    after = service.stats()
+    assert after["restarts"] >= before["restarts"] + 1
+    assert after["retried_batches"] >= before["retried_batches"] + 1
+    # Every sequence scored exactly once, with the right values.
+    assert after["sequences"] - before["sequences"] == len(seqs)
+    assert after["batches"] - before["batches"] == len(seqs) // BATCH
+    assert len(got) == len(seqs)
+    for g, r in zip(got, ref):
+        assert torch.equal(g.ids, r.ids) and torch.equal(g.logprobs, r.logprobs)
+    # The restarted replica serves again.
+    assert service.stage_handles()[0][1] != victim
+    assert torch.equal(service.topk(seqs[:2], poss[:2], 8)[1].ids, ref[1].ids)
+
+
+def test_errors(service):
+    V = service.info.vocab_size
+    with pytest.raises(ValueError, match=f"vocabulary size {V}"):
+        service.async_topk([[5, 6, 7]], [[0]], V + 1)
+    with pytest.raises(ValueError, match="longer than the teacher's context"):
+        service.async_topk([[5] * (service.info.max_context + 1)], [[0]], 4)
+    with pytest.raises(ValueError, match="outside the teacher's vocabulary"):
+        service.async_topk([[5, V]], [[0]], 4)
+
+
+def test_call_after_shutdown_is_a_clear_error(ray_session, tiny_teacher_dir):
+    from distill.teacher.ray_service import TeacherService
+
+    with pytest.raises(ValueError, match="each shard needs"):
+        TeacherService(tiny_teacher_dir, shards=3)
+    svc = TeacherService(tiny_teacher_dir, replicas=1, shards=1)
+    assert svc.topk([[5, 6, 7]], [[2]], 3)[0].ids.shape == (1, 3)
+    svc.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        svc.async_topk([[5, 6, 7]], [[2]], 3)
+    with pytest.raises(RuntimeError, match="shut down"):
+        svc.generate(["hello"])
+    svc.shutdown()  # idempotent
