@@ -252,3 +252,171 @@ def dump_yaml(cfg: Any, path: str | Path) -> None:
     import yaml
 
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+# ================================================================================================
+# The trainer's run schema (distill/trainer.py, launchers/knowdist.py). Every field has a default;
+# the defaults are the built-in tiny CPU run. Units are in the comments.
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclasses.dataclass
+class RunSection:
+    out_dir: str = "runs/knowdist"  # run folder: config, metrics.jsonl, checkpoints/, export/
+    name: str = ""  # free-form run name (logged; "" = the out_dir's folder name)
+
+
+@dataclasses.dataclass
+class ModelSection:
+    student: str = "builtin"  # student init: HF hub name or folder; "builtin" = the tiny student built here
+    teacher: str = "builtin"  # teacher: HF hub name or folder; "builtin" = the tiny teacher trained here
+    tokenizer: str = ""  # tokenizer name/folder ("" = the student's)
+    dtype: str = "auto"  # student weights/compute: auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float16 | float32
+    teacher_dtype: str = "auto"  # teacher weights: auto (as dtype) | bfloat16 | float16 | float32
+    attn: str = "auto"  # attention: auto (flash_attention_2 if installed and on GPU, else sdpa) | sdpa | eager | flash_attention_2
+    grad_checkpointing: bool = False  # recompute student activations in backward (saves memory, ~30% slower)
+    vocab_size: int = 0  # real vocabulary for the loss (0 = len(tokenizer)); logit columns beyond it are padding and masked
+    trust_remote_code: bool = False  # passed to from_pretrained
+    builtin_dir: str = ""  # cache of the built-in tokenizer/teacher/student ("" = <out_dir>/builtin)
+
+
+@dataclasses.dataclass
+class DataSection:
+    name: str = "sft"  # dataset registry name (distill.trainer.register_dataset)
+    path: str = ""  # JSONL/JSON/Parquet file or folder, or a `datasets` name ("" = the launcher's default corpus)
+    format: str = "auto"  # auto (by suffix; else datasets.load_dataset) | jsonl | json | parquet | datasets
+    split: str = "train"  # split for `datasets` sources
+    prompt_field: str = "prompt"  # record field holding the prompt (masked out of the loss)
+    response_field: str = "response"  # record field holding the response (trained on)
+    max_len: int = 512  # prompt + response, tokens; prompts are cut from the left, then responses from the right
+    add_eos: bool = True  # append the tokenizer's eos token to every response
+    limit: int = 0  # use only the first N records (0 = all)
+
+
+@dataclasses.dataclass
+class TrainSection:
+    steps: int = 0  # optimizer steps (0 = epochs x steps per epoch)
+    epochs: float = 1.0  # passes over the data when steps is 0
+    micro_batch: int = 8  # sequences per rank per forward/backward
+    grad_accum: int = 1  # micro-batches per optimizer step (per rank)
+    lr: float = 2e-5  # AdamW peak learning rate
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    warmup_steps: int = 0  # linear warmup, optimizer steps
+    schedule: str = "cosine"  # cosine | constant (after warmup)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    adam_betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.95])  # AdamW (beta1, beta2)
+    adam_eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    seed: int = 0  # data order, dropout, RNG of every rank (rank r uses seed + r for its local RNG)
+
+
+@dataclasses.dataclass
+class KDSection:
+    kind: str = "forward_kl"  # forward_kl | reverse_kl | jsd | skew_kl | skew_reverse_kl | tvd | none (SFT only, no teacher)
+    beta: float = 0.5  # jsd mixture weight (0 = forward KL, 1 = reverse KL)
+    alpha: float = 0.1  # skew KL mixing weight
+    temperature: float = 1.0  # divides both logit sets; the KD term is scaled by T^2
+    ce_weight: float = 1.0  # weight of the cross-entropy on the response tokens
+    kd_weight: float = 1.0  # weight of the divergence on the response tokens
+    impl: str = "auto"  # auto (triton on CUDA, torch otherwise) | torch | triton
+    chunk_tokens: int = 0  # tokens per chunk of the torch divergence (0 = the loss's default)
+    teacher_backend: str = "colocated"  # teacher backend registry name (colocated = full logits from a teacher in this process)
+    topk: int = 0  # k for top-k teacher backends (0 = full logits)
+
+
+@dataclasses.dataclass
+class DeepSpeedSection:
+    engine: str = "deepspeed"  # deepspeed | torch (plain single-process engine, for tests and debugging)
+    config: str = "ds_configs/zero3.json"  # DeepSpeed JSON with ZeRO settings only (relative paths: from the repo root)
+    zero_stage: int = -1  # -1 = the JSON's stage; else injected (a different stage in the JSON is an error)
+    dist_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    teacher_zero3: bool = True  # under ZeRO-3, partition the teacher too (inference-only engine, no optimizer)
+
+
+@dataclasses.dataclass
+class CheckpointSection:
+    dir: str = ""  # checkpoint folder ("" = <out_dir>/checkpoints)
+    every: int = 0  # save every N optimizer steps (0 = only at the end)
+    keep_last: int = 2  # checkpoints kept (older ones are deleted after a new one is complete)
+    resume: str = ""  # "" = fresh run; "latest" = the newest complete checkpoint in dir; or a checkpoint folder
+    export: bool = True  # write the final student as an HF folder (<out_dir>/export)
+
+
+@dataclasses.dataclass
+class LogSection:
+    every: int = 1  # log line + metrics.jsonl record every N optimizer steps
+    progress_bar: bool = True  # tqdm bar on rank 0
+
+
+@dataclasses.dataclass
+class EvalSection:
+    every: int = 0  # SentiBench evaluation every N optimizer steps (0 = never during training)
+    at_end: bool = False  # evaluate the final student
+    tasks: str = "sc/sst2"  # tasks (comma list, or all / basic / multifaceted / fine-grained)
+    limit: int = 50  # test sentences per task (held-out slice; 0 = all)
+    shots: int = 4  # demonstrations per prompt
+    batch_size: int = 8  # sequences per evaluation forward
+
+
+_KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "none")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    run: RunSection = dataclasses.field(default_factory=RunSection)
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    kd: KDSection = dataclasses.field(default_factory=KDSection)
+    deepspeed: DeepSpeedSection = dataclasses.field(default_factory=DeepSpeedSection)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+    log: LogSection = dataclasses.field(default_factory=LogSection)
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+
+    def validate(self) -> None:
+        """Cross-field checks; runs before any process group exists. Messages print the numbers."""
+        t, k, m, d, ds, c = self.train, self.kd, self.model, self.data, self.deepspeed, self.checkpoint
+        _check(t.micro_batch >= 1, f"train.micro_batch={t.micro_batch} must be >= 1")
+        _check(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")
+        _check(t.steps >= 0, f"train.steps={t.steps} must be >= 0 (0 = epochs x steps per epoch)")
+        _check(t.steps > 0 or t.epochs > 0, f"train.steps={t.steps} and train.epochs={t.epochs}: one must be > 0")
+        _check(t.lr > 0, f"train.lr={t.lr} must be > 0")
+        _check(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+        _check(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
+        _check(t.steps == 0 or t.warmup_steps <= t.steps,
+               f"train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}")
+        _check(t.schedule in ("cosine", "constant"), f"train.schedule={t.schedule!r}: cosine | constant")
+        _check(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas),
+               f"train.adam_betas={t.adam_betas} must be two numbers in [0, 1)")
+        _check(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 = off)")
+        _check(k.kind in _KD_KINDS, f"kd.kind={k.kind!r}: one of {list(_KD_KINDS)}")
+        _check(k.temperature > 0, f"kd.temperature={k.temperature} must be > 0")
+        _check(0.0 <= k.beta <= 1.0, f"kd.beta={k.beta} must be in [0, 1]")
+        _check(0.0 <= k.alpha <= 1.0, f"kd.alpha={k.alpha} must be in [0, 1]")
+        _check(k.ce_weight >= 0 and k.kd_weight >= 0,
+               f"kd.ce_weight={k.ce_weight} and kd.kd_weight={k.kd_weight} must be >= 0")
+        _check(k.ce_weight > 0 or (k.kind != "none" and k.kd_weight > 0),
+               f"nothing to train: kd.ce_weight={k.ce_weight}, kd.kind={k.kind!r}, kd.kd_weight={k.kd_weight}")
+        _check(k.impl in ("auto", "torch", "triton"), f"kd.impl={k.impl!r}: auto | torch | triton")
+        _check(k.chunk_tokens >= 0 and k.topk >= 0, f"kd.chunk_tokens={k.chunk_tokens}, kd.topk={k.topk} must be >= 0")
+        _check(k.kind == "none" or m.teacher != "", "kd.kind needs a teacher: model.teacher is empty (set kd.kind=none for SFT)")
+        for name in ("dtype", "teacher_dtype"):
+            v = getattr(m, name)
+            _check(v in ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"), f"model.{name}={v!r}: auto | bfloat16 | float16 | float32")
+        _check(m.attn in ("auto", "sdpa", "eager", "flash_attention_2"), f"model.attn={m.attn!r}: auto | sdpa | eager | flash_attention_2")
+        _check(m.vocab_size >= 0, f"model.vocab_size={m.vocab_size} must be >= 0 (0 = the tokenizer's size)")
+        _check(d.max_len >= 8, f"data.max_len={d.max_len} tokens is too short (>= 8)")
+        _check(d.format in ("auto", "jsonl", "json", "parquet", "datasets"), f"data.format={d.format!r}: auto | jsonl | json | parquet | datasets")
+        _check(d.limit >= 0, f"data.limit={d.limit} must be >= 0")
+        _check(ds.engine in ("deepspeed", "torch"), f"deepspeed.engine={ds.engine!r}: deepspeed | torch")
+        _check(ds.zero_stage in (-1, 0, 1, 2, 3), f"deepspeed.zero_stage={ds.zero_stage}: -1 (from the JSON) or 0..3")
+        _check(ds.dist_backend in ("auto", "nccl", "gloo"), f"deepspeed.dist_backend={ds.dist_backend!r}: auto | nccl | gloo")
+        _check(c.every >= 0, f"checkpoint.every={c.every} must be >= 0")
+        _check(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be >= 1")
+        _check(self.log.every >= 1, f"log.every={self.log.every} must be >= 1")
+        _check(self.eval.every >= 0 and self.eval.limit >= 0,
+               f"eval.every={self.eval.every} and eval.limit={self.eval.limit} must be >= 0")

@@ -1,0 +1,121 @@
+"""DeepSpeed config = a JSON with ZeRO settings only + values injected from the run config.
+
+The JSON under ``ds_configs/`` holds ZeRO settings (stage, offload, buckets, persistence). Batch
+sizes, gradient accumulation, clipping and precision come from the run config and are injected
+here; a JSON that sets one of them to a different value is an error (never a silent override).
+Optimizer and scheduler are built by the trainer (AdamW + warmup/cosine), so a JSON ``optimizer``
+or ``scheduler`` block is refused too.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from distill.config import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# Keys the run config owns.
+_OWNED_BLOCKS = ("optimizer", "scheduler")
+
+
+def resolve_path(path: str) -> Path:
+    """A ds_config path as given, else relative to the repository root."""
+    p = Path(path)
+    if p.is_file() or p.is_absolute():
+        return p
+    cand = REPO_ROOT / path
+    return cand if cand.is_file() else p
+
+
+def load_json(path: str) -> tuple[dict, Path]:
+    p = resolve_path(path)
+    if not p.is_file():
+        raise ConfigError(f"deepspeed.config: {path} does not exist (also looked in {REPO_ROOT})")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed.config: {p} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"deepspeed.config: {p}: top level must be an object")
+    return data, p
+
+
+def resolve_precision(dtype: str, on_gpu: bool) -> str:
+    """'bf16' | 'fp16' | 'fp32' for a model.dtype value (auto = bf16 on GPU, fp32 on CPU)."""
+    d = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "float32": "fp32", "fp32": "fp32"}
+    if dtype == "auto":
+        return "bf16" if on_gpu else "fp32"
+    return d[dtype]
+
+
+def _inject(cfg: dict, dotted: str, value, src: Path) -> None:
+    node = cfg
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    key = parts[-1]
+    if key in node and node[key] != "auto" and node[key] != value:
+        raise ConfigError(
+            f"{src}: '{dotted}' = {node[key]!r} conflicts with the run config's value {value!r}; "
+            f"remove it from the JSON (batch sizes, accumulation, clipping and precision come from the run config)"
+        )
+    node[key] = value
+
+
+def build_ds_config(run_cfg, world_size: int, *, on_gpu: bool) -> dict:
+    """The resolved DeepSpeed config of the student engine."""
+    base, src = load_json(run_cfg.deepspeed.config)
+    for block in _OWNED_BLOCKS:
+        if block in base:
+            raise ConfigError(
+                f"{src}: a '{block}' block is not allowed: the trainer builds AdamW and the warmup/cosine "
+                f"schedule from the run config (train.lr, train.warmup_steps, ...)"
+            )
+    cfg = copy.deepcopy(base)
+    t = run_cfg.train
+    prec = resolve_precision(run_cfg.model.dtype, on_gpu)
+    _inject(cfg, "train_micro_batch_size_per_gpu", t.micro_batch, src)
+    _inject(cfg, "gradient_accumulation_steps", t.grad_accum, src)
+    _inject(cfg, "train_batch_size", t.micro_batch * t.grad_accum * world_size, src)
+    _inject(cfg, "gradient_clipping", float(t.grad_clip), src)
+    _inject(cfg, "bf16.enabled", prec == "bf16", src)
+    _inject(cfg, "fp16.enabled", prec == "fp16", src)
+    stage = run_cfg.deepspeed.zero_stage
+    if stage >= 0:
+        _inject(cfg, "zero_optimization.stage", stage, src)
+    cfg.setdefault("zero_optimization", {}).setdefault("stage", 0)
+    cfg.setdefault("steps_per_print", 10**9)  # the trainer logs; keep DeepSpeed's own step prints off
+    cfg.setdefault("wall_clock_breakdown", False)
+    # Gathered 16-bit weights on save let export and eval read a full state dict under ZeRO-3.
+    if cfg["zero_optimization"]["stage"] == 3:
+        cfg["zero_optimization"].setdefault("stage3_gather_16bit_weights_on_model_save", True)
+    return cfg
+
+
+def zero_stage(ds_cfg: dict) -> int:
+    return int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads_optimizer(ds_cfg: dict) -> bool:
+    off = ds_cfg.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return off.get("device", "none") not in ("none", None)
+
+
+def teacher_ds_config(student_cfg: dict) -> dict:
+    """Inference-only ZeRO-3 config for the frozen teacher: the student's partitioning and precision,
+    no optimizer, no optimizer offload, no gradient settings that need an optimizer."""
+    z = dict(student_cfg.get("zero_optimization", {}))
+    z.pop("offload_optimizer", None)
+    z["stage"] = 3
+    return {
+        "train_micro_batch_size_per_gpu": student_cfg["train_micro_batch_size_per_gpu"],
+        "gradient_accumulation_steps": 1,
+        "bf16": dict(student_cfg.get("bf16", {"enabled": False})),
+        "fp16": dict(student_cfg.get("fp16", {"enabled": False})),
+        "zero_optimization": z,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }

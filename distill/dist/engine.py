@@ -1,0 +1,235 @@
+"""The engine seam: one interface over a DeepSpeed engine and a plain torch engine.
+
+The trainer calls, per micro-batch, ``forward`` -> ``backward(loss)`` -> ``step()``; the engine
+applies the optimizer at the end of each accumulation window. The loss handed to ``backward`` is
+already divided by the number of response tokens of the WHOLE optimizer step (all micro-batches,
+all ranks), so the gradient wanted is the plain SUM of the micro-batch gradients over micro-batches
+and ranks. The plain engine does exactly that. DeepSpeed divides each micro-batch loss by the
+accumulation steps and AVERAGES gradients over data-parallel ranks; :class:`DeepSpeedEngine`
+undoes both (``scale_wrt_gas=False`` and ``loss * world_size``), so both engines give sum / N.
+
+Frozen teachers get :class:`TeacherEngine`: under ZeRO-3 an inference-only DeepSpeed engine (no
+optimizer, no gradients; parameters partitioned and gathered layer by layer during the forward),
+otherwise the module itself on the device. Its forward always runs under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+
+def make_lr_lambda(total_steps: int, warmup: int, schedule: str, min_ratio: float):
+    """LR multiplier at optimizer step s (0-based): linear warmup, then cosine to ``min_ratio``."""
+
+    def f(s: int) -> float:
+        if warmup > 0 and s < warmup:
+            return (s + 1) / warmup
+        if schedule == "constant" or total_steps <= warmup:
+            return 1.0
+        p = min(1.0, (s - warmup) / max(1, total_steps - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+    return f
+
+
+def build_optimizer(params, train_cfg, *, cpu_adam: bool = False):
+    kw = dict(lr=train_cfg.lr, betas=tuple(train_cfg.adam_betas), eps=train_cfg.adam_eps,
+              weight_decay=train_cfg.weight_decay)
+    if cpu_adam:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # offloaded optimizer states need it
+
+        return DeepSpeedCPUAdam(params, adamw_mode=True, **kw)
+    params = list(params)
+    fused = bool(params) and params[0].is_cuda
+    return torch.optim.AdamW(params, fused=fused, **kw)
+
+
+class Engine:
+    """Interface. ``module`` is the wrapped model (HF ``PreTrainedModel`` or a DeepSpeed module)."""
+
+    module: torch.nn.Module
+    kind = "?"
+
+    def forward(self, **inputs):
+        return self.module(**inputs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def step(self) -> bool:
+        """Call after every micro-batch; True when the optimizer ran (end of the window)."""
+        raise NotImplementedError
+
+    def grad_norm(self) -> float | None:
+        """Global gradient norm before clipping of the last optimizer step (None if unknown)."""
+        return None
+
+    def lr(self) -> float:
+        raise NotImplementedError
+
+    def save(self, folder: Path) -> None:
+        raise NotImplementedError
+
+    def load(self, folder: Path) -> None:
+        raise NotImplementedError
+
+    def gather_state_dict(self) -> dict | None:
+        """Full model state dict on rank 0 (None on other ranks). Collective under ZeRO-3."""
+        raise NotImplementedError
+
+    def train(self) -> None:
+        self.module.train()
+
+    def eval(self) -> None:
+        self.module.eval()
+
+
+class TorchEngine(Engine):
+    """Plain single-process engine: AdamW, LambdaLR schedule, clipping, accumulation."""
+
+    kind = "torch"
+
+    def __init__(self, model, train_cfg, total_steps: int):
+        self.module = model
+        self.optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], train_cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, make_lr_lambda(total_steps, train_cfg.warmup_steps, train_cfg.schedule, train_cfg.min_lr_ratio))
+        self.gas, self.clip = train_cfg.grad_accum, train_cfg.grad_clip
+        self._micro = 0
+        self._gnorm = None
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self) -> bool:
+        self._micro += 1
+        if self._micro % self.gas:
+            return False
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        max_norm = self.clip if self.clip > 0 else float("inf")
+        self._gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def grad_norm(self):
+        return None if self._gnorm is None else float(self._gnorm)
+
+    def lr(self):
+        return self.optimizer.param_groups[0]["lr"]
+
+    def save(self, folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous() for k, v in self.module.state_dict().items()}, str(folder / "model.safetensors"))
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "micro": self._micro}, folder / "optim.pt")
+
+    def load(self, folder):
+        from safetensors.torch import load_file
+
+        self.module.load_state_dict(load_file(str(folder / "model.safetensors")))
+        st = torch.load(folder / "optim.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        self._micro = st["micro"]
+
+    def gather_state_dict(self):
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+
+
+class DeepSpeedEngine(Engine):
+    """A DeepSpeed engine (ZeRO 0-3) with the trainer's AdamW and warmup/cosine schedule."""
+
+    kind = "deepspeed"
+
+    def __init__(self, model, train_cfg, total_steps: int, ds_config: dict):
+        import deepspeed
+
+        from distill.dist.ds_config import offloads_optimizer
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = build_optimizer(params, train_cfg, cpu_adam=offloads_optimizer(ds_config))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, make_lr_lambda(total_steps, train_cfg.warmup_steps, train_cfg.schedule, train_cfg.min_lr_ratio))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
+        self.module = self.engine.module
+        self.world = self.engine.dp_world_size if hasattr(self.engine, "dp_world_size") else int(os.environ.get("WORLD_SIZE", 1))
+        self.stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+    def forward(self, **inputs):
+        return self.engine(**inputs)
+
+    def backward(self, loss):
+        # DeepSpeed averages gradients over data-parallel ranks: multiply by their number so the
+        # result is the SUM; and do not let it divide by the accumulation steps.
+        self.engine.backward(loss * self.world, scale_wrt_gas=False)
+
+    def step(self) -> bool:
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        return boundary
+
+    def grad_norm(self):
+        g = self.engine.get_global_grad_norm()
+        if g is None:
+            return None
+        return float(g.item() if isinstance(g, torch.Tensor) else g)
+
+    def lr(self):
+        return self.engine.get_lr()[0]
+
+    def save(self, folder):
+        self.engine.save_checkpoint(str(folder), tag="engine", save_latest=False)
+
+    def load(self, folder):
+        path, _ = self.engine.load_checkpoint(str(folder), tag="engine", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder}")
+
+    def gather_state_dict(self):
+        if self.stage == 3:
+            sd = self.engine._zero3_consolidated_16bit_state_dict()  # collective; full dict on rank 0
+            return sd if self.engine.global_rank == 0 else None
+        if self.engine.global_rank != 0:
+            return None
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+
+    def train(self):
+        self.engine.train()
+
+    def eval(self):
+        self.engine.eval()
+
+
+class TeacherEngine:
+    """A frozen model for inference: ZeRO-3 partitioned (inference-only engine) or plain."""
+
+    def __init__(self, model, *, ds_config: dict | None = None):
+        model.eval()
+        model.requires_grad_(False)
+        self.engine = None
+        if ds_config is not None:
+            import deepspeed
+
+            # No optimizer: DeepSpeed builds a ZeRO-3 parameter partitioner and forward hooks only
+            # (the reference-model pattern of TRL/OpenRLHF); nothing is allocated for gradients.
+            self.engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+            self.engine.eval()
+            self.module = self.engine.module
+        else:
+            self.module = model
+
+    @torch.no_grad()
+    def forward(self, **inputs):
+        if self.engine is not None:
+            return self.engine(**inputs)
+        return self.module(**inputs)

@@ -1,0 +1,144 @@
+"""Process environment: rank / world size / local rank, process-group init, rank-0 helpers.
+
+Ranks come from the environment the launcher sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``; the
+``deepspeed`` launcher also passes ``--local_rank``; under SLURM ``srun`` the ``SLURM_PROCID`` /
+``SLURM_NTASKS`` / ``SLURM_LOCALID`` variables are used when ``RANK`` is unset). A plain
+``python script.py`` is rank 0 of 1. deepspeed is imported only inside :func:`init_distributed`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0  # global rank
+    world_size: int = 1  # processes in the job
+    local_rank: int = 0  # rank on this node (selects the GPU)
+    backend: str = ""  # process-group backend ("" = none initialised)
+    device: str = "cpu"  # torch device string of this rank
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_ENV = DistEnv()
+
+
+def local_rank_from_argv(argv: list[str] | None = None) -> int | None:
+    """``--local_rank N`` / ``--local_rank=N`` / ``--local-rank=N`` as passed by launchers."""
+    argv = sys.argv[1:] if argv is None else argv
+    for i, a in enumerate(argv):
+        for flag in ("--local_rank", "--local-rank"):
+            if a == flag and i + 1 < len(argv):
+                return int(argv[i + 1])
+            if a.startswith(flag + "="):
+                return int(a.split("=", 1)[1])
+    return None
+
+
+def read_env(argv: list[str] | None = None) -> DistEnv:
+    """Rank, world size and local rank of this process (no process group is created)."""
+    e = os.environ
+    if "RANK" not in e and "SLURM_PROCID" in e and "SLURM_NTASKS" in e:
+        rank, world = int(e["SLURM_PROCID"]), int(e["SLURM_NTASKS"])
+        local = int(e.get("SLURM_LOCALID", 0))
+    else:
+        rank, world = int(e.get("RANK", 0)), int(e.get("WORLD_SIZE", 1))
+        local = int(e.get("LOCAL_RANK", 0))
+    arg_local = local_rank_from_argv(argv)
+    if arg_local is not None:
+        local = arg_local
+    return DistEnv(rank=rank, world_size=world, local_rank=local)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str = "auto", *, use_deepspeed: bool = True, argv: list[str] | None = None) -> DistEnv:
+    """Create the process group (deepspeed.init_distributed) and pick this rank's device.
+
+    backend: "auto" = nccl when CUDA is available, gloo otherwise. A single process without a
+    launcher gets a private loopback rendezvous (127.0.0.1, a free port).
+    """
+    global _ENV
+    import torch
+
+    env = read_env(argv)
+    cuda = torch.cuda.is_available()
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    if cuda:
+        torch.cuda.set_device(env.local_rank % max(1, torch.cuda.device_count()))
+        env.device = f"cuda:{torch.cuda.current_device()}"
+    if env.world_size > 1 or use_deepspeed:
+        os.environ.setdefault("RANK", str(env.rank))
+        os.environ.setdefault("WORLD_SIZE", str(env.world_size))
+        os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+        if env.world_size == 1:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if use_deepspeed:
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        else:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group(backend=backend)
+        env.backend = backend
+    _ENV = env
+    return env
+
+
+def get_env() -> DistEnv:
+    return _ENV
+
+
+def is_dist() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if is_dist():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def all_reduce_sum(t):
+    """In-place SUM over ranks (no-op on one process); returns ``t``."""
+    if is_dist():
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object0(obj):
+    """Rank 0's ``obj`` on every rank."""
+    if not is_dist():
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def print0(*args, **kwargs) -> None:
+    """print on rank 0 only (flushes)."""
+    if _ENV.rank == 0:
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)

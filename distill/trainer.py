@@ -1,0 +1,614 @@
+"""One trainer for SFT and token-level KD: DeepSpeed ZeRO-3 (or a plain torch engine), co-located or
+remote teachers, global token normalisation, atomic checkpoints, resume, export.
+
+What varies is registered, not copied:
+
+* teacher backends (``register_teacher_backend(name)``): turn a batch into teacher logits
+  ``[B, L, V]`` or a :class:`~distill.teacher.output.TopKTeacher` ``[B, L, k]`` aligned with the
+  batch's ``input_ids`` positions. Optional ``prefetch(batch)`` is called exactly once per
+  micro-batch, one micro-batch ahead of its use (async backends start the request there);
+  ``close()`` at the end. Built in: ``colocated`` (the teacher lives in this process, partitioned by
+  an inference-only ZeRO-3 engine of its own under ZeRO-3).
+* datasets (``register_dataset(name)``): ``factory(cfg, tokenizer, ctx)`` returns an object with
+  ``__len__`` and ``__getitem__`` -> dict with ``input_ids`` and ``labels`` lists (plus any
+  pass-through keys, e.g. ``example_id``) and optionally ``collate(items) -> batch``. Built in:
+  ``sft`` (:mod:`distill.data.sft`).
+
+The step: the rank's ``grad_accum`` micro-batches are drawn first, their response tokens counted
+and all-reduced once (the normaliser N of the whole optimizer step), then each micro-batch runs
+teacher forward (no grad) -> student forward -> ``DistillObjective(...)`` (sum / N) -> backward;
+the engine applies AdamW at the window's end. One more all-reduce carries the logged sums.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from distill.config import RunConfig, dump_yaml, to_dict
+from distill.dist import env as distenv
+from distill.dist.env import print0
+
+# ------------------------------------------------------------------------------------------------
+# Registries
+
+
+TEACHER_BACKENDS: dict[str, Callable] = {}
+DATASETS: dict[str, Callable] = {}
+
+
+def register_teacher_backend(name: str):
+    """Decorator: ``factory(cfg: RunConfig, ctx: BackendContext) -> TeacherBackend``."""
+
+    def deco(factory):
+        TEACHER_BACKENDS[name] = factory
+        return factory
+
+    return deco
+
+
+def register_dataset(name: str):
+    """Decorator: ``factory(cfg: RunConfig, tokenizer, ctx: BackendContext) -> dataset``."""
+
+    def deco(factory):
+        DATASETS[name] = factory
+        return factory
+
+    return deco
+
+
+@dataclasses.dataclass
+class BackendContext:
+    """What a backend or dataset factory may need from the trainer."""
+
+    env: Any  # distill.dist.env.DistEnv
+    device: torch.device  # this rank's device
+    tokenizer: Any  # the shared tokenizer
+    vocab_size: int  # the tokenizer's real vocabulary
+    student_path: str  # resolved student folder/name
+    teacher_path: str  # resolved teacher folder/name ("" for SFT)
+    ds_config: dict | None  # the student's resolved DeepSpeed config (None on the torch engine)
+    out_dir: Path  # run folder
+
+
+class TeacherBackend:
+    """Base class. ``softcap``: final-logit softcap the objective must still apply to what
+    ``__call__`` returns (None when the logits are already capped, as HF Gemma-2 forwards are)."""
+
+    softcap: float | None = None
+
+    def prefetch(self, batch: dict) -> None:  # noqa: D401 - optional hook
+        """Start work for ``batch`` (CPU tensors + pass-through keys); called once, ahead of use."""
+
+    def __call__(self, batch: dict):
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient norm; the run stopped before writing anything poisoned."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Built-in teacher backend and dataset
+
+
+@register_teacher_backend("colocated")
+class ColocatedTeacher(TeacherBackend):
+    """The frozen teacher in this process: full logits (or top-k when ``kd.topk`` > 0).
+
+    Under ZeRO-3 it is partitioned across ranks by an inference-only DeepSpeed engine (no
+    optimizer, no gradients); otherwise each rank holds a copy. Forward under ``torch.no_grad()``.
+    """
+
+    def __init__(self, cfg: RunConfig, ctx: BackendContext):
+        from distill.dist.engine import TeacherEngine
+        from distill.models import load as ml
+
+        on_gpu = ctx.device.type == "cuda"
+        tdtype = cfg.model.teacher_dtype if cfg.model.teacher_dtype != "auto" else cfg.model.dtype
+        zero3 = None
+        if ctx.ds_config is not None and cfg.deepspeed.teacher_zero3 and ctx.ds_config["zero_optimization"]["stage"] == 3:
+            from distill.dist.ds_config import teacher_ds_config
+
+            zero3 = teacher_ds_config(ctx.ds_config)
+        if ml.has_tokenizer(ctx.teacher_path):
+            ttok = ml.load_tokenizer(ctx.teacher_path, trust_remote_code=cfg.model.trust_remote_code)
+            ml.check_shared_tokenizer(ctx.tokenizer, ttok, student_name=ctx.student_path, teacher_name=ctx.teacher_path)
+        model = ml.load_causal_lm(
+            ctx.teacher_path, dtype=ml.resolve_dtype(tdtype, on_gpu), attn=ml.resolve_attn(cfg.model.attn, on_gpu),
+            device=str(ctx.device), trust_remote_code=cfg.model.trust_remote_code, zero3_config=zero3)
+        ml.check_embedding_rows(model.config, ctx.vocab_size, f"teacher {ctx.teacher_path}")
+        self.config = model.config
+        self.softcap = None  # HF forwards apply final_logit_softcapping themselves
+        self.engine = TeacherEngine(model, ds_config=zero3)
+        self.topk = cfg.kd.topk
+
+    @torch.no_grad()
+    def __call__(self, batch):
+        logits = self.engine.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     use_cache=False).logits
+        if self.topk:
+            from distill.teacher.output import TopKTeacher
+
+            return TopKTeacher.from_logits(logits, self.topk)
+        return logits
+
+
+@register_dataset("sft")
+def _sft_dataset(cfg: RunConfig, tokenizer, ctx: BackendContext):
+    from distill.data.sft import SFTDataset, read_records
+
+    d = cfg.data
+    if not d.path:
+        from distill.data.sft import DataError
+
+        raise DataError("data.path is empty: give a JSONL/JSON/Parquet file, a folder of them, or a datasets name")
+    recs = read_records(d.path, d.format, prompt_field=d.prompt_field, response_field=d.response_field,
+                        split=d.split, limit=d.limit)
+    return SFTDataset(recs, tokenizer, d.max_len, d.add_eos)
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("torch", "deepspeed", "transformers", "triton", "datasets", "safetensors", "distill"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    try:
+        out["git_sha"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                                        capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        out["git_sha"] = None
+    out["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return out
+
+
+def _rng_state() -> dict:
+    st = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        st["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    torch.set_rng_state(st["torch"])
+    if "numpy" in st:
+        import numpy as np
+
+        np.random.set_state(st["numpy"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+CKPT_PREFIX = "step_"
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoints (a ``trainer_state.json`` inside), oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    out = [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX)
+           and (p / "trainer_state.json").is_file()]
+    return sorted(out, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+
+
+# ------------------------------------------------------------------------------------------------
+# The trainer
+
+
+class Trainer:
+    """``Trainer(cfg).setup()`` then ``.train()``; ``.export()`` writes the HF folder."""
+
+    def __init__(self, cfg: RunConfig, *, argv: list[str] | None = None):
+        self.cfg = cfg
+        self.argv = argv
+        self.step = 0  # optimizer steps done
+        self.out_dir = Path(cfg.run.out_dir)
+        self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.out_dir / "checkpoints"
+        self.teacher: TeacherBackend | None = None
+        self._prefetched: set[tuple[int, int]] = set()
+        self.history: list[dict] = []
+
+    # -- setup ------------------------------------------------------------------------------------
+    def setup(self) -> "Trainer":
+        cfg = self.cfg
+        use_ds = cfg.deepspeed.engine == "deepspeed"
+        env = distenv.read_env(self.argv)
+        if not use_ds and env.world_size > 1:
+            raise RuntimeError(
+                f"deepspeed.engine=torch is single-process, but WORLD_SIZE={env.world_size}: use deepspeed.engine=deepspeed")
+        self.env = distenv.init_distributed(cfg.deepspeed.dist_backend, use_deepspeed=use_ds, argv=self.argv)
+        self.device = torch.device(self.env.device)
+        on_gpu = self.device.type == "cuda"
+        seed_all(cfg.train.seed + self.env.rank)
+
+        if self.env.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        distenv.barrier()
+
+        from distill.models import load as ml
+
+        student_path, teacher_path = ml.resolve_builtin(cfg.model, self.out_dir)
+        if cfg.kd.kind == "none":
+            teacher_path = ""
+        self.student_path, self.teacher_path = student_path, teacher_path
+        tok_name = cfg.model.tokenizer or student_path
+        self.tokenizer = ml.load_tokenizer(tok_name, trust_remote_code=cfg.model.trust_remote_code)
+        self.vocab_size = cfg.model.vocab_size or len(self.tokenizer)
+
+        self.ds_config = None
+        if use_ds:
+            from distill.dist.ds_config import build_ds_config
+
+            self.ds_config = build_ds_config(cfg, self.env.world_size, on_gpu=on_gpu)
+        stage = self.ds_config["zero_optimization"]["stage"] if self.ds_config else 0
+
+        ctx = BackendContext(env=self.env, device=self.device, tokenizer=self.tokenizer, vocab_size=self.vocab_size,
+                             student_path=student_path, teacher_path=teacher_path, ds_config=self.ds_config,
+                             out_dir=self.out_dir)
+        self.ctx = ctx
+        # Data first: a malformed record fails before any model is loaded.
+        if cfg.data.name not in DATASETS:
+            raise KeyError(f"data.name={cfg.data.name!r} is not registered; known: {sorted(DATASETS)}")
+        self.dataset = DATASETS[cfg.data.name](cfg, self.tokenizer, ctx)
+        self.collate_fn = getattr(self.dataset, "collate", None)
+        if self.collate_fn is None:
+            from distill.data.sft import collate
+
+            pad = self.tokenizer.pad_token_id
+            self.collate_fn = lambda items: collate(items, pad)
+        t = cfg.train
+        self.global_batch = t.micro_batch * t.grad_accum * self.env.world_size
+        n = len(self.dataset)
+        if n < self.global_batch:
+            raise ValueError(
+                f"the dataset has {n} examples, fewer than one optimizer step needs: micro_batch={t.micro_batch} "
+                f"x grad_accum={t.grad_accum} x world_size={self.env.world_size} = {self.global_batch}")
+        self.steps_per_epoch = n // self.global_batch
+        self.total_steps = t.steps or max(1, int(t.epochs * self.steps_per_epoch))
+
+        model = ml.load_causal_lm(
+            student_path, dtype=ml.resolve_dtype(cfg.model.dtype, on_gpu), attn=ml.resolve_attn(cfg.model.attn, on_gpu),
+            device=str(self.device), trust_remote_code=cfg.model.trust_remote_code,
+            zero3_config=self.ds_config if stage == 3 else None, grad_checkpointing=cfg.model.grad_checkpointing)
+        ml.check_embedding_rows(model.config, self.vocab_size, f"student {student_path}")
+        self.model_config = model.config
+        self.generation_config = getattr(model, "generation_config", None)
+        student_cap = None  # HF forwards apply final_logit_softcapping themselves
+        if use_ds:
+            from distill.dist.engine import DeepSpeedEngine
+
+            self.engine = DeepSpeedEngine(model, t, self.total_steps, self.ds_config)
+        else:
+            from distill.dist.engine import TorchEngine
+
+            self.engine = TorchEngine(model, t, self.total_steps)
+
+        if cfg.kd.kind != "none":
+            name = cfg.kd.teacher_backend
+            if name not in TEACHER_BACKENDS:
+                raise KeyError(f"kd.teacher_backend={name!r} is not registered; known: {sorted(TEACHER_BACKENDS)}")
+            self.teacher = TEACHER_BACKENDS[name](cfg, ctx)
+
+        from distill.losses.objective import DistillObjective
+
+        k = cfg.kd
+        self.objective = DistillObjective(
+            kind=k.kind if k.kind != "none" else "forward_kl", beta=k.beta, alpha=k.alpha, temperature=k.temperature,
+            ce_weight=k.ce_weight, kd_weight=k.kd_weight if k.kind != "none" else 0.0, impl=k.impl,
+            chunk_tokens=k.chunk_tokens or None, vocab_size=self.vocab_size,
+            student_softcap=student_cap, teacher_softcap=getattr(self.teacher, "softcap", None))
+        self._write_run_files()
+        if cfg.checkpoint.resume:
+            self._resume(cfg.checkpoint.resume)
+        caps = {"student": ml.final_logit_softcap(self.model_config),
+                "teacher": ml.final_logit_softcap(self.teacher.config) if hasattr(self.teacher, "config") else None}
+        print0(f"[trainer] engine={self.engine.kind} zero_stage={stage} world={self.env.world_size} "
+               f"device={self.device} student={student_path} teacher={teacher_path or '-'} vocab={self.vocab_size} "
+               f"examples={n} global_batch={self.global_batch} steps={self.total_steps} "
+               f"(from step {self.step}) softcaps={caps} objective={self.objective!r}")
+        return self
+
+    def _write_run_files(self) -> None:
+        if not self.env.is_main:
+            return
+        dump_yaml(self.cfg, self.out_dir / "config.yaml")
+        if self.ds_config is not None:
+            (self.out_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+        self.versions = versions()
+        (self.out_dir / "versions.json").write_text(json.dumps(self.versions, indent=2))
+
+    # -- data -------------------------------------------------------------------------------------
+    def micro_batches(self, step: int) -> list[dict]:
+        """This rank's micro-batches (CPU) of optimizer step ``step`` (0-based); deterministic."""
+        t = self.cfg.train
+        epoch, within = divmod(step, self.steps_per_epoch)
+        g = torch.Generator().manual_seed(t.seed * 1_000_003 + epoch)
+        perm = torch.randperm(len(self.dataset), generator=g)
+        idx = perm[within * self.global_batch:(within + 1) * self.global_batch].tolist()
+        out = []
+        for m in range(t.grad_accum):
+            lo = (m * self.env.world_size + self.env.rank) * t.micro_batch
+            out.append(self.collate_fn([self.dataset[i] for i in idx[lo:lo + t.micro_batch]]))
+        return out
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+    def _prefetch(self, step: int, m: int, batch: dict | None = None) -> None:
+        if self.teacher is None or (step, m) in self._prefetched or step >= self.total_steps:
+            return
+        if batch is None:
+            batch = self.micro_batches(step)[m]
+        self._prefetched.add((step, m))
+        self.teacher.prefetch(batch)
+
+    # -- the step ---------------------------------------------------------------------------------
+    def train_step(self, step: int, micro: list[dict] | None = None) -> dict:
+        from distill.losses.objective import count_targets
+
+        micro = self.micro_batches(step) if micro is None else micro
+        ga = len(micro)
+        n_local = sum(count_targets(b["labels"]) for b in micro)
+        norm = distenv.all_reduce_sum(torch.tensor(float(n_local), device=self.device))
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # ce, kd, response tokens, tokens
+        self.engine.train()
+        for m, cpu_batch in enumerate(micro):
+            self._prefetch(step, m, cpu_batch)
+            # one micro-batch ahead: the next of this step, else the first of the next step
+            if m + 1 < ga:
+                self._prefetch(step, m + 1, micro[m + 1])
+            else:
+                self._prefetch(step + 1, 0)
+            batch = self._to_device(cpu_batch)
+            teacher_out = self.teacher(batch) if self.teacher is not None else None
+            logits = self.engine.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                         use_cache=False).logits
+            out = self.objective(logits, teacher_out, batch["labels"], norm)
+            del logits, teacher_out
+            self.engine.backward(out.loss)
+            self.engine.step()
+            sums += torch.stack([out.ce_sum.double(), out.kd_sum.double(), out.n_tokens.double(),
+                                 batch["attention_mask"].sum().double()])
+        self._prefetched = {k for k in self._prefetched if k[0] > step}
+        distenv.all_reduce_sum(sums)
+        ce, kd, ntok, tokens = sums.tolist()  # the step's one host sync (logging + NaN check)
+        k = self.cfg.kd
+        kd_scale = (k.kd_weight * k.temperature**2) if self.teacher is not None else 0.0
+        loss = (k.ce_weight * ce + kd_scale * kd) / max(ntok, 1.0)
+        return {"loss": loss, "ce": ce / max(ntok, 1.0), "kd": kd / max(ntok, 1.0), "response_tokens": int(ntok),
+                "tokens": int(tokens), "grad_norm": self.engine.grad_norm(), "lr": self.engine.lr()}
+
+    # -- loop ---------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        cfg = self.cfg
+        metrics_path = self.out_dir / "metrics.jsonl"
+        bar = None
+        if self.env.is_main and cfg.log.progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True, mininterval=1.0,
+                       file=sys.stderr)
+        t_start = time.time()
+        step0 = self.step
+        last = {}
+        try:
+            while self.step < self.total_steps:
+                lr = self.engine.lr()
+                t0 = time.time()
+                rec = self.train_step(self.step)
+                dt = time.time() - t0
+                rec["lr"] = lr  # the rate this step used
+                self.step += 1
+                gn = rec["grad_norm"]
+                if not math.isfinite(rec["loss"]) or (gn is not None and not math.isfinite(gn)):
+                    good = list_checkpoints(self.ckpt_dir)
+                    msg = (f"non-finite {'loss' if not math.isfinite(rec['loss']) else 'gradient norm'} at step "
+                           f"{self.step} (loss={rec['loss']}, grad_norm={gn}); stopped without saving. Last good "
+                           f"checkpoint: {good[-1] if good else 'none'}")
+                    print0(f"[trainer] {msg}")
+                    raise TrainingDiverged(msg)
+                elapsed = time.time() - t_start
+                rate = (self.step - step0) / max(elapsed, 1e-9)
+                rec.update(step=self.step, tok_per_s=rec["tokens"] / max(dt, 1e-9),
+                           eta_s=(self.total_steps - self.step) / max(rate, 1e-9), step_time_s=dt)
+                last = rec
+                self.history.append(rec)
+                if self.env.is_main and (self.step % cfg.log.every == 0 or self.step == self.total_steps):
+                    line = (f"step {self.step}/{self.total_steps} | loss {rec['loss']:.4f} | ce {rec['ce']:.4f} | "
+                            f"kd {rec['kd']:.4f} | lr {lr:.2e} | gnorm {gn if gn is None else f'{gn:.3f}'} | "
+                            f"tok/s {rec['tok_per_s']:.0f} | eta {_fmt_eta(rec['eta_s'])}")
+                    (bar.write if bar else print)(line)
+                    with open(metrics_path, "a") as fh:
+                        fh.write(json.dumps(rec) + "\n")
+                if bar:
+                    bar.update(1)
+                every = cfg.checkpoint.every
+                if (every and self.step % every == 0) or self.step == self.total_steps:
+                    self.save_checkpoint()
+                if cfg.eval.every and self.step % cfg.eval.every == 0:
+                    self.evaluate()
+        finally:
+            if bar:
+                bar.close()
+            if self.teacher is not None:
+                self.teacher.close()
+        result = {"steps": self.step, "last": last, "out_dir": str(self.out_dir)}
+        if cfg.checkpoint.export:
+            result["export"] = str(self.export())
+        if cfg.eval.at_end:
+            result["eval"] = self.evaluate()
+        return result
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """Atomic: every rank writes into ``.tmp-step_N``; rank 0 adds trainer_state.json and renames."""
+        name = f"{CKPT_PREFIX}{self.step:08d}"
+        final = self.ckpt_dir / name
+        tmp = self.ckpt_dir / f".tmp-{name}"
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        distenv.barrier()
+        self.engine.save(tmp / "engine")
+        torch.save(_rng_state(), tmp / f"rng_rank{self.env.rank}.pt")
+        distenv.barrier()
+        if self.env.is_main:
+            dump_yaml(self.cfg, tmp / "config.yaml")
+            if self.ds_config is not None:
+                (tmp / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+            (tmp / "versions.json").write_text(json.dumps(getattr(self, "versions", None) or versions(), indent=2))
+            state = {"step": self.step, "total_steps": self.total_steps, "world_size": self.env.world_size,
+                     "global_batch": self.global_batch, "steps_per_epoch": self.steps_per_epoch,
+                     "data_position": {"epoch": self.step // self.steps_per_epoch,
+                                       "batch_in_epoch": self.step % self.steps_per_epoch,
+                                       "examples_seen": self.step * self.global_batch},
+                     "engine": self.engine.kind, "last_metrics": self.history[-1] if self.history else None}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))  # written last: marks complete
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.ckpt_dir)
+            for old in list_checkpoints(self.ckpt_dir)[:-self.cfg.checkpoint.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+            print0(f"[trainer] checkpoint {final}")
+        distenv.barrier()
+        return final
+
+    def _resume(self, spec: str) -> None:
+        if spec in ("latest", "auto", "true", "True"):
+            ckpts = list_checkpoints(self.ckpt_dir)
+            if not ckpts:
+                print0(f"[trainer] resume: no checkpoint in {self.ckpt_dir}; starting fresh")
+                return
+            path = ckpts[-1]
+        else:
+            path = Path(spec)
+            if not (path / "trainer_state.json").is_file():
+                raise FileNotFoundError(f"checkpoint.resume={spec}: {path} is not a complete checkpoint (no trainer_state.json)")
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state["global_batch"] != self.global_batch:
+            raise ValueError(
+                f"{path}: saved with global batch {state['global_batch']}, this run has {self.global_batch} "
+                f"(micro_batch x grad_accum x world_size); the data position would not match")
+        self.engine.load(path / "engine")
+        rng = path / f"rng_rank{self.env.rank}.pt"
+        if rng.is_file():
+            _set_rng_state(torch.load(rng, weights_only=False))
+        self.step = int(state["step"])
+        if self.env.is_main:
+            _truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
+        distenv.barrier()
+        print0(f"[trainer] resumed from {path} at step {self.step}")
+
+    # -- export / eval ------------------------------------------------------------------------------
+    def gathered_state_dict(self) -> dict | None:
+        return self.engine.gather_state_dict()
+
+    def export(self, out: str | Path | None = None) -> Path:
+        from distill.models.export import export_hf
+
+        out = Path(out) if out else self.out_dir / "export"
+        sd = self.gathered_state_dict()
+        if self.env.is_main:
+            info = json.dumps({"step": self.step, "student_init": self.student_path, "teacher": self.teacher_path,
+                               "config": to_dict(self.cfg)}, indent=2)
+            export_hf(sd, self.model_config, self.tokenizer, out, generation_config=self.generation_config,
+                      extra_files={"distill_run.json": info})
+            print0(f"[trainer] exported student to {out}")
+        distenv.barrier()
+        return out
+
+    def evaluate(self) -> dict | None:
+        """SentiBench on a held-out slice (test split, ``eval.limit`` per task) with the gathered student."""
+        sd = self.gathered_state_dict()
+        result = None
+        if self.env.is_main:
+            from transformers import AutoModelForCausalLM
+
+            from distill.eval.sentibench import evaluate
+
+            e = self.cfg.eval
+            model = AutoModelForCausalLM.from_config(self.model_config)
+            model.load_state_dict(sd, strict=False)
+            model.to(self.device).eval()
+            result = evaluate(model, self.tokenizer, tasks=e.tasks, shots=e.shots, seeds=(42,),
+                              limit=e.limit or None, batch_size=e.batch_size)
+            with open(self.out_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps({"step": self.step, "eval": result}, default=str) + "\n")
+            print0(f"[trainer] eval at step {self.step}: {json.dumps(result, default=str)[:500]}")
+            del model
+        distenv.barrier()
+        return result
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records of steps after ``step`` (written after the checkpoint by a run that was killed)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+        if rec.get("step", 0) <= step:
+            keep.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(k + "\n" for k in keep))
+    os.replace(tmp, path)
