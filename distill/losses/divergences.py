@@ -82,52 +82,58 @@ class _Params(NamedTuple):
 TermsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, _Params], tuple]
 
 
-def _xlogy_ratio(a: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """a * (log a - log b) with 0 * anything = 0."""
-    return torch.where(a > 0, a * (log_a - log_b), 0.0)
+# Each kind may overwrite ``log_q``, ``log_p`` and ``p`` (the caller no longer needs them) but
+# keeps ``q``: that is how a chunk's working set stays at ~5 fp32 [chunk x vocab] tensors.
+
+
+def _xlogy_ratio_(a: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """a * (log a - log b) with 0 * anything = 0, written over ``log_a``."""
+    return log_a.sub_(log_b).mul_(a).masked_fill_(a <= 0, 0.0)
 
 
 def _forward_kl(log_q, q, log_p, p, prm):
-    loss = _xlogy_ratio(p, log_p, log_q).sum(-1)
-    return loss, -p
+    loss = _xlogy_ratio_(p, log_p, log_q).sum(-1)
+    return loss, p.neg_()
 
 
 def _reverse_kl(log_q, q, log_p, p, prm):
-    qg = _xlogy_ratio(q, log_q, log_p)
+    qg = _xlogy_ratio_(q, log_q, log_p)
     return qg.sum(-1), qg
 
 
 def _jsd(log_q, q, log_p, p, prm):
     b = prm.beta
-    m = (1.0 - b) * q + b * p
-    log_m = m.clamp_min(_TINY).log_()
-    kl_qm = _xlogy_ratio(q, log_q, log_m)
-    loss = b * _xlogy_ratio(p, log_p, log_m).sum(-1) + (1.0 - b) * kl_qm.sum(-1)
+    log_m = torch.mul(q, 1.0 - b).add_(p, alpha=b).clamp_min_(_TINY).log_()
+    loss = b * _xlogy_ratio_(p, log_p, log_m).sum(-1)
+    kl_qm = _xlogy_ratio_(q, log_q, log_m)
+    del log_m
+    loss = loss + (1.0 - b) * kl_qm.sum(-1)
     return loss, kl_qm.mul_(1.0 - b)
 
 
 def _skew_kl(log_q, q, log_p, p, prm):
     a = prm.alpha
-    m = a * p + (1.0 - a) * q
-    loss = _xlogy_ratio(p, log_p, m.clamp_min(_TINY).log()).sum(-1)
-    qg = torch.where(m > 0, p * q / m.clamp_min(_TINY), 0.0).mul_(-(1.0 - a))
+    m = torch.mul(p, a).add_(q, alpha=1.0 - a).clamp_min_(_TINY)
+    loss = _xlogy_ratio_(p, log_p, torch.log(m)).sum(-1)
+    # qg = -(1 - a) p q / m; where m is floored, p = q = 0 and the term is 0.
+    qg = p.mul_(q).div_(m).mul_(-(1.0 - a))
     return loss, qg
 
 
 def _skew_reverse_kl(log_q, q, log_p, p, prm):
     a = prm.alpha
-    m = a * q + (1.0 - a) * p
-    m_safe = m.clamp_min(_TINY)
-    kl_terms = _xlogy_ratio(q, log_q, m_safe.log())
+    m = torch.mul(q, a).add_(p, alpha=1.0 - a).clamp_min_(_TINY)
+    kl_terms = _xlogy_ratio_(q, log_q, torch.log(m))
     loss = kl_terms.sum(-1)
-    qg = kl_terms - torch.where(m > 0, a * q * q / m_safe, 0.0)
+    # qg = q (log q - log m) - a q^2 / m, the second term built in p's buffer.
+    qg = kl_terms.sub_(p.copy_(q).mul_(q).div_(m).mul_(a))
     return loss, qg
 
 
 def _tvd(log_q, q, log_p, p, prm):
-    diff = q - p
-    loss = 0.5 * diff.abs().sum(-1)
-    return loss, 0.5 * q * torch.sign(diff)
+    diff = p.sub_(q).neg_()  # q - p
+    loss = 0.5 * torch.linalg.vector_norm(diff, ord=1, dim=-1)
+    return loss, diff.sign_().mul_(q).mul_(0.5)
 
 
 _REGISTRY: dict[str, TermsFn] = {
