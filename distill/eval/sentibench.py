@@ -1,0 +1,496 @@
+"""SentiBench: evaluate a causal LM with the protocol of the paper's own evaluation code.
+
+    sentibench run --model PATH_OR_HF_NAME [--tasks all|basic|multifaceted|fine-grained|sc/sst2,...]
+                   [--shots 4] [--seeds 42,52,62] [--limit N] [--batch-size 8] [--out DIR] [--data-dir D]
+    torchrun --nproc-per-node 8 -m distill.eval.sentibench run --model ...   # test sets split over ranks
+    sentibench score --task sc/sst2 --predictions preds.jsonl       # {"index": i, "prediction": ...} lines
+    sentibench plot A/results.json B/results.json -o compare.png
+    sentibench download                                              # the data into the user cache
+
+(``sentibench`` = ``python -m distill.eval.sentibench``.) ``run`` writes DIR/results.json,
+DIR/results.md (the paper's table layout), DIR/results.png and DIR/predictions/<task>.seed<k>.jsonl
+(re-scorable with ``score``). Scores are x100; see docs/sentibench.md for the protocol and its quirks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from distill.data.sentibench import (
+    CATEGORIES,
+    CATEGORY_OF,
+    FINE_GRAINED,
+    TASKS,
+    SentiBenchDataError,
+    data_source,
+    is_sample,
+    load_task,
+    resolve_tasks,
+)
+from distill.eval.protocol import LABEL_WORDS, MAX_NEW_TOKENS, build_prompts
+from distill.eval.scoring import score_task
+
+PROTOCOL = "HITSZ-HLT/Sentiment-Distillation@2810fc2826e8f7c2ae6a0d6dd328ab7d8979744a (icl_multifaced.py, fsa.py, parse_utils/)"
+DATA_URL = "https://codeload.github.com/HITSZ-HLT/Sentiment-Distillation/tar.gz/{ref}"
+DATA_REF = "2810fc2826e8f7c2ae6a0d6dd328ab7d8979744a"
+DEFAULT_SEEDS = (42, 52, 62)
+DEFAULT_MAX_BATCH_TOKENS = 32768  # padded tokens per call: bounds attention/KV memory on long IMDB prompts
+
+
+def print0(*args, **kwargs) -> None:
+    from distill.eval.runner import dist_info
+
+    if dist_info()[0] == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for mod in ("torch", "transformers", "datasets", "deepspeed"):
+        m = sys.modules.get(mod)
+        if m is not None:
+            out[mod] = getattr(m, "__version__", "?")
+    try:
+        from importlib.metadata import version
+
+        out["distill"] = version("distill")
+    except Exception:
+        pass
+    try:
+        import subprocess
+
+        root = Path(__file__).resolve().parents[2]
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if sha.returncode == 0:
+            out["git"] = sha.stdout.strip()
+    except Exception:
+        pass
+    return out
+
+
+def _mean(xs: Iterable[float]) -> float | None:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+def aggregate(per_seed: dict[str, dict[str, dict]], tasks: Sequence[str]) -> dict:
+    """Per-task scores (mean over seeds of the 4-decimal-rounded fraction, x100), category and overall averages."""
+    out_tasks = {}
+    for task in tasks:
+        seeds = per_seed[task]
+        entry: dict[str, Any] = {
+            "category": CATEGORY_OF[task],
+            "metric": "macro_f1" if task not in FINE_GRAINED else ("weighted_tuple_f1" if task == "absa/opener" else "micro_f1"),
+            "n": next(iter(seeds.values()))["n"],
+        }
+        # The authors' result.txt stores round(f1, 4) per run; their table averages those, x100.
+        entry["score"] = 100 * _mean(round(m["f1"], 4) for m in seeds.values())
+        keys = ("acc",) if task not in FINE_GRAINED else ("precision", "recall")
+        for k in keys:
+            entry[k] = 100 * _mean(round(m[k], 4) for m in seeds.values())
+        if task in FINE_GRAINED:
+            entry["parse_failures"] = sum(m["parse_failures"] for m in seeds.values())
+        entry["demo_repairs"] = sum(m.get("demo_repairs", 0) for m in seeds.values())
+        entry["seeds"] = seeds
+        out_tasks[task] = entry
+    categories = {}
+    for cat, members in CATEGORIES.items():
+        present = [t for t in members if t in out_tasks]
+        if present:
+            categories[cat] = {
+                "score": _mean(out_tasks[t]["score"] for t in present),
+                "tasks": present,
+                "complete": len(present) == len(members),
+            }
+    overall = {
+        "score": _mean(e["score"] for e in out_tasks.values()),
+        "n_tasks": len(out_tasks),
+        "complete": len(out_tasks) == len(TASKS),
+    }
+    return {"tasks": out_tasks, "categories": categories, "overall": overall}
+
+
+def evaluate(
+    model,
+    tokenizer,
+    *,
+    tasks: str | Iterable[str] = "all",
+    shots: int = 4,
+    seeds: Iterable[int] = DEFAULT_SEEDS,
+    limit: int | None = None,
+    batch_size: int = 8,
+    data_dir: str | os.PathLike | None = None,
+    split: str = "test",
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
+    early_stop: bool = True,
+    progress: bool = True,
+    model_name: str | None = None,
+    predictions_dir: str | os.PathLike | None = None,
+) -> dict:
+    """Evaluate ``model`` on SentiBench; returns the results.json structure (scores x100).
+
+    Callable from a training loop (every rank must call it under torch.distributed); the model is put
+    in eval mode and restored. ``split="val"`` evaluates on a held-out slice where a task has one.
+    ``limit`` keeps the first N examples (their demonstrations are those of the full run).
+    """
+    from distill.eval.runner import Runner, dist_info, verbalizer_ids
+
+    task_list = resolve_tasks(tasks)
+    seeds = tuple(int(s) for s in seeds)
+    if not seeds:
+        raise ValueError("at least one seed is needed")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    # Fail before any model call: colliding label words, missing files.
+    verbalizers = {t: verbalizer_ids(tokenizer, t) for t in task_list if t in LABEL_WORDS}
+    plans = []  # (task, seed, records, prompts, repairs)
+    for task in task_list:
+        tests = load_task(task, split, data_dir)[:limit]
+        pool = load_task(task, "train", data_dir)
+        for seed in seeds:
+            prompts, repairs = build_prompts(task, tests, pool, shots, seed)
+            plans.append((task, seed, tests, prompts, repairs))
+
+    rank, world = dist_info()
+    bar = None
+    runner = Runner(model, tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                    max_new_tokens=max_new_tokens, early_stop=early_stop)
+    encoded = [runner.tokenize(p[3]) for p in plans]
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        total = sum(runner.count_batches([len(e) for e in enc], p[0] in FINE_GRAINED) for p, enc in zip(plans, encoded))
+        bar = tqdm(total=total, desc="sentibench", unit="batch", dynamic_ncols=True)
+        runner.on_batch = bar.update
+
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    per_seed: dict[str, dict[str, dict]] = {t: {} for t in task_list}
+    try:
+        for (task, seed, tests, prompts, repairs), enc in zip(plans, encoded):
+            if bar is not None:
+                bar.set_postfix_str(f"{task} seed {seed}")
+            if task in FINE_GRAINED:
+                preds: list = runner.generate(enc, shots)
+            else:
+                words = [w.strip() for w in LABEL_WORDS[task]]
+                preds = [words[k] for k in runner.classify(enc, verbalizers[task])]
+            metrics = score_task(task, tests, preds)
+            metrics["demo_repairs"] = repairs
+            per_seed[task][str(seed)] = metrics
+            if predictions_dir is not None and rank == 0:
+                out = Path(predictions_dir)
+                out.mkdir(parents=True, exist_ok=True)
+                with open(out / f"{task.replace('/', '-')}.seed{seed}.jsonl", "w", encoding="utf-8") as fh:
+                    for r, p in zip(tests, preds):
+                        fh.write(json.dumps({"index": r.index, "prediction": p}, ensure_ascii=False) + "\n")
+    finally:
+        if bar is not None:
+            bar.close()
+        if was_training:
+            model.train()
+    elapsed = time.perf_counter() - t0
+
+    results = {
+        "benchmark": "SentiBench",
+        "format": 1,
+        "model": model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__,
+        "shots": shots,
+        "seeds": list(seeds),
+        "limit": limit,
+        "split": split,
+        "data": data_source(data_dir),
+        "sample": is_sample(data_dir),
+        "protocol": PROTOCOL,
+        "max_new_tokens": max_new_tokens,
+        "world_size": world,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "elapsed_s": round(elapsed, 2),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": _versions(),
+    }
+    results.update(aggregate(per_seed, task_list))
+    return results
+
+
+def write_results(results: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
+    from distill.eval.report import plot_results, results_markdown
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "results.png"}
+    tmp = paths["json"].with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(paths["json"])
+    paths["md"].write_text(results_markdown([results]), encoding="utf-8")
+    plot_results([results], paths["png"])
+    return paths
+
+
+def summary_line(results: dict) -> str:
+    return json.dumps(
+        {
+            "model": results["model"],
+            "sample": results["sample"],
+            "limit": results["limit"],
+            "overall": results["overall"]["score"],
+            **{c: v["score"] for c, v in results["categories"].items()},
+            **{t: v["score"] for t, v in results["tasks"].items()},
+        }
+    )
+
+
+# ------------------------------------------------------------------------------------------- score
+
+
+def read_predictions(path: str | os.PathLike, n: int) -> list:
+    """``{"index": i, "prediction": ...}`` lines covering exactly indices 0..n-1."""
+    path = Path(path)
+    if not path.is_file():
+        raise SentiBenchDataError(f"{path}: predictions file not found")
+    seen: dict[int, int] = {}
+    preds: list = [None] * n
+    with open(path, encoding="utf-8-sig") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SentiBenchDataError(f"{path}: line {lineno}: not valid JSON ({e})") from None
+            if not isinstance(obj, dict):
+                raise SentiBenchDataError(f"{path}: line {lineno}: must be a JSON object with 'index' and 'prediction'")
+            for key in ("index", "prediction"):
+                if key not in obj:
+                    raise SentiBenchDataError(f"{path}: line {lineno}: missing field {key!r}")
+            i = obj["index"]
+            if not isinstance(i, int) or isinstance(i, bool):
+                raise SentiBenchDataError(f"{path}: line {lineno}: field 'index' must be an integer, got {i!r}")
+            if not 0 <= i < n:
+                raise SentiBenchDataError(f"{path}: line {lineno}: index {i} out of range 0..{n - 1}")
+            if i in seen:
+                raise SentiBenchDataError(f"{path}: line {lineno}: duplicate index {i} (first on line {seen[i]})")
+            seen[i] = lineno
+            preds[i] = obj["prediction"]
+    missing = [i for i in range(n) if i not in seen]
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        hint = f" (to score only the first {len(seen)}, pass --limit {len(seen)})" if missing[0] == len(seen) else ""
+        raise SentiBenchDataError(f"{path}: missing predictions for {len(missing)} of {n} indices: {shown}{hint}")
+    return preds
+
+
+def score_file(task: str, predictions: str | os.PathLike, *, data_dir=None, split: str = "test", limit: int | None = None) -> dict:
+    records = load_task(resolve_tasks([task])[0], split, data_dir)[:limit]
+    preds = read_predictions(predictions, len(records))
+    m = score_task(task, records, preds)
+    out: dict[str, Any] = {"task": task, "split": split, "sample": is_sample(data_dir)}
+    for k, v in m.items():
+        out[k] = 100 * v if k in ("f1", "acc", "precision", "recall") else v
+    return out
+
+
+# --------------------------------------------------------------------------------------- download
+
+
+def download(dest: str | os.PathLike | None = None, *, ref: str = DATA_REF, url: str | None = None, force: bool = False) -> Path:
+    """Fetch the authors' ``datasets/`` folder (a GitHub tarball) into the user cache; returns its path."""
+    import shutil
+    import tarfile
+    import tempfile
+    import urllib.request
+
+    from distill.data.locate import cache_dir
+
+    dest = Path(dest) if dest else cache_dir() / "sentibench"
+    if dest.exists() and not force:
+        print(f"{dest} exists; pass --force to replace it")
+        return dest
+    url = url or DATA_URL.format(ref=ref)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".sentibench-") as tmp:
+        archive = Path(tmp) / "repo.tar.gz"
+        print(f"downloading {url}")
+        with urllib.request.urlopen(url, timeout=60) as resp, open(archive, "wb") as fh:
+            shutil.copyfileobj(resp, fh)
+        staged = Path(tmp) / "sentibench"
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar.getmembers():
+                parts = Path(member.name).parts
+                # <repo>-<ref>/datasets/<category>/<dataset>/<file>
+                if len(parts) < 3 or parts[1] != "datasets" or not member.isfile():
+                    continue
+                rel = Path(*parts[2:])
+                if rel.is_absolute() or ".." in rel.parts or rel.name == ".DS_Store":
+                    continue
+                target = staged / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                src = tar.extractfile(member)
+                assert src is not None
+                with src, open(target, "wb") as fh:
+                    shutil.copyfileobj(src, fh)
+        missing = [t for t in TASKS for s in ("train", "test") if not (staged / t / f"{s}.json").is_file()]
+        if missing:
+            raise RuntimeError(f"{url}: the archive lacks {len(missing)} SentiBench files, e.g. {missing[0]}")
+        if dest.exists():
+            shutil.rmtree(dest)
+        staged.replace(dest)
+    print(f"SentiBench data in {dest}")
+    return dest
+
+
+# -------------------------------------------------------------------------------------------- CLI
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.replace(" ", ",").split(",") if s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds must be comma-separated integers, got {text!r}") from None
+
+
+def _load_model(name: str, dtype: str, device: str, trust_remote_code: bool):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if device == "auto":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    return model.to(device), tok
+
+
+def _init_distributed() -> None:
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.distributed.init_process_group(backend)
+
+
+def cmd_run(args) -> int:
+    if args.cpu_threads:
+        import torch
+
+        torch.set_num_threads(args.cpu_threads)
+    _init_distributed()
+    from distill.eval.runner import dist_info
+
+    model, tok = _load_model(args.model, args.dtype, args.device, args.trust_remote_code)
+    out = Path(args.out)
+    results = evaluate(
+        model, tok, tasks=args.tasks, shots=args.shots, seeds=args.seeds, limit=args.limit,
+        batch_size=args.batch_size, data_dir=args.data_dir, split=args.split,
+        max_new_tokens=args.max_new_tokens, max_batch_tokens=args.max_batch_tokens,
+        early_stop=not args.no_early_stop, progress=not args.no_progress, model_name=args.model,
+        predictions_dir=out / "predictions",
+    )
+    if dist_info()[0] == 0:
+        paths = write_results(results, out)
+        print(paths["md"].read_text(encoding="utf-8"))
+        print(f"wrote {paths['json']}, {paths['md']}, {paths['png']} ({results['elapsed_s']:.1f} s)")
+        print(summary_line(results))
+    return 0
+
+
+def cmd_score(args) -> int:
+    res = score_file(args.task, args.predictions, data_dir=args.data_dir, split=args.split, limit=args.limit)
+    if res["sample"]:
+        print("note: scored against the packaged sample (no SentiBench data found)", file=sys.stderr)
+    print(json.dumps(res))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from distill.eval.report import load_results, plot_results
+
+    results = [load_results(p) for p in args.results]
+    labels = args.labels.split(",") if args.labels else None
+    if labels and len(labels) != len(results):
+        raise SystemExit(f"--labels has {len(labels)} names for {len(results)} result files")
+    print(plot_results(results, args.output, labels))
+    return 0
+
+
+def cmd_download(args) -> int:
+    download(args.dest, ref=args.ref, url=args.url, force=args.force)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sentibench", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    data_help = "SentiBench folder (default: $SENTIBENCH_DIR, ../shared/sentibench, the download cache, else the packaged sample; 'sample' forces it)"
+    r = sub.add_parser("run", help="evaluate a model and write results.json/.md/.png")
+    r.add_argument("--model", required=True, help="local folder or Hugging Face name of a causal LM")
+    r.add_argument("--tasks", default="all", help="all | basic | multifaceted | fine-grained | comma list of tasks")
+    r.add_argument("--shots", type=int, default=4, help="demonstrations per prompt")
+    r.add_argument("--seeds", type=_seeds, default=DEFAULT_SEEDS, help="demonstration seeds, e.g. 42,52,62")
+    r.add_argument("--limit", type=int, default=None, help="first N test examples per dataset")
+    r.add_argument("--batch-size", type=int, default=8, help="prompts per model call")
+    r.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
+                   help="cap on padded tokens (prompt + new tokens) per model call; IMDB prompts are long")
+    r.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="fine-grained generation budget")
+    r.add_argument("--no-early-stop", action="store_true", help="always generate max-new-tokens (same scores, slower)")
+    r.add_argument("--split", default="test", choices=("test", "val"))
+    r.add_argument("--out", default="sentibench_results", help="output folder")
+    r.add_argument("--data-dir", default=None, help=data_help)
+    r.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
+    r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    r.add_argument("--trust-remote-code", action="store_true")
+    r.add_argument("--cpu-threads", type=int, default=None,
+                   help="torch intra-op threads on CPU (1 is fastest for tiny models on a busy machine)")
+    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("score", help="score a predictions file (no model needed)")
+    s.add_argument("--task", required=True, choices=TASKS)
+    s.add_argument("--predictions", required=True, help='JSON lines {"index": i, "prediction": ...}')
+    s.add_argument("--split", default="test", choices=("test", "val"))
+    s.add_argument("--limit", type=int, default=None, help="score the first N examples only")
+    s.add_argument("--data-dir", default=None, help=data_help)
+    s.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("plot", help="grouped bar chart of several results.json")
+    p.add_argument("results", nargs="+")
+    p.add_argument("-o", "--output", default="sentibench.png")
+    p.add_argument("--labels", default=None, help="comma-separated legend names")
+    p.set_defaults(func=cmd_plot)
+
+    d = sub.add_parser("download", help="fetch the data from the authors' repository into the user cache")
+    d.add_argument("--dest", default=None, help="default: $DISTILL_CACHE or ~/.cache/distill, folder sentibench")
+    d.add_argument("--ref", default=DATA_REF, help="commit of HITSZ-HLT/Sentiment-Distillation")
+    d.add_argument("--url", default=None, help="tarball URL (a mirror)")
+    d.add_argument("--force", action="store_true")
+    d.set_defaults(func=cmd_download)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (SentiBenchDataError, FileNotFoundError, KeyError, ValueError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"sentibench {args.cmd}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
