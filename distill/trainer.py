@@ -255,6 +255,11 @@ class Trainer:
 
     # -- setup ------------------------------------------------------------------------------------
     def setup(self) -> "Trainer":
+        import warnings
+
+        # 2026-11: DeepSpeed 0.19 calls torch.distributed's all_gather_into_tensor/reduce_scatter_tensor,
+        # which torch 2.13 flags as deprecated on every call; the calls are correct, the noise is not.
+        warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
         cfg = self.cfg
         use_ds = cfg.deepspeed.engine == "deepspeed"
         env = distenv.read_env(self.argv)

@@ -92,16 +92,18 @@ def harvest_corpus(teacher_path: str, workdir: Path, h: HarvestSection) -> Path:
     key = hashlib.sha256(json.dumps({"teacher": str(teacher_path), "h": dataclasses.asdict(h)}, sort_keys=True)
                          .encode()).hexdigest()[:12]
     out = workdir / f"corpus-{key}.jsonl"
-    if out.is_file():
-        print(f"[knowdist] corpus: cached {out}", flush=True)
-        return out
+    marker = workdir / f"corpus-{key}.done"  # written once the corpus is complete: later calls and ranks reuse it
+    if marker.is_file() and Path(marker.read_text().strip()).exists():
+        print(f"[knowdist] corpus: cached {marker.read_text().strip()}", flush=True)
+        return Path(marker.read_text().strip())
     try:
-        from distill.knowdist import harvest as kh  # the KnowDist helper's harvester, when present
-
-        if hasattr(kh, "harvest_builtin"):
-            return Path(kh.harvest_builtin(teacher_path, workdir, h))
+        from distill.knowdist import harvest as kh  # the KnowDist harvester (resumable, sharded, manifest)
     except ImportError:
-        pass
+        kh = None
+    if kh is not None and hasattr(kh, "harvest_builtin"):
+        path = Path(kh.harvest_builtin(teacher_path, workdir, h))
+        marker.write_text(str(path))
+        return path
     from distill.data.sentibench import TASKS, load_task
     from distill.models.builtin import format_prompt
     from distill.teacher.local import LocalTeacher
@@ -146,6 +148,7 @@ def harvest_corpus(teacher_path: str, workdir: Path, h: HarvestSection) -> Path:
     tmp = out.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in uniq))
     os.replace(tmp, out)
+    marker.write_text(str(out))
     print(f"[knowdist] corpus: {len(uniq)} analyses of {len(jobs)} prompts ({dropped} empty/truncated/duplicate "
           f"dropped) in {time.time() - t0:.1f}s -> {out}", flush=True)
     return out
