@@ -94,17 +94,32 @@ def _handoff_actor_cls():
     return _Handoff
 
 
-def _ray_init(tcfg) -> None:
+def _ray_init(tcfg) -> bool:
+    """Connect to (or start) Ray; True when this call started it."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     if tcfg.ray_address:
-        ray.init(address=tcfg.ray_address, log_to_driver=False)
+        ray.init(address=tcfg.ray_address, log_to_driver=False, namespace=HANDOFF_NAMESPACE)
     else:
         # A private Ray node on a loopback address: no traffic leaves the machine.
         ray.init(_node_ip_address=tcfg.ray_node_ip, include_dashboard=False, log_to_driver=False,
-                 num_cpus=max(os.cpu_count() or 1, tcfg.replicas * tcfg.shards), _temp_dir="/tmp/ray_icldist")
+                 num_cpus=max(os.cpu_count() or 1, tcfg.replicas * tcfg.shards), _temp_dir="/tmp/ray_icldist",
+                 namespace=HANDOFF_NAMESPACE)
+    return True
+
+
+def close_teacher(client) -> None:
+    """Shut the client's service down (rank 0) and the Ray instance this process started, if any."""
+    if client is None:
+        return
+    client.shutdown()
+    if getattr(client, "_icldist_started_ray", False):
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 def open_teacher(tcfg, model: str, *, rank: int = 0, world: int = 1, broadcast=None, run_id: str = "icldist"):
@@ -121,12 +136,13 @@ def open_teacher(tcfg, model: str, *, rank: int = 0, world: int = 1, broadcast=N
     if rank == 0:
         from distill.teacher.ray_service import TeacherService
 
-        _ray_init(tcfg)
+        started = _ray_init(tcfg)
         kwargs = dict(replicas=tcfg.replicas, shards=tcfg.shards, dtype=tcfg.dtype,
                       quantization=tcfg.quantization or None, max_batch_tokens=tcfg.max_batch_tokens)
         if tcfg.num_gpus >= 0:
             kwargs["use_gpu"] = tcfg.num_gpus > 0
         svc = TeacherService(model, **kwargs)
+        svc._icldist_started_ray = started
         if world > 1:
             box = {"router": svc._router, "info": svc.info, "values_dtype": svc.values_dtype}
             svc._icldist_handoff = _handoff_actor_cls().options(name=name, namespace=HANDOFF_NAMESPACE).remote(box)
@@ -135,10 +151,15 @@ def open_teacher(tcfg, model: str, *, rank: int = 0, world: int = 1, broadcast=N
             broadcast({"address": address, "name": name})
         return svc
     msg = broadcast(None)
+    started = False
     if not ray.is_initialized():
-        ray.init(address=msg["address"], log_to_driver=False, namespace=HANDOFF_NAMESPACE)
+        extra = {} if tcfg.ray_address else {"_node_ip_address": tcfg.ray_node_ip}  # stay on loopback
+        ray.init(address=msg["address"], log_to_driver=False, namespace=HANDOFF_NAMESPACE, **extra)
+        started = True
     box = ray.get(ray.get_actor(msg["name"], namespace=HANDOFF_NAMESPACE).get.remote())
-    return _AttachedService(box["router"], box["info"], None, box["values_dtype"])
+    client = _AttachedService(box["router"], box["info"], None, box["values_dtype"])
+    client._icldist_started_ray = started
+    return client
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -99,12 +99,12 @@ class PromptConfig:
     tasks: list[str] = field(default_factory=lambda: ["all"])  # SentiBench tasks ("all" or names like sc/sst2)
     held_out: list[str] = field(default_factory=lambda: ["multifaced/irony18", "absa/acsa_rest16"])  # excluded entirely
     fine_grained: bool = True  # include ATSA/ACSA/ASQP/OpeNER (token-level KD; needs one vocabulary)
-    per_task: int = 0  # prompts per task (0 = every train example)
+    per_task: int = 40  # prompts per task (0 = every train example; the tiny default keeps the set small)
     min_shots: int = 0  # fewest demonstrations per prompt
     max_shots: int = 8  # most demonstrations per prompt
     formats: list[str] = field(default_factory=lambda: list(FORMATS))  # layouts to draw from
-    max_prompt_chars: int = 6000  # demonstrations are dropped (front first) beyond this many characters
-    max_text_chars: int = 1500  # one text (query or demonstration) is cut to this many characters
+    max_prompt_chars: int = 2000  # demonstrations are dropped (front first) beyond this many characters
+    max_text_chars: int = 400  # one text (query or demonstration) is cut to this many characters
     seed: int = 1234  # one prompt set per seed
     data_dir: str = ""  # SentiBench root ("" = the usual resolution order, see distill.data.locate)
     extra: list[dict] = field(default_factory=list)  # user datasets, see docs/icldist.md ("Your own data")

@@ -1,0 +1,473 @@
+"""The ICLDist stage end to end: prompts -> teacher answers -> (cache) -> core trainer -> report.
+
+``run_from_argv`` is what ``launchers/icldist.py`` calls. Training goes through the core
+:class:`distill.trainer.Trainer` with two registered pieces: the ``icldist`` dataset (student
+sequences of the prompt set) and the ``icldist`` teacher backend (top-k per batch, online with
+prefetch or from the cache, returned as :class:`~distill.icldist.loss.BatchTargets`), and with the
+objective swapped for :class:`~distill.icldist.loss.ICLDistLoss` (label-level KL + token-level
+top-k KD + gold CE), which keeps the trainer's global normaliser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from distill.icldist.config import STAGES, ICLDistConfig
+
+# ---------------------------------------------------------------------------------------------------
+# Run state shared by the registered dataset/backend factories (one ICLDist run per process)
+
+_RUN: "ICLDistRun | None" = None
+
+
+@dataclass
+class ICLDistRun:
+    cfg: ICLDistConfig
+    out_dir: Path
+    student_path: str = ""
+    teacher_path: str = ""
+    prompts: list = field(default_factory=list)
+    client: object = None  # teacher client (online), None when reading the cache
+    owns_client: bool = False
+    requests: list = field(default_factory=list)
+    answers: list = field(default_factory=list)
+    examples: list = field(default_factory=list)
+    kinds: list = field(default_factory=list)
+    teacher_label_ids: list = field(default_factory=list)
+    teacher_vocab: int = 0
+    targets: object = None  # OnlineTargets | CachedTargets
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.cfg.teacher.cache_dir) if self.cfg.teacher.cache_dir else self.out_dir / "teacher_cache"
+
+
+def _print0(msg: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[icldist] {msg}", flush=True)
+
+
+def resolve_models(cfg: ICLDistConfig, out_dir: Path) -> tuple[str, str]:
+    from distill.models.load import resolve_builtin
+
+    return resolve_builtin(cfg.model, out_dir)
+
+
+def build_prompts(run: ICLDistRun, write: bool) -> list:
+    from distill.icldist.prompts import build_prompt_set, prompt_set_hash, summarize
+
+    t0 = time.time()
+    prompts = build_prompt_set(run.cfg.prompts)
+    if write:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run.out_dir / "prompts.jsonl.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for p in prompts:
+                fh.write(json.dumps(p.to_dict(), ensure_ascii=False) + "\n")
+        tmp.replace(run.out_dir / "prompts.jsonl")
+        summary = summarize(prompts) | {"prompt_set_hash": prompt_set_hash(prompts), "held_out": run.cfg.prompts.held_out}
+        (run.out_dir / "prompts_summary.json").write_text(json.dumps(summary, indent=1))
+        _print0(f"prompts: {len(prompts)} from {len(summary['tasks'])} tasks (held out: {run.cfg.prompts.held_out}), "
+                f"formats {summary['formats']}, {time.time() - t0:.1f}s -> {run.out_dir / 'prompts.jsonl'}")
+    return prompts
+
+
+def _teacher_tokenizer(path: str, trust_remote_code: bool = False):
+    from distill.models.load import load_tokenizer
+
+    return load_tokenizer(path, trust_remote_code=trust_remote_code)
+
+
+def manifest_for(run: ICLDistRun, teacher_tok) -> dict:
+    from distill.icldist.prompts import prompt_set_hash
+    from distill.icldist.targets import tokenizer_hash
+
+    t = run.cfg.teacher
+    return {"teacher": teacher_name(run), "k": t.k, "tokenizer_hash": tokenizer_hash(teacher_tok),
+            "prompt_set_hash": prompt_set_hash(run.prompts), "n_prompts": len(run.prompts), "shard_size": t.shard_size,
+            "max_len": run.cfg.icl.max_len}
+
+
+def teacher_name(run: ICLDistRun) -> str:
+    """The teacher as the user named it; the built-in one by its recipe folder (stable across runs)."""
+    if run.cfg.model.teacher == "builtin":
+        return "builtin:" + Path(run.teacher_path).name
+    return run.cfg.model.teacher
+
+
+def check_levels(run: ICLDistRun, teacher_tok, student_tok) -> None:
+    """Token-level KD (fine-grained prompts, or icl.classification=token) needs one vocabulary."""
+    from distill.icldist.targets import check_token_level
+
+    needs_token = any(p.kind == "fine-grained" for p in run.prompts) or run.cfg.icl.classification == "token"
+    if needs_token:
+        what = ("fine-grained prompts" if any(p.kind == "fine-grained" for p in run.prompts)
+                else "icl.classification=token")
+        check_token_level(teacher_tok, student_tok, what)
+
+
+def open_client(run: ICLDistRun, *, rank: int, world: int):
+    from distill.dist.env import broadcast_object0
+    from distill.icldist.online import open_teacher
+
+    if run.client is None:
+        run_id = f"{os.getpid()}-{int(time.time() * 1000)}"
+        run.client = open_teacher(run.cfg.teacher, run.teacher_path, rank=rank, world=world,
+                                  broadcast=broadcast_object0, run_id=run_id)
+        run.owns_client = True
+    return run.client
+
+
+def teacher_answers(run: ICLDistRun, teacher_tok) -> dict:
+    from distill.icldist.online import generate_answers
+
+    return generate_answers(run.client, run.prompts, run.out_dir / "teacher_answers.jsonl", tokenizer=teacher_tok,
+                            max_new_tokens=run.cfg.teacher.max_new_tokens, request_size=run.cfg.teacher.request_size)
+
+
+def build_requests(run: ICLDistRun, teacher_tok, answers: dict) -> None:
+    from distill.icldist.data import teacher_request
+
+    run.answers = [list(answers.get(p.id, [])) for p in run.prompts]
+    run.requests = [teacher_request(p, teacher_tok, a, run.cfg.icl.max_len) for p, a in zip(run.prompts, run.answers)]
+
+
+def run_cache_stage(run: ICLDistRun) -> Path:
+    """``--stage cache``: the teacher's answers and top-k for the whole prompt set (one process)."""
+    from distill.icldist.online import build_cache
+
+    teacher_tok = _teacher_tokenizer(run.teacher_path, run.cfg.model.trust_remote_code)
+    open_client(run, rank=0, world=1)
+    answers = teacher_answers(run, teacher_tok)
+    build_requests(run, teacher_tok, answers)
+    t0 = time.time()
+    root = build_cache(run.client, run.requests, run.answers, run.cache_dir, manifest_for(run, teacher_tok),
+                       request_size=run.cfg.teacher.request_size)
+    _print0(f"teacher cache: {len(run.prompts)} prompts, k={run.cfg.teacher.k}, {time.time() - t0:.1f}s -> {root}")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------------
+# Trainer plug-ins
+
+
+def _prepare(cfg_run, tokenizer, ctx) -> ICLDistRun:
+    """Everything the dataset and the backend need, on every rank (called from the dataset factory)."""
+    from distill.dist import env as distenv
+    from distill.icldist.cache import TeacherCache
+    from distill.icldist.data import student_example
+    from distill.icldist.online import CachedTargets, OnlineTargets, close_teacher
+    from distill.icldist.targets import label_token_ids
+
+    run = _RUN
+    if run is None:
+        raise RuntimeError("the icldist dataset/backend are used through distill.icldist.stage (launchers/icldist.py)")
+    if run.examples:
+        return run
+    cfg = run.cfg
+    rank, world = ctx.env.rank, ctx.env.world_size
+    run.teacher_path = ctx.teacher_path
+    run.prompts = build_prompts(run, write=rank == 0)
+    teacher_tok = _teacher_tokenizer(run.teacher_path, cfg.model.trust_remote_code)
+    check_levels(run, teacher_tok, tokenizer)
+    manifest = manifest_for(run, teacher_tok)
+    if cfg.teacher.source == "cache":
+        if rank == 0 and not (run.cache_dir / "manifest.json").is_file():
+            _print0(f"no teacher cache at {run.cache_dir}: building it first (teacher.source=cache)")
+            run_cache_stage(run)
+            if run.owns_client:
+                close_teacher(run.client)
+                run.client, run.owns_client = None, False
+        distenv.barrier()
+        cache = TeacherCache(run.cache_dir, expect=manifest)
+        run.answers = [cache[i].answer_ids if p.kind == "fine-grained" else [] for i, p in enumerate(run.prompts)]
+        from distill.icldist.data import teacher_request
+
+        run.requests = [teacher_request(p, teacher_tok, a, cfg.icl.max_len) for p, a in zip(run.prompts, run.answers)]
+        run.targets = CachedTargets(cache)
+        _print0(f"teacher targets: cache {run.cache_dir} (no teacher running)")
+    else:
+        open_client(run, rank=rank, world=world)
+        answers = teacher_answers(run, teacher_tok) if rank == 0 else None
+        answers = distenv.broadcast_object0(answers)
+        build_requests(run, teacher_tok, answers)
+        run.targets = OnlineTargets(run.client, run.requests, cfg.teacher.k)
+        _print0(f"teacher targets: online ({type(run.client).__name__}, prefetch {cfg.teacher.prefetch} micro-batch(es) ahead)")
+    run.teacher_vocab = len(teacher_tok)
+    for i, (p, a) in enumerate(zip(run.prompts, run.answers)):
+        s_ids = label_token_ids(tokenizer, p.task, p.label_words) if p.kind == "classification" else []
+        run.teacher_label_ids.append(
+            label_token_ids(teacher_tok, p.task, p.label_words) if p.kind == "classification" else [])
+        run.examples.append(student_example(i, p, tokenizer, a, cfg.icl.max_len, s_ids))
+        run.kinds.append(p.kind)
+    return run
+
+
+class ICLDistDataset:
+    def __init__(self, run: ICLDistRun, pad_id: int):
+        self.run, self.pad_id = run, pad_id
+
+    def __len__(self) -> int:
+        return len(self.run.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        e = self.run.examples[i]
+        return {"input_ids": e.input_ids, "labels": e.labels, "example_id": e.index}
+
+    def collate(self, items: list[dict]) -> dict:
+        from distill.icldist.data import collate
+
+        return collate([self.run.examples[it["example_id"]] for it in items], self.pad_id)
+
+
+class ICLDistBackend:
+    """Teacher backend: a batch -> :class:`BatchTargets` (top-k online with prefetch, or cached)."""
+
+    softcap = None
+
+    def __init__(self, run: ICLDistRun):
+        self.run = run
+        self.wait_s = 0.0
+
+    def prefetch(self, batch: dict) -> None:
+        self.run.targets.prefetch(batch["example_id"].tolist())
+
+    def __call__(self, batch: dict):
+        from distill.icldist.loss import assemble
+
+        run = self.run
+        ids = batch["example_id"].tolist()
+        topks = run.targets.get(ids)
+        t = assemble([run.examples[i] for i in ids], [run.kinds[i] for i in ids], topks, batch["input_ids"].shape[1],
+                     teacher_label_ids=[run.teacher_label_ids[i] for i in ids], teacher_vocab=run.teacher_vocab,
+                     classification=run.cfg.icl.classification)
+        return t.to(batch["input_ids"].device)
+
+    def close(self) -> None:
+        self.run.targets.close()
+
+
+def _register() -> None:
+    from distill.trainer import DATASETS, TEACHER_BACKENDS, register_dataset, register_teacher_backend
+
+    if "icldist" in DATASETS and "icldist" in TEACHER_BACKENDS:
+        return
+
+    @register_dataset("icldist")
+    def _dataset(cfg, tokenizer, ctx):
+        return ICLDistDataset(_prepare(cfg, tokenizer, ctx), tokenizer.pad_token_id)
+
+    @register_teacher_backend("icldist")
+    def _backend(cfg, ctx):
+        return ICLDistBackend(_RUN)
+
+
+class _ObjectiveAdapter:
+    """The trainer's objective call ``(logits, teacher_out, labels, normalizer)`` on ICLDistLoss.
+
+    ``kd_sum`` reported to the trainer folds the label-level KL in with its relative weight, so the
+    trainer's logged ``loss`` is exactly the optimised loss; the split is logged separately."""
+
+    def __init__(self, loss, run: ICLDistRun):
+        self.loss, self.run = loss, run
+        self.label_kd_sum = 0.0
+        self.token_kd_sum = 0.0
+
+    def __call__(self, logits, teacher_out, labels, normalizer):
+        from distill.losses.objective import LossOutput
+
+        out = self.loss(logits, labels, teacher_out, normalizer)
+        ratio = self.loss.label_kd_weight / self.loss.kd_weight
+        self.label_kd_sum += float(out.label_kd_sum)
+        self.token_kd_sum += float(out.kd_sum)
+        return LossOutput(out.loss, out.ce_sum, out.kd_sum + ratio * out.label_kd_sum, out.n_tokens)
+
+    def __repr__(self) -> str:
+        l_ = self.loss
+        return (f"ICLDistLoss(kind={l_.kind}, T={l_.T}, ce_weight={l_.ce_weight}, kd_weight={l_.kd_weight}, "
+                f"label_kd_weight={l_.label_kd_weight}, classification={self.run.cfg.icl.classification})")
+
+
+def make_trainer(run: ICLDistRun, argv=None):
+    from distill.trainer import Trainer
+
+    class ICLDistTrainer(Trainer):
+        def setup(self):
+            super().setup()
+            from distill.icldist.loss import ICLDistLoss
+
+            k = run.cfg.kd
+            loss = ICLDistLoss(kind=k.kind, beta=k.beta, alpha=k.alpha, temperature=k.temperature,
+                               kd_weight=k.kd_weight, label_kd_weight=run.cfg.icl.label_kd_weight,
+                               ce_weight=k.ce_weight, vocab_size=self.vocab_size, impl=k.impl)
+            self.objective = _ObjectiveAdapter(loss, run)
+            _print0(f"objective: {self.objective!r}")
+            self._prefetch_depth = run.cfg.teacher.prefetch
+            return self
+
+        def _prefetch(self, step, m, batch=None):
+            # The core prefetches one micro-batch ahead; look teacher.prefetch micro-batches ahead
+            # (0 = no prefetch: each batch's request is sent when it is needed).
+            if self._prefetch_depth == 0:
+                return
+            super()._prefetch(step, m, batch)
+            ga = self.cfg.train.grad_accum
+            for d in range(1, self._prefetch_depth):
+                s, mm = divmod(step * ga + m + d, ga)
+                super()._prefetch(s, mm)
+
+        def train_step(self, step, micro=None):
+            w0, l0, k0 = run.targets.wait_s, self.objective.label_kd_sum, self.objective.token_kd_sum
+            t0 = time.perf_counter()
+            rec = super().train_step(step, micro)
+            dt = time.perf_counter() - t0
+            wait = run.targets.wait_s - w0
+            rec["teacher_wait_s"] = wait
+            rec["teacher_wait_frac"] = wait / max(dt, 1e-9)
+            n = max(rec["response_tokens"], 1)
+            rec["label_kd"] = (self.objective.label_kd_sum - l0) / n  # this rank's share, per response token
+            rec["token_kd"] = (self.objective.token_kd_sum - k0) / n
+            return rec
+
+    return ICLDistTrainer(run.cfg.trainer_config(), argv=argv)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+
+
+def write_report(run: ICLDistRun, export_dir: Path, *, teacher_path: str | None = None) -> dict | None:
+    """SentiBench on the exported student (every rank calls it; rank 0 writes results.* there)."""
+    from transformers import AutoModelForCausalLM
+
+    from distill.eval.sentibench import evaluate, summary_line, write_results
+    from distill.models.load import load_tokenizer
+
+    r = run.cfg.report
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+    def one(path: str, name: str) -> dict:
+        tok = load_tokenizer(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        model.to(device)
+        res = evaluate(model, tok, tasks=r.tasks, shots=r.shots, seeds=r.seeds, limit=r.limit or None,
+                       batch_size=r.batch_size, data_dir=run.cfg.prompts.data_dir or None, model_name=name)
+        del model
+        return res
+
+    t0 = time.time()
+    results = one(str(export_dir), f"icldist student ({run.cfg.model.student})")
+    held = [t for t in run.cfg.prompts.held_out if t in results.get("tasks", {})]
+    results["icldist"] = {"held_out": held, "trained_on": sorted({p.task for p in run.prompts}),
+                          "teacher": teacher_name(run), "prompts": len(run.prompts)}
+    others = []
+    if teacher_path:
+        others.append(one(teacher_path, f"teacher ({teacher_name(run)})"))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    paths = write_results(results, export_dir)
+    if others:
+        from distill.eval.report import plot_results, results_markdown
+
+        paths["md"].write_text(results_markdown([results, *others]), encoding="utf-8")
+        plot_results([results, *others], paths["png"])
+        (export_dir / "results_teacher.json").write_text(json.dumps(others[0], indent=2))
+    with open(paths["md"], "a", encoding="utf-8") as fh:
+        seen = [t for t in results["tasks"] if t not in held]
+        fh.write("\n\nICLDist: tasks held out of training (unseen-task generalisation): "
+                 f"{', '.join(held) or 'none'}.\n")
+        for label, tasks in (("held-out", held), ("trained", seen)):
+            scores = [results["tasks"][t]["score"] for t in tasks if results["tasks"][t].get("score") is not None]
+            if scores:
+                fh.write(f"- mean over {label} tasks: {sum(scores) / len(scores):.2f} ({len(scores)} tasks)\n")
+    _print0(f"report ({time.time() - t0:.0f}s): {summary_line(results)}")
+    _print0(f"report -> {paths['json']}, {paths['md']}, {paths['png']}")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def parse_args(argv: list[str]) -> tuple[ICLDistConfig, str, list[str]]:
+    from distill.config import load_config
+
+    cfg, rest = load_config(ICLDistConfig, argv)
+    ap = argparse.ArgumentParser(prog="launchers/icldist.py", add_help=True)
+    ap.add_argument("--stage", choices=STAGES, default="all")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None)
+    args, unknown = ap.parse_known_args(rest)
+    if unknown:
+        raise SystemExit(f"launchers/icldist.py: unknown arguments {unknown} (settings are --section.key=value)")
+    return cfg, args.stage, rest
+
+
+def run_from_argv(argv: list[str]) -> int:
+    global _RUN
+    cfg, stage, rest = parse_args(argv)
+    t_start = time.time()
+    out_dir = Path(cfg.run.out_dir)
+    rank = int(os.environ.get("RANK", "0"))
+    run = ICLDistRun(cfg=cfg, out_dir=out_dir)
+    _RUN = run
+
+    if stage == "prompts":
+        if rank == 0:
+            run.prompts = build_prompts(run, write=True)
+        return 0
+    if stage == "cache":
+        if rank != 0:
+            return 0  # one process drives the service; the service itself is parallel
+        run.student_path, run.teacher_path = resolve_models(cfg, out_dir)
+        run.prompts = build_prompts(run, write=True)
+        try:
+            run_cache_stage(run)
+        finally:
+            if run.owns_client:
+                from distill.icldist.online import close_teacher
+
+                close_teacher(run.client)
+        _print0(f"done in {time.time() - t_start:.0f}s")
+        return 0
+    if stage == "eval":
+        export = out_dir / "export"
+        run.student_path, run.teacher_path = resolve_models(cfg, out_dir)
+        run.prompts = build_prompts(run, write=False)
+        write_report(run, export, teacher_path=run.teacher_path if cfg.report.teacher else None)
+        return 0
+
+    _register()
+    trainer = make_trainer(run, argv=rest)
+    try:
+        trainer.setup()
+        result = trainer.train()
+    finally:
+        if run.owns_client and run.client is not None:
+            from distill.dist.env import barrier
+
+            from distill.icldist.online import close_teacher
+
+            try:
+                barrier()  # other ranks may still be waiting on the service
+            finally:
+                close_teacher(run.client)
+    hist = trainer.history
+    if hist:
+        frac = sum(h["teacher_wait_s"] for h in hist) / max(sum(h["step_time_s"] for h in hist), 1e-9)
+        _print0(f"teacher wait: {100 * frac:.1f}% of step time over {len(hist)} steps "
+                f"({cfg.teacher.source}); loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}")
+    export = Path(result.get("export", out_dir / "export"))
+    if stage == "all" and cfg.report.enabled and cfg.checkpoint.export:
+        write_report(run, export, teacher_path=run.teacher_path if cfg.report.teacher else None)
+    _print0(f"done in {time.time() - t_start:.0f}s: student {export}, checkpoints {trainer.ckpt_dir}, "
+            f"metrics {out_dir / 'metrics.jsonl'}")
+    return 0
