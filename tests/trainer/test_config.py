@@ -1,0 +1,124 @@
+"""Run config: precedence, unknown keys, cross-field validation, DeepSpeed config injection."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from distill.config import ConfigError, RunConfig, load_config
+
+
+def test_precedence_defaults_yaml_cli(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("train:\n  lr: 0.001\n  micro_batch: 3\nkd:\n  kind: jsd\n")
+    cfg, rest = load_config(RunConfig, ["--config", str(y), "--train.lr=5e-4", "--local_rank=0"])
+    assert cfg.train.lr == 5e-4  # CLI beats YAML
+    assert cfg.train.micro_batch == 3  # YAML beats default
+    assert cfg.kd.kind == "jsd"
+    assert cfg.train.grad_accum == RunConfig().train.grad_accum  # default kept
+    assert rest == ["--local_rank=0"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--train.learning_rate=1"], "learning_rate"),
+    (["--trian.lr=1"], "trian"),
+])
+def test_unknown_keys_are_errors(argv, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(RunConfig, argv)
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    y = tmp_path / "bad.yaml"
+    y.write_text("kd:\n  temprature: 2\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*temprature"):
+        load_config(RunConfig, ["--config", str(y)])
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--train.steps=5", "--train.warmup_steps=10"], "warmup_steps=10 exceeds train.steps=5"),
+    (["--kd.kind=kl"], "kd.kind='kl'"),
+    (["--kd.temperature=0"], "kd.temperature=0.0"),
+    (["--train.micro_batch=0"], "micro_batch=0"),
+    (["--kd.kind=none", "--kd.ce_weight=0"], "nothing to train"),
+    (["--checkpoint.keep_last=0"], "keep_last=0"),
+])
+def test_validate_prints_numbers(argv, msg):
+    with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        load_config(RunConfig, argv)
+
+
+def _cfg(tmp_path, js: dict, **train):
+    from distill.config import from_dict
+
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps(js))
+    return from_dict(RunConfig, {"deepspeed": {"config": str(p)}, "train": {"micro_batch": 4, "grad_accum": 2, **train}})
+
+
+def test_ds_config_injection(tmp_path):
+    from distill.dist.ds_config import build_ds_config, teacher_ds_config
+
+    cfg = _cfg(tmp_path, {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}, grad_clip=0.5)
+    ds = build_ds_config(cfg, world_size=2, on_gpu=False)
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 16 and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False  # fp32 on CPU
+    assert build_ds_config(cfg, world_size=1, on_gpu=True)["bf16"]["enabled"] is True  # bf16 on GPU
+    t = teacher_ds_config(ds)
+    assert t["zero_optimization"]["stage"] == 3 and "offload_optimizer" not in t["zero_optimization"]
+    assert "optimizer" not in t
+
+
+@pytest.mark.parametrize("js,needle", [
+    ({"train_micro_batch_size_per_gpu": 8}, "train_micro_batch_size_per_gpu' = 8 conflicts with the run config's value 4"),
+    ({"gradient_clipping": 5.0}, "gradient_clipping"),
+    ({"bf16": {"enabled": True}}, "bf16.enabled"),
+    ({"optimizer": {"type": "AdamW"}}, "'optimizer' block is not allowed"),
+])
+def test_ds_config_conflicts_are_errors(tmp_path, js, needle):
+    from distill.dist.ds_config import build_ds_config
+
+    cfg = _cfg(tmp_path, js)
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        build_ds_config(cfg, world_size=1, on_gpu=False)
+
+
+def test_ds_config_zero_stage_conflict(tmp_path):
+    from distill.config import from_dict
+    from distill.dist.ds_config import build_ds_config
+
+    p = tmp_path / "z2.json"
+    p.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    cfg = from_dict(RunConfig, {"deepspeed": {"config": str(p), "zero_stage": 3}})
+    with pytest.raises(ConfigError, match="zero_optimization.stage' = 2 conflicts"):
+        build_ds_config(cfg, world_size=1, on_gpu=False)
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    from distill.dist.ds_config import build_ds_config
+
+    for name in ("zero3.json", "zero3_offload.json", "zero2.json"):
+        from distill.config import from_dict
+
+        cfg = from_dict(RunConfig, {"deepspeed": {"config": str(repo / "ds_configs" / name)}})
+        ds = build_ds_config(cfg, world_size=8, on_gpu=True)
+        assert ds["zero_optimization"]["stage"] in (2, 3)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("knowdist_launcher", repo / "launchers" / "knowdist.py")
+    mod = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.modules[spec.name] = mod  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(mod)
+    ymls = sorted((repo / "launchers" / "configs").glob("*_knowdist.yaml"))
+    assert len(ymls) >= 2
+    for y in ymls:
+        cfg, _ = load_config(mod.KnowDistConfig, ["--config", str(y)])
+        assert cfg.model.teacher != "builtin" and cfg.model.student != "builtin"
+        assert cfg.model.dtype == "bfloat16"
