@@ -99,6 +99,11 @@ class LocalTeacher:
     def async_generate(self, prompts, sampling=None, *, seeds=None) -> Future:
         return _done(self.generate, prompts, sampling, seeds=seeds)
 
+    @staticmethod
+    def get(handle: Future, timeout: float | None = None):
+        """Resolve an ``async_*`` result (same call as TeacherService.get)."""
+        return handle.result(timeout)
+
     def shutdown(self) -> None:
         self.stages = []
         self._closed = True

@@ -355,6 +355,11 @@ class TeacherService:
     def generate(self, prompts, sampling=None, *, seeds=None) -> list[Generation]:
         return ray.get(self.async_generate(prompts, sampling, seeds=seeds))
 
+    @staticmethod
+    def get(handle, timeout: float | None = None):
+        """Resolve an ``async_*`` result (``ray.get``), so callers need not import ray."""
+        return ray.get(handle, timeout=timeout)
+
     # -- operations ---------------------------------------------------------------------------
     def stats(self) -> dict:
         self._check_open()

@@ -1,0 +1,493 @@
+"""KnowDist harvesting: the teacher analyses unlabeled texts from several perspectives.
+
+``harvest(cfg) -> corpus_dir`` reads texts (SentiBench train splits by default, or JSONL, a text
+file, a ``datasets`` name), crosses them with the perspectives (:mod:`perspectives.yaml` plus the
+user's YAML), asks the teacher (Ray :class:`TeacherService` or in-process :class:`LocalTeacher`) to
+write an analysis for every (text, perspective), drops empty, truncated (``max_new_tokens`` reached
+without an end-of-sequence) and duplicate answers, and writes the corpus described in
+:mod:`distill.knowdist.corpus`. ``load_corpus(dir)`` reads it back; the folder is also directly a
+(prompt, response) SFT dataset for ``launchers/knowdist.py`` (``--data.path=DIR``).
+
+Determinism and resumption: the job list (text ids x perspectives x samples) is fixed by the config,
+so shard ``i`` always covers the same jobs, and every job has its own sampling seed (derived from
+``sampling.seed``, the text id, the perspective and the sample number). A re-run after a crash or
+``kill -9`` skips the shards in the manifest and produces exactly the records an uninterrupted run
+would have produced, none twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from distill.config import ConfigError, to_dict
+from distill.knowdist import corpus as C
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class InputSection:
+    source: Literal["sentibench", "jsonl", "text", "datasets"] = "sentibench"  # where the texts come from
+    path: str = ""  # jsonl/text file, or datasets name (source=datasets)
+    text_field: str = "text"  # field holding the text (jsonl, datasets)
+    id_field: str = "id"  # optional field holding a stable id (jsonl, datasets); else a hash of the text
+    split: str = "train"  # split to read (sentibench, datasets)
+    tasks: list[str] = field(default_factory=list)  # SentiBench tasks (empty = all)
+    data_dir: str = ""  # SentiBench folder (empty = distill.data.locate resolution order)
+    limit_per_task: int = 0  # SentiBench texts per task (0 = all)
+    limit: int = 0  # texts in total, after de-duplication (0 = all)
+    max_words: int = 200  # longer texts are cut to this many words
+
+
+@dataclass
+class PerspectiveSection:
+    file: str = ""  # user YAML with `perspectives:` (and optionally `template:`)
+    mode: Literal["add", "replace"] = "add"  # add to / override the shipped set by name, or replace it
+    names: list[str] = field(default_factory=list)  # use only these perspectives (empty = all)
+    per_text: int = 0  # perspectives per text, rotating over the list (0 = every perspective for every text)
+    prompt_style: Literal["template", "chat", "builtin"] = "template"  # see perspectives.yaml
+
+
+@dataclass
+class TeacherSection:
+    model: str = ""  # HF folder or hub name; empty = the built-in small teacher (trained here, cached)
+    backend: Literal["ray", "local"] = "ray"  # Ray service or in-process teacher
+    replicas: int = 1  # Ray: teacher replicas
+    shards: int = 1  # Ray: pipeline stages per replica (layer ranges)
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    quantization: str = ""  # "" | 8bit | 4bit (bitsandbytes, CUDA)
+    max_batch_tokens: int = 16384  # padded tokens per teacher batch (prompt + new tokens)
+    max_batch_size: int = 64  # sequences per teacher batch
+    ray_address: str = ""  # "" = join/start local Ray on loopback; "auto" = existing cluster
+    workdir: str = "runs/builtin"  # cache folder of the built-in teacher
+
+
+@dataclass
+class SamplingSection:
+    max_new_tokens: int = 128  # tokens per analysis, at most (reaching it = truncated, dropped)
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus sampling mass
+    top_k: int = 0  # top-k sampling (0 = off)
+    samples_per_prompt: int = 1  # analyses per (text, perspective); identical ones are dropped
+    stop_token_ids: list[int] = field(default_factory=list)  # extra token ids that end an analysis (eos always does)
+    seed: int = 0  # base of every job's sampling seed
+
+
+@dataclass
+class OutputSection:
+    dir: str = "runs/harvest/corpus"  # corpus folder
+    format: Literal["jsonl", "parquet"] = "jsonl"  # shard file format
+    shard_size: int = 256  # jobs (prompts) per shard
+    inflight_shards: int = 0  # shards submitted to the teacher at once (0 = 2 x replicas)
+    overwrite: bool = False  # start over when the folder holds a corpus of a different config
+    progress: bool = True  # tqdm progress bar
+
+
+@dataclass
+class HarvestConfig:
+    input: InputSection = field(default_factory=InputSection)
+    perspectives: PerspectiveSection = field(default_factory=PerspectiveSection)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    output: OutputSection = field(default_factory=OutputSection)
+
+    def validate(self) -> None:
+        if self.input.source in ("jsonl", "text", "datasets") and not self.input.path:
+            raise ConfigError(f"input.source={self.input.source} needs input.path")
+        if self.output.shard_size < 1:
+            raise ConfigError(f"output.shard_size={self.output.shard_size} must be >= 1")
+        if self.sampling.samples_per_prompt < 1:
+            raise ConfigError(f"sampling.samples_per_prompt={self.sampling.samples_per_prompt} must be >= 1")
+        if self.sampling.samples_per_prompt > 1 and self.sampling.temperature == 0:
+            raise ConfigError("sampling.samples_per_prompt > 1 needs sampling.temperature > 0 (greedy repeats itself)")
+        if self.sampling.max_new_tokens < 1:
+            raise ConfigError(f"sampling.max_new_tokens={self.sampling.max_new_tokens} must be >= 1")
+        if self.teacher.replicas < 1 or self.teacher.shards < 1:
+            raise ConfigError(f"teacher.replicas={self.teacher.replicas}, teacher.shards={self.teacher.shards} must be >= 1")
+        if self.teacher.quantization not in ("", "8bit", "4bit"):
+            raise ConfigError(f"teacher.quantization={self.teacher.quantization!r} must be '', 8bit or 4bit")
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _text_id(text: str) -> str:
+    return "t" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _clean(text: str, max_words: int) -> str:
+    words = str(text).split()
+    return " ".join(words[:max_words]) if max_words > 0 else " ".join(words)
+
+
+def load_inputs(cfg: InputSection) -> tuple[list[tuple[str, str]], int]:
+    """[(text_id, text)] in input order, de-duplicated by text; plus the number of duplicate texts."""
+    raw: list[tuple[str | None, str]] = []
+    if cfg.source == "sentibench":
+        try:
+            from distill.data.sentibench import load_texts
+        except ImportError:  # the eval helper's reader not present: read the files directly
+            load_texts = _load_sentibench_texts
+        texts = load_texts(split=cfg.split, tasks=cfg.tasks or None, data_dir=cfg.data_dir or None,
+                           limit_per_task=cfg.limit_per_task or None)
+        raw = [(None, t) for t in texts]
+    elif cfg.source == "jsonl":
+        path = Path(cfg.path)
+        if not path.is_file():
+            raise FileNotFoundError(f"input.path={path} does not exist")
+        with open(path, encoding="utf-8-sig") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+                if not isinstance(obj, dict) or cfg.text_field not in obj:
+                    raise ValueError(f"{path}:{n}: missing field '{cfg.text_field}' (input.text_field)")
+                if not isinstance(obj[cfg.text_field], str):
+                    raise ValueError(f"{path}:{n}: field '{cfg.text_field}' must be a string")
+                rid = obj.get(cfg.id_field)
+                raw.append((None if rid is None else str(rid), obj[cfg.text_field]))
+    elif cfg.source == "text":
+        path = Path(cfg.path)
+        if not path.is_file():
+            raise FileNotFoundError(f"input.path={path} does not exist")
+        raw = [(None, line) for line in path.read_text(encoding="utf-8-sig").splitlines()]
+    elif cfg.source == "datasets":
+        import datasets
+
+        ds = datasets.load_dataset(cfg.path, split=cfg.split)
+        if cfg.text_field not in ds.column_names:
+            raise ValueError(f"dataset {cfg.path} ({cfg.split}): no column '{cfg.text_field}' (columns: {ds.column_names})")
+        ids = ds[cfg.id_field] if cfg.id_field in ds.column_names else [None] * len(ds)
+        raw = [(None if i is None else str(i), t) for i, t in zip(ids, ds[cfg.text_field])]
+    else:
+        raise ConfigError(f"input.source={cfg.source!r} is not one of sentibench, jsonl, text, datasets")
+    out, seen, dup = [], set(), 0
+    for rid, text in raw:
+        text = _clean(text or "", cfg.max_words)
+        if not text:
+            continue
+        if text in seen:
+            dup += 1
+            continue
+        seen.add(text)
+        out.append((rid or _text_id(text), text))
+        if cfg.limit and len(out) >= cfg.limit:
+            break
+    ids = [i for i, _ in out]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"input ids (field '{cfg.id_field}') are not unique")
+    return out, dup
+
+
+def _load_sentibench_texts(split="train", tasks=None, data_dir=None, limit_per_task=None) -> list[str]:
+    import glob
+
+    from distill.data.locate import sentibench_dir
+
+    root = sentibench_dir(data_dir)
+    if root is None:
+        raise FileNotFoundError("SentiBench data not found (set $SENTIBENCH_DIR or input.data_dir)")
+    texts = []
+    for f in sorted(glob.glob(str(root / "*" / "*" / f"{split}.json"))):
+        task = "/".join(Path(f).parts[-3:-1])
+        if tasks and task not in tasks:
+            continue
+        with open(f, encoding="utf-8-sig") as fh:
+            rows = json.load(fh)
+        texts += [r["sentence"] for r in rows[: limit_per_task or None]]
+    return texts
+
+
+# ----------------------------------------------------------------------------------------------
+# Perspectives and prompts
+
+
+def load_perspectives(cfg: PerspectiveSection) -> tuple[str, list[dict]]:
+    """(template, [{name, instruction}]) from the shipped YAML, merged with the user's file."""
+    import yaml
+
+    shipped = yaml.safe_load(resources.files("distill.knowdist").joinpath("perspectives.yaml").read_text("utf-8"))
+    template, persp = shipped["template"], list(shipped["perspectives"])
+    if cfg.file:
+        path = Path(cfg.file)
+        if not path.is_file():
+            raise FileNotFoundError(f"perspectives.file={path} does not exist")
+        user = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(user, dict) or not isinstance(user.get("perspectives", []), list):
+            raise ConfigError(f"{path}: expected a mapping with a `perspectives:` list")
+        for i, p in enumerate(user.get("perspectives", [])):
+            if not isinstance(p, dict) or not isinstance(p.get("name"), str) or not isinstance(p.get("instruction"), str):
+                raise ConfigError(f"{path}: perspectives[{i}] needs string fields 'name' and 'instruction'")
+        template = user.get("template", template)
+        if cfg.mode == "replace":
+            persp = list(user.get("perspectives", []))
+        else:
+            by_name = {p["name"]: p for p in persp}
+            for p in user.get("perspectives", []):
+                by_name[p["name"]] = p
+            persp = list(by_name.values())
+    if "{text}" not in template:
+        raise ConfigError(f"perspectives template must contain {{text}}: {template!r}")
+    if cfg.names:
+        known = {p["name"]: p for p in persp}
+        unknown = [n for n in cfg.names if n not in known]
+        if unknown and cfg.prompt_style != "builtin":
+            raise ConfigError(f"perspectives.names {unknown} are not defined (known: {sorted(known)})")
+        persp = [known.get(n, {"name": n, "instruction": n}) for n in cfg.names]
+    if not persp:
+        raise ConfigError("no perspectives to harvest")
+    names = [p["name"] for p in persp]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"duplicate perspective names {names}")
+    return template, persp
+
+
+def make_prompt(style: str, template: str, persp: dict, text: str, tokenizer=None) -> str:
+    if style == "builtin":
+        from distill.models.builtin import format_prompt
+
+        return format_prompt(text, persp["name"])
+    user = template.format(instruction=persp["instruction"], text=text)
+    if style == "chat":
+        if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+            raise ConfigError("perspectives.prompt_style=chat but the teacher's tokenizer has no chat template")
+        return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                             add_generation_prompt=True)
+    return user
+
+
+def job_seed(base: int, text_id: str, perspective: str, sample: int) -> int:
+    h = hashlib.sha1(f"{base}|{text_id}|{perspective}|{sample}".encode()).digest()
+    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+
+
+# ----------------------------------------------------------------------------------------------
+# The teacher
+
+
+def build_teacher(cfg: TeacherSection, model: str):
+    if cfg.backend == "local":
+        from distill.teacher.local import LocalTeacher
+
+        return LocalTeacher(model, shards=cfg.shards, dtype=cfg.dtype, quantization=cfg.quantization or None,
+                            max_batch_tokens=cfg.max_batch_tokens, max_batch_size=cfg.max_batch_size)
+    from distill.teacher.ray_service import TeacherService
+
+    return TeacherService(model, replicas=cfg.replicas, shards=cfg.shards, dtype=cfg.dtype,
+                          quantization=cfg.quantization or None, max_batch_tokens=cfg.max_batch_tokens,
+                          max_batch_size=cfg.max_batch_size, ray_address=cfg.ray_address or None)
+
+
+def resolve_teacher_model(cfg: TeacherSection) -> str:
+    if cfg.model:
+        return cfg.model
+    from distill.models.builtin import ensure_builtin_teacher
+
+    return str(ensure_builtin_teacher(cfg.workdir))
+
+
+# ----------------------------------------------------------------------------------------------
+# Harvest
+
+
+def _fingerprint(cfg: HarvestConfig, model: str, jobs_digest: str) -> str:
+    keep = {"perspectives": to_dict(cfg.perspectives), "sampling": to_dict(cfg.sampling), "teacher": model,
+            "shard_size": cfg.output.shard_size, "format": cfg.output.format, "jobs": jobs_digest}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _print(msg: str) -> None:
+    print(f"[harvest] {msg}", flush=True)
+
+
+def harvest(cfg: HarvestConfig, *, teacher=None, model_name: str | None = None) -> Path:
+    """Harvest (or resume) the corpus of ``cfg``; returns the corpus folder.
+
+    ``teacher``: an already running TeacherService / LocalTeacher to use (not shut down here);
+    ``model_name`` is then what records store as ``teacher``.
+    """
+    cfg.validate()
+    t_start = time.perf_counter()
+    out = Path(cfg.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    texts, dup_texts = load_inputs(cfg.input)
+    if not texts:
+        raise ValueError(f"no input texts (input.source={cfg.input.source} {cfg.input.path})")
+    template, persps = load_perspectives(cfg.perspectives)
+    owns = teacher is None
+    model = model_name or (resolve_teacher_model(cfg.teacher) if owns else str(getattr(teacher, "model", "teacher")))
+
+    # The job list: fixed by the config, so shard i is always the same jobs.
+    S, P_ = cfg.sampling.samples_per_prompt, len(persps)
+    per_text = cfg.perspectives.per_text or P_
+    jobs = []  # (text_id, text, persp index, sample)
+    for ti, (tid, text) in enumerate(texts):
+        for j in range(min(per_text, P_)):
+            pi = (ti + j) % P_ if per_text < P_ else j
+            for s in range(S):
+                jobs.append((tid, text, pi, s))
+    jobs_digest = hashlib.sha256("\n".join(f"{t}|{persps[p]['name']}|{s}" for t, _, p, s in jobs).encode()).hexdigest()
+    fp = _fingerprint(cfg, model, jobs_digest)
+    n_shards = (len(jobs) + cfg.output.shard_size - 1) // cfg.output.shard_size
+
+    man = C.read_manifest(out)
+    if man is not None and man.get("fingerprint") != fp:
+        if not cfg.output.overwrite:
+            raise C.CorpusError(
+                f"{out / C.MANIFEST}: holds a corpus of a different config (fingerprint {man.get('fingerprint')} != {fp}); "
+                "use another output.dir or --output.overwrite=true")
+        for p in out.iterdir():
+            if p.name.startswith("shard-") or p.name in (C.MANIFEST, C.SUMMARY):
+                p.unlink()
+        man = None
+    if man is None:
+        man = {"fingerprint": fp, "teacher": model, "n_jobs": len(jobs), "n_shards": n_shards,
+               "shard_size": cfg.output.shard_size, "format": cfg.output.format, "config": to_dict(cfg),
+               "completed": {}}
+        C.write_manifest(out, man)
+    removed = C.clean_partial(out)
+    if removed:
+        _print(f"removed {len(removed)} unfinished file(s) of an interrupted run: {removed[:3]}")
+    done = {int(k) for k in man["completed"]}
+    todo = [i for i in range(n_shards) if i not in done]
+    # Duplicate answers are checked against everything already written.
+    seen = {(r["id"].split("#")[0], r["response"].strip()) for r in C.load_corpus(out)} if done else set()
+    if done:
+        _print(f"resuming: {len(done)}/{n_shards} shards done, {len(todo)} to go")
+
+    sampling_d = {"max_new_tokens": cfg.sampling.max_new_tokens, "temperature": cfg.sampling.temperature,
+                  "top_p": cfg.sampling.top_p, "top_k": cfg.sampling.top_k, "seed": cfg.sampling.seed,
+                  "stop_token_ids": list(cfg.sampling.stop_token_ids)}
+    from distill.teacher.pipeline import SamplingParams
+
+    sp = SamplingParams(max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
+                        top_p=cfg.sampling.top_p, top_k=cfg.sampling.top_k, seed=cfg.sampling.seed,
+                        stop_token_ids=list(cfg.sampling.stop_token_ids))
+    if owns and todo:
+        _print(f"teacher {model} ({cfg.teacher.backend}, {cfg.teacher.replicas} x {cfg.teacher.shards})")
+        teacher = build_teacher(cfg.teacher, model)
+    counts = {"kept": 0, "empty": 0, "truncated": 0, "duplicate": 0, "prompt_tokens": 0, "new_tokens": 0}
+    t_gen = time.perf_counter()
+    try:
+        if todo:
+            tok = getattr(teacher, "tokenizer", None)
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(jobs), initial=len(jobs) - sum(min(cfg.output.shard_size, len(jobs) - i * cfg.output.shard_size) for i in todo),
+                       desc="harvest", unit="prompt", disable=not cfg.output.progress, mininterval=1.0)
+            window = cfg.output.inflight_shards or 2 * max(1, cfg.teacher.replicas)
+            pending: list = []
+
+            def submit(i):
+                chunk = jobs[i * cfg.output.shard_size:(i + 1) * cfg.output.shard_size]
+                prompts = [make_prompt(cfg.perspectives.prompt_style, template, persps[p], text, tok)
+                           for _, text, p, _ in chunk]
+                seeds = [job_seed(cfg.sampling.seed, t, persps[p]["name"], s) for t, _, p, s in chunk]
+                return i, chunk, prompts, teacher.async_generate(prompts, sp, seeds=seeds)
+
+            queue = list(todo)
+            while queue or pending:
+                while queue and len(pending) < window:
+                    pending.append(submit(queue.pop(0)))
+                i, chunk, prompts, handle = pending.pop(0)
+                gens = teacher.get(handle)
+                records, c = _filter(chunk, prompts, gens, persps, seen, model, sampling_d, S)
+                C.write_shard(out, i, records, cfg.output.format)
+                man["completed"][str(i)] = dict(c, file=C.shard_name(i, cfg.output.format))
+                C.write_manifest(out, man)
+                for k in counts:
+                    counts[k] += c.get(k, 0)
+                bar.update(len(chunk))
+            bar.close()
+    finally:
+        if owns and teacher is not None and todo:
+            teacher.shutdown()
+    wall = time.perf_counter() - t_gen
+    totals = {k: sum(v.get(k, 0) for v in man["completed"].values()) for k in
+              ("kept", "empty", "truncated", "duplicate", "prompt_tokens", "new_tokens", "jobs")}
+    n_texts_run = len({j[0] for i in todo for j in jobs[i * cfg.output.shard_size:(i + 1) * cfg.output.shard_size]})
+    summary = {
+        "corpus": str(out), "teacher": model, "texts": len(texts), "duplicate_texts_dropped": dup_texts,
+        "perspectives": [p["name"] for p in persps], "jobs": len(jobs), "shards": n_shards, **totals,
+        "this_run": {"shards": len(todo), "texts": n_texts_run, **counts, "generate_s": round(wall, 3),
+                     "texts_per_s": round(n_texts_run / wall, 3) if wall > 0 and todo else None,
+                     "tokens_per_s": round((counts["prompt_tokens"] + counts["new_tokens"]) / wall, 1) if wall > 0 and todo else None,
+                     "new_tokens_per_s": round(counts["new_tokens"] / wall, 1) if wall > 0 and todo else None},
+        "wall_s": round(time.perf_counter() - t_start, 3),
+    }
+    C._atomic_write_bytes(out / C.SUMMARY, json.dumps(summary, indent=1).encode())
+    tr = summary["this_run"]
+    _print(f"{totals['kept']} records kept of {len(jobs)} prompts ({totals['empty']} empty, {totals['truncated']} "
+           f"truncated, {totals['duplicate']} duplicate dropped; {dup_texts} duplicate input texts) -> {out}")
+    if todo:
+        _print(f"throughput: {tr['texts_per_s']} texts/s, {tr['tokens_per_s']} tokens/s "
+               f"({tr['new_tokens_per_s']} generated tokens/s) over {wall:.1f}s")
+    return out
+
+
+def _filter(chunk, prompts, gens, persps, seen, model, sampling_d, S):
+    c = {"kept": 0, "empty": 0, "truncated": 0, "duplicate": 0, "prompt_tokens": 0, "new_tokens": 0, "jobs": len(chunk)}
+    records = []
+    if len(gens) != len(chunk):
+        raise RuntimeError(f"teacher returned {len(gens)} generations for {len(chunk)} prompts")
+    for (tid, text, p, s), prompt, g in zip(chunk, prompts, gens):
+        c["prompt_tokens"] += g.prompt_tokens
+        c["new_tokens"] += len(g.token_ids)
+        resp = g.text.rstrip()  # keep the teacher's leading space: prompt + response is one text
+        name = persps[p]["name"]
+        if not resp.strip():
+            c["empty"] += 1
+            continue
+        if g.finish_reason != "stop":
+            c["truncated"] += 1
+            continue
+        key = (f"{tid}|{name}", resp.strip())
+        if key in seen:
+            c["duplicate"] += 1
+            continue
+        seen.add(key)
+        rid = f"{tid}|{name}" + (f"#{s}" if S > 1 else "")
+        records.append({"id": rid, "text": text, "perspective": name, "prompt": prompt, "response": resp,
+                        "teacher": model, "sampling": dict(sampling_d, sample=s)})
+        c["kept"] += 1
+    return records, c
+
+
+def load_corpus(folder: str | os.PathLike) -> list[dict]:
+    """Records of a harvested corpus (see :mod:`distill.knowdist.corpus`)."""
+    return C.load_corpus(folder)
+
+
+def harvest_builtin(teacher_path: str, workdir: str | os.PathLike, h) -> Path:
+    """The corpus ``launchers/knowdist.py`` builds by default (its ``HarvestSection`` ``h``).
+
+    SentiBench train texts (``h.texts_per_task`` per task), the built-in teacher's prompt format,
+    one perspective per text rotating over ``h.perspectives``, the in-process teacher (no Ray inside
+    a DeepSpeed job). Cached: the folder is keyed by teacher and settings and resumes if cut short.
+    """
+    d = dataclasses.asdict(h) if dataclasses.is_dataclass(h) else dict(h)
+    key = hashlib.sha256(json.dumps({"teacher": str(teacher_path), "h": d}, sort_keys=True).encode()).hexdigest()[:12]
+    cfg = HarvestConfig(
+        input=InputSection(source="sentibench", limit_per_task=int(d["texts_per_task"]), max_words=60),
+        perspectives=PerspectiveSection(names=list(d["perspectives"]), per_text=1, prompt_style="builtin"),
+        teacher=TeacherSection(model=str(teacher_path), backend="local",
+                               max_batch_size=int(d.get("batch_size", 32))),
+        sampling=SamplingSection(max_new_tokens=int(d["max_new_tokens"]), temperature=float(d.get("temperature", 0.0)),
+                                 seed=int(d.get("seed", 0))),
+        output=OutputSection(dir=str(Path(workdir) / f"corpus-{key}"), shard_size=64),
+    )
+    return harvest(cfg)

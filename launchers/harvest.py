@@ -1,0 +1,55 @@
+"""KnowDist harvesting: a teacher writes sentiment analyses of unlabeled texts from several perspectives.
+
+    # built-in default: SentiBench train texts (8 per task) x 8 perspectives, the built-in small
+    # teacher (trained here and cached under runs/builtin), a local loopback Ray service:
+    python launchers/harvest.py
+    # a real teacher on a GPU node, 2 replicas x 4 pipeline shards, bf16:
+    python launchers/harvest.py --config launchers/configs/qwen2.5-72b-instruct_harvest.yaml
+    # override any key:
+    python launchers/harvest.py --config FILE --teacher.replicas=4 --output.dir=/data/kd/corpus
+    # SLURM: start a Ray cluster over the allocation, then run the driver on the first node
+    #   (one task per node; the head on node 0, workers join it; teacher.ray_address=auto):
+    sbatch -N4 --gpus-per-node=8 --wrap 'srun --nodes=$SLURM_NNODES --ntasks-per-node=1 bash -c "
+      if [ \$SLURM_NODEID = 0 ]; then ray start --head --port=6379 --num-gpus=8 --block & sleep 20;
+        python launchers/harvest.py --config FILE --teacher.ray_address=auto; ray stop;
+      else sleep 10; ray start --address=\$(scontrol show hostnames \$SLURM_JOB_NODELIST | head -1):6379 --num-gpus=8 --block; fi"'
+
+Re-running the same command after a crash, a pre-emption or ``kill -9`` resumes: finished shards
+(listed in ``<output.dir>/manifest.json``) are kept, the rest is generated, no record is written
+twice. The corpus folder feeds ``launchers/knowdist.py --data.path=<output.dir>`` directly.
+Config sections: input, perspectives, teacher, sampling, output (distill/knowdist/harvest.py and
+docs/knowdist.md). ``--local_rank`` is accepted and ignored: harvesting is one driver process.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from distill.config import load_config
+    from distill.knowdist.harvest import HarvestConfig, harvest
+
+    cfg, rest = load_config(HarvestConfig, argv)
+    rest = [a for a in rest if not (a.startswith("--local_rank") or a.startswith("--local-rank"))]
+    if rest:
+        raise SystemExit(f"harvest.py: unknown arguments {rest} (use --section.key=value; see the docstring)")
+    if not cfg.teacher.model:
+        # The built-in teacher was trained on its own prompt format and these perspective names.
+        cfg.perspectives.prompt_style = "builtin"
+        if not cfg.input.limit_per_task and cfg.input.source == "sentibench":
+            cfg.input.limit_per_task = 8
+        if cfg.sampling.max_new_tokens == 128:
+            cfg.sampling.max_new_tokens = 48
+        if not cfg.perspectives.names:
+            from distill.models.builtin import PERSPECTIVES
+
+            cfg.perspectives.names = list(PERSPECTIVES)
+        if cfg.output.dir == "runs/harvest/corpus":
+            cfg.output.dir = "runs/harvest/builtin"
+    harvest(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""KnowDist harvesting with the in-process tiny teacher: records, filters, resume after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distill.config import ConfigError, load_config
+from distill.knowdist.harvest import HarvestConfig, harvest, load_corpus, load_perspectives
+
+REPO = Path(__file__).resolve().parents[2]
+STOP = ",".join(str(i) for i in range(4, 1024))
+
+
+def _args(teacher, texts, out, *extra):
+    return ["--input.source=jsonl", f"--input.path={texts}", f"--teacher.model={teacher}",
+            "--teacher.backend=local", "--perspectives.names=overall polarity,irony",
+            # A random tiny teacher almost never writes eos: let a quarter of its vocabulary end an answer.
+            f"--sampling.stop_token_ids={STOP}", "--sampling.max_new_tokens=6", "--sampling.temperature=1.0",
+            "--sampling.top_p=0.95", f"--output.dir={out}", "--output.shard_size=4", "--output.progress=false", *extra]
+
+
+def _cfg(*args):
+    return load_config(HarvestConfig, list(args))[0]
+
+
+def test_perspectives_shipped_and_user_yaml(tmp_path):
+    from distill.knowdist.harvest import PerspectiveSection
+
+    template, ps = load_perspectives(PerspectiveSection())
+    names = [p["name"] for p in ps]
+    for n in ("overall polarity", "aspects", "emotion", "stance", "irony", "intensity", "opinion holder"):
+        assert n in names
+    user = tmp_path / "p.yaml"
+    user.write_text("perspectives:\n  - name: irony\n    instruction: Is it sarcastic?\n"
+                    "  - name: humour\n    instruction: Is it funny?\n")
+    _, added = load_perspectives(PerspectiveSection(file=str(user)))
+    by = {p["name"]: p for p in added}
+    assert by["irony"]["instruction"] == "Is it sarcastic?" and "humour" in by and "aspects" in by
+    _, replaced = load_perspectives(PerspectiveSection(file=str(user), mode="replace"))
+    assert [p["name"] for p in replaced] == ["irony", "humour"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("perspectives:\n  - name: x\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*instruction"):
+        load_perspectives(PerspectiveSection(file=str(bad)))
+
+
+def test_harvest_records_filters_and_sft_readable(kd_teacher_dir, texts_jsonl, tmp_path, capsys):
+    out = tmp_path / "corpus"
+    cfg = _cfg(*_args(kd_teacher_dir, texts_jsonl, out))
+    harvest(cfg)
+    recs = load_corpus(out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["texts"] == 16 and summary["duplicate_texts_dropped"] == 2
+    assert summary["jobs"] == 32
+    # Every prompt is accounted for: kept or dropped for a named reason.
+    assert summary["kept"] + summary["empty"] + summary["truncated"] + summary["duplicate"] == 32
+    assert summary["kept"] == len(recs) > 0 and summary["truncated"] > 0 and summary["empty"] > 0
+    ids = [r["id"] for r in recs]
+    assert len(set(ids)) == len(ids)
+    for r in recs:
+        assert set(r) >= {"id", "text", "perspective", "prompt", "response", "teacher", "sampling"}
+        assert r["perspective"] in ("overall polarity", "irony") and r["perspective"] in r["id"]
+        assert r["text"] in r["prompt"] and r["response"].strip()
+        assert r["sampling"]["temperature"] == 1.0
+    printed = capsys.readouterr().out
+    assert "texts/s" in printed and "tokens/s" in printed
+    # The folder is the trainer's (prompt, response) SFT data as it is.
+    from distill.data.sft import read_records
+
+    sft = read_records(str(out))
+    assert [(s.prompt, s.response) for s in sft] == [(r["prompt"], r["response"]) for r in recs]
+    # Parquet shards hold the same records.
+    pq = tmp_path / "pq"
+    harvest(_cfg(*_args(kd_teacher_dir, texts_jsonl, pq, "--output.format=parquet")))
+    assert load_corpus(pq) == recs
+    # A second run over a finished corpus changes nothing; a different config is refused.
+    harvest(cfg)
+    assert load_corpus(out) == recs
+    with pytest.raises(ValueError, match="different config"):
+        harvest(_cfg(*_args(kd_teacher_dir, texts_jsonl, out, "--sampling.seed=5")))
+
+
+def test_duplicate_answers_are_dropped(kd_teacher_dir, texts_jsonl, tmp_path):
+    # Greedy-like sampling (tiny top_k) with 3 samples per prompt: repeated answers must be dropped.
+    out2 = tmp_path / "dup2"
+    harvest(_cfg(*_args(kd_teacher_dir, texts_jsonl, out2, "--sampling.top_k=1", "--sampling.samples_per_prompt=3",
+                        "--input.limit=4", "--sampling.max_new_tokens=40")))
+    s = json.loads((out2 / "summary.json").read_text())
+    kept_prompts = s["kept"]
+    assert s["duplicate"] == 2 * kept_prompts > 0
+    assert s["kept"] + s["empty"] + s["truncated"] + s["duplicate"] == 24
+
+
+def test_resume_after_kill_9(kd_teacher_dir, texts_jsonl, tmp_path):
+    """kill -9 a harvest mid-run, run it again: the corpus equals an uninterrupted run's, no duplicates."""
+    ref_dir, dir_ = tmp_path / "ref", tmp_path / "killed"
+    harvest(_cfg(*_args(kd_teacher_dir, texts_jsonl, ref_dir)))
+    ref = load_corpus(ref_dir)
+    n_shards = json.loads((ref_dir / "manifest.json").read_text())["n_shards"]
+    cmd = [sys.executable, str(REPO / "launchers" / "harvest.py"), *_args(kd_teacher_dir, texts_jsonl, dir_),
+           "--teacher.max_batch_size=1"]  # slow the victim down: one prompt per forward
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        done = 0
+        while time.time() < deadline and proc.poll() is None:
+            man = dir_ / "manifest.json"
+            if man.is_file():
+                try:
+                    done = len(json.loads(man.read_text())["completed"])
+                except json.JSONDecodeError:  # cannot happen: the manifest is replaced atomically
+                    raise
+                if done >= 2:
+                    break
+            time.sleep(0.02)
+        assert proc.poll() is None, "harvest finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    man = json.loads((dir_ / "manifest.json").read_text())
+    assert 2 <= len(man["completed"]) < n_shards
+    rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resuming" in rerun.stdout
+    got = load_corpus(dir_)
+    ids = [r["id"] for r in got]
+    assert len(set(ids)) == len(ids)
+    assert got == ref
+    assert not [p for p in dir_.iterdir() if p.name.startswith(".")]
+
+
+def test_bad_inputs_are_clear_errors(tmp_path, kd_teacher_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing field 'text'"):
+        harvest(_cfg(*_args(kd_teacher_dir, bad, tmp_path / "o")))
+    with pytest.raises(ConfigError, match="input.path"):
+        _cfg("--input.source=jsonl")
+    with pytest.raises(ConfigError, match="unknown key"):
+        _cfg("--output.shards=3")
