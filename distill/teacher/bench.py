@@ -1,0 +1,147 @@
+"""Teacher-service benchmark: top-k payload vs full logits, and 2 replicas vs 1 replica throughput.
+
+    unshare -n bash -c 'ip link set lo up && python -m distill.teacher.bench'
+    python -m distill.teacher.bench --ray-address auto          # on a running cluster
+
+1. Payload: the service's ``async_topk`` result for k=64 (int32 ids, bf16 log-probs, fp32 tail) vs
+   the same positions' full bf16 logits over a 151,936-token vocabulary (Qwen2's), both measured as
+   the size of the object in the Ray object store (``ray.experimental.get_object_locations``).
+2. Throughput: the same CPU-bound tiny teacher ("teacher" size of distill.models.tiny, 4 layers)
+   served by 1 replica, then by 2 replicas (1 stage each, 1 CPU / 1 thread per actor), scoring the
+   same requests; tokens/s = scored tokens / wall seconds of one blocking ``topk`` call. Both run
+   in this one process, one after the other; the load average is printed because on a shared
+   machine other work competes for the cores.
+
+Prints an aligned table; the last line is one JSON document with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+
+def _teacher(path: str, vocab: int, size: str, seed: int = 0) -> str:
+    from distill.models.tiny import build_tiny_causal_lm
+
+    build_tiny_causal_lm(vocab, size, seed=seed).save_pretrained(path)
+    return path
+
+
+def _seqs(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, vocab, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def bench_payload(tmp: str, k: int, vocab: int, n_seqs: int, length: int) -> dict:
+    import ray
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distill.teacher.ray_service import TeacherService
+
+    path = _teacher(os.path.join(tmp, "v152k"), vocab, "micro")
+    seqs = _seqs(n_seqs, length, vocab)
+    poss = [list(range(length)) for _ in seqs]
+    svc = TeacherService(path, replicas=1, shards=1)
+    try:
+        ref = svc.async_topk(seqs, poss, k)
+        topk = ray.get(ref)
+        topk_bytes = ray.experimental.get_object_locations([ref])[ref]["object_size"]
+    finally:
+        svc.shutdown()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        full = [model(torch.tensor([s])).logits[0].to(torch.bfloat16) for s in seqs]
+    full_ref = ray.put(full)
+    full_bytes = ray.experimental.get_object_locations([full_ref])[full_ref]["object_size"]
+    same = sum(int(torch.equal(t.ids[:, :1].long(), full[i].float().argmax(-1, keepdim=True))) for i, t in enumerate(topk))
+    del full, full_ref
+    positions = n_seqs * length
+    return {"k": k, "vocab": vocab, "positions": positions, "topk_bytes": topk_bytes, "full_bf16_bytes": full_bytes,
+            "ratio": full_bytes / topk_bytes, "argmax_agrees_seqs": f"{same}/{len(seqs)}", "topk_bytes_per_position": topk_bytes / positions,
+            "full_bytes_per_position": full_bytes / positions}
+
+
+def bench_replicas(tmp: str, n_seqs: int, length: int, batch: int, repeats: int) -> dict:
+    from distill.teacher.ray_service import TeacherService
+
+    vocab = 4096
+    path = _teacher(os.path.join(tmp, "cpu_teacher"), vocab, "teacher")
+    seqs = _seqs(n_seqs, length, vocab, seed=1)
+    poss = [[length - 1] for _ in seqs]  # scoring cost is the forward; the payload stays small
+    tokens = n_seqs * length
+    out = {}
+    for replicas in (1, 2):
+        svc = TeacherService(path, replicas=replicas, shards=1, max_batch_size=batch, num_cpus_per_shard=1)
+        try:
+            svc.topk(seqs[: 2 * batch], poss[: 2 * batch], 8)  # warm-up (first-call allocations)
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                svc.topk(seqs, poss, 8)
+                times.append(time.perf_counter() - t0)
+            stats = svc.stats()
+        finally:
+            svc.shutdown()
+        out[replicas] = {"wall_s": statistics.median(times), "all_wall_s": times,
+                         "tokens_per_s": tokens / statistics.median(times),
+                         "batches_per_replica": stats["batches_per_replica"], "load_avg_after": os.getloadavg()[0]}
+    return {"tokens_per_request": tokens, "sequences": n_seqs, "length": length, "batch": batch,
+            "one_replica": out[1], "two_replicas": out[2],
+            "speedup": out[2]["tokens_per_s"] / out[1]["tokens_per_s"]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ray-address", default=None, help="existing cluster (default: start a loopback one)")
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--payload-seqs", type=int, default=4)
+    ap.add_argument("--payload-len", type=int, default=128)
+    ap.add_argument("--seqs", type=int, default=48)
+    ap.add_argument("--len", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+
+    import ray
+
+    load_before = os.getloadavg()
+    if args.ray_address:
+        ray.init(address=args.ray_address, log_to_driver=False)
+    else:
+        ray.init(_node_ip_address="127.0.0.2", include_dashboard=False, num_cpus=4,
+                 _temp_dir=tempfile.mkdtemp(prefix="rb", dir="/tmp"), log_to_driver=False)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            pay = bench_payload(tmp, args.k, args.vocab, args.payload_seqs, args.payload_len)
+            rep = bench_replicas(tmp, args.seqs, args.len, args.batch, args.repeats)
+    finally:
+        ray.shutdown()
+    rows = [
+        ("top-k payload (k=%d), bytes" % pay["k"], f"{pay['topk_bytes']:,}", f"{pay['topk_bytes_per_position']:.1f} B/pos"),
+        ("full bf16 logits (V=%d), bytes" % pay["vocab"], f"{pay['full_bf16_bytes']:,}", f"{pay['full_bytes_per_position']:.0f} B/pos"),
+        ("payload ratio full / top-k", f"{pay['ratio']:.0f}x", "target >= 100x"),
+        ("1 replica tokens/s", f"{rep['one_replica']['tokens_per_s']:.0f}", f"median of {args.repeats}"),
+        ("2 replicas tokens/s", f"{rep['two_replicas']['tokens_per_s']:.0f}", f"split {rep['two_replicas']['batches_per_replica']}"),
+        ("speedup 2 / 1 replicas", f"{rep['speedup']:.2f}x", "target >= 1.7x"),
+    ]
+    w = max(len(r[0]) for r in rows)
+    for name, val, note in rows:
+        print(f"{name:<{w}}  {val:>14}  {note}")
+    result = {"bench": "teacher_service", "cpu_count": os.cpu_count(), "load_avg_before": load_before,
+              "load_avg_after": os.getloadavg(), "payload": pay, "replicas": rep}
+    print(f"load average before {load_before[0]:.2f}, after {result['load_avg_after'][0]:.2f} on {os.cpu_count()} cores")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
