@@ -57,6 +57,12 @@ class LocalSlurm:
     nodes: tuple[str, ...] = NODES
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
+    repo: Path = REPO
+
+    @staticmethod
+    def free_ports(n: int) -> list[int]:
+        return _free_ports(n)
+
     @property
     def env(self) -> dict[str, str]:
         return {**os.environ, "SLURM_CONF": str(self.conf)}
