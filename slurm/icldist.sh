@@ -12,7 +12,7 @@
 # Variables (environment; sbatch passes yours by default, or use --export=ALL,NAME=value):
 #   CONFIG=launchers/configs/x.yaml   run config for launchers/icldist.py; empty (default) = built-in tiny default
 #   EXTRA_ARGS="--train.max_steps=20" more launcher arguments (after CONFIG; script arguments come last)
-#   OUT_DIR=/scratch/runs/icl1        run folder (--run.out_dir); default $SLURM_SUBMIT_DIR/runs/icldist-$SLURM_JOB_ID
+#   OUT_DIR=/scratch/runs/icl1        run folder (--run.out_dir); default: the config's run.out_dir (resubmitting resumes there)
 #   PYTHON=/opt/venv/bin/python       interpreter with this repo installed; default `python` from PATH
 #   REPO_ROOT=/home/me/distill        repo checkout; default: found from the submitted script's path or SLURM_SUBMIT_DIR
 #   GPUS_PER_NODE=8                   GPUs per node; default SLURM_GPUS_ON_NODE, else CUDA_VISIBLE_DEVICES, else nvidia-smi, else 0
@@ -37,7 +37,7 @@
 #   GLOO_SOCKET_IFNAME=ib0            network interface for gloo (CPU collectives); NCCL_SOCKET_IFNAME,
 #   NCCL_IB_HCA=mlx5                  NCCL_IB_HCA and the other NCCL_* variables pass through to every rank as well
 #   OMP_NUM_THREADS=8                 threads per student rank; default CPUs per node / ranks per node
-#   LOG_DIR=/scratch/logs             Ray node logs; default $OUT_DIR/slurm-$SLURM_JOB_ID
+#   LOG_DIR=/scratch/logs             Ray node logs; default $OUT_DIR/slurm-$SLURM_JOB_ID (OUT_DIR unset: $SLURM_SUBMIT_DIR/runs/...)
 #   STOP_TIMEOUT=60                   seconds each step gets to stop on teardown before SIGKILL
 #
 # The student ranks are one `srun` over the student nodes with SLURM_PROCID / SLURM_NTASKS /
@@ -66,20 +66,21 @@ source "$REPO_ROOT/slurm/lib/common.sh"
 sd_install_traps
 sd_init
 
-OUT_DIR="${OUT_DIR:-${SLURM_SUBMIT_DIR:-$REPO_ROOT}/runs/icldist-$SLURM_JOB_ID}"
-LOG_DIR="${LOG_DIR:-$OUT_DIR/slurm-$SLURM_JOB_ID}"
-mkdir -p "$OUT_DIR" "$LOG_DIR"
+LOG_DIR="${LOG_DIR:-${OUT_DIR:-${SLURM_SUBMIT_DIR:-$REPO_ROOT}/runs}/slurm-$SLURM_JOB_ID}"
+mkdir -p "$LOG_DIR"
 
 sd_split_gpus
 sd_ray_start
 
-args=(--run.out_dir="$OUT_DIR" --teacher.ray_address="$RAY_ADDRESS_FOR_JOB")
-[ -z "${CONFIG:-}" ] || args=(--config "$CONFIG" "${args[@]}")
+args=()
+[ -z "${CONFIG:-}" ] || args+=(--config "$CONFIG")
+[ -z "${OUT_DIR:-}" ] || args+=(--run.out_dir="$OUT_DIR")
+args+=(--teacher.ray_address="$RAY_ADDRESS_FOR_JOB")
 # shellcheck disable=SC2206  # EXTRA_ARGS is a word list on purpose
 extra=(${EXTRA_ARGS:-})
 rc=0
 sd_launch_students "$PYTHON" -u "$REPO_ROOT/launchers/icldist.py" "${args[@]}" "${extra[@]}" "$@" || rc=$?
 if [ "$rc" -ne 0 ]; then
-  sd_die "student ranks failed (exit $rc); outputs so far in $OUT_DIR"
+  sd_die "student ranks failed (exit $rc); outputs so far in ${OUT_DIR:-the config's run.out_dir}"
 fi
-sd_log "ICLDist done: student and report in $OUT_DIR/export"
+sd_log "ICLDist done: student and report in ${OUT_DIR:-the config's run.out_dir}/export"

@@ -99,3 +99,30 @@ def test_icldist_failure_midway_tears_ray_down(slurm_cluster, tmp_path):
     assert "student ranks failed" in text, text[-4000:]
     assert "Ray stopped" in text, text[-4000:]
     assert _processes_mentioning(env["RAY_TEMP_DIR"]) == []
+
+
+def test_icldist_scancel_tears_ray_down(slurm_cluster, tmp_path):
+    """scancel while the students run: the batch shell's TERM trap stops the students and the Ray nodes."""
+    import subprocess
+    import time
+
+    _need_launcher()
+    env = _job_env(slurm_cluster, tmp_path)
+    log = tmp_path / "job.out"
+    p = subprocess.run(["sbatch", "--parsable", "-N1", "-o", str(log), str(SCRIPT)], env=env,
+                       capture_output=True, text=True, check=True, cwd=REPO)
+    job = p.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 300
+    while "launching 1 student rank(s)" not in _read(log):
+        assert time.monotonic() < deadline, _read(log)[-4000:]
+        assert slurm_cluster.job_state(int(job)).get("JobState", "RUNNING") in ("PENDING", "RUNNING"), _read(log)
+        time.sleep(1)
+    slurm_cluster.run("scancel", job)
+    while slurm_cluster.job_state(int(job)).get("JobState") in ("PENDING", "RUNNING", "COMPLETING"):
+        assert time.monotonic() < deadline + 120, _read(log)[-4000:]
+        time.sleep(1)
+    text = _read(log)
+    print(text)
+    assert "SIGTERM" in text, text[-4000:]
+    assert "Ray stopped" in text, text[-4000:]
+    assert _processes_mentioning(env["RAY_TEMP_DIR"]) == []
