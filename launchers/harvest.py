@@ -1,7 +1,7 @@
 """KnowDist harvesting: a teacher writes sentiment analyses of unlabeled texts from several perspectives.
 
     # built-in default: SentiBench train texts (8 per task) x 8 perspectives, the built-in small
-    # teacher (trained here and cached under runs/builtin), a local loopback Ray service:
+    # teacher (trained here and cached under runs/knowdist/builtin, shared with launchers/knowdist.py), a local loopback Ray service:
     python launchers/harvest.py
     # a real teacher on a GPU node, 2 replicas x 4 pipeline shards, bf16:
     python launchers/harvest.py --config launchers/configs/qwen2.5-72b-instruct_harvest.yaml

@@ -69,7 +69,7 @@ class TeacherSection:
     max_batch_tokens: int = 16384  # padded tokens per teacher batch (prompt + new tokens)
     max_batch_size: int = 64  # sequences per teacher batch
     ray_address: str = ""  # "" = join/start local Ray on loopback; "auto" = existing cluster
-    workdir: str = "runs/builtin"  # cache folder of the built-in teacher
+    workdir: str = "runs/knowdist/builtin"  # cache of the built-in teacher (shared with launchers/knowdist.py)
 
 
 @dataclass

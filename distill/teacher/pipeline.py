@@ -22,6 +22,8 @@ from typing import Awaitable, Callable
 
 import torch
 
+from distill.teacher.output import TopKTeacher
+
 _session_ids = itertools.count()
 
 
@@ -167,7 +169,9 @@ async def topk_batch(run: Run, info: TeacherInfo, seqs: list[list[int]], poss: l
     flat = await run(payload)
     out, start = [], 0
     for p in poss:
-        out.append(flat[start : start + len(p)])
+        # clone: a slice pickles its whole storage, i.e. every sequence would carry the batch's payload
+        t = flat[start : start + len(p)]
+        out.append(TopKTeacher(ids=t.ids.clone(), logprobs=t.logprobs.clone(), tail_mass=t.tail_mass.clone()))
         start += len(p)
     return out
 

@@ -187,6 +187,8 @@ class _Router:
             except Exception as e:
                 if not _is_actor_death(e):
                     raise
+                if rep.epoch == epoch:  # keep new batches off this replica until it is rebuilt
+                    rep.healthy = False
                 failures += 1
                 self.stats["retried_batches"] += 1
                 if failures > self.max_retries:
