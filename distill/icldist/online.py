@@ -110,6 +110,17 @@ def _ray_init(tcfg) -> bool:
     return True
 
 
+def _ray_auth() -> dict:
+    """This process's Ray token-auth settings, for other ranks joining the same cluster."""
+    mode = os.environ.get("RAY_AUTH_MODE", "")
+    token = os.environ.get("RAY_AUTH_TOKEN", "")
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        if path.is_file():
+            token = path.read_text().strip()
+    return {"auth_mode": mode, "auth_token": token}
+
+
 def close_teacher(client) -> None:
     """Shut the client's service down (rank 0) and the Ray instance this process started, if any."""
     if client is None:
@@ -148,11 +159,23 @@ def open_teacher(tcfg, model: str, *, rank: int = 0, world: int = 1, broadcast=N
             svc._icldist_handoff = _handoff_actor_cls().options(name=name, namespace=HANDOFF_NAMESPACE).remote(box)
             ray.get(svc._icldist_handoff.get.remote())
             address = ray.get_runtime_context().gcs_address
-            broadcast({"address": address, "name": name})
+            broadcast({"address": address, "name": name, **_ray_auth()})
         return svc
     msg = broadcast(None)
     started = False
     if not ray.is_initialized():
+        # Ray >= 2.5x clusters started by ray.init() require a token: use rank 0's (sent over the
+        # student process group, which is the job's own channel).
+        if msg.get("auth_mode"):
+            os.environ.setdefault("RAY_AUTH_MODE", msg["auth_mode"])
+        if msg.get("auth_token"):
+            os.environ.setdefault("RAY_AUTH_TOKEN", msg["auth_token"])
+        try:  # Ray caches its config at import: re-read it so the token mode applies (2026-11, Ray 2.60)
+            from ray._raylet import Config
+
+            Config.initialize("")
+        except Exception:
+            pass
         extra = {} if tcfg.ray_address else {"_node_ip_address": tcfg.ray_node_ip}  # stay on loopback
         ray.init(address=msg["address"], log_to_driver=False, namespace=HANDOFF_NAMESPACE, **extra)
         started = True

@@ -41,10 +41,10 @@ def micro_teacher_dir(tiny_tokenizer, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def other_tokenizer(sentibench_texts):
-    """A different tokenizer (1024 tokens): a 'Qwen student' beside a 'Llama teacher'."""
+    """A different tokenizer (2048 tokens): a 'Qwen student' beside a 'Llama teacher'."""
     from distill.models.tiny import train_tokenizer
 
-    return train_tokenizer(sentibench_texts[::4], vocab_size=1024)
+    return train_tokenizer(sentibench_texts[::4], vocab_size=2048)
 
 
 @pytest.fixture(scope="session")
@@ -87,3 +87,34 @@ def cache_manifest(prompts, tokenizer, k=8, shard_size=4, teacher="micro"):
 @pytest.fixture(scope="session")
 def make_manifest():
     return cache_manifest
+
+
+CACHE_K = 8
+CACHE_REQUEST_SIZE = 3  # prompts per teacher request while building the conftest cache
+
+
+class _Spy:
+    """Records what the teacher returned for each (sequence, positions) request."""
+
+    def __init__(self, teacher):
+        self.teacher, self.seen = teacher, {}
+
+    def async_topk(self, seqs, poss, k):
+        out = self.teacher.topk(seqs, poss, k)
+        for s, p, t in zip(seqs, poss, out):
+            self.seen[(tuple(s), tuple(p))] = t
+        return out
+
+
+@pytest.fixture(scope="session")
+def built_cache(tmp_path_factory, local_teacher, teacher_inputs, small_prompts, tiny_tokenizer, make_manifest):
+    from distill.icldist.online import build_cache
+
+    requests, answers = teacher_inputs
+    root = tmp_path_factory.mktemp("cache") / "c"
+    manifest = make_manifest(small_prompts, tiny_tokenizer, k=CACHE_K)
+    spy = _Spy(local_teacher)
+    build_cache(spy, requests, answers, root, manifest, request_size=CACHE_REQUEST_SIZE, progress=False)
+    return root, manifest, spy.seen  # seen: what the teacher returned, per (sequence, positions)
+
+

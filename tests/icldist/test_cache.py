@@ -15,30 +15,7 @@ import torch
 from distill.icldist.cache import CacheIncomplete, CacheMismatch, CacheWriter, TeacherCache
 from distill.icldist.online import build_cache
 
-K = 8
-
-
-class _Spy:
-    """Records what the teacher returned for each (sequence, positions) request."""
-
-    def __init__(self, teacher):
-        self.teacher, self.seen = teacher, {}
-
-    def async_topk(self, seqs, poss, k):
-        out = self.teacher.topk(seqs, poss, k)
-        for s, p, t in zip(seqs, poss, out):
-            self.seen[(tuple(s), tuple(p))] = t
-        return out
-
-
-@pytest.fixture(scope="module")
-def built_cache(tmp_path_factory, local_teacher, teacher_inputs, small_prompts, tiny_tokenizer, make_manifest):
-    requests, answers = teacher_inputs
-    root = tmp_path_factory.mktemp("cache") / "c"
-    manifest = make_manifest(small_prompts, tiny_tokenizer, k=K)
-    spy = _Spy(local_teacher)
-    build_cache(spy, requests, answers, root, manifest, request_size=3, progress=False)
-    return root, manifest, spy.seen
+K = 8  # the conftest cache's k
 
 
 def test_round_trip_equals_teacher_topk(built_cache, teacher_inputs):

@@ -1,0 +1,73 @@
+"""ICLDist end to end on micro models through the core trainer: online, then cached with no teacher."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def micro_student_dir(tiny_tokenizer, tmp_path_factory):
+    from distill.models.tiny import build_tiny_causal_lm
+
+    path = tmp_path_factory.mktemp("student")
+    build_tiny_causal_lm(len(tiny_tokenizer), "micro", seed=5).save_pretrained(path, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def _args(out, teacher, student, *extra):
+    return [
+        f"--run.out_dir={out}", f"--model.teacher={teacher}", f"--model.student={student}",
+        "--deepspeed.engine=torch", "--teacher.ray_address=local", "--teacher.k=8", "--teacher.max_new_tokens=6",
+        "--prompts.tasks=sc/sst2,multifaced/tweeteval,absa/atsa_rest16", "--prompts.held_out=multifaced/irony18",
+        "--prompts.per_task=4", "--prompts.max_shots=2", "--prompts.max_prompt_chars=600", "--icl.max_len=256",
+        "--train.steps=3", "--train.micro_batch=4", "--train.warmup_steps=1", "--log.progress_bar=false",
+        "--report.tasks=sc/sst2,multifaced/irony18", "--report.limit=2", *extra,
+    ]
+
+
+def test_online_train_then_report(tmp_path, micro_teacher_dir, micro_student_dir):
+    from distill.icldist.stage import run_from_argv
+
+    out = tmp_path / "run"
+    assert run_from_argv(_args(out, micro_teacher_dir, micro_student_dir)) == 0
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    for r in recs:
+        assert r["loss"] == r["loss"] and r["response_tokens"] > 0  # finite, trained on answers
+        assert 0.0 <= r["teacher_wait_frac"] <= 1.0
+    assert sum(r["label_kd"] for r in recs) > 0  # classification prompts got label-level targets
+    assert (out / "export" / "model.safetensors").is_file()
+    res = json.loads((out / "export" / "results.json").read_text())
+    assert set(res["tasks"]) == {"sc/sst2", "multifaced/irony18"}
+    assert res["icldist"]["held_out"] == ["multifaced/irony18"]
+    assert "multifaced/irony18" not in res["icldist"]["trained_on"]
+    assert (out / "export" / "results.png").is_file()
+    assert "held out of training" in (out / "export" / "results.md").read_text()
+
+
+def test_cache_stage_then_train_without_teacher(tmp_path, micro_teacher_dir, micro_student_dir, monkeypatch):
+    import distill.icldist.online as online
+    from distill.icldist.cache import CacheMismatch
+    from distill.icldist.stage import run_from_argv
+
+    out = tmp_path / "run"
+    assert run_from_argv(_args(out, micro_teacher_dir, micro_student_dir, "--stage", "cache")) == 0
+    manifest = json.loads((out / "teacher_cache" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["k"] == 8
+
+    def no_teacher(*a, **k):
+        raise AssertionError("a teacher was started although teacher.source=cache")
+
+    monkeypatch.setattr(online, "open_teacher", no_teacher)
+    monkeypatch.setattr(online, "LocalTeacher", no_teacher, raising=False)
+    assert run_from_argv(_args(out, micro_teacher_dir, micro_student_dir, "--teacher.source=cache",
+                               "--report.enabled=false")) == 0
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs][-3:] == [1, 2, 3]
+    # the same cache with another k is refused, naming the field
+    with pytest.raises(CacheMismatch, match="k=8"):
+        run_from_argv(_args(tmp_path / "run2", micro_teacher_dir, micro_student_dir, "--teacher.source=cache",
+                            f"--teacher.cache_dir={out / 'teacher_cache'}", "--teacher.k=4", "--report.enabled=false"))

@@ -1,0 +1,118 @@
+"""Label-level targets across two tokenizers; token-level KD with different vocabularies is refused."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from distill.icldist.targets import (
+    VocabularyMismatch,
+    check_token_level,
+    label_kl,
+    label_logprobs_from_topk,
+    label_token_ids,
+    pad_label_ids,
+)
+from distill.teacher.output import TopKTeacher
+
+TASKS = {"sc/twitter": ["negative", "positive", "neutral"], "multifaced/tweeteval": ["anger", "joy", "sadness", "optimism"],
+         "multifaced/intimacy": ["not intimate", "moderately intimate", "highly intimate"]}
+
+
+def test_each_side_uses_its_own_verbalizer(tiny_tokenizer, other_tokenizer):
+    for task, words in TASKS.items():
+        t_ids = label_token_ids(tiny_tokenizer, task, words)
+        s_ids = label_token_ids(other_tokenizer, task, words)
+        assert len(set(t_ids)) == len(words) and len(set(s_ids)) == len(words)
+        for w, ti, si in zip(words, t_ids, s_ids):
+            assert tiny_tokenizer.decode([ti]).strip() and w.startswith(tiny_tokenizer.decode([ti]).strip())
+            assert w.startswith(other_tokenizer.decode([si]).strip())
+    # the two vocabularies really differ (the test would be vacuous otherwise)
+    assert len(tiny_tokenizer) != len(other_tokenizer)
+
+
+def test_label_logprobs_from_full_topk_are_the_renormalised_teacher():
+    torch.manual_seed(0)
+    V = 50
+    logits = torch.randn(3, V, dtype=torch.float64)
+    ids = pad_label_ids([[4, 9], [1, 2, 3], [7, 30, 31, 49]])
+    lp = label_logprobs_from_topk(TopKTeacher.from_logits(logits.float(), V), ids, V)
+    for r in range(3):
+        sel = [i for i in ids[r].tolist() if i >= 0]
+        want = torch.softmax(logits[r, sel], -1)
+        assert torch.allclose(lp[r, : len(sel)].exp().double(), want, atol=1e-6)
+        assert torch.isinf(lp[r, len(sel):]).all()
+
+
+def test_label_outside_topk_gets_the_uniform_tail_estimate():
+    V, k = 100, 4
+    logits = torch.full((1, V), -5.0)
+    logits[0, :k] = torch.tensor([3.0, 2.0, 1.0, 0.5])
+    topk = TopKTeacher.from_logits(logits, k)
+    lp = label_logprobs_from_topk(topk, pad_label_ids([[0, 50]]), V)  # token 50 is not in the top-k
+    p = torch.softmax(logits.double(), -1)[0]
+    tail_each = (1 - p[:k].sum()) / (V - k)
+    want = torch.tensor([p[0], tail_each])
+    assert torch.allclose(lp[0].exp().double(), want / want.sum(), atol=1e-5)
+
+
+def test_label_kl_matches_the_definition_and_its_gradient():
+    torch.manual_seed(1)
+    Vs = 40
+    s_logits = torch.randn(2, Vs, dtype=torch.float64, requires_grad=True)
+    s_ids = pad_label_ids([[3, 17, 5], [8, 2]])
+    t_lp = torch.log_softmax(torch.tensor([[0.2, -1.0, 0.4], [1.5, -0.5, -float("inf")]]), -1)
+    T = 2.0
+    got = label_kl(s_logits, s_ids, t_lp, temperature=T)
+    want = 0.0
+    for r, sel in enumerate([[3, 17, 5], [8, 2]]):
+        q = torch.softmax(s_logits[r, sel] / T, -1)
+        p = torch.softmax(t_lp[r, : len(sel)].double() / T, -1)
+        want = want + (p * (p.log() - q.log())).sum()
+    assert torch.allclose(got.double(), want, atol=1e-6)
+    got.backward()
+    g = s_logits.grad
+    off = torch.ones_like(g, dtype=torch.bool)
+    off[0, [3, 17, 5]] = False
+    off[1, [8, 2]] = False
+    assert (g[off] == 0).all() and g[~off].abs().sum() > 0  # only the label words get gradient
+
+
+def test_token_level_with_different_vocabularies_is_refused(tiny_tokenizer, other_tokenizer):
+    check_token_level(tiny_tokenizer, tiny_tokenizer)
+    with pytest.raises(VocabularyMismatch, match=r"different\s+vocabularies is not supported.*fine_grained=false"):
+        check_token_level(tiny_tokenizer, other_tokenizer)
+
+
+def test_label_level_batch_across_tokenizers(small_prompts, tiny_tokenizer, other_tokenizer, local_teacher):
+    """A Llama-like teacher (4096 tokens) and a Qwen-like student (2048 tokens): label-level KD runs."""
+    from distill.icldist.data import student_example, teacher_request
+    from distill.icldist.loss import ICLDistLoss, assemble
+    from distill.models.tiny import build_tiny_causal_lm
+
+    cls = [(i, p) for i, p in enumerate(small_prompts) if p.kind == "classification"][:6]
+    reqs = [teacher_request(p, tiny_tokenizer, None, 384) for _, p in cls]
+    topks = local_teacher.topk([r.seq for r in reqs], [r.pos for r in reqs], 64)
+    s_ex = [student_example(i, p, other_tokenizer, None, 384, label_token_ids(other_tokenizer, p.task, p.label_words))
+            for i, p in cls]
+    t_lab = [label_token_ids(tiny_tokenizer, p.task, p.label_words) for _, p in cls]
+    from distill.icldist.data import collate
+
+    batch = collate(s_ex, other_tokenizer.pad_token_id)
+    tg = assemble(s_ex, ["classification"] * len(cls), topks, batch["input_ids"].shape[1],
+                  teacher_label_ids=t_lab, teacher_vocab=len(tiny_tokenizer))
+    assert tg.topk is None and tg.label_rows.shape == (len(cls), 2)
+    # the label rows are the students' answer positions: the token after each is its gold label's first token
+    for (b, t), ex in zip(tg.label_rows.tolist(), s_ex):
+        assert batch["labels"][b, t + 1] == ex.label_ids[ex.gold]
+    student = build_tiny_causal_lm(len(other_tokenizer), "micro", seed=3)
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    from distill.losses.objective import count_targets
+
+    loss = ICLDistLoss(ce_weight=0.5, label_kd_weight=1.0)
+    out = loss(logits, batch["labels"], tg, count_targets(batch["labels"]))
+    assert math.isfinite(out.loss.item()) and out.label_kd_sum > 0 and out.kd_sum == 0
+    out.loss.backward()
+    assert student.lm_head.weight.grad.abs().sum() > 0
