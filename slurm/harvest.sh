@@ -70,5 +70,5 @@ sd_log "harvest driver on ${NODES[0]}: $PYTHON launchers/harvest.py ${args[*]} $
 sd_step "driver" "" --nodes=1 --ntasks=1 -w "${NODES[0]}" -- "$PYTHON" -u "$REPO_ROOT/launchers/harvest.py" "${args[@]}" "${extra[@]}" "$@"
 rc=0
 sd_wait_step "${SD_STEP_PIDS[-1]}" || rc=$?
-[ "$rc" -eq 0 ] || sd_die "harvest driver failed (exit $rc); finished shards are kept in ${OUT_DIR:-the config's output.dir} (resubmit to resume)"
-sd_log "harvest done: corpus in ${OUT_DIR:-the config's output.dir}"
+[ "$rc" -eq 0 ] || sd_die "harvest driver failed (exit $rc); finished shards are kept in ${OUT_DIR:-the output.dir of the config} (resubmit to resume)"
+sd_log "harvest done: corpus in ${OUT_DIR:-the output.dir of the config}"

@@ -81,6 +81,6 @@ extra=(${EXTRA_ARGS:-})
 rc=0
 sd_launch_students "$PYTHON" -u "$REPO_ROOT/launchers/icldist.py" "${args[@]}" "${extra[@]}" "$@" || rc=$?
 if [ "$rc" -ne 0 ]; then
-  sd_die "student ranks failed (exit $rc); outputs so far in ${OUT_DIR:-the config's run.out_dir}"
+  sd_die "student ranks failed (exit $rc); outputs so far in ${OUT_DIR:-the run.out_dir of the config}"
 fi
-sd_log "ICLDist done: student and report in ${OUT_DIR:-the config's run.out_dir}/export"
+sd_log "ICLDist done: student and report in ${OUT_DIR:-the run.out_dir of the config}/export"

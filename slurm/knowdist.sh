@@ -63,5 +63,5 @@ args=()
 extra=(${EXTRA_ARGS:-})
 rc=0
 sd_launch_students "$PYTHON" -u "$REPO_ROOT/launchers/knowdist.py" "${args[@]}" "${extra[@]}" "$@" || rc=$?
-[ "$rc" -eq 0 ] || sd_die "training ranks failed (exit $rc); checkpoints so far in ${OUT_DIR:-the config's run.out_dir}"
-sd_log "KnowDist done: student in ${OUT_DIR:-the config's run.out_dir}/export"
+[ "$rc" -eq 0 ] || sd_die "training ranks failed (exit $rc); checkpoints so far in ${OUT_DIR:-the run.out_dir of the config}"
+sd_log "KnowDist done: student in ${OUT_DIR:-the run.out_dir of the config}/export"

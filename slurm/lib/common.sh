@@ -122,33 +122,43 @@ sd_step() {
 
 sd_alive() { kill -0 "$1" 2>/dev/null; }
 
-# Stop one step by its srun pid: SIGTERM (srun forwards it to the task; `ray start --block` then
-# stops the Ray processes it started), wait up to STOP_TIMEOUT, then SIGKILL.
-sd_stop_pid() {
-  local pid="$1" name="$2" t=0
-  sd_alive "$pid" || { wait "$pid" 2>/dev/null || true; return 0; }
-  kill -TERM "$pid" 2>/dev/null || true
-  while sd_alive "$pid" && [ "$t" -lt "$(( ${STOP_TIMEOUT:-60} * 10 ))" ]; do sleep 0.1; t=$(( t + 1 )); done
-  if sd_alive "$pid"; then
-    sd_log "$name did not stop within ${STOP_TIMEOUT:-60}s: SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  wait "$pid" 2>/dev/null || true
-}
-
-# EXIT trap: stop every step this job started, newest first (students, Ray workers, Ray head).
+# EXIT trap: stop every step this job started (students, Ray workers, Ray head), all at once since
+# SLURM gives a cancelled job only KillWait (often 30 s) before SIGKILL. SIGTERM to an srun is
+# forwarded to its tasks; `ray start --block` then stops the Ray processes it started. Steps still
+# running after STOP_TIMEOUT get SIGKILL (slurmd then kills what is left of them).
 sd_cleanup() {
   local rc=$?
   [ "$SD_CLEANED" = 0 ] || return 0
   SD_CLEANED=1
   trap - ERR
+  # A second signal (e.g. scancel during an error exit) must not cut the teardown short.
+  trap 'sd_log "signal during teardown: still stopping"' TERM INT
   set +e
-  local i
+  local i pid live=() names=()
   for (( i = ${#SD_STEP_PIDS[@]} - 1; i >= 0; i-- )); do
-    sd_stop_pid "${SD_STEP_PIDS[$i]}" "${SD_STEP_NAMES[$i]}"
+    pid="${SD_STEP_PIDS[$i]}"
+    if sd_alive "$pid"; then
+      kill -TERM "$pid" 2>/dev/null
+      live+=("$pid"); names+=("${SD_STEP_NAMES[$i]}")
+    fi
   done
+  [ "${#live[@]}" -eq 0 ] || sd_log "stopping ${names[*]}"
+  local t=0 left
+  while :; do
+    left=()
+    for i in "${!live[@]}"; do sd_alive "${live[$i]}" && left+=("${names[$i]}"); done
+    [ "${#left[@]}" -gt 0 ] && [ "$t" -lt "$(( ${STOP_TIMEOUT:-60} * 10 ))" ] || break
+    sleep 0.1; t=$(( t + 1 ))
+  done
+  for i in "${!live[@]}"; do
+    if sd_alive "${live[$i]}"; then
+      sd_log "${names[$i]} did not stop within ${STOP_TIMEOUT:-60}s: SIGKILL"
+      kill -KILL "${live[$i]}" 2>/dev/null
+    fi
+  done
+  for pid in "${SD_STEP_PIDS[@]}"; do wait "$pid" 2>/dev/null; done
   if [ "$SD_RAY_STARTED" = 1 ]; then
-    sd_log "Ray stopped (head and ${#NODES[@]} node(s) of this job; nothing else touched)"
+    sd_log "Ray stopped: head and $(( NNODES - 1 )) worker(s) of this job (only what this job started)"
   fi
   sd_log "exit $rc"
   exit "$rc"

@@ -134,7 +134,7 @@ def _write_conf(root: Path, auth: str, munge_socket: Path | None) -> Path:
         "ReturnToService=2",
         "MailProg=/bin/true",
         "InactiveLimit=0",
-        "KillWait=10",
+        "KillWait=30",  # SLURM's default: a cancelled job's teardown must fit in it
         "SlurmctldTimeout=60",
         "SlurmdTimeout=60",
     ]

@@ -115,8 +115,9 @@ def test_icldist_scancel_tears_ray_down(slurm_cluster, tmp_path):
     deadline = time.monotonic() + 300
     while "launching 1 student rank(s)" not in _read(log):
         assert time.monotonic() < deadline, _read(log)[-4000:]
-        assert slurm_cluster.job_state(int(job)).get("JobState", "RUNNING") in ("PENDING", "RUNNING"), _read(log)
+        assert slurm_cluster.job_state(int(job)).get("JobState", "GONE") in ("PENDING", "RUNNING"), _read(log)
         time.sleep(1)
+    time.sleep(5)  # let the student start, so the TERM lands on running ranks
     slurm_cluster.run("scancel", job)
     while slurm_cluster.job_state(int(job)).get("JobState") in ("PENDING", "RUNNING", "COMPLETING"):
         assert time.monotonic() < deadline + 120, _read(log)[-4000:]
