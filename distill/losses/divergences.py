@@ -132,8 +132,11 @@ def _skew_reverse_kl(log_q, q, log_p, p, prm):
 
 def _tvd(log_q, q, log_p, p, prm):
     diff = p.sub_(q).neg_()  # q - p
-    loss = 0.5 * torch.linalg.vector_norm(diff, ord=1, dim=-1)
-    return loss, diff.sign_().mul_(q).mul_(0.5)
+    sgn = torch.sign(diff)
+    # abs via the sign, summed with torch's pairwise sum (linalg.vector_norm(ord=1) loses ~2e-4
+    # relative over 152k fp32 terms on CPU).
+    loss = 0.5 * diff.mul_(sgn).sum(-1)
+    return loss, sgn.mul_(q).mul_(0.5)
 
 
 _REGISTRY: dict[str, TermsFn] = {
