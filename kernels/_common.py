@@ -33,6 +33,8 @@ REDUCTIONS = ("mean", "sum", "none")
 MAX_BLOCK_V = int(os.environ.get("DISTILL_KERNELS_MAX_BLOCK_V", "4096"))
 
 LOG2E = 1.4426950408889634
+# Finite "minus infinity" for running maxima: exp(m_old - m_new) stays finite (no inf - inf).
+NEG_BIG: tl.constexpr = tl.constexpr(-1.0e38)
 
 
 def resolve_kind(kind: str, beta: float) -> int:
@@ -154,10 +156,11 @@ def interp_bf16_rounding(dtype: torch.dtype) -> bool:
 
 
 @triton.jit
-def to_store(x, dst_ty: tl.constexpr, RTNE_BF16: tl.constexpr):
-    """Cast fp32 ``x`` for a store into ``dst_ty``, rounding to nearest even."""
+def rtne_bf16(x, RTNE_BF16: tl.constexpr):
+    """fp32 ``x`` pre-rounded to the nearest-even bf16 value when ``RTNE_BF16`` (interpreter
+    only; the store's own cast then truncates nothing). Identity otherwise."""
     if RTNE_BF16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
-    return x.to(dst_ty)
+    return x

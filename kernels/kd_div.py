@@ -43,12 +43,10 @@ import triton
 import triton.language as tl
 
 from distill_kernels._common import (
-    check_common, div_terms, interp_bf16_rounding, launch_config, no_grad_for, reduce_rows,
-    resolve_kind,
-    rows_2d, to_store, valid_count_scale,
+    NEG_BIG, check_common, div_terms, interp_bf16_rounding, launch_config, no_grad_for,
+    reduce_rows, resolve_kind, rows_2d, rtne_bf16, valid_count_scale,
 )
 
-_NEG_BIG = -1.0e38  # finite "minus infinity" for running maxima (keeps exp(m_old - m_new) finite)
 
 
 @triton.jit
@@ -71,11 +69,13 @@ def _kd_div_fwd_kernel(
     if valid:
         # Pass 1: online log-partitions of a and b (and, for forward / reverse KL, the loss:
         # sum_v p_v (b_v - a_v) and sum_v q_v (a_v - b_v) with the same running rescale).
-        m_a = _NEG_BIG
-        z_a = 0.0
-        m_b = _NEG_BIG
-        z_b = 0.0
-        acc = 0.0
+        m_a = tl.full([], NEG_BIG, tl.float32)
+        m_b = tl.full([], NEG_BIG, tl.float32)
+        # Sums are kept per lane and reduced once after the loop: one CTA-wide reduction per
+        # block (the maxima) instead of five.
+        z_a = tl.zeros([BLOCK_V], tl.float32)
+        z_b = tl.zeros([BLOCK_V], tl.float32)
+        acc = tl.zeros([BLOCK_V], tl.float32)
         for start in range(0, V, BLOCK_V):
             offs = start + offs0
             mask = offs < V
@@ -87,33 +87,38 @@ def _kd_div_fwd_kernel(
             r_b = tl.exp(m_b - m_b_new)
             e_a = tl.exp(a - m_a_new)
             e_b = tl.exp(b - m_b_new)
-            z_a = z_a * r_a + tl.sum(e_a, axis=0)
-            z_b = z_b * r_b + tl.sum(e_b, axis=0)
+            z_a = z_a * r_a + e_a
+            z_b = z_b * r_b + e_b
             if KIND == 0:
-                acc = acc * r_b + tl.sum(tl.where(e_b > 0, e_b * (b - a), 0.0), axis=0)
+                acc = acc * r_b + tl.where(e_b > 0, e_b * (b - a), 0.0)
             elif KIND == 1:
-                acc = acc * r_a + tl.sum(tl.where(e_a > 0, e_a * (a - b), 0.0), axis=0)
+                acc = acc * r_a + tl.where(e_a > 0, e_a * (a - b), 0.0)
             m_a = m_a_new
             m_b = m_b_new
-        lse_a = m_a + tl.log(z_a)
-        lse_b = m_b + tl.log(z_b)
+        z_a_sum = tl.sum(z_a, axis=0)
+        z_b_sum = tl.sum(z_b, axis=0)
+        lse_a = m_a + tl.log(z_a_sum)
+        lse_b = m_b + tl.log(z_b_sum)
 
-        s_sum = 0.0
+        s_sum = tl.zeros([], tl.float32)
         if KIND == 0:
-            loss = acc / z_b + lse_a - lse_b
+            loss = tl.sum(acc, axis=0) / z_b_sum + lse_a - lse_b
         elif KIND == 1:
-            loss = acc / z_a + lse_b - lse_a
+            loss = tl.sum(acc, axis=0) / z_a_sum + lse_b - lse_a
         else:
             # Pass 2: loss and S = sum_v q_v G_v (both need log m, hence the final normalisers).
-            loss = 0.0
+            loss_v = tl.zeros([BLOCK_V], tl.float32)
+            s_v = tl.zeros([BLOCK_V], tl.float32)
             for start in range(0, V, BLOCK_V):
                 offs = start + offs0
                 mask = offs < V
                 a = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_T
                 b = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_T
                 term, g, qg = div_terms(a - lse_a, b - lse_b, KIND, beta, alpha)
-                loss += tl.sum(tl.where(mask, term, 0.0), axis=0)
-                s_sum += tl.sum(tl.where(mask, qg, 0.0), axis=0)
+                loss_v += tl.where(mask, term, 0.0)
+                s_v += tl.where(mask, qg, 0.0)
+            loss = tl.sum(loss_v, axis=0)
+            s_sum = tl.sum(s_v, axis=0)
         tl.store(loss_ptr + row, loss)
 
         if COMPUTE_GRAD:
@@ -134,7 +139,8 @@ def _kd_div_fwd_kernel(
                 else:
                     term, g, qg = div_terms(log_q, b - lse_b, KIND, beta, alpha)
                     grad = qg - q * s_sum
-                tl.store(g_row + offs, to_store(grad * gscale, g_ptr.dtype.element_ty, RTNE_BF16), mask=mask)
+                out = rtne_bf16(grad * gscale, RTNE_BF16).to(g_ptr.dtype.element_ty)
+                tl.store(g_row + offs, out, mask=mask)
     else:
         tl.store(loss_ptr + row, 0.0)
         if COMPUTE_GRAD:

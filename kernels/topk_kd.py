@@ -42,11 +42,10 @@ import triton
 import triton.language as tl
 
 from distill_kernels._common import (
-    check_common, div_terms, interp_bf16_rounding, launch_config, no_grad_for, reduce_rows, resolve_kind,
-    rows_2d, to_store, valid_count_scale,
+    NEG_BIG, check_common, div_terms, interp_bf16_rounding, launch_config, no_grad_for,
+    reduce_rows, resolve_kind, rows_2d, rtne_bf16, valid_count_scale,
 )
 
-_NEG_BIG = -1.0e38
 MAX_K = 256
 
 
@@ -93,8 +92,8 @@ def _topk_kd_fwd_kernel(
         # bit-identical top-id terms).
         x_top = tl.load(s_row + ids, mask=kmask, other=float("-inf")).to(tl.float32)
         c = inv_T * 1.4426950408889634
-        m = _NEG_BIG
-        z = 0.0
+        m = tl.full([], NEG_BIG, tl.float32)
+        z = tl.zeros([], tl.float32)
         zt = tl.full([], 0.0, tl.float64)
         for start in range(0, V, BLOCK_V):
             offs = start + offs0
@@ -138,7 +137,8 @@ def _topk_kd_fwd_kernel(
                 x = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
                 q = tl.exp2((x - m) * c - log2_z)
                 grad = tl.where(q > 0, q * coef_tail, 0.0) * gscale
-                tl.store(g_row + offs, to_store(grad, g_ptr.dtype.element_ty, RTNE_BF16), mask=mask)
+                tl.store(g_row + offs, rtne_bf16(grad, RTNE_BF16).to(g_ptr.dtype.element_ty),
+                         mask=mask)
             # The ids were written with the tail coefficient above; overwrite them after every
             # thread's block stores are done.
             tl.debug_barrier()
@@ -146,7 +146,8 @@ def _topk_kd_fwd_kernel(
                 g_top = mass * q_top - tl.exp(log_p)
             else:
                 g_top = qg - q_top * s_sum
-            tl.store(g_row + ids, to_store(g_top * gscale, g_ptr.dtype.element_ty, RTNE_BF16), mask=kmask)
+            g_top = rtne_bf16(g_top * gscale, RTNE_BF16).to(g_ptr.dtype.element_ty)
+            tl.store(g_row + ids, g_top, mask=kmask)
     else:
         tl.store(loss_ptr + row, 0.0)
         if COMPUTE_GRAD:
@@ -187,7 +188,8 @@ def topk_kd_fwd(
         vocab, k, 1.0 / temperature, float(beta), float(alpha), int(ignore_index),
         KIND=kind_code, HAS_TAIL=tail_1d is not None, HAS_LABELS=labels_1d is not None,
         COMPUTE_GRAD=grad_out is not None, BLOCK_V=block,
-        BLOCK_K=max(16, triton.next_power_of_2(k)), RTNE_BF16=interp_bf16_rounding(g.dtype), num_warps=num_warps,
+        BLOCK_K=max(16, triton.next_power_of_2(k)), RTNE_BF16=interp_bf16_rounding(g.dtype),
+        num_warps=num_warps,
     )
     return per_row
 
