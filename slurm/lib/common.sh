@@ -219,7 +219,8 @@ sd_ray_start() {
   head_ip="$(sd_ray_node_ip 0)"
   [ -n "$head_ip" ] || sd_die "cannot tell the first node's address: set RAY_HEAD_IP or RAY_NODE_IP_0"
   RAY_ADDRESS_FOR_JOB="$head_ip:$RAY_PORT"
-  local i ip tg cpus common
+  local i ip tg cpus common ray_extra
+  read -r -a ray_extra <<< "${RAY_START_ARGS:-}"
   SD_RAY_STARTED=1
   for (( i = 0; i < NNODES; i++ )); do
     ip="$(sd_ray_node_ip "$i")"
@@ -231,7 +232,7 @@ sd_ray_start() {
     if [ "$i" = 0 ]; then
       sd_step "ray-head" "$RAY_LOG_DIR/ray-node0.log" --nodes=1 --ntasks=1 -w "${NODES[0]}" -- \
         bash "$REPO_ROOT/slurm/lib/step.sh" --gpus "0:$tg" -- \
-        "${ray[@]}" start --head --port "$RAY_PORT" --include-dashboard=false "${common[@]}" ${RAY_START_ARGS:-}
+        "${ray[@]}" start --head --port "$RAY_PORT" --include-dashboard=false "${common[@]}" "${ray_extra[@]}"
       sd_log "starting Ray head on ${NODES[0]} at $RAY_ADDRESS_FOR_JOB ($tg GPU(s), $cpus CPU(s)); log $RAY_LOG_DIR/ray-node0.log"
       local t0=$SECONDS
       until timeout 30 "${ray[@]}" health-check --address "$RAY_ADDRESS_FOR_JOB" >/dev/null 2>&1; do
@@ -246,7 +247,7 @@ sd_ray_start() {
     else
       sd_step "ray-worker-$i" "$RAY_LOG_DIR/ray-node$i.log" --nodes=1 --ntasks=1 -w "${NODES[$i]}" -- \
         bash "$REPO_ROOT/slurm/lib/step.sh" --gpus "0:$tg" -- \
-        "${ray[@]}" start --address "$RAY_ADDRESS_FOR_JOB" "${common[@]}" ${RAY_START_ARGS:-}
+        "${ray[@]}" start --address "$RAY_ADDRESS_FOR_JOB" "${common[@]}" "${ray_extra[@]}"
       sd_log "starting Ray worker $i on ${NODES[$i]}${ip:+ at $ip} ($tg GPU(s)); log $RAY_LOG_DIR/ray-node$i.log"
     fi
   done
