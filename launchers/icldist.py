@@ -43,9 +43,14 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from distill.config import ConfigError
     from distill.icldist.stage import run_from_argv
 
-    return run_from_argv(sys.argv[1:] if argv is None else argv)
+    try:
+        return run_from_argv(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:  # a bad setting: say which, without a traceback
+        print(f"launchers/icldist.py: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

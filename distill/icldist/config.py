@@ -37,7 +37,7 @@ class TeacherSection:
     ray_node_ip: str = "127.0.0.2"  # address of the private Ray node when ray_address is ""
     replicas: int = 1  # teacher copies serving requests
     shards: int = 1  # pipeline stages (actors) per copy, for teachers larger than one GPU
-    num_gpus: int = -1  # GPUs per shard actor: -1 = 1 if this machine sees CUDA else 0; 0 = CPU actors; 1 = one GPU
+    num_gpus: int = -1  # GPUs per shard actor: -1 = 1 if this machine sees CUDA else 0; 0 = CPU actors; 1 = one GPU each
     dtype: str = "auto"  # teacher weights: auto | bfloat16 | float16 | float32
     quantization: str = ""  # "" | "8bit" | "4bit" (bitsandbytes, CUDA only)
     max_batch_tokens: int = 16384  # padded tokens per teacher forward batch
@@ -62,7 +62,7 @@ class ReportSection:
     tasks: str = "all"  # tasks ("all" includes the held-out ones, which the report marks)
     shots: int = 4  # demonstrations per prompt (the paper's protocol)
     seeds: list[int] = field(default_factory=lambda: [42])  # demonstration seeds (paper: 42, 52, 62)
-    limit: int = 10  # test sentences per task (0 = all)
+    limit: int = 8  # test sentences per task (0 = all)
     batch_size: int = 8  # sequences per evaluation forward
     teacher: bool = False  # also evaluate the teacher with the same settings, for the table and plot
 
@@ -72,7 +72,7 @@ def _run_default() -> RunSection:
 
 
 def _train_default() -> TrainSection:
-    return TrainSection(steps=40, micro_batch=8, lr=1e-3, warmup_steps=4)
+    return TrainSection(steps=30, micro_batch=8, lr=1e-3, warmup_steps=3)
 
 
 def _kd_default() -> KDSection:
@@ -122,8 +122,9 @@ class ICLDistConfig:
                 raise ConfigError(f"teacher.{name}={getattr(t, name)} must be >= 1")
         if t.prefetch < 0:
             raise ConfigError(f"teacher.prefetch={t.prefetch} must be >= 0")
-        if t.num_gpus < -1:
-            raise ConfigError(f"teacher.num_gpus={t.num_gpus} must be -1 (auto), 0 or more")
+        if t.num_gpus not in (-1, 0, 1):
+            raise ConfigError(f"teacher.num_gpus={t.num_gpus}: -1 (auto), 0 (CPU) or 1 GPU per shard actor "
+                              f"(a teacher larger than one GPU uses teacher.shards)")
         if t.quantization not in ("", "8bit", "4bit"):
             raise ConfigError(f"teacher.quantization={t.quantization!r}: one of '', '8bit', '4bit'")
         if self.icl.classification not in ("label", "token"):

@@ -82,10 +82,10 @@ def student_example(
     if prompt.kind == "classification":
         a = encode_answer(tokenizer, prompt.answer)
         if label_ids and a[0] != label_ids[prompt.gold]:
-            raise ValueError(
-                f"prompt {prompt.id}: the gold answer {prompt.answer!r} starts with token {a[0]}, not the "
-                f"verbalizer's {label_ids[prompt.gold]} for {prompt.label_words[prompt.gold]!r}"
-            )
+            # A tokenizer that merges the label word with what follows (pstance's "against(...")
+            # would make the CE target differ from what the evaluation scores: train the
+            # verbalizer's token first, then the rest of the answer as the tokenizer writes it.
+            a = [label_ids[prompt.gold]] + encode_answer(tokenizer, prompt.answer[len(" " + prompt.label_words[prompt.gold]):])
     else:
         a = list(answer_ids or [])
     p = _left_cut(p, a, max_len, bool(p) and p[0] == bos)

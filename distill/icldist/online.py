@@ -94,6 +94,12 @@ def _handoff_actor_cls():
     return _Handoff
 
 
+def _node_ip() -> dict:
+    """``$RAY_NODE_IP`` (set per node by slurm/icldist.sh, e.g. 127.0.0.x in tests) as this driver's address."""
+    ip = os.environ.get("RAY_NODE_IP", "")
+    return {"_node_ip_address": ip} if ip else {}
+
+
 def _ray_init(tcfg) -> bool:
     """Connect to (or start) Ray; True when this call started it."""
     import ray
@@ -101,7 +107,7 @@ def _ray_init(tcfg) -> bool:
     if ray.is_initialized():
         return False
     if tcfg.ray_address:
-        ray.init(address=tcfg.ray_address, log_to_driver=False, namespace=HANDOFF_NAMESPACE)
+        ray.init(address=tcfg.ray_address, log_to_driver=False, namespace=HANDOFF_NAMESPACE, **_node_ip())
     else:
         # A private Ray node on a loopback address: no traffic leaves the machine.
         ray.init(_node_ip_address=tcfg.ray_node_ip, include_dashboard=False, log_to_driver=False,
@@ -176,7 +182,7 @@ def open_teacher(tcfg, model: str, *, rank: int = 0, world: int = 1, broadcast=N
             Config.initialize("")
         except Exception:
             pass
-        extra = {} if tcfg.ray_address else {"_node_ip_address": tcfg.ray_node_ip}  # stay on loopback
+        extra = _node_ip() if tcfg.ray_address else {"_node_ip_address": tcfg.ray_node_ip}  # stay on loopback
         ray.init(address=msg["address"], log_to_driver=False, namespace=HANDOFF_NAMESPACE, **extra)
         started = True
     box = ray.get(ray.get_actor(msg["name"], namespace=HANDOFF_NAMESPACE).get.remote())

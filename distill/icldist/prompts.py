@@ -99,7 +99,7 @@ class PromptConfig:
     tasks: list[str] = field(default_factory=lambda: ["all"])  # SentiBench tasks ("all" or names like sc/sst2)
     held_out: list[str] = field(default_factory=lambda: ["multifaced/irony18", "absa/acsa_rest16"])  # excluded entirely
     fine_grained: bool = True  # include ATSA/ACSA/ASQP/OpeNER (token-level KD; needs one vocabulary)
-    per_task: int = 40  # prompts per task (0 = every train example; the tiny default keeps the set small)
+    per_task: int = 24  # prompts per task (0 = every train example; the tiny default keeps the set small)
     min_shots: int = 0  # fewest demonstrations per prompt
     max_shots: int = 8  # most demonstrations per prompt
     formats: list[str] = field(default_factory=lambda: list(FORMATS))  # layouts to draw from

@@ -154,6 +154,13 @@ def run_cache_stage(run: ICLDistRun) -> Path:
     return root
 
 
+def _cache_complete(root: Path) -> bool:
+    try:
+        return bool(json.loads((root / "manifest.json").read_text(encoding="utf-8")).get("complete"))
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 # ---------------------------------------------------------------------------------------------------
 # Trainer plug-ins
 
@@ -179,8 +186,8 @@ def _prepare(cfg_run, tokenizer, ctx) -> ICLDistRun:
     check_levels(run, teacher_tok, tokenizer)
     manifest = manifest_for(run, teacher_tok)
     if cfg.teacher.source == "cache":
-        if rank == 0 and not (run.cache_dir / "manifest.json").is_file():
-            _print0(f"no teacher cache at {run.cache_dir}: building it first (teacher.source=cache)")
+        if rank == 0 and not _cache_complete(run.cache_dir):
+            _print0(f"no complete teacher cache at {run.cache_dir}: building it first (teacher.source=cache)")
             run_cache_stage(run)
             if run.owns_client:
                 close_teacher(run.client)
