@@ -1,0 +1,101 @@
+"""Scorer input errors, the results table and the comparison plot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from distill.eval.report import load_results, plot_results, results_markdown
+from distill.eval.sentibench import aggregate, main
+
+
+def run_score(tmp_path, capsys, lines, *extra):
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    rc = main(["score", "--task", "sc/sst2", "--predictions", str(path), "--data-dir", "sample", *extra])
+    return rc, capsys.readouterr().err
+
+
+def test_missing_indices_are_an_error(tmp_path, capsys):
+    rc, err = run_score(tmp_path, capsys, [json.dumps({"index": i, "prediction": "negative"}) for i in range(3)])
+    assert rc == 2 and "p.jsonl: missing predictions for 197 of 200 indices: 3, 4, 5" in err and "--limit 3" in err
+    rc, err = run_score(tmp_path, capsys, [json.dumps({"index": i, "prediction": "negative"}) for i in (0, 2)], "--limit", "3")
+    assert rc == 2 and "missing predictions for 1 of 3 indices: 1" in err
+
+
+def test_duplicate_and_bad_lines_are_errors(tmp_path, capsys):
+    rows = [json.dumps({"index": i, "prediction": "negative"}) for i in (0, 1, 1)]
+    rc, err = run_score(tmp_path, capsys, rows, "--limit", "2")
+    assert rc == 2 and "line 3: duplicate index 1 (first on line 2)" in err
+    rc, err = run_score(tmp_path, capsys, ['{"index": 0, "prediction": "negative"}', "{oops"], "--limit", "2")
+    assert rc == 2 and "line 2: not valid JSON" in err
+    rc, err = run_score(tmp_path, capsys, ['{"index": 0}'], "--limit", "1")
+    assert rc == 2 and "line 1: missing field 'prediction'" in err
+    rc, err = run_score(tmp_path, capsys, ['{"index": 5, "prediction": "x"}'], "--limit", "2")
+    assert rc == 2 and "line 1: index 5 out of range 0..1" in err
+    rc, err = run_score(tmp_path, capsys, ['{"index": "0", "prediction": "x"}'], "--limit", "1")
+    assert rc == 2 and "field 'index' must be an integer" in err
+
+
+def fake_results(name, shift, tasks=None):
+    from distill.data.sentibench import TASKS
+
+    tasks = tasks or TASKS
+    per_seed = {}
+    for k, t in enumerate(tasks):
+        f1 = (k * 7 + shift) % 100 / 100
+        m = {"f1": f1, "n": 10, "acc": f1, "precision": f1, "recall": f1, "parse_failures": 0}
+        per_seed[t] = {"42": m, "52": dict(m, f1=f1 / 2)}
+    res = {"model": name, "shots": 4, "seeds": [42, 52], "limit": None, "sample": False}
+    res.update(aggregate(per_seed, tasks))
+    return res
+
+
+def test_aggregate_averages_and_table_layout():
+    res = fake_results("org/model-a", 3, ["sc/sst2", "sc/imdb", "absa/opener"])
+    # sst2: f1 0.03 and 0.015 -> rounded to 4 decimals, mean x100 = 2.25
+    assert res["tasks"]["sc/sst2"]["score"] == pytest.approx(2.25)
+    assert res["categories"]["basic"]["score"] == pytest.approx((2.25 + 100 * (0.10 + 0.05) / 2) / 2)
+    assert res["overall"]["n_tasks"] == 3 and not res["overall"]["complete"]
+    md = results_markdown([res])
+    header, rule, row = md.splitlines()[:3]
+    assert header.split("|")[1:4] == [" Model ", " IMDB ", " Yelp2 "] and header.strip().endswith("| Avg |")
+    assert row.startswith("| model-a | 7.50 | - | 2.25 |")
+    assert "3 of 12 datasets" in md
+
+
+def test_plot_two_results_files(tmp_path, capsys):
+    for name, shift in (("a", 0), ("b", 40)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(fake_results(name, shift)))
+    out = tmp_path / "cmp.png"
+    rc = main(["plot", str(tmp_path / "a/results.json"), str(tmp_path / "b/results.json"), "-o", str(out)])
+    assert rc == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "bad.json").write_text(json.dumps({"tasks": {}}))
+    with pytest.raises(ValueError, match=r"bad\.json: not a SentiBench results\.json \(missing field 'overall'\)"):
+        load_results(tmp_path / "bad.json")
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        plot_results([load_results(tmp_path / "nope.json")], out)
+
+
+def test_download_extracts_the_datasets_folder(tmp_path):
+    import tarfile
+
+    from distill.data.sentibench import TASKS, load_task
+
+    src = tmp_path / "Sentiment-Distillation-abc" / "datasets"
+    for t in TASKS:
+        for split in ("train", "test"):
+            rec = {"sentence": "s", "label": "positive", "target": "t", "label_score": 1.0, "aspects": [],
+                   "quards": [], "opinions": [], "sent_id": "x", "ID": "x"}
+            (src / t).mkdir(parents=True, exist_ok=True)
+            (src / t / f"{split}.json").write_text("\ufeff" + json.dumps([rec]), encoding="utf-8")
+    (src / "sc" / ".DS_Store").write_text("junk")
+    archive = tmp_path / "repo.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "Sentiment-Distillation-abc", arcname="Sentiment-Distillation-abc")
+    dest = tmp_path / "cache" / "sentibench"
+    rc = main(["download", "--dest", str(dest), "--url", archive.as_uri()])
+    assert rc == 0 and (dest / "absa/opener/test.json").is_file() and not (dest / "sc/.DS_Store").exists()
+    assert load_task("sc/sst2", "test", dest)[0].text == "s"
