@@ -65,7 +65,7 @@ def check_common(temperature: float, reduction: str, alpha: float) -> None:
 def launch_config(vocab: int) -> tuple[int, int]:
     """(BLOCK_V, num_warps) for a row of ``vocab`` elements."""
     block = min(triton.next_power_of_2(max(vocab, 16)), MAX_BLOCK_V)
-    num_warps = 4 if block <= 1024 else (8 if block <= 4096 else 16)
+    num_warps = 4 if block <= 1024 else (8 if block <= 2048 else 16)
     return block, num_warps
 
 
