@@ -32,6 +32,8 @@ known): it raises NotImplementedError so the loss dispatcher falls back to torch
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from distill_kernels._common import (
@@ -49,13 +51,26 @@ def default_chunk_tokens(n_tokens: int, vocab: int, elem_bytes: int, full_teache
     return max(1, min(n_tokens, c))
 
 
+_FP32_OUT_GEMM = {"ok": True}
+
+
 def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b with fp32 accumulation and no fp32 copies of a or b."""
+    """acc += a @ b with fp32 accumulation and no fp32 copies of a or b on CUDA."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
-    elif a.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:  # CPU (tests): no fp32-output GEMM for bf16 here; upcast the chunk.
+        return
+    if a.is_cuda and _FP32_OUT_GEMM["ok"]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (TypeError, RuntimeError) as exc:  # torch without fp32-output GEMMs (< 2.8)
+            _FP32_OUT_GEMM["ok"] = False
+            warnings.warn(f"fp32-output addmm unavailable ({exc}); each chunk's lm_head "
+                          "gradient is rounded to the input dtype before fp32 accumulation",
+                          stacklevel=3)
+    if a.is_cuda:
+        acc.add_(a @ b)
+    else:  # CPU (tests): upcast the chunk (chunk-sized fp32 copies; exact products)
         acc.addmm_(a.float(), b.float())
 
 
