@@ -137,6 +137,10 @@ class FusedLinearKDFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_h, grad_w = ctx.grad_h, ctx.grad_w
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("fused_linear_kd: the gradient formed in the forward was consumed by "
+                               "a first backward; backward twice (retain_graph) is not supported")
+        ctx.consumed = True
         ctx.grad_h = ctx.grad_w = None
         if grad_h is not None:
             grad_h = grad_h.mul_(grad_output).view(ctx.h_shape)

@@ -215,6 +215,9 @@ class KDDivFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad = ctx.grad
+        if grad is None:
+            raise RuntimeError("the gradient formed in the forward was consumed by a first "
+                               "backward; backward twice (retain_graph) is not supported")
         ctx.grad = None
         if ctx.reduction == "none":
             grad.mul_(grad_output.reshape(-1, 1))

@@ -142,6 +142,11 @@ def test_kd_div_rejects_what_it_cannot_do():
         kd_div(s, randn((2, 17)), kind="jsd")
     with pytest.raises(ValueError, match="temperature"):
         kd_div(s, s, temperature=0.0)
+    x = s.clone().requires_grad_(True)
+    loss = kd_div(x, t, kind="jsd")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward twice"):
+        loss.backward()
 
 
 GPU_VOCABS = [32_000, 128_256, 152_064]
