@@ -1,18 +1,18 @@
 """KnowDist harvesting: a teacher writes sentiment analyses of unlabeled texts from several perspectives.
 
     # built-in default: SentiBench train texts (8 per task) x 8 perspectives, the built-in small
-    # teacher (trained here and cached under runs/knowdist/builtin, shared with launchers/knowdist.py), a local loopback Ray service:
+    # teacher (trained here, cached in runs/knowdist/builtin like launchers/knowdist.py's), a local
+    # Ray service on loopback (here: inside `unshare -n bash -c 'ip link set lo up && ...'`):
     python launchers/harvest.py
     # a real teacher on a GPU node, 2 replicas x 4 pipeline shards, bf16:
     python launchers/harvest.py --config launchers/configs/qwen2.5-72b-instruct_harvest.yaml
     # override any key:
     python launchers/harvest.py --config FILE --teacher.replicas=4 --output.dir=/data/kd/corpus
-    # SLURM: start a Ray cluster over the allocation, then run the driver on the first node
-    #   (one task per node; the head on node 0, workers join it; teacher.ray_address=auto):
-    sbatch -N4 --gpus-per-node=8 --wrap 'srun --nodes=$SLURM_NNODES --ntasks-per-node=1 bash -c "
-      if [ \$SLURM_NODEID = 0 ]; then ray start --head --port=6379 --num-gpus=8 --block & sleep 20;
-        python launchers/harvest.py --config FILE --teacher.ray_address=auto; ray stop;
-      else sleep 10; ray start --address=\$(scontrol show hostnames \$SLURM_JOB_NODELIST | head -1):6379 --num-gpus=8 --block; fi"'
+    # SLURM (slurm/harvest.sh starts Ray over the allocation, runs this driver on the first node
+    # with --teacher.ray_address=<the job's cluster>, and tears Ray down however the job ends):
+    sbatch slurm/harvest.sh                                            # built-in default
+    sbatch -N 4 --gres=gpu:8 --export=ALL,CONFIG=launchers/configs/qwen2.5-72b-instruct_harvest.yaml \
+           slurm/harvest.sh --teacher.replicas=8 --teacher.shards=4 --output.dir=/data/kd/corpus
 
 Re-running the same command after a crash, a pre-emption or ``kill -9`` resumes: finished shards
 (listed in ``<output.dir>/manifest.json``) are kept, the rest is generated, no record is written

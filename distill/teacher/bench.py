@@ -87,21 +87,39 @@ def bench_replicas(tmp: str, n_seqs: int, length: int, batch: int, repeats: int)
     try:
         for svc in svcs.values():
             svc.topk(seqs[: 4 * batch], poss[: 4 * batch], 8)  # warm-up (first-call allocations)
+        import ray
+
+        cpu: dict[int, float] = {1: 0.0, 2: 0.0}
+        threads = set()
+
+        def actor_cpu(svc):
+            us = ray.get([h.usage.remote() for rep in svc.stage_handles() for h in rep])
+            threads.update(u["torch_threads"] for u in us)
+            return sum(u["cpu_s"] for u in us)
+
         for _ in range(repeats):
             for r, svc in svcs.items():
+                c0 = actor_cpu(svc)
                 t0 = time.perf_counter()
                 svc.topk(seqs, poss, 8)
                 times[r].append(time.perf_counter() - t0)
+                cpu[r] += actor_cpu(svc) - c0
         stats = {r: svc.stats() for r, svc in svcs.items()}
     finally:
         for svc in svcs.values():
             svc.shutdown()
     out = {r: {"wall_s": statistics.median(times[r]), "all_wall_s": times[r],
                "tokens_per_s": tokens / statistics.median(times[r]),
-               "batches_per_replica": stats[r]["batches_per_replica"]} for r in (1, 2)}
+               "batches_per_replica": stats[r]["batches_per_replica"],
+               # CPU cores the teacher actors actually got while timed (their CPU seconds / wall)
+               "actor_cores_used": cpu[r] / sum(times[r])} for r in (1, 2)}
+    for r in (1, 2):  # throughput per core the actors actually got: what the replicas scale with
+        out[r]["tokens_per_actor_core_s"] = out[r]["tokens_per_s"] / max(out[r]["actor_cores_used"], 1e-9)
+    out["torch_threads_per_actor"] = sorted(threads)
     return {"tokens_per_request": tokens, "sequences": n_seqs, "length": length, "batch": batch,
-            "one_replica": out[1], "two_replicas": out[2],
-            "speedup": out[2]["tokens_per_s"] / out[1]["tokens_per_s"]}
+            "one_replica": out[1], "two_replicas": out[2], "torch_threads_per_actor": out["torch_threads_per_actor"],
+            "speedup": out[2]["tokens_per_s"] / out[1]["tokens_per_s"],
+            "per_core_efficiency": out[2]["tokens_per_actor_core_s"] / out[1]["tokens_per_actor_core_s"]}
 
 
 def main(argv=None) -> int:
@@ -138,6 +156,10 @@ def main(argv=None) -> int:
         ("1 replica tokens/s", f"{rep['one_replica']['tokens_per_s']:.0f}", f"median of {args.repeats}"),
         ("2 replicas tokens/s", f"{rep['two_replicas']['tokens_per_s']:.0f}", f"split {rep['two_replicas']['batches_per_replica']}"),
         ("speedup 2 / 1 replicas", f"{rep['speedup']:.2f}x", "target >= 1.7x"),
+        ("cores used by actors, 1 replica", f"{rep['one_replica']['actor_cores_used']:.2f}", "CPU s / wall s"),
+        ("cores used by actors, 2 replicas", f"{rep['two_replicas']['actor_cores_used']:.2f}",
+         "2 replicas can only beat 1 with a free core"),
+        ("tokens per actor core-second, 2 / 1", f"{rep['per_core_efficiency']:.2f}", "1.0 = no loss from splitting"),
     ]
     w = max(len(r[0]) for r in rows)
     for name, val, note in rows:

@@ -74,6 +74,10 @@ class _StageActor:
         return {"pid": os.getpid(), "layers": (self.stage.spec.start, self.stage.spec.end), "load_s": self.load_s,
                 "device": str(self.stage.device)}
 
+    def usage(self) -> dict:
+        """CPU seconds this actor process has used, and its torch threads (benchmarks, monitoring)."""
+        return {"cpu_s": time.process_time(), "torch_threads": torch.get_num_threads()}
+
     def forward(self, payload):
         return self.stage(payload)
 
