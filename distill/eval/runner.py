@@ -111,6 +111,21 @@ def _zero3() -> bool:
         return False
 
 
+_SPACE_CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                  (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def decode_like_reference(tokenizer, seqs) -> list[str]:
+    """Decode as transformers 4.44 did for the authors: special tokens skipped, and the tokenizer's own
+    ``clean_up_tokenization_spaces`` applied whatever the tokenizer type (true for Llama-3, whose
+    answers then read "do n't" as "don't"). transformers 5 skips it for BPE tokenizers, so we do it."""
+    texts = tokenizer.batch_decode(seqs, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    if getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        for old, new in _SPACE_CLEANUP:
+            texts = [t.replace(old, new) for t in texts]
+    return texts
+
+
 class _FirstLineDone:
     """Stopping criterion: the generated text has a complete first non-blank line."""
 
@@ -237,7 +252,7 @@ class Runner:
                 **kwargs,
             )
             if b is not None:
-                texts = self.tokenizer.batch_decode(seqs, skip_special_tokens=True)
+                texts = decode_like_reference(self.tokenizer, seqs)
                 out.update((i, extract_answer(t, shots)) for i, t in zip(b, texts))
                 self.on_batch(1)
         return self._gather(out, len(encoded))

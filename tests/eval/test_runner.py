@@ -86,6 +86,20 @@ def test_generation_early_stop_gives_the_same_answers(tiny_tokenizer):
     assert any(x for x in a)
 
 
+def test_decode_applies_the_tokenizers_space_cleanup_like_transformers_4(tiny_tokenizer):
+    from distill.eval.runner import decode_like_reference
+
+    ids = [tiny_tokenizer("Label: I do n't like it .", add_special_tokens=False)["input_ids"]]
+    before = tiny_tokenizer.clean_up_tokenization_spaces
+    try:
+        tiny_tokenizer.clean_up_tokenization_spaces = False
+        assert decode_like_reference(tiny_tokenizer, ids) == ["Label: I do n't like it ."]
+        tiny_tokenizer.clean_up_tokenization_spaces = True  # e.g. Llama-3's tokenizer_config
+        assert decode_like_reference(tiny_tokenizer, ids) == ["Label: I don't like it."]
+    finally:
+        tiny_tokenizer.clean_up_tokenization_spaces = before
+
+
 def test_evaluate_in_process_restores_training_mode(tiny_lm, tiny_tokenizer):
     tiny_lm.train()
     res = evaluate(tiny_lm, tiny_tokenizer, tasks="sc/sst2,absa/atsa_rest16", seeds=(42,), limit=4,
