@@ -253,11 +253,11 @@ sd_ray_start() {
   done
   if [ "$NNODES" -gt 1 ]; then
     local t0=$SECONDS
-    "$PYTHON" - "$RAY_ADDRESS_FOR_JOB" "$NNODES" "$RAY_START_TIMEOUT" <<'EOF' || sd_die "Ray workers did not all join (logs: $RAY_LOG_DIR/ray-node*.log)"
+    "$PYTHON" - "$RAY_ADDRESS_FOR_JOB" "$NNODES" "$RAY_START_TIMEOUT" "$head_ip" <<'EOF' || sd_die "Ray workers did not all join (logs: $RAY_LOG_DIR/ray-node*.log)"
 import sys, time
 import ray
-address, want, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+address, want, timeout, ip = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+ray.init(address=address, _node_ip_address=ip, log_to_driver=False, logging_level="ERROR")
 deadline = time.monotonic() + timeout
 while True:
     alive = [n for n in ray.nodes() if n["Alive"]]
@@ -290,6 +290,16 @@ sd_launch_students() {
   export RANK_OFFSET=0
   if [ -z "${OMP_NUM_THREADS:-}" ]; then
     export OMP_NUM_THREADS=$(( CPUS_ON_NODE / STUDENT_TASKS_PER_NODE > 0 ? CPUS_ON_NODE / STUDENT_TASKS_PER_NODE : 1 ))
+  fi
+  # Each rank's Ray driver binds the address of its node's Ray node (RAY_NODE_IP, set by step.sh).
+  if [ "${SD_RAY_STARTED:-0}" = 1 ]; then
+    local i ip map=()
+    for (( i = 0; i < NNODES; i++ )); do
+      ip="$(sd_ray_node_ip "$i")"
+      [ -z "$ip" ] || map+=("${NODES[$i]}=$ip")
+    done
+    SD_RAY_IP_MAP="$(IFS=','; echo "${map[*]}")"
+    export SD_RAY_IP_MAP
   fi
   local gpu_args=()
   [ "$GPUS_PER_NODE" -eq 0 ] || gpu_args=(--gpus "$TEACHER_GPUS_PER_NODE:$STUDENT_GPUS_PER_NODE")

@@ -10,6 +10,8 @@
 # --rank-env          RANK = RANK_OFFSET + SLURM_PROCID, WORLD_SIZE = SLURM_NTASKS (unless set),
 #                     LOCAL_RANK = SLURM_LOCALID, LOCAL_WORLD_SIZE = tasks on this node,
 #                     NODE_RANK = SLURM_NODEID; MASTER_ADDR / MASTER_PORT come from the caller.
+# SD_RAY_IP_MAP="n1=127.0.0.2,n2=127.0.0.3" (set by the caller): RAY_NODE_IP = this node's entry, the
+#                     address of the job's Ray node here, which a Ray driver on this node must use.
 set -euo pipefail
 
 gpus=""
@@ -49,6 +51,13 @@ if [ "$rank_env" = 1 ]; then
   # SLURM_STEP_TASKS_PER_NODE is e.g. "2(x3)" or "2,1": this node's entry is SLURM_NODEID's.
   export LOCAL_WORLD_SIZE="${SLURM_NTASKS_PER_NODE:-${SLURM_STEP_TASKS_PER_NODE%%[(,]*}}"
   export NODE_RANK="$SLURM_NODEID"
+fi
+
+if [ -n "${SD_RAY_IP_MAP:-}" ]; then
+  IFS=',' read -r -a pairs <<< "$SD_RAY_IP_MAP"
+  for kv in "${pairs[@]}"; do
+    if [ "${kv%%=*}" = "${SLURMD_NODENAME:-$(hostname -s)}" ]; then export RAY_NODE_IP="${kv#*=}"; fi
+  done
 fi
 
 exec "$@"

@@ -73,6 +73,12 @@ def test_step_selects_gpus_of_the_step_and_maps_ranks():
     assert _step(["--gpus", "1:2"], GPUS_PER_NODE="4")["CUDA_VISIBLE_DEVICES"] == "1,2"
 
 
+def test_step_sets_the_ray_address_of_its_node():
+    m = "n1=127.0.0.2,n2=127.0.0.3"
+    assert _step([], SD_RAY_IP_MAP=m, SLURMD_NODENAME="n2")["RAY_NODE_IP"] == "127.0.0.3"
+    assert "RAY_NODE_IP" not in _step([], SD_RAY_IP_MAP=m, SLURMD_NODENAME="n9")
+
+
 def test_step_refuses_more_gpus_than_it_sees():
     p = subprocess.run(["bash", str(REPO / "slurm/lib/step.sh"), "--gpus", "2:4", "--", "true"],
                        env={"PATH": os.environ["PATH"], "CUDA_VISIBLE_DEVICES": "0,1,2,3"}, capture_output=True, text=True)

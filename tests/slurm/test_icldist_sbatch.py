@@ -72,8 +72,9 @@ def test_icldist_builtin_default_end_to_end(slurm_cluster, tmp_path):
     print(text)  # shown with -rP
     assert rc == 0, f"job {job} exited {rc}\n{text[-6000:]}"
     assert "Ray head started" in text, text[-4000:]
-    assert "teacher service" in text.lower(), text[-4000:]
+    assert "teacher targets: online" in text, text[-4000:]  # the launcher's line once the service answers
     assert "step " in text, text[-4000:]
+    assert "report ->" in text, text[-4000:]
     assert "Ray stopped" in text, text[-4000:]
     export = Path(env["OUT_DIR"]) / "export"
     assert (export / "results.json").exists(), sorted(p.name for p in export.iterdir()) if export.exists() else text[-4000:]
