@@ -67,6 +67,13 @@ def results_markdown(results: Sequence[dict]) -> str:
             notes.append(f"**{_label(res)}: computed on the packaged sample, not the full test sets; not comparable with the paper.**")
         if res.get("limit"):
             notes.append(f"**{_label(res)}: first {res['limit']} test examples per dataset only (--limit).**")
+        failures = [
+            f"{h} {res['tasks'][t]['parse_failures']}/{res['tasks'][t]['n'] * max(1, len(res['tasks'][t].get('seeds', {})))}"
+            for t, h in PAPER_COLUMNS
+            if "parse_failures" in res["tasks"].get(t, {})
+        ]
+        if failures:
+            notes.append(f"{_label(res)}: unparseable answers (scored as empty), all seeds: {', '.join(failures)}.")
         if not res["overall"].get("complete", False):
             notes.append(f"{_label(res)}: {res['overall'].get('n_tasks')} of 12 datasets.")
     return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
