@@ -1,7 +1,8 @@
 """Model-side SentiBench evaluation: batched, left-padded inference and the rank split.
 
-Classification: one forward pass per batch; the prediction is the argmax of the last position's logits
-over the verbalizer's first sub-tokens (what the authors read from ``generate(...).scores[0]``).
+Classification: one ``generate`` step per batch; the prediction is the argmax of its scores (the
+logits after the model's generation-config processors) over the verbalizer's first sub-tokens, as the
+authors read ``generate(...).scores[0]``.
 Fine-grained: greedy ``model.generate`` (150 new tokens), the prompt and generation decoded together
 and the answer taken by the authors' regex. A sequence stops early once its first non-blank line is
 complete: nothing after it can change the answer, so the score is the same as running all 150 tokens.
@@ -14,7 +15,6 @@ calls (short ranks repeat a batch whose outputs they drop) so ZeRO-3's collectiv
 
 from __future__ import annotations
 
-import inspect
 from typing import Callable, Sequence
 
 import torch
@@ -156,8 +156,6 @@ class Runner:
         self.pad_id = _pad_id(tokenizer)
         self.device = _model_device(model)
         self.rank, self.world = dist_info()
-        fwd = inspect.signature(model.forward).parameters
-        self._keep_arg = "logits_to_keep" if "logits_to_keep" in fwd else ("num_logits_to_keep" if "num_logits_to_keep" in fwd else None)
 
     # ------------------------------------------------------------------ sharding and synchronisation
 
@@ -205,16 +203,27 @@ class Runner:
         batches = plan_batches([len(encoded[i]) for i in mine], self.batch_size, self.max_batch_tokens)
         batches = [[mine[j] for j in b] for b in batches]
         cols = torch.as_tensor(list(label_ids), dtype=torch.long, device=self.device)
+        synced = self.world > 1 and _zero3()
         out: dict[int, int] = {}
         last = batches[-1] if batches else None
         for b in self._synced_batches(batches):
             rows = b if b is not None else (last or [0])
             ids, mask = _left_pad([encoded[i] for i in rows], self.pad_id, self.device)
-            # Positions count real tokens only, as generate() does for left-padded prompts.
-            pos = (mask.cumsum(-1) - 1).clamp_min(0)
-            kwargs = {self._keep_arg: 1} if self._keep_arg else {}
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kwargs).logits
-            choice = logits[:, -1, :].index_select(-1, cols).float().argmax(-1).tolist()
+            # One generate() step, not a bare forward: its scores pass through the model's generation
+            # config processors (e.g. Qwen2.5's repetition_penalty=1.05 over the prompt, which holds the
+            # demonstrations' label words), exactly as the authors read generate(...).scores[0].
+            gen = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=1,
+                do_sample=False,
+                num_beams=1,
+                output_scores=True,
+                return_dict_in_generate=True,
+                pad_token_id=self.pad_id,
+                synced_gpus=synced,
+            )
+            choice = gen.scores[0].index_select(-1, cols).float().argmax(-1).tolist()
             if b is not None:
                 out.update(zip(b, choice))
                 self.on_batch(1)

@@ -69,6 +69,28 @@ def test_batched_classification_matches_single_and_generate_scores(tiny_lm, tiny
     assert out.scores[0][:, ids].argmax(-1).tolist() == batched
 
 
+def test_classification_applies_the_generation_config_processors(tiny_lm, tiny_tokenizer):
+    prompts = _prompts("sc/sst2", 8)
+    ids = verbalizer_ids(tiny_tokenizer, "sc/sst2")
+    runner = Runner(tiny_lm, tiny_tokenizer, batch_size=8)
+    enc = runner.tokenize(prompts)
+    before = tiny_lm.generation_config.repetition_penalty
+    try:
+        tiny_lm.generation_config.repetition_penalty = 3.0  # as Qwen2.5's 1.05, made large
+        got = runner.classify(enc, ids)
+    finally:
+        tiny_lm.generation_config.repetition_penalty = before
+    want = []
+    for e in enc:  # one prompt at a time, penalty applied by hand to the tokens of the prompt
+        with torch.no_grad():
+            logits = tiny_lm(input_ids=torch.tensor([e])).logits[0, -1].clone()
+        seen = torch.tensor(sorted(set(e)))
+        s = logits[seen]
+        logits[seen] = torch.where(s > 0, s / 3.0, s * 3.0)
+        want.append(int(logits[ids].argmax()))
+    assert got == want
+
+
 def test_generation_early_stop_gives_the_same_answers(tiny_tokenizer):
     from distill.models.tiny import build_tiny_causal_lm
 
