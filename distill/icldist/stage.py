@@ -181,6 +181,11 @@ def _prepare(cfg_run, tokenizer, ctx) -> ICLDistRun:
     cfg = run.cfg
     rank, world = ctx.env.rank, ctx.env.world_size
     run.teacher_path = ctx.teacher_path
+    if rank == 0:
+        from distill.config import dump_yaml
+
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, run.out_dir / "icldist_config.yaml")  # the whole run's settings (config.yaml: the trainer's)
     run.prompts = build_prompts(run, write=rank == 0)
     teacher_tok = _teacher_tokenizer(run.teacher_path, cfg.model.trust_remote_code)
     check_levels(run, teacher_tok, tokenizer)
