@@ -585,7 +585,8 @@ class Trainer:
                               limit=e.limit or None, batch_size=e.batch_size)
             with open(self.out_dir / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps({"step": self.step, "eval": result}, default=str) + "\n")
-            print0(f"[trainer] eval at step {self.step}: {json.dumps(result, default=str)[:500]}")
+            scores = {t: v.get("score") for t, v in (result.get("tasks") or {}).items()} if isinstance(result, dict) else result
+            print0(f"[trainer] eval at step {self.step}: {scores}")
             del model
         distenv.barrier()
         return result
