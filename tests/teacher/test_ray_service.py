@@ -94,6 +94,29 @@ def test_generate_matches_local(service, local_ref):
     assert [(g.token_ids, g.finish_reason, g.text) for g in got] == [(r.token_ids, r.finish_reason, r.text) for r in ref]
 
 
+def test_harvest_through_the_service_equals_local(service, tiny_teacher_dir, sentibench_texts, tmp_path):
+    """KnowDist harvesting with the Ray service writes the same corpus as with the local teacher."""
+    import json
+
+    from distill.config import load_config
+    from distill.knowdist.harvest import HarvestConfig, harvest, load_corpus
+
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in sentibench_texts[:6]))
+    stop = ",".join(str(i) for i in range(4, 1024))
+
+    def cfg(out, backend):
+        return load_config(HarvestConfig, [
+            "--input.source=jsonl", f"--input.path={texts}", f"--teacher.model={tiny_teacher_dir}",
+            f"--teacher.backend={backend}", "--perspectives.names=overall polarity,irony",
+            f"--sampling.stop_token_ids={stop}", "--sampling.max_new_tokens=5", "--sampling.temperature=1.0",
+            f"--output.dir={out}", "--output.shard_size=4", "--output.progress=false"])[0]
+
+    via_ray = load_corpus(harvest(cfg(tmp_path / "ray", "ray"), teacher=service, model_name=str(tiny_teacher_dir)))
+    local = load_corpus(harvest(cfg(tmp_path / "local", "local")))
+    assert via_ray == local and len(local) > 0
+
+
 def test_killed_actor_loses_nothing_and_duplicates_nothing(ray_session, service, local_ref):
     ray = ray_session
     seqs = _seqs(40, service.info.vocab_size, seed=2)
@@ -131,16 +154,16 @@ def test_errors(service):
         service.async_topk([[5, V]], [[0]], 4)
 
 
-def test_call_after_shutdown_is_a_clear_error(ray_session, tiny_teacher_dir):
+def test_call_after_shutdown_is_a_clear_error(service, tiny_teacher_dir):
+    """Runs last in this module: it shuts the module's service down."""
     from distill.teacher.ray_service import TeacherService
 
     with pytest.raises(ValueError, match="each shard needs"):
         TeacherService(tiny_teacher_dir, shards=3)
-    svc = TeacherService(tiny_teacher_dir, replicas=1, shards=1)
-    assert svc.topk([[5, 6, 7]], [[2]], 3)[0].ids.shape == (1, 3)
-    svc.shutdown()
+    assert service.topk([[5, 6, 7]], [[2]], 3)[0].ids.shape == (1, 3)
+    service.shutdown()
     with pytest.raises(RuntimeError, match="shut down"):
-        svc.async_topk([[5, 6, 7]], [[2]], 3)
+        service.async_topk([[5, 6, 7]], [[2]], 3)
     with pytest.raises(RuntimeError, match="shut down"):
-        svc.generate(["hello"])
-    svc.shutdown()  # idempotent
+        service.generate(["hello"])
+    service.shutdown()  # idempotent
