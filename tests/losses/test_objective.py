@@ -107,7 +107,7 @@ def test_global_normalisation_sums_over_micro_batches():
     torch.testing.assert_close(l1 + l2, whole.loss)
     torch.testing.assert_close(x.grad, g_whole)
     per_mb = 0.5 * (obj(s[:2], t[:2], labels[:2], n1).loss + obj(s[2:], t[2:], labels[2:], n2).loss)
-    assert abs(float(per_mb) - float(whole.loss.detach())) > 1e-3
+    assert abs(float(per_mb.detach()) - float(whole.loss.detach())) > 1e-3
     # A tensor normaliser (what an all-reduce returns) gives the same.
     torch.testing.assert_close(obj(s, t, labels, torch.tensor(n_total)).loss, whole.loss.detach())
 
