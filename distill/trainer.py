@@ -369,7 +369,16 @@ class Trainer:
 
     # -- data -------------------------------------------------------------------------------------
     def micro_batches(self, step: int) -> list[dict]:
-        """This rank's micro-batches (CPU) of optimizer step ``step`` (0-based); deterministic."""
+        """This rank's micro-batches (CPU) of optimizer step ``step`` (0-based); deterministic.
+        The last result is cached: prefetching the next step's first micro-batch builds that step."""
+        cached = getattr(self, "_mb_cache", None)
+        if cached is not None and cached[0] == step:
+            return cached[1]
+        out = self._build_micro_batches(step)
+        self._mb_cache = (step, out)
+        return out
+
+    def _build_micro_batches(self, step: int) -> list[dict]:
         t = self.cfg.train
         epoch, within = divmod(step, self.steps_per_epoch)
         g = torch.Generator().manual_seed(t.seed * 1_000_003 + epoch)
@@ -387,6 +396,8 @@ class Trainer:
     def _prefetch(self, step: int, m: int, batch: dict | None = None) -> None:
         if self.teacher is None or (step, m) in self._prefetched or step >= self.total_steps:
             return
+        if type(self.teacher).prefetch is TeacherBackend.prefetch:
+            return  # the backend has no prefetch: do not build batches for nothing
         if batch is None:
             batch = self.micro_batches(step)[m]
         self._prefetched.add((step, m))

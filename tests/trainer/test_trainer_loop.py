@@ -138,3 +138,36 @@ def test_sft_only_and_topk_teacher(tiny_assets, tmp_path):
                     train={"steps": 1, "warmup_steps": 0})
     a, b = full.train_step(0), topv.train_step(0)
     assert a["kd"] == pytest.approx(b["kd"], rel=1e-4)  # top-k with k = V is the full teacher
+
+
+def test_backend_registry_prefetch_once_ahead(tiny_assets, tmp_path):
+    """A registered backend sees prefetch(batch) exactly once per micro-batch, before its call, with
+    the pass-through example ids; returning a TopKTeacher works."""
+    from distill.teacher.output import TopKTeacher
+    from distill.trainer import ColocatedTeacher, TeacherBackend, register_teacher_backend
+
+    log = []
+
+    @register_teacher_backend("test_recording")
+    class Recording(TeacherBackend):
+        def __init__(self, cfg, ctx):
+            self.inner = ColocatedTeacher(cfg, ctx)
+
+        def prefetch(self, batch):
+            log.append(("prefetch", tuple(batch["example_id"])))
+
+        def __call__(self, batch):
+            log.append(("call", tuple(batch["example_id"])))
+            return TopKTeacher.from_logits(self.inner(batch), 8)
+
+    tr = _trainer(tiny_assets, tmp_path / "run", kd={"teacher_backend": "test_recording"},
+                  train={"steps": 3, "warmup_steps": 0}, checkpoint={"export": False})
+    tr.train()
+    calls = [ids for kind, ids in log if kind == "call"]
+    pre = [ids for kind, ids in log if kind == "prefetch"]
+    assert len(calls) == 6 and pre == calls  # 3 steps x 2 micro-batches, each prefetched once, same order
+    for i, ids in enumerate(calls):
+        assert log.index(("prefetch", ids)) < log.index(("call", ids))
+        if i + 1 < len(calls):  # the next one was requested before this one was used
+            assert log.index(("prefetch", calls[i + 1])) < log.index(("call", ids))
+    assert all(x.startswith("ex") for ids in calls for x in ids)
