@@ -57,6 +57,20 @@ def read_env(argv: list[str] | None = None) -> DistEnv:
     return DistEnv(rank=rank, world_size=world, local_rank=local)
 
 
+def set_cpu_threads() -> int:
+    """CPU ranks share the cores: ``cores // ranks on this node`` intra-op threads each (what torchrun
+    does through OMP_NUM_THREADS), unless OMP_NUM_THREADS is set. Oversubscribed OpenMP threads spin
+    on each other: on a loaded 2-core machine 2 ranks x 2 threads ran a step 5-10x slower than 1."""
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or os.environ.get("WORLD_SIZE") or 1)
+    n = max(1, (os.cpu_count() or 1) // max(1, local))
+    torch.set_num_threads(n)
+    return n
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -79,6 +93,8 @@ def init_distributed(backend: str = "auto", *, use_deepspeed: bool = True, argv:
     if cuda:
         torch.cuda.set_device(env.local_rank % max(1, torch.cuda.device_count()))
         env.device = f"cuda:{torch.cuda.current_device()}"
+    else:
+        set_cpu_threads()
     if env.world_size > 1 or use_deepspeed:
         os.environ.setdefault("RANK", str(env.rank))
         os.environ.setdefault("WORLD_SIZE", str(env.world_size))
