@@ -513,7 +513,7 @@ def _reduce(rows: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> to
     total = rows.sum()
     if reduction == "sum":
         return total
-    n = rows.numel() if mask is None else mask.sum()
+    n = rows.numel() if mask is None else mask.to(rows.device).sum()
     if isinstance(n, int):
         return total / max(n, 1)
     return total / n.clamp_min(1)
