@@ -36,20 +36,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def sentibench_texts():
-    """Training texts of every SentiBench task (the shared data, or the packaged sample)."""
-    import glob
-    import json
+    """Training texts of every SentiBench task (the shared data, else the packaged sample)."""
+    from distill.data.sentibench import load_texts
 
-    from distill.data.locate import sentibench_dir
-
-    root = sentibench_dir()
-    if root is None:
-        pytest.skip("SentiBench data not found")
-    texts = []
-    for f in sorted(glob.glob(str(root / "*" / "*" / "train.json"))):
-        with open(f, encoding="utf-8-sig") as fh:
-            texts += [r["sentence"] for r in json.load(fh)]
-    return texts
+    return load_texts(split="train")
 
 
 @pytest.fixture(scope="session")
