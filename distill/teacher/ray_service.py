@@ -126,6 +126,9 @@ class _Router:
     def stage_handles(self) -> list:
         return [list(r.stages) for r in self.replicas]
 
+    def describe(self) -> dict:
+        return {"model": self.model, "info": self.info}
+
     def get_stats(self) -> dict:
         return dict(self.stats, batches_per_replica=list(self.stats["batches_per_replica"]),
                     epochs=[r.epoch for r in self.replicas])
@@ -260,74 +263,55 @@ class _Router:
         self.replicas = []
 
 
-class TeacherService:
-    """A teacher served by ``replicas x shards`` Ray actors (see the module docstring).
+class TeacherClient:
+    """The calls of a running teacher service; picklable, so other processes (trainer ranks) can use it.
 
-    ``model``: a local HF folder or a hub name (each stage downloads only its safetensors files).
-    ``dtype``: ``auto`` (checkpoint dtype on GPU, fp32 on CPU) | bfloat16 | float16 | float32.
-    ``quantization``: None | ``"8bit"`` | ``"4bit"`` (bitsandbytes; CUDA only).
-    ``values_dtype``: dtype of the top-k log-probs shipped back (bfloat16, float16 or float32).
+    Get one with ``TeacherService.client()`` (send it to the ranks) or
+    ``TeacherClient.connect(name)`` for a service started with ``name=``. A client never stops the
+    service; its calls fail once the service's owner shut it down.
     """
 
-    def __init__(self, model: str | os.PathLike, *, replicas: int = 1, shards: int = 1, dtype: str = "auto",
-                 quantization: str | None = None, max_batch_tokens: int = 16384, max_batch_size: int = 64,
-                 ray_address: str | None = None, use_gpu: bool | None = None, num_cpus_per_shard: float = 1,
-                 values_dtype: str = "bfloat16", max_retries: int = 3, max_inflight_per_replica: int | None = None,
-                 ray_temp_dir: str | None = None):
-        from distill.teacher.shard import load_config
+    def __init__(self, router, model: str, info, values_dtype: str = "bfloat16"):
+        self._router, self.model, self.info, self.values_dtype = router, str(model), info, values_dtype
+        self._tokenizer = None
+        self._tokenizer_loaded = False
 
-        if replicas < 1:
-            raise ValueError(f"replicas={replicas} must be >= 1")
-        if values_dtype not in _VALUE_DTYPES:
-            raise ValueError(f"values_dtype={values_dtype!r} must be one of {sorted(_VALUE_DTYPES)}")
-        if max_batch_tokens < 1 or max_batch_size < 1:
-            raise ValueError(f"max_batch_tokens={max_batch_tokens} and max_batch_size={max_batch_size} must be >= 1")
-        self.model = str(model)
-        self.replicas, self.shards = replicas, shards
-        self.values_dtype = values_dtype
-        self._owns_ray = False
-        self._router = None
-        config = load_config(self.model)
+    @classmethod
+    def connect(cls, name: str, namespace: str = "distill_teacher", values_dtype: str = "bfloat16") -> "TeacherClient":
+        """Attach to the service whose router was named ``name`` (this process must have joined its Ray cluster)."""
         try:
-            from transformers import AutoTokenizer
+            router = ray.get_actor(name, namespace=namespace)
+        except ValueError as e:
+            raise RuntimeError(f"no teacher service named {name!r} in Ray namespace {namespace!r}") from e
+        d = ray.get(router.describe.remote())
+        return cls(router, d["model"], d["info"], values_dtype)
 
-            self.tokenizer = AutoTokenizer.from_pretrained(self.model)
-        except Exception:
-            self.tokenizer = None
-        self.info = P.teacher_info(self.model, config, self.tokenizer)
-        from distill.teacher.shard import split_layers
+    def __getstate__(self):
+        return {"_router": self._router, "model": self.model, "info": self.info, "values_dtype": self.values_dtype}
 
-        split_layers(self.info.num_layers, shards)  # clear error before any actor starts
-        if use_gpu is None:
-            use_gpu = torch.cuda.is_available()
-        if quantization is not None and not use_gpu:
-            raise RuntimeError(f"quantization={quantization!r} needs CUDA GPUs (bitsandbytes); this service runs on CPU")
-        self._connect(ray_address, ray_temp_dir, replicas * shards)
-        vocab_limit = len(self.tokenizer) if self.tokenizer is not None else None
-        self._router = _Router.options(num_cpus=0, max_concurrency=10000).remote(
-            self.model, replicas, shards, dtype, quantization, use_gpu, num_cpus_per_shard, max_batch_tokens,
-            max_batch_size, max_retries, max_inflight_per_replica, self.info, vocab_limit)
-        try:
-            self.stage_info = ray.get(self._router.ready.remote())
-        except Exception:
-            self.shutdown()
-            raise
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._tokenizer, self._tokenizer_loaded = None, False
 
-    def _connect(self, address: str | None, temp_dir: str | None, n_actors: int) -> None:
-        if ray.is_initialized():
-            return
-        if address is None and not os.environ.get("RAY_ADDRESS"):
-            # A private single-node Ray on loopback: nothing leaves the machine.
-            ray.init(_node_ip_address="127.0.0.2", include_dashboard=False,
-                     num_cpus=max(os.cpu_count() or 1, n_actors), _temp_dir=temp_dir or "/tmp/ray_distill",
-                     log_to_driver=False)
-        else:
-            ray.init(address=address, log_to_driver=False)
-        self._owns_ray = True
+    @property
+    def tokenizer(self):
+        if not self._tokenizer_loaded:
+            try:
+                from transformers import AutoTokenizer
+
+                self._tokenizer = AutoTokenizer.from_pretrained(self.model)
+            except Exception:  # top-k scoring works on ids alone
+                self._tokenizer = None
+            self._tokenizer_loaded = True
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tok):
+        self._tokenizer, self._tokenizer_loaded = tok, True
 
     def _check_open(self) -> None:
         if self._router is None:
-            raise RuntimeError(f"TeacherService({self.model}) was shut down; create a new one")
+            raise RuntimeError(f"teacher service ({self.model}) was shut down; create a new one")
 
     # -- calls --------------------------------------------------------------------------------
     def async_topk(self, sequences: list[list[int]], positions: list[list[int]], k: int):
@@ -370,6 +354,82 @@ class TeacherService:
     def stats(self) -> dict:
         self._check_open()
         return ray.get(self._router.get_stats.remote())
+
+
+
+class TeacherService(TeacherClient):
+    """A teacher served by ``replicas x shards`` Ray actors (see the module docstring).
+
+    ``model``: a local HF folder or a hub name (each stage downloads only its safetensors files).
+    ``dtype``: ``auto`` (checkpoint dtype on GPU, fp32 on CPU) | bfloat16 | float16 | float32.
+    ``quantization``: None | ``"8bit"`` | ``"4bit"`` (bitsandbytes; CUDA only).
+    ``values_dtype``: dtype of the top-k log-probs shipped back (bfloat16, float16 or float32).
+    ``name``: register the router under this Ray actor name (namespace ``distill_teacher``) so other
+    drivers of the cluster can ``TeacherClient.connect(name)``; it lives as long as this service.
+    """
+
+    def __init__(self, model: str | os.PathLike, *, replicas: int = 1, shards: int = 1, dtype: str = "auto",
+                 quantization: str | None = None, max_batch_tokens: int = 16384, max_batch_size: int = 64,
+                 ray_address: str | None = None, use_gpu: bool | None = None, num_cpus_per_shard: float = 1,
+                 values_dtype: str = "bfloat16", max_retries: int = 3, max_inflight_per_replica: int | None = None,
+                 ray_temp_dir: str | None = None, name: str | None = None):
+        from distill.teacher.shard import load_config
+
+        if replicas < 1:
+            raise ValueError(f"replicas={replicas} must be >= 1")
+        if values_dtype not in _VALUE_DTYPES:
+            raise ValueError(f"values_dtype={values_dtype!r} must be one of {sorted(_VALUE_DTYPES)}")
+        if max_batch_tokens < 1 or max_batch_size < 1:
+            raise ValueError(f"max_batch_tokens={max_batch_tokens} and max_batch_size={max_batch_size} must be >= 1")
+        TeacherClient.__init__(self, None, model, None, values_dtype)
+        self.replicas, self.shards = replicas, shards
+        self._owns_ray = False
+        config = load_config(self.model)
+        try:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model)
+        except Exception:
+            self.tokenizer = None
+        self.info = P.teacher_info(self.model, config, self.tokenizer)
+        from distill.teacher.shard import split_layers
+
+        split_layers(self.info.num_layers, shards)  # clear error before any actor starts
+        if use_gpu is None:
+            use_gpu = torch.cuda.is_available()
+        if quantization is not None and not use_gpu:
+            raise RuntimeError(f"quantization={quantization!r} needs CUDA GPUs (bitsandbytes); this service runs on CPU")
+        self._connect(ray_address, ray_temp_dir, replicas * shards)
+        vocab_limit = len(self.tokenizer) if self.tokenizer is not None else None
+        opts = {"name": name, "namespace": "distill_teacher"} if name else {}
+        self._router = _Router.options(num_cpus=0, max_concurrency=10000, **opts).remote(
+            self.model, replicas, shards, dtype, quantization, use_gpu, num_cpus_per_shard, max_batch_tokens,
+            max_batch_size, max_retries, max_inflight_per_replica, self.info, vocab_limit)
+        try:
+            self.stage_info = ray.get(self._router.ready.remote())
+        except Exception:
+            self.shutdown()
+            raise
+
+    def _connect(self, address: str | None, temp_dir: str | None, n_actors: int) -> None:
+        if ray.is_initialized():
+            return
+        if address is None and not os.environ.get("RAY_ADDRESS"):
+            # A private single-node Ray on loopback: nothing leaves the machine.
+            ray.init(_node_ip_address="127.0.0.2", include_dashboard=False,
+                     num_cpus=max(os.cpu_count() or 1, n_actors), _temp_dir=temp_dir or "/tmp/ray_distill",
+                     log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
+        self._owns_ray = True
+
+    def client(self) -> TeacherClient:
+        """A picklable client of this service, e.g. to hand to the other trainer ranks."""
+        self._check_open()
+        return TeacherClient(self._router, self.model, self.info, self.values_dtype)
+
+    def __reduce__(self):
+        raise TypeError("a TeacherService owns its actors and is not picklable; send service.client() instead")
 
     def stage_handles(self) -> list[list]:
         """Actor handles, ``[replica][stage]`` (for monitoring, and for the fault-injection tests)."""

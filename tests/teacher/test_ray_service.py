@@ -144,6 +144,29 @@ def test_killed_actor_loses_nothing_and_duplicates_nothing(ray_session, service,
     assert torch.equal(service.topk(seqs[:2], poss[:2], 8)[1].ids, ref[1].ids)
 
 
+def test_client_serves_another_process(ray_session, service):
+    """service.client() pickles to other processes (trainer ranks) and reaches the same replicas."""
+    import pickle
+
+    from distill.teacher.ray_service import TeacherClient
+
+    ray = ray_session
+    seqs = _seqs(3, service.info.vocab_size, seed=3)
+    poss = [[0, len(s) - 1] for s in seqs]
+
+    @ray.remote(num_cpus=0)
+    def score(client, seqs, poss):
+        return client.topk(seqs, poss, 4)
+
+    got = ray.get(score.remote(service.client(), seqs, poss), timeout=300)
+    ref = service.topk(seqs, poss, 4)
+    assert all(torch.equal(g.ids, r.ids) and torch.equal(g.logprobs, r.logprobs) for g, r in zip(got, ref))
+    with pytest.raises(TypeError, match="not picklable"):
+        pickle.dumps(service)
+    with pytest.raises(RuntimeError, match="no teacher service named"):
+        TeacherClient.connect("no-such-teacher")
+
+
 def test_errors(service):
     V = service.info.vocab_size
     with pytest.raises(ValueError, match=f"vocabulary size {V}"):
