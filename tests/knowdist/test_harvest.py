@@ -99,6 +99,7 @@ def test_duplicate_answers_are_dropped(kd_teacher_dir, texts_jsonl, tmp_path):
     assert s["kept"] + s["empty"] + s["truncated"] + s["duplicate"] == 24
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9(kd_teacher_dir, texts_jsonl, tmp_path):
     """kill -9 a harvest mid-run, run it again: the corpus equals an uninterrupted run's, no duplicates."""
     ref_dir, dir_ = tmp_path / "ref", tmp_path / "killed"
