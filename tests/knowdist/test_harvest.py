@@ -147,3 +147,16 @@ def test_bad_inputs_are_clear_errors(tmp_path, kd_teacher_dir):
         _cfg("--input.source=jsonl")
     with pytest.raises(ConfigError, match="unknown key"):
         _cfg("--output.shards=3")
+
+
+def test_text_file_input_dedup_and_ids(tmp_path):
+    from distill.knowdist.harvest import InputSection, load_inputs
+
+    f = tmp_path / "t.txt"
+    f.write_text("great  food\n\nawful service\ngreat food\n" + " ".join(["w"] * 300) + "\n", encoding="utf-8")
+    texts, dup = load_inputs(InputSection(source="text", path=str(f), max_words=200))
+    assert [t for _, t in texts][:2] == ["great food", "awful service"] and dup == 1
+    assert len(texts[2][1].split()) == 200
+    again, _ = load_inputs(InputSection(source="text", path=str(f), max_words=200))
+    assert [i for i, _ in again] == [i for i, _ in texts]  # ids are a function of the text
+    assert len({i for i, _ in texts}) == 3
