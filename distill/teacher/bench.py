@@ -40,11 +40,10 @@ def _seqs(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
 
 
 def bench_payload(tmp: str, k: int, vocab: int, n_seqs: int, length: int) -> dict:
-    import ray
     import torch
     from transformers import AutoModelForCausalLM
 
-    from distill.teacher.ray_service import TeacherService
+    from distill.teacher.ray_service import TeacherService, object_store_bytes, put
 
     path = _teacher(os.path.join(tmp, "v152k"), vocab, "micro")
     seqs = _seqs(n_seqs, length, vocab)
@@ -52,8 +51,8 @@ def bench_payload(tmp: str, k: int, vocab: int, n_seqs: int, length: int) -> dic
     svc = TeacherService(path, replicas=1, shards=1)
     try:
         ref = svc.async_topk(seqs, poss, k)
-        topk = ray.get(ref)
-        topk_bytes = ray.experimental.get_object_locations([ref])[ref]["object_size"]
+        topk = svc.get(ref)
+        topk_bytes = object_store_bytes(ref)
     finally:
         svc.shutdown()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -63,8 +62,8 @@ def bench_payload(tmp: str, k: int, vocab: int, n_seqs: int, length: int) -> dic
     same = sum(int(torch.equal(t.ids[:, 0].long(), lg.argmax(-1))) for t, lg in zip(topk, logits))
     full = [lg.to(torch.bfloat16) for lg in logits]
     del logits
-    full_ref = ray.put(full)
-    full_bytes = ray.experimental.get_object_locations([full_ref])[full_ref]["object_size"]
+    full_ref = put(full)
+    full_bytes = object_store_bytes(full_ref)
     del full, full_ref
     positions = n_seqs * length
     return {"k": k, "vocab": vocab, "positions": positions, "topk_bytes": topk_bytes, "full_bf16_bytes": full_bytes,
@@ -87,13 +86,11 @@ def bench_replicas(tmp: str, n_seqs: int, length: int, batch: int, repeats: int)
     try:
         for svc in svcs.values():
             svc.topk(seqs[: 4 * batch], poss[: 4 * batch], 8)  # warm-up (first-call allocations)
-        import ray
-
         cpu: dict[int, float] = {1: 0.0, 2: 0.0}
         threads = set()
 
         def actor_cpu(svc):
-            us = ray.get([h.usage.remote() for rep in svc.stage_handles() for h in rep])
+            us = svc.get([h.usage.remote() for rep in svc.stage_handles() for h in rep])
             threads.update(u["torch_threads"] for u in us)
             return sum(u["cpu_s"] for u in us)
 
@@ -135,20 +132,19 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
 
-    import ray
+    from distill.teacher import ray_service as rs
 
     load_before = os.getloadavg()
     if args.ray_address:
-        ray.init(address=args.ray_address, log_to_driver=False)
+        rs.connect_ray(args.ray_address)
     else:
-        ray.init(_node_ip_address="127.0.0.2", include_dashboard=False, num_cpus=4,
-                 _temp_dir=tempfile.mkdtemp(prefix="rb", dir="/tmp"), log_to_driver=False)
+        rs.start_local_ray(num_cpus=4, temp_dir=tempfile.mkdtemp(prefix="rb", dir="/tmp"))
     try:
         with tempfile.TemporaryDirectory() as tmp:
             pay = bench_payload(tmp, args.k, args.vocab, args.payload_seqs, args.payload_len)
             rep = bench_replicas(tmp, args.seqs, args.len, args.batch, args.repeats)
     finally:
-        ray.shutdown()
+        rs.stop_ray()
     rows = [
         ("top-k payload (k=%d), bytes" % pay["k"], f"{pay['topk_bytes']:,}", f"{pay['topk_bytes_per_position']:.1f} B/pos"),
         ("full bf16 logits (V=%d), bytes" % pay["vocab"], f"{pay['full_bf16_bytes']:,}", f"{pay['full_bytes_per_position']:.0f} B/pos"),

@@ -46,6 +46,31 @@ from distill.teacher.pipeline import Generation, SamplingParams
 _VALUE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+def start_local_ray(num_cpus: int | None = None, temp_dir: str | None = None) -> None:
+    """A private single-node Ray bound to 127.0.0.2: nothing it opens leaves the machine."""
+    ray.init(_node_ip_address="127.0.0.2", include_dashboard=False, num_cpus=num_cpus,
+             _temp_dir=temp_dir or "/tmp/ray_distill", log_to_driver=False)
+
+
+def connect_ray(address: str = "auto") -> None:
+    """Join a running Ray cluster."""
+    ray.init(address=address, log_to_driver=False)
+
+
+def stop_ray() -> None:
+    ray.shutdown()
+
+
+def put(value):
+    """``ray.put``: an ObjectRef of ``value`` in the object store."""
+    return ray.put(value)
+
+
+def object_store_bytes(ref) -> int:
+    """Size of an object as stored in the Ray object store (what moving it costs)."""
+    return int(ray.experimental.get_object_locations([ref])[ref]["object_size"])
+
+
 def _is_actor_death(e: BaseException) -> bool:
     from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
@@ -416,11 +441,9 @@ class TeacherService(TeacherClient):
             return
         if address is None and not os.environ.get("RAY_ADDRESS"):
             # A private single-node Ray on loopback: nothing leaves the machine.
-            ray.init(_node_ip_address="127.0.0.2", include_dashboard=False,
-                     num_cpus=max(os.cpu_count() or 1, n_actors), _temp_dir=temp_dir or "/tmp/ray_distill",
-                     log_to_driver=False)
+            start_local_ray(max(os.cpu_count() or 1, n_actors), temp_dir)
         else:
-            ray.init(address=address, log_to_driver=False)
+            connect_ray(address)
         self._owns_ray = True
 
     def client(self) -> TeacherClient:
