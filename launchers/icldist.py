@@ -3,7 +3,7 @@
     # 1 process, built-in tiny default (CPU is fine; private loopback Ray teacher, then the report):
     python launchers/icldist.py
     # 1 node through deepspeed (student ranks; the teacher service is shared by all ranks):
-    deepspeed --num_gpus 8 launchers/icldist.py --config launchers/configs/llama8b_to_qwen05b_icldist.yaml
+    deepspeed --num_gpus 8 launchers/icldist.py --config launchers/configs/qwen2.5-7b-instruct_to_qwen2.5-0.5b_icldist.yaml
     # SLURM (Ray head on node 0, workers elsewhere, students by srun): see slurm/icldist.sh
     srun python launchers/icldist.py --config FILE --teacher.ray_address=HOST:PORT
     # offline teacher targets: cache once, then train with no teacher running
@@ -31,6 +31,8 @@ Flags (everything else is ``--section.key=value``, see distill/icldist/config.py
     --prompts.held_out=a,b        SentiBench tasks left out of training entirely
     --report.limit=N              test sentences per task in the SentiBench report (0 = all)
     --local_rank / $LOCAL_RANK    accepted (deepspeed); RANK / WORLD_SIZE from the environment
+    $RAY_NODE_IP                  optional: the address this process's Ray driver binds to when it joins a
+                                  cluster (e.g. 127.0.0.x in single-host tests)
 
 With several student ranks, rank 0 builds the prompt set (and, in online mode, the teacher's
 fine-grained answers) and starts or connects to the teacher service; every rank sends its own
