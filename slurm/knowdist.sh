@@ -7,7 +7,7 @@
 #   sbatch slurm/knowdist.sh                                  # built-in tiny default, any allocation (CPU too)
 #   sbatch -N 2 --gres=gpu:8 --export=ALL,CONFIG=launchers/configs/qwen2.5-7b-instruct_to_qwen2.5-0.5b_knowdist.yaml \
 #          slurm/knowdist.sh --data.path=/data/kd/corpus     # 16 ranks; args go to launchers/knowdist.py
-#   sbatch -N 2 slurm/knowdist.sh --train.steps=3             # a short smoke run (2 nodes x 1 CPU rank)
+#   sbatch -N 2 slurm/knowdist.sh --train.steps=3 --train.warmup_steps=1   # a short smoke run (2 nodes x 1 CPU rank)
 #
 # Variables (environment; sbatch passes yours by default, or use --export=ALL,NAME=value):
 #   CONFIG=launchers/configs/x.yaml   run config for launchers/knowdist.py; empty (default) = built-in tiny default

@@ -48,11 +48,12 @@ def test_knowdist_two_nodes_short_run(slurm_cluster, tmp_path):
            "EXTRA_ARGS": f"--model.builtin_dir={BUILTIN}"}
     log = tmp_path / "job.out"
     job, rc = slurm_cluster.sbatch_wait("-N2", "-o", str(log), str(REPO / "slurm" / "knowdist.sh"),
-                                        "--train.steps=3", env=env, timeout=900)
+                                        "--train.steps=3", "--train.warmup_steps=1", env=env, timeout=900)
     text = _read(log)
     print(text)
     assert rc == 0, f"job {job} exited {rc}\n{text[-6000:]}"
     assert "launching 2 student rank(s) on [n1,n2]" in text, text[-4000:]
+    assert "world=2" in text, text[-4000:]  # the trainer's line: one process group over both nodes
     steps = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
     assert [r["step"] for r in steps if "loss" in r][-1] == 3, steps
     from transformers import AutoModelForCausalLM
