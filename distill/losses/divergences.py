@@ -359,6 +359,7 @@ class ChunkedDistillFunction(torch.autograd.Function):
         rows = cfg.kd_weight * kd_rows + cfg.ce_weight * ce_rows
         ctx.mark_non_differentiable(kd_rows, ce_rows)
         ctx.grad_buf = grad_buf
+        ctx.chunk_tokens = chunk_tokens
         return rows, kd_rows, ce_rows
 
     @staticmethod
@@ -370,7 +371,11 @@ class ChunkedDistillFunction(torch.autograd.Function):
                 "place and freed); retain_graph=True is not supported"
             )
         ctx.grad_buf = None
-        grad_buf.mul_(grad_rows[:, None])
+        # Row chunks: on CPU an in-place bf16 *= fp32 goes through a full-size fp32 temporary
+        # (TensorIterator computes in the common dtype), i.e. 2 fp32 copies of the logits at once.
+        step = ctx.chunk_tokens
+        for start in range(0, grad_buf.shape[0], step):
+            grad_buf[start:start + step].mul_(grad_rows[start:start + step, None])
         return grad_buf, None, None, None, None, None, None, None
 
 
