@@ -90,13 +90,13 @@ def test_icldist_failure_midway_tears_ray_down(slurm_cluster, tmp_path):
     _need_launcher()
     env = _job_env(slurm_cluster, tmp_path, RAY_START_TIMEOUT="240")
     log = tmp_path / "job.out"
-    job, rc = slurm_cluster.sbatch_wait("-N2", "-o", str(log), str(SCRIPT), "--no_such_section.key=1",
+    # One node keeps it short; test_harvest_two_node_ray covers stopping workers on other nodes.
+    job, rc = slurm_cluster.sbatch_wait("-N1", "-o", str(log), str(SCRIPT), "--no_such_section.key=1",
                                         env=env, timeout=600)
     text = _read(log)
     print(text)
     assert rc != 0, text[-4000:]
     assert "Ray head started" in text, text[-4000:]
-    assert "Ray cluster up: 2 node(s)" in text, text[-4000:]
     assert "student ranks failed" in text, text[-4000:]
     assert "Ray stopped" in text, text[-4000:]
     assert _processes_mentioning(env["RAY_TEMP_DIR"]) == []
