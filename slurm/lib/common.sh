@@ -49,8 +49,6 @@ sd_init() {
   if [ "$GPUS_PER_NODE" -gt 0 ] && [ -n "${SLURM_GPUS_ON_NODE:-}${SLURM_JOB_GPUS:-}" ]; then
     SD_GRES=(--gres="gpu:$GPUS_PER_NODE")
   fi
-  export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-}"
-  [ -n "$GLOO_SOCKET_IFNAME" ] || unset GLOO_SOCKET_IFNAME
   export PYTHONUNBUFFERED=1
   sd_log "job $SLURM_JOB_ID: $NNODES node(s) [${NODES[*]}], $GPUS_PER_NODE GPU(s) and $CPUS_ON_NODE CPU(s) per node, repo $REPO_ROOT, python $(command -v "$PYTHON")"
 }
