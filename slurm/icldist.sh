@@ -5,7 +5,7 @@
 # time limit). It never installs anything: PYTHON must already have this repo installed.
 #
 #   sbatch slurm/icldist.sh                                   # built-in tiny default, any allocation (CPU too)
-#   sbatch -N 4 --gres=gpu:8 --export=ALL,TEACHER_GPUS=8,CONFIG=launchers/configs/llama8b_to_qwen05b_icldist.yaml \
+#   sbatch -N 4 --gres=gpu:8 --export=ALL,TEACHER_GPUS=8,CONFIG=launchers/configs/llama-3.1-8b-instruct_to_qwen2.5-0.5b_icldist.yaml \
 #          slurm/icldist.sh                                   # node 0 = teacher (8 GPUs), 3 x 8 student ranks
 #   sbatch -N 1 --gres=gpu:8 slurm/icldist.sh --config FILE --train.lr=1e-5   # args go to launchers/icldist.py
 #
