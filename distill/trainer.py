@@ -273,6 +273,10 @@ class Trainer:
 
         if self.env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            old = self.out_dir / "metrics.jsonl"
+            if old.is_file() and not cfg.checkpoint.resume:
+                # A fresh run in a used folder: keep the earlier log beside, start a clean one.
+                os.replace(old, self.out_dir / f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
         distenv.barrier()
 
         from distill.models import load as ml
