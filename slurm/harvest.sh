@@ -29,7 +29,7 @@
 #   RAY_START_ARGS="--resources={}"   more `ray start` arguments for every node
 #   RAY_AUTH_MODE=token               token (default: a fresh random token per job, RAY_AUTH_TOKEN) or disabled
 #   LOG_DIR=/scratch/logs             Ray node logs; default $OUT_DIR/slurm-$SLURM_JOB_ID (OUT_DIR unset: $SLURM_SUBMIT_DIR/runs/...)
-#   STOP_TIMEOUT=60                   seconds each step gets to stop on teardown before SIGKILL
+#   STOP_TIMEOUT=20                   seconds each step gets to stop on teardown before SIGKILL (default 20; keep it well below KillWait)
 #SBATCH --job-name=harvest
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1

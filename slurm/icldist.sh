@@ -38,7 +38,7 @@
 #   NCCL_IB_HCA=mlx5                  NCCL_IB_HCA and the other NCCL_* variables pass through to every rank as well
 #   OMP_NUM_THREADS=8                 threads per student rank; default CPUs per node / ranks per node
 #   LOG_DIR=/scratch/logs             Ray node logs; default $OUT_DIR/slurm-$SLURM_JOB_ID (OUT_DIR unset: $SLURM_SUBMIT_DIR/runs/...)
-#   STOP_TIMEOUT=60                   seconds each step gets to stop on teardown before SIGKILL
+#   STOP_TIMEOUT=20                   seconds each step gets to stop on teardown before SIGKILL (default 20; keep it well below KillWait)
 #
 # The student ranks are one `srun` over the student nodes with SLURM_PROCID / SLURM_NTASKS /
 # SLURM_LOCALID mapped to RANK / WORLD_SIZE / LOCAL_RANK (slurm/lib/step.sh); they connect to the

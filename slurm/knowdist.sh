@@ -22,7 +22,7 @@
 #   GLOO_SOCKET_IFNAME=ib0            network interface for gloo (CPU collectives); NCCL_SOCKET_IFNAME,
 #   NCCL_IB_HCA=mlx5                  NCCL_IB_HCA and the other NCCL_* variables pass through to every rank as well
 #   OMP_NUM_THREADS=8                 threads per rank; default CPUs per node / ranks per node
-#   STOP_TIMEOUT=60                   seconds the ranks get to stop on scancel before SIGKILL
+#   STOP_TIMEOUT=20                   seconds the ranks get to stop on scancel before SIGKILL (default 20; keep it well below KillWait)
 #   RESUME=1                          pass --resume (continue from the latest checkpoint in the run folder)
 #
 # The ranks are one `srun` with SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID mapped to RANK /

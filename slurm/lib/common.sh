@@ -145,12 +145,12 @@ sd_cleanup() {
   while :; do
     left=()
     for i in "${!live[@]}"; do sd_alive "${live[$i]}" && left+=("${names[$i]}"); done
-    [ "${#left[@]}" -gt 0 ] && [ "$t" -lt "$(( ${STOP_TIMEOUT:-60} * 10 ))" ] || break
+    [ "${#left[@]}" -gt 0 ] && [ "$t" -lt "$(( ${STOP_TIMEOUT:-20} * 10 ))" ] || break
     sleep 0.1; t=$(( t + 1 ))
   done
   for i in "${!live[@]}"; do
     if sd_alive "${live[$i]}"; then
-      sd_log "${names[$i]} did not stop within ${STOP_TIMEOUT:-60}s: SIGKILL"
+      sd_log "${names[$i]} did not stop within ${STOP_TIMEOUT:-20}s: SIGKILL"
       kill -KILL "${live[$i]}" 2>/dev/null
     fi
   done

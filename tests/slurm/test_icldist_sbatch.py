@@ -37,7 +37,7 @@ def _job_env(cluster, tmp: Path, **extra: str) -> dict[str, str]:
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(master_port),
         "GLOO_SOCKET_IFNAME": "lo",
-        "STOP_TIMEOUT": "30",
+        "STOP_TIMEOUT": "10",
     }
     env.update(extra)
     return env

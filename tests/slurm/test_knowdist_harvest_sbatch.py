@@ -44,7 +44,7 @@ def test_knowdist_two_nodes_short_run(slurm_cluster, tmp_path):
     (master_port,) = slurm_cluster.free_ports(1)
     out = tmp_path / "run"
     env = {**slurm_cluster.env, "PYTHON": sys.executable, "OUT_DIR": str(out), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(master_port), "GLOO_SOCKET_IFNAME": "lo", "STOP_TIMEOUT": "30",
+           "MASTER_PORT": str(master_port), "GLOO_SOCKET_IFNAME": "lo", "STOP_TIMEOUT": "10",
            "EXTRA_ARGS": f"--model.builtin_dir={BUILTIN}"}
     log = tmp_path / "job.out"
     job, rc = slurm_cluster.sbatch_wait("-N2", "-o", str(log), str(REPO / "slurm" / "knowdist.sh"),
@@ -68,7 +68,7 @@ def test_harvest_two_node_ray(slurm_cluster, tmp_path):
     out = tmp_path / "corpus"
     temp = f"/tmp/rh{os.getpid()}{tmp_path.name[-6:]}"
     env = {**slurm_cluster.env, "PYTHON": sys.executable, "OUT_DIR": str(out), "RAY_TEMP_DIR": temp,
-           "RAY_NODE_IPS": "127.0.0.2,127.0.0.3", "RAY_PORT": str(ray_port), "STOP_TIMEOUT": "30",
+           "RAY_NODE_IPS": "127.0.0.2,127.0.0.3", "RAY_PORT": str(ray_port), "STOP_TIMEOUT": "10",
            "EXTRA_ARGS": f"--teacher.workdir={BUILTIN} --input.limit=4 --output.progress=false"}
     log = tmp_path / "job.out"
     job, rc = slurm_cluster.sbatch_wait("-N2", "-o", str(log), str(REPO / "slurm" / "harvest.sh"),
