@@ -108,6 +108,34 @@ def reduce_rows(per_row: torch.Tensor, n_valid: torch.Tensor, reduction: str) ->
     return total / n_valid.clamp_min(1.0).reshape(())
 
 
+def stash_grad(ctx, grad: torch.Tensor, student_logits: torch.Tensor, reduction: str) -> None:
+    """Keep the gradient the forward kernel wrote, for a backward that only scales it.
+
+    When the gradient was written into the student-logits buffer itself (``grad_inplace``), the
+    logits' autograd version is bumped so any other op that saved them fails loudly instead of
+    reading gradients.
+    """
+    if grad.data_ptr() == student_logits.data_ptr():
+        torch.autograd.graph.increment_version(student_logits)
+    ctx.grad = grad
+    ctx.shape = student_logits.shape
+    ctx.reduction = reduction
+
+
+def take_scaled_grad(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+    """The stashed gradient times the upstream gradient (in place), shaped like the logits."""
+    grad = ctx.grad
+    if grad is None:
+        raise RuntimeError("the gradient formed in the forward was consumed by a first "
+                           "backward; backward twice (retain_graph) is not supported")
+    ctx.grad = None
+    if ctx.reduction == "none":
+        grad.mul_(grad_output.reshape(-1, 1))
+    else:
+        grad.mul_(grad_output)
+    return grad.view(ctx.shape)
+
+
 def no_grad_for(name: str, t) -> None:
     if isinstance(t, torch.Tensor) and t.requires_grad:
         raise NotImplementedError(

@@ -43,7 +43,8 @@ import triton.language as tl
 
 from distill_kernels._common import (
     NEG_BIG, check_common, div_terms, interp_bf16_rounding, launch_config, no_grad_for,
-    reduce_rows, resolve_kind, rows_2d, rtne_bf16, valid_count_scale,
+    reduce_rows, resolve_kind, rows_2d, rtne_bf16, stash_grad, take_scaled_grad,
+    valid_count_scale,
 )
 
 MAX_K = 256
@@ -243,25 +244,12 @@ class TopKKDFunction(torch.autograd.Function):
                               alpha=alpha, temperature=temperature, ignore_index=ignore_index,
                               scale=scale, grad_out=grad)
         if need_grad:
-            if grad_inplace and grad.data_ptr() == student_logits.data_ptr():
-                torch.autograd.graph.increment_version(student_logits)
-            ctx.grad = grad
-            ctx.shape = student_logits.shape
-            ctx.reduction = reduction
+            stash_grad(ctx, grad, student_logits, reduction)
         return reduce_rows(per_row, n_valid, reduction)
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad = ctx.grad
-        if grad is None:
-            raise RuntimeError("the gradient formed in the forward was consumed by a first "
-                               "backward; backward twice (retain_graph) is not supported")
-        ctx.grad = None
-        if ctx.reduction == "none":
-            grad.mul_(grad_output.reshape(-1, 1))
-        else:
-            grad.mul_(grad_output)
-        return (grad.view(ctx.shape),) + (None,) * 11
+        return (take_scaled_grad(ctx, grad_output),) + (None,) * 11
 
 
 def topk_kd(
