@@ -39,6 +39,7 @@ import torch
 from distill.config import RunConfig, dump_yaml, to_dict
 from distill.dist import env as distenv
 from distill.dist.env import print0
+from distill.fileio import atomic_write_text, fsync_dir
 
 # ------------------------------------------------------------------------------------------------
 # Registries
@@ -532,7 +533,7 @@ class Trainer:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(self.ckpt_dir)
+            fsync_dir(self.ckpt_dir)
             for old in list_checkpoints(self.ckpt_dir)[:-self.cfg.checkpoint.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
             print0(f"[trainer] checkpoint {final}")
@@ -607,17 +608,6 @@ class Trainer:
         return result
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop records of steps after ``step`` (written after the checkpoint by a run that was killed)."""
     if not path.is_file():
@@ -630,6 +620,4 @@ def _truncate_metrics(path: Path, step: int) -> None:
             continue  # a line cut by the kill
         if rec.get("step", 0) <= step:
             keep.append(line)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(k + "\n" for k in keep))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(k + "\n" for k in keep))

@@ -27,13 +27,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a source checkout works without install
 
+from distill.fileio import atomic_write_text  # noqa: E402
 from distill.config import (  # noqa: E402
     CheckpointSection,
     DataSection,
@@ -145,9 +145,7 @@ def harvest_corpus(teacher_path: str, workdir: Path, h: HarvestSection) -> Path:
             continue
         seen.add((r["prompt"], r["response"]))
         uniq.append(r)
-    tmp = out.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in uniq))
-    os.replace(tmp, out)
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in uniq))
     marker.write_text(str(out))
     print(f"[knowdist] corpus: {len(uniq)} analyses of {len(jobs)} prompts ({dropped} empty/truncated/duplicate "
           f"dropped) in {time.time() - t0:.1f}s -> {out}", flush=True)

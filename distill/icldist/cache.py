@@ -34,6 +34,7 @@ from typing import Sequence
 import torch
 
 from distill.teacher.output import TopKTeacher
+from distill.fileio import atomic_write_bytes, atomic_write_text, is_temporary
 
 FORMAT_VERSION = 1
 # Manifest fields that must match between the cache and the run reading or extending it.
@@ -65,12 +66,7 @@ def _sha256(path: Path) -> str:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def _mismatch_message(root: Path, field: str, have, want) -> str:
@@ -117,7 +113,7 @@ class CacheWriter:
         """Remove temporaries and shards without a valid entry (an interrupted write)."""
         done = self.done_shards()
         for f in self.root.iterdir():
-            if f.name.endswith(".tmp"):
+            if is_temporary(f.name):
                 f.unlink()
             elif f.name.startswith("shard-") and f.suffix == ".safetensors":
                 s = int(f.stem.split("-")[1])
@@ -141,7 +137,7 @@ class CacheWriter:
         return done
 
     def write_shard(self, s: int, targets: Sequence[CachedTarget]) -> dict:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         start, end = self.shard_range(s)
         if len(targets) != end - start:
@@ -166,11 +162,7 @@ class CacheWriter:
         }
         name = shard_name(s)
         final = self.root / f"{name}.safetensors"
-        tmp = self.root / f"{name}.safetensors.tmp"
-        save_file(tensors, str(tmp), metadata={"start": str(start), "end": str(end)})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        atomic_write_bytes(final, save(tensors, metadata={"start": str(start), "end": str(end)}))
         meta = {
             "shard": s, "file": final.name, "start": start, "end": end, "positions": int(pos[-1]),
             "bytes": final.stat().st_size, "sha256": _sha256(final),

@@ -21,6 +21,8 @@ import json
 import os
 from pathlib import Path
 
+from distill.fileio import atomic_write_bytes, is_temporary
+
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
 FIELDS = ("id", "text", "perspective", "prompt", "response", "teacher", "sampling")
@@ -28,23 +30,6 @@ FIELDS = ("id", "text", "perspective", "prompt", "response", "teacher", "samplin
 
 class CorpusError(ValueError):
     """A corpus folder that cannot be read or resumed; the message names the file."""
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def shard_name(index: int, fmt: str) -> str:
@@ -64,10 +49,10 @@ def write_shard(folder: Path, index: int, records: list[dict], fmt: str) -> Path
         table = pa.Table.from_pylist(rows, schema=schema)
         buf = io.BytesIO()
         pq.write_table(table, buf)
-        _atomic_write_bytes(path, buf.getvalue())
+        atomic_write_bytes(path, buf.getvalue())
     else:
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
-        _atomic_write_bytes(path, data)
+        atomic_write_bytes(path, data)
     return path
 
 
@@ -82,7 +67,7 @@ def read_manifest(folder: Path) -> dict | None:
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    _atomic_write_bytes(Path(folder) / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8"))
+    atomic_write_bytes(Path(folder) / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8"))
 
 
 def clean_partial(folder: Path) -> list[str]:
@@ -92,7 +77,7 @@ def clean_partial(folder: Path) -> list[str]:
     listed = {v["file"] for v in man.get("completed", {}).values()}
     removed = []
     for p in folder.iterdir():
-        if p.name.startswith(".") and ".tmp" in p.name:
+        if is_temporary(p.name):
             p.unlink()
             removed.append(p.name)
         elif p.name.startswith("shard-") and p.name not in listed:

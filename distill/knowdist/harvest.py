@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from distill.config import ConfigError, to_dict
+from distill.fileio import atomic_write_bytes
 from distill.knowdist import corpus as C
 
 
@@ -429,7 +430,7 @@ def harvest(cfg: HarvestConfig, *, teacher=None, model_name: str | None = None) 
                      "new_tokens_per_s": round(counts["new_tokens"] / wall, 1) if wall > 0 and todo else None},
         "wall_s": round(time.perf_counter() - t_start, 3),
     }
-    C._atomic_write_bytes(out / C.SUMMARY, json.dumps(summary, indent=1).encode())
+    atomic_write_bytes(out / C.SUMMARY, json.dumps(summary, indent=1).encode())
     tr = summary["this_run"]
     _print(f"{totals['kept']} records kept of {len(jobs)} prompts ({totals['empty']} empty, {totals['truncated']} "
            f"truncated, {totals['duplicate']} duplicate dropped; {dup_texts} duplicate input texts) -> {out}")

@@ -73,19 +73,10 @@ class LocalTeacher:
         return _done(self.topk, sequences, positions, k)
 
     # -- generation ---------------------------------------------------------------------------
-    def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
-        if self.tokenizer is None:
-            raise RuntimeError(f"teacher {self.model} has no tokenizer files: generate() needs one")
-        return [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-
     def generate(self, prompts: list[str], sampling: SamplingParams | None = None, *, seeds: list[int] | None = None):
         """One Generation per prompt."""
         self._check_open()
-        sampling = sampling or SamplingParams()
-        sampling.validate()
-        ids = self.encode_prompts(prompts)
-        P.validate_prompts(self.info, ids)
-        seeds = list(seeds) if seeds is not None else [sampling.seed + i for i in range(len(prompts))]
+        sampling, ids, seeds = P.prepare_generation(self.info, self.tokenizer, prompts, sampling, seeds)
         vocab_limit = len(self.tokenizer) if self.tokenizer is not None else None
         out: list = [None] * len(prompts)
         for batch in P.make_batches([len(x) + sampling.max_new_tokens for x in ids], self.max_batch_tokens,

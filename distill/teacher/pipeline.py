@@ -130,6 +130,25 @@ def validate_prompts(info: TeacherInfo, prompt_ids: list[list[int]]) -> None:
             )
 
 
+def prepare_generation(info: TeacherInfo, tokenizer, prompts: list[str], sampling, seeds):
+    """What every teacher does before generating: (sampling, prompt ids, one seed per prompt).
+
+    Checks the sampling parameters, encodes the prompts (no special tokens added), checks them
+    against the teacher's context, and gives prompt i the seed ``sampling.seed + i`` unless
+    ``seeds`` are given.
+    """
+    sampling = sampling or SamplingParams()
+    sampling.validate()
+    if tokenizer is None:
+        raise RuntimeError(f"teacher {info.name} has no tokenizer files: generate() needs one")
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    validate_prompts(info, ids)
+    seeds = list(seeds) if seeds is not None else [sampling.seed + i for i in range(len(prompts))]
+    if len(seeds) != len(prompts):
+        raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts")
+    return sampling, ids, seeds
+
+
 def make_batches(lengths: list[int], max_batch_tokens: int, max_batch_size: int) -> list[list[int]]:
     """Group indices by length (longest first) so padded tokens per batch stay <= max_batch_tokens."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])

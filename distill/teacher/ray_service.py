@@ -350,21 +350,10 @@ class TeacherClient:
     def topk(self, sequences, positions, k):
         return ray.get(self.async_topk(sequences, positions, k))
 
-    def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
-        if self.tokenizer is None:
-            raise RuntimeError(f"teacher {self.model} has no tokenizer files: generate() needs one")
-        return [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-
     def async_generate(self, prompts: list[str], sampling: SamplingParams | None = None, *, seeds: list[int] | None = None):
         """ObjectRef of list[Generation], one per prompt."""
         self._check_open()
-        sampling = sampling or SamplingParams()
-        sampling.validate()
-        ids = self.encode_prompts(prompts)
-        P.validate_prompts(self.info, ids)
-        seeds = list(seeds) if seeds is not None else [sampling.seed + i for i in range(len(prompts))]
-        if len(seeds) != len(prompts):
-            raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts")
+        sampling, ids, seeds = P.prepare_generation(self.info, self.tokenizer, prompts, sampling, seeds)
         return self._router.generate.remote(ids, sampling, seeds)
 
     def generate(self, prompts, sampling=None, *, seeds=None) -> list[Generation]:
