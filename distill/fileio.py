@@ -37,8 +37,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def is_temporary(name: str) -> bool:
-    """Whether a file name is a temporary left by an interrupted :func:`atomic_write_bytes`."""
-    return name.startswith(".") and ".tmp" in name
+    """Whether a file name is a temporary left by an interrupted write: this module's
+    ``.<name>.tmp<pid>`` or a plain ``<name>.tmp``."""
+    return name.endswith(".tmp") or (name.startswith(".") and ".tmp" in name)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

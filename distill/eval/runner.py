@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from distill.data.batching import plan_batches
 from distill.eval.parse import extract_answer
 from distill.eval.protocol import LABEL_WORDS, MAX_NEW_TOKENS
 
@@ -76,23 +77,6 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch
             ids[row, width - len(s):] = torch.as_tensor(s, dtype=torch.long)
             mask[row, width - len(s):] = 1
     return ids.to(device), mask.to(device)
-
-
-def plan_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None, extra: int = 0) -> list[list[int]]:
-    """Indices grouped into batches, longest first; a batch holds at most ``batch_size`` prompts and
-    (padded length + ``extra``) x rows <= ``max_batch_tokens`` (a single over-long prompt runs alone)."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    for i in order:
-        width = (lengths[cur[0]] if cur else lengths[i]) + extra
-        if cur and (len(cur) >= batch_size or (max_batch_tokens and (len(cur) + 1) * width > max_batch_tokens)):
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
-    return batches
 
 
 def _model_device(model) -> torch.device:

@@ -14,6 +14,7 @@ from concurrent.futures import Future
 
 import torch
 
+from distill.data.batching import plan_batches
 from distill.teacher import pipeline as P
 from distill.teacher.pipeline import Generation, SamplingParams
 
@@ -62,7 +63,7 @@ class LocalTeacher:
         self._check_open()
         P.validate_topk(self.info, sequences, positions, k)
         out = [None] * len(sequences)
-        for batch in P.make_batches([len(s) for s in sequences], self.max_batch_tokens, self.max_batch_size):
+        for batch in plan_batches([len(s) for s in sequences], self.max_batch_size, self.max_batch_tokens):
             res = asyncio.run(P.topk_batch(self._run, self.info, [sequences[i] for i in batch],
                                            [positions[i] for i in batch], k, self.values_dtype))
             for i, r in zip(batch, res):
@@ -79,8 +80,8 @@ class LocalTeacher:
         sampling, ids, seeds = P.prepare_generation(self.info, self.tokenizer, prompts, sampling, seeds)
         vocab_limit = len(self.tokenizer) if self.tokenizer is not None else None
         out: list = [None] * len(prompts)
-        for batch in P.make_batches([len(x) + sampling.max_new_tokens for x in ids], self.max_batch_tokens,
-                                    self.max_batch_size):
+        for batch in plan_batches([len(x) + sampling.max_new_tokens for x in ids], self.max_batch_size,
+                                    self.max_batch_tokens):
             res = asyncio.run(P.generate_batch(self._run, self.info, [ids[i] for i in batch], sampling,
                                                [seeds[i] for i in batch], vocab_limit))
             for i, (toks, reason) in zip(batch, res):

@@ -149,22 +149,6 @@ def prepare_generation(info: TeacherInfo, tokenizer, prompts: list[str], samplin
     return sampling, ids, seeds
 
 
-def make_batches(lengths: list[int], max_batch_tokens: int, max_batch_size: int) -> list[list[int]]:
-    """Group indices by length (longest first) so padded tokens per batch stay <= max_batch_tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    for i in order:
-        longest = lengths[cur[0]] if cur else lengths[i]
-        if cur and ((len(cur) + 1) * longest > max_batch_tokens or len(cur) >= max_batch_size):
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
-    return batches
-
-
 Run = Callable[[dict], Awaitable]
 
 

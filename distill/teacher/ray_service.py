@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import ray
 import torch
 
+from distill.data.batching import plan_batches
 from distill.teacher import pipeline as P
 from distill.teacher.pipeline import Generation, SamplingParams
 
@@ -235,7 +236,7 @@ class _Router:
     # -- requests -----------------------------------------------------------------------------
     async def topk(self, sequences, positions, k: int, values_dtype: str):
         vd = _VALUE_DTYPES[values_dtype]
-        batches = P.make_batches([len(s) for s in sequences], self.max_batch_tokens, self.max_batch_size)
+        batches = plan_batches([len(s) for s in sequences], self.max_batch_size, self.max_batch_tokens)
         out: list = [None] * len(sequences)
 
         async def one(bi, batch):
@@ -261,7 +262,7 @@ class _Router:
 
             self._tokenizer = AutoTokenizer.from_pretrained(self.model)
         lengths = [len(p) + sampling.max_new_tokens for p in prompt_ids]
-        batches = P.make_batches(lengths, self.max_batch_tokens, self.max_batch_size)
+        batches = plan_batches(lengths, self.max_batch_size, self.max_batch_tokens)
         out: list = [None] * len(prompt_ids)
 
         async def one(bi, batch):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from distill.teacher.output import TopKTeacher
-from distill.teacher.pipeline import SamplingParams, make_batches
+from distill.data.batching import plan_batches
+from distill.teacher.pipeline import SamplingParams
 from distill.teacher.shard import split_layers
 
 
@@ -43,7 +44,7 @@ def test_split_layers():
 
 def test_make_batches_respects_token_budget():
     lengths = [5, 30, 7, 12, 30, 1]
-    batches = make_batches(lengths, max_batch_tokens=60, max_batch_size=3)
+    batches = plan_batches(lengths, batch_size=3, max_batch_tokens=60)
     assert sorted(i for b in batches for i in b) == list(range(6))
     for b in batches:
         assert len(b) <= 3 and len(b) * max(lengths[i] for i in b) <= 60
