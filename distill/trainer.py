@@ -40,6 +40,7 @@ from distill.config import RunConfig, dump_yaml, to_dict
 from distill.dist import env as distenv
 from distill.dist.env import print0
 from distill.fileio import atomic_write_text, fsync_dir
+from distill.teacher.output import TopKTeacher
 
 # ------------------------------------------------------------------------------------------------
 # Registries
@@ -88,6 +89,9 @@ class TeacherBackend:
     ``__call__`` returns (None when the logits are already capped, as HF Gemma-2 forwards are)."""
 
     softcap: float | None = None
+    # True when the backend's top-k ids are valid by construction (or checked where they enter);
+    # otherwise the trainer checks every TopKTeacher it returns (TopKTeacher.check) before the loss.
+    topk_ids_checked: bool = False
 
     def prefetch(self, batch: dict) -> None:  # noqa: D401 - optional hook
         """Start work for ``batch`` (CPU tensors + pass-through keys); called once, ahead of use."""
@@ -113,7 +117,10 @@ class ColocatedTeacher(TeacherBackend):
 
     Under ZeRO-3 it is partitioned across ranks by an inference-only DeepSpeed engine (no
     optimizer, no gradients); otherwise each rank holds a copy. Forward under ``torch.no_grad()``.
+    Its top-k comes from ``torch.topk`` over the real vocabulary: valid ids by construction.
     """
+
+    topk_ids_checked = True
 
     def __init__(self, cfg: RunConfig, ctx: BackendContext):
         from distill.dist.engine import TeacherEngine
@@ -125,7 +132,7 @@ class ColocatedTeacher(TeacherBackend):
         if ctx.ds_config is not None and cfg.deepspeed.teacher_zero3 and ctx.ds_config["zero_optimization"]["stage"] == 3:
             from distill.dist.ds_config import teacher_ds_config
 
-            zero3 = teacher_ds_config(ctx.ds_config)
+            zero3 = teacher_ds_config(ctx.ds_config, ml.resolve_dtype(tdtype, on_gpu))
         if ml.has_tokenizer(ctx.teacher_path):
             ttok = ml.load_tokenizer(ctx.teacher_path, trust_remote_code=cfg.model.trust_remote_code)
             ml.check_shared_tokenizer(ctx.tokenizer, ttok, student_name=ctx.student_path, teacher_name=ctx.teacher_path)
@@ -137,16 +144,80 @@ class ColocatedTeacher(TeacherBackend):
         self.softcap = None  # HF forwards apply final_logit_softcapping themselves
         self.engine = TeacherEngine(model, ds_config=zero3)
         self.topk = cfg.kd.topk
+        self.temperature = cfg.kd.temperature
+        self.vocab_size = ctx.vocab_size
+        self.chunk_rows = cfg.kd.chunk_tokens or None
+        self.scale, self.cap = ml.logit_transform(model)
+        self._head_checked = False
 
     @torch.no_grad()
     def __call__(self, batch):
-        logits = self.engine.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                     use_cache=False).logits
         if self.topk:
-            from distill.teacher.output import TopKTeacher
+            return self.topk_on_supervised(batch)
+        return self.engine.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   use_cache=False).logits
 
-            return TopKTeacher.from_logits(logits, self.topk)
-        return logits
+    @torch.no_grad()
+    def topk_on_supervised(self, batch, ignore_index: int = -100):
+        """TopKTeacher ``[B, L, k]`` at the temperature of use over the tokenizer's real vocabulary,
+        computed only at the positions whose next token is supervised (the objective's shifted
+        labels): the decoder's final hidden states are gathered at those rows and the lm_head runs
+        on them a chunk at a time, so neither the [tokens x V] logits nor fp32 copies of them exist.
+        Other rows hold a filler (ids 0..k-1, uniform) that the objective masks out."""
+        from distill.losses.divergences import default_chunk_tokens
+
+        labels = batch["labels"]
+        sup = torch.zeros_like(labels, dtype=torch.bool)
+        sup[:, :-1] = labels[:, 1:] != ignore_index
+        hidden = self.engine.final_hidden(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                          use_cache=False)
+        rows = hidden[sup]  # [N, H]
+        k, T, vocab = self.topk, self.temperature, self.vocab_size
+        chunk = self.chunk_rows or default_chunk_tokens(vocab)
+        ids, lps, tails = [], [], []
+        own = None
+        if not self._head_checked:  # the model's own last-position logits, before the head is gathered here
+            own = self.engine.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                      use_cache=False, logits_to_keep=1).logits[:, -1].float()
+        with self.engine.output_head() as (weight, bias):
+            if own is not None:
+                self._check_head(own, hidden, weight, bias)
+            for i in range(0, rows.shape[0], chunk):
+                t = TopKTeacher.from_logits(self._logits(rows[i:i + chunk], weight, bias), k, temperature=T,
+                                            vocab_size=vocab)
+                ids.append(t.ids)
+                lps.append(t.logprobs)
+                tails.append(t.tail_mass)
+        B, L = labels.shape
+        dev = hidden.device
+        out_ids = torch.arange(k, dtype=torch.int32, device=dev).expand(B, L, k).clone()
+        out_lp = torch.full((B, L, k), -math.log(k), dtype=torch.float32, device=dev)
+        out_tail = torch.zeros((B, L), dtype=torch.float32, device=dev)
+        if ids:
+            out_ids[sup], out_lp[sup], out_tail[sup] = torch.cat(ids), torch.cat(lps), torch.cat(tails)
+        return TopKTeacher(ids=out_ids, logprobs=out_lp, tail_mass=out_tail, temperature=T)
+
+    def _logits(self, h, weight, bias):
+        x = torch.nn.functional.linear(h, weight, bias)
+        if self.scale != 1.0:
+            x = x * self.scale
+        if self.cap is not None:
+            x = torch.tanh(x / self.cap) * self.cap
+        return x
+
+    def _check_head(self, own, hidden, weight, bias) -> None:
+        """Once: the model's own forward (``own``: last position only) equals lm_head(final hidden) as
+        computed here, so an architecture that post-processes its logits differently is refused, not
+        mis-distilled."""
+        mine = self._logits(hidden[:, -1], weight, bias).float()
+        tol = 1e-3 if weight.dtype == torch.float32 else 5e-2
+        err = float((own - mine).abs().max())
+        if err > tol * max(1.0, float(own.abs().max())):
+            raise RuntimeError(
+                f"teacher {type(self.engine.module).__name__}: its logits differ from lm_head(final hidden) "
+                f"(max |diff| {err:.3g}); the chunked top-k teacher cannot reproduce this architecture's "
+                f"head: use kd.topk=0 (full logits)")
+        self._head_checked = True
 
 
 @register_dataset("sft")
@@ -427,6 +498,8 @@ class Trainer:
                 self._prefetch(step + 1, 0)
             batch = self._to_device(cpu_batch)
             teacher_out = self.teacher(batch) if self.teacher is not None else None
+            if isinstance(teacher_out, TopKTeacher) and not self.teacher.topk_ids_checked:
+                teacher_out.check(self.vocab_size, f"teacher backend {self.cfg.kd.teacher_backend!r}")
             logits = self.engine.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                          use_cache=False).logits
             out = self.objective(logits, teacher_out, batch["labels"], norm)
@@ -595,7 +668,7 @@ class Trainer:
 
             e = self.cfg.eval
             model = AutoModelForCausalLM.from_config(self.model_config)
-            model.load_state_dict(sd, strict=False)
+            load_state_dict_strict(model, sd, what=f"the gathered student of {self.student_path}")
             model.to(self.device).eval()
             result = evaluate(model, self.tokenizer, tasks=e.tasks, shots=e.shots, seeds=(42,),
                               limit=e.limit or None, batch_size=e.batch_size)
@@ -606,6 +679,46 @@ class Trainer:
             del model
         distenv.barrier()
         return result
+
+
+def load_state_dict_strict(model: torch.nn.Module, sd: dict, *, what: str) -> None:
+    """``model.load_state_dict(sd, strict=True)`` but for the two ways a gathered state dict may
+    legitimately differ from ``model.state_dict()``: a key absent because it is a tied alias of a
+    present one (``lm_head.weight`` of a ``tie_word_embeddings`` model, dropped by savers that store
+    shared storage once) is filled from that key, and a non-persistent buffer of the model (rebuilt
+    from the config at construction) is dropped. Any other missing or unexpected key, or tied aliases
+    with different values, is a one-line error naming the keys and the model config."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    alias_of = {n: names for names in groups.values() if len(names) > 1 for n in names}
+    non_persistent = {f"{mod}.{b}" if mod else b for mod, m in model.named_modules(remove_duplicate=False)
+                      for b in m._non_persistent_buffers_set}
+    expected = list(model.state_dict())
+    sd = {k: v for k, v in sd.items() if k not in non_persistent}
+    conflicts = []
+    for k in expected:
+        present = [a for a in alias_of.get(k, ()) if a in sd]
+        if k not in sd and present:
+            sd[k] = sd[present[0]]
+        elif k in sd and any(sd[a] is not sd[k] and not torch.equal(sd[a], sd[k]) for a in present if a != k):
+            conflicts.append(k)
+    keys = set(expected)
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in keys]
+    if missing or unexpected or conflicts:
+        def few(names):
+            return f"{len(names)} {names[:4]}{' ...' if len(names) > 4 else ''}"
+
+        c = model.config
+        shape = ", ".join(f"{f}={getattr(c, f, None)}" for f in ("model_type", "hidden_size", "num_hidden_layers",
+                                                                 "vocab_size", "tie_word_embeddings"))
+        parts = [f"missing {few(missing)}" if missing else "", f"unexpected {few(unexpected)}" if unexpected else "",
+                 f"tied in the model but different {few(conflicts)}" if conflicts else ""]
+        raise RuntimeError(f"{what}: state dict does not fit {type(model).__name__}({shape}): "
+                           f"{'; '.join(x for x in parts if x)}")
+    model.load_state_dict(sd, strict=True)
+    model.tie_weights()  # a no-op when the aliases share one Parameter, as from_config builds them
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -170,8 +170,9 @@ def fused_linear_kd(
 
     student_hidden ``[..., H]``, student_lm_head ``[V, H]`` (no bias); teacher either
     ``(teacher_hidden [..., Ht], teacher_lm_head [V, Ht])`` or a top-k teacher object
-    (``.ids``/``.logprobs`` ``[..., k]``, ``.tail_mass`` ``[...]`` or None). Same result as
-    ``kernels.ref.fused_linear_kd_ref``; gradients for the hidden states and the lm_head.
+    (``.ids``/``.logprobs`` ``[..., k]``, ``.tail_mass`` ``[...]`` or None) computed at the
+    temperature of use ``T`` (``temperature`` tempers the student only; kernels/ref.py). Same
+    result as ``kernels.ref.fused_linear_kd_ref``; gradients for the hidden states and the lm_head.
     """
     check_common(temperature, reduction, alpha)
     if reduction == "none":

@@ -22,27 +22,37 @@ Conventions (stated once, here)
 * reduction ``"mean"``: sum over the vocabulary, mean over non-ignored rows (0 when every row is
   ignored); ``"sum"``: sum over non-ignored rows; ``"none"``: one value per row, 0 on ignored rows.
 
-Top-k teacher
--------------
-The teacher is given as ``topk_ids [..., k]``, ``topk_logprobs [..., k]`` (its log-probabilities at
-temperature 1, normalised over the FULL vocabulary) and ``tail_mass [...]``, the probability mass
-outside the top-k at temperature 1. The tail mass is computed by the teacher in fp32 from its
-log-partition (``exp(logsumexp(tail logits) - logZ)``), so it is exact even when the k log-probs
-travel in bf16; when it is not given it is taken as ``clamp(1 - sum(exp(topk_logprobs)), 0, 1)``.
+Top-k teacher at temperature T
+------------------------------
+The teacher is given as ``topk_ids [..., k]``, ``topk_logprobs [..., k]`` and ``tail_mass [...]``:
+its top-k of ``p = softmax(teacher_logits[:V] / T)`` AT THE TEMPERATURE OF USE ``T``, over the
+tokenizer's real vocabulary ``[0, V)`` (padded embedding rows are not tokens: they never enter the
+top-k, the log-partition or the tail), and the probability mass outside the k ids at that same
+``T``. The teacher computes the tail in fp32 from its log-partition
+(``exp(logsumexp(tail logits / T) - logZ_T)``), so it is exact even when the k log-probs travel in
+bf16; when it is not given it is taken as ``clamp(1 - sum(exp(topk_logprobs)), 0, 1)``. The
+``temperature`` argument of the top-k ops therefore tempers the STUDENT only; the teacher's values
+are used as given (renormalised over the k + 1 buckets, which is the identity for exact values).
 
-The teacher is then a distribution over k + 1 outcomes: the k tokens and one tail bucket.
-At temperature T that distribution is tempered as a whole: ``p_T ∝ [p_top, p_tail] ** (1 / T)``
-(exact at T = 1; the teacher's individual tail logits are unknown, so this is the definition).
-The student is bucketed the same way: ``q_top = q[topk_ids]`` and ``q_tail = 1 - sum(q_top)``,
-computed as the student's exact mass outside the k ids.
+Both sides are bucketed identically into k + 1 outcomes, the k ids and one tail bucket:
+``p_top = p[ids]``, ``p_tail`` = the teacher's mass outside the ids, and ``q_top = q[ids]``,
+``q_tail = 1 - sum(q_top)`` computed as the student's exact mass outside the ids, with
+``q = softmax(student_logits / T)``. Why this definition: the k + 1 buckets are a coarsening of the
+same T-tempered vocabulary distribution on both sides, so a student equal to its teacher has
+``q_b = p_b`` for every bucket and every divergence is exactly 0 at every T, k and kind (the
+earlier convention tempered the teacher's T = 1 buckets as a whole, ``[p_top, p_tail] ** (1/T)``,
+which is not the bucketing of the tempered vocabulary distribution: copying the teacher was not the
+optimum at T != 1). A teacher's top-k is only valid at the temperature it was computed at; callers
+(distill.losses) refuse a mismatch.
 
-How each divergence treats the tail:
-* forward KL: no tail term, ``sum_{v in top-k} p_v (log p_v - log q_v)`` with the teacher's
-  probabilities NOT renormalised; its gradient w.r.t. the student logits (T = 1) is exactly
-  ``M * q - p`` on the full vocabulary with ``M = sum_{top-k} p`` (no renormalisation bias).
-  JSD with beta = 0 is this.
-* reverse KL, JSD (0 < beta <= 1), skew KL, skew reverse KL, TVD: over the k + 1 outcomes, the
-  tail being one bucket on both sides.
+Every divergence, forward KL included, is taken over the k + 1 outcomes, the tail being one bucket
+on both sides: each is then a true divergence between the two coarsened distributions (>= 0, and 0
+with a zero gradient when the student equals the teacher). Forward KL over the k ids alone (no tail
+term, as before) is not: it is negative for a student that moves its tail mass onto the k ids
+(``q_top = p_top / M`` gives ``M log M < 0``, ``M = sum p_top``), and its gradient at equality is
+``(M - 1) p`` on the ids, so copying the teacher was not its optimum. With the tail bucket, forward
+KL's gradient w.r.t. the tempered student logits is exactly ``q - p~``, where ``p~`` is the teacher
+on its k ids and its tail mass spread over the other tokens in proportion to ``q``.
 With ``k`` equal to the vocabulary the tail is empty on both sides and every top-k divergence equals
 its full-vocabulary form.
 """
@@ -154,20 +164,23 @@ def topk_bucket_logprobs(
     tail_mass: torch.Tensor | None,
     temperature: float,
 ):
-    """(log q over k+1 buckets, log p over k+1 buckets), rows flattened, both at temperature T."""
+    """(log q over k+1 buckets, log p over k+1 buckets), rows flattened.
+
+    The teacher's values are at the temperature of use already; only the student is tempered.
+    """
     vocab = student_logits.shape[-1]
     k = topk_ids.shape[-1]
     s = student_logits.float().reshape(-1, vocab) / temperature
     ids = topk_ids.reshape(-1, k).long()
-    lp1 = topk_logprobs.float().reshape(-1, k)
+    lp = topk_logprobs.float().reshape(-1, k)
     if tail_mass is None:
-        tail = (1.0 - lp1.exp().sum(-1)).clamp(0.0, 1.0)
+        tail = (1.0 - lp.exp().sum(-1)).clamp(0.0, 1.0)
     else:
         tail = tail_mass.float().reshape(-1).clamp(0.0, 1.0)
-    # Teacher: temper the (k + 1)-outcome distribution as a whole.
-    log_tail1 = torch.where(tail > 0, tail.clamp_min(_TINY).log(), torch.full_like(tail, -float("inf")))
-    log_p = torch.log_softmax(torch.cat([lp1, log_tail1[:, None]], dim=-1) / temperature, dim=-1)
-    # Student: exact mass on the k ids and outside them.
+    # Teacher: its k + 1 buckets as given (renormalised: the identity for exact values).
+    log_tail = torch.where(tail > 0, tail.clamp_min(_TINY).log(), torch.full_like(tail, -float("inf")))
+    log_p = torch.log_softmax(torch.cat([lp, log_tail[:, None]], dim=-1), dim=-1)
+    # Student: exact tempered mass on the k ids and outside them.
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
     log_q_top = s.gather(-1, ids) - lse
     in_top = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, ids, True)
@@ -176,6 +189,17 @@ def topk_bucket_logprobs(
     log_q_tail = torch.logsumexp(s.masked_fill(in_top, torch.finfo(s.dtype).min), dim=-1, keepdim=True) - lse
     log_q = torch.cat([log_q_top, log_q_tail], dim=-1)
     return log_q, log_p
+
+
+def topk_of_logits_ref(teacher_logits: torch.Tensor, k: int, *, temperature: float = 1.0,
+                       vocab_size: int | None = None):
+    """(ids, logprobs, tail_mass) of ``softmax(teacher_logits[..., :vocab_size] / T)``: the teacher
+    side of the convention above, written from the definition (fp32)."""
+    vocab = teacher_logits.shape[-1] if vocab_size is None else vocab_size
+    logp = torch.log_softmax(teacher_logits[..., :vocab].float() / temperature, dim=-1)
+    lp, ids = logp.topk(k, dim=-1)
+    tail = logp.scatter(-1, ids, -float("inf")).logsumexp(-1).exp()  # the mass outside the ids
+    return ids, lp, tail
 
 
 def topk_kd_ref(
@@ -199,14 +223,7 @@ def topk_kd_ref(
             f"match student logits {tuple(student_logits.shape)}"
         )
     log_q, log_p = topk_bucket_logprobs(student_logits, topk_ids, topk_logprobs, tail_mass, temperature)
-    eff = kind
-    if kind == "jsd" and beta == 0.0:
-        eff = "forward_kl"
-    if eff == "forward_kl":
-        # No tail term: drop the last bucket on both sides, teacher probabilities not renormalised.
-        per_row = _kl_terms(log_p[:, :-1], log_q[:, :-1]).sum(-1)
-    else:
-        per_row = _divergence_from_logprobs(log_q, log_p, kind, beta, alpha)
+    per_row = _divergence_from_logprobs(log_q, log_p, kind, beta, alpha)
     return _reduce(per_row, labels, ignore_index, reduction)
 
 

@@ -2,29 +2,46 @@
 its gradient computed in the same kernel.
 
 Math (definitions and the tail treatment in kernels/ref.py, ``topk_kd_ref``; one definition):
-the teacher is k ids with log-probs at temperature 1 plus its fp32 tail mass (mass outside the
-k ids), i.e. a distribution over k + 1 outcomes, tempered as a whole at temperature T. The
-student is bucketed the same way: ``q_top = q[ids]`` and ``q_tail`` = its exact mass outside the
-ids, both at temperature T.
-* forward KL (and JSD with beta 0): ``sum_top p (log p - log q)``, no tail term, teacher not
-  renormalised; gradient w.r.t. the logits (T = 1) exactly ``M * q - p`` with ``M = sum_top p``.
-* reverse KL, JSD, skew KL, skew reverse KL, TVD: over the k + 1 buckets. With
-  ``G_b = dL/dq_b`` and ``S = sum_b q_b G_b`` the gradient is ``q_v (G_{bucket(v)} - S) / T``:
-  one coefficient for every non-top token, k for the ids.
+the teacher is its k ids with log-probs plus its fp32 tail mass (mass outside the k ids), all
+given AT THE TEMPERATURE OF USE T, i.e. a distribution over k + 1 outcomes used as given
+(renormalised over the k + 1 buckets, the identity for exact values; ``temperature`` does not
+touch it). The student is tempered and bucketed the same way: ``q = softmax(x / T)``,
+``q_top = q[ids]`` and ``q_tail`` = its exact mass outside the ids. Every kind (forward KL, reverse
+KL, JSD, skew KL, skew reverse KL, TVD) is taken over the k + 1 buckets, so a student equal to its
+teacher has loss 0 and gradient 0 (TVD: a subgradient) at every T and k. With ``G_b = dL/dq_b`` and
+``S = sum_b q_b G_b`` the gradient w.r.t. the logits is ``q_v (G_{bucket(v)} - S) / T``: one
+coefficient for every non-top token, k for the ids. Forward KL (and JSD with beta 0) has the
+closed form ``(q - p~) / T``, ``p~`` being the teacher on its ids and its tail mass spread over
+the other tokens in proportion to q (``p_tail * q_v / q_tail``, formed from logs because
+``p_tail / q_tail`` is unbounded).
 
 The student's tail is computed without the ``1 - sum(q_top)`` cancellation: during the scan each
-block's exponentials ``e_v = exp2((x_v - m) * log2(e) / T)`` are summed in fp64 and the top ids
-that fall in the block are subtracted from that block sum with bit-identical ``e`` values (same
-load, same subtraction, same multiply, same exp2), so the difference is the sum over the non-top
-tokens to fp64 rounding, i.e. ``q_tail`` keeps full fp32 relative accuracy even at 1e-12 (the
-fp64 adds are cheap next to the HBM traffic). Requires distinct ids per row (a teacher's top-k
-always has them); ids must lie in [0, V) (not checked on the device: that would need a sync).
+block's exponentials ``e_v = exp2((x_v - m) * log2(e) / T)`` (<= 1) are summed in fp64 and the
+top ids that fall in the block are subtracted with bit-identical ``e`` values (same load, same
+subtraction, same multiply, same exp2). The terms >= BLOCK_V * 2^-30 are summed apart from the
+rest: they lie on a grid of BLOCK_V * 2^-53 and add up to at most BLOCK_V, so that fp64 sum and
+the subtraction are exact, and only the small terms are rounded. (A single fp64 sum per block
+carries the rounding of the top terms, ~1e-16 of the row's mass, into the tail.) The fp64 work
+per element is one conversion, two adds and two selects.
+Accuracy, as tests/kernels/test_topk_kd.py::test_topk_tail_gradient_matches_fp64_when_tail_is_tiny
+shows it (Triton interpreter, fp32 logits, T in {0.5, 1, 2}, every kind): with a student tail
+mass of 1e-6, 1e-12 and 1e-20, every non-top token's gradient matches an fp64 evaluation of the
+definition on the same logits to 2e-5 relative (observed <= 7.1e-6). That error is the fp32
+``exp2`` of arguments of size ``|x - m| / T`` (~50-100 there), not the tail sum; the single fp64
+sum gave up to 2.6e-4 at 1e-12 and 77-280% for forward KL at 1e-16.
+
+Requires distinct ids per row (a teacher's top-k always has them). Ids outside [0, V) are masked
+on the device in every load and store they index (memory-safe: a bad id never touches memory
+outside its row and is an empty student bucket; that row's values are then not meaningful);
+callers validate ids before the launch (distill.teacher.output.TopKTeacher.check), since a
+device-side check would need a sync.
 
 Passes per row (one program per row): (1) online max / normaliser / tail over the vocabulary,
 then the k + 1 bucket loss and S in registers (k <= 256 lives in one block); (2) the gradient:
-every token gets ``q_v * coef_tail`` and, after a CTA barrier, the k ids are overwritten with
-their own values. HBM traffic for bf16 forward+backward: 2 * 2V read + 2V written per row,
-plus O(k). Skipped pass 2 when no gradient is needed.
+every token gets ``q_v * coef_tail`` (forward KL: minus ``p_tail * q_v / q_tail``) and, after a
+CTA barrier, the k ids are overwritten with their own values. HBM traffic for bf16
+forward+backward: 2 * 2V read + 2V written per row, plus O(k). Skipped pass 2 when no gradient
+is needed.
 
 Layout: student ``[..., V]`` unit stride on the vocabulary, any row stride; ids int32/int64
 ``[..., k]``; log-probs any float dtype ``[..., k]``; tail mass ``[...]`` (or None: derived
@@ -75,23 +92,31 @@ def _topk_kd_fwd_kernel(
         lp = tl.load(lp_ptr + row * lp_stride + koffs, mask=kmask,
                      other=float("-inf")).to(tl.float32)
 
-        # Teacher over k + 1 buckets, tempered as a whole.
+        # Teacher over k + 1 buckets, already at the temperature of use (renormalised only).
         if HAS_TAIL:
-            tail1 = tl.load(tail_ptr + row).to(tl.float32)
+            tail = tl.load(tail_ptr + row).to(tl.float32)
         else:
-            tail1 = 1.0 - tl.sum(tl.where(kmask, tl.exp(lp), 0.0), axis=0)
-        tail1 = tl.minimum(tl.maximum(tail1, 0.0), 1.0)
-        log_tail1 = tl.where(tail1 > 0, tl.log(tl.maximum(tail1, 1e-38)), float("-inf"))
-        u = lp * inv_T
-        ut = log_tail1 * inv_T
-        mu = tl.maximum(tl.max(u, axis=0), ut)
-        lse_p = mu + tl.log(tl.sum(tl.exp(u - mu), axis=0) + tl.exp(ut - mu))
-        log_p = u - lse_p
+            tail = 1.0 - tl.sum(tl.where(kmask, tl.exp(lp), 0.0), axis=0)
+        tail = tl.minimum(tl.maximum(tail, 0.0), 1.0)
+        ut = tl.where(tail > 0, tl.log(tl.maximum(tail, 1e-38)), float("-inf"))
+        mu = tl.maximum(tl.max(lp, axis=0), ut)
+        lse_p = mu + tl.log(tl.sum(tl.exp(lp - mu), axis=0) + tl.exp(ut - mu))
+        log_p = lp - lse_p
         log_p_tail = ut - lse_p
 
+        # Every access indexed by an id is masked by the vocabulary bound as well as by k: an id
+        # outside [0, V) never touches memory outside its row and is an empty student bucket
+        # (callers validate ids before the launch; this only keeps a bad one memory-safe).
+        idmask = kmask & (ids >= 0) & (ids < V)
+
         # Student scan: max, normaliser and exact non-top mass (fp64 block sums minus the
-        # bit-identical top-id terms).
-        x_top = tl.load(s_row + ids, mask=kmask, other=float("-inf")).to(tl.float32)
+        # bit-identical top-id terms). Terms e >= big = BLOCK_V * 2^-30 (e <= 1) are fp32 values
+        # on a grid of BLOCK_V * 2^-53 summing to at most BLOCK_V: their fp64 sum, and the
+        # subtraction of the top-id terms among them, are exact in any order. Only the smaller
+        # terms are rounded, so the top terms' fp64 rounding (~1e-16 of the row) never lands in
+        # the tail (header: it was all of a 1e-16 tail, and forward KL's tail gradient with it).
+        big = BLOCK_V * 9.313225746154785e-10
+        x_top = tl.load(s_row + ids, mask=idmask, other=float("-inf")).to(tl.float32)
         c = inv_T * 1.4426950408889634
         m = tl.full([], NEG_BIG, tl.float32)
         z = tl.zeros([], tl.float32)
@@ -102,11 +127,16 @@ def _topk_kd_fwd_kernel(
             m_new = tl.maximum(m, tl.max(x, axis=0))
             r = tl.exp2((m - m_new) * c)
             e = tl.exp2((x - m_new) * c)
-            in_blk = kmask & (ids >= start) & (ids < start + BLOCK_V)
+            in_blk = idmask & (ids >= start) & (ids < start + BLOCK_V)
             e_top = tl.where(in_blk, tl.exp2((x_top - m_new) * c), 0.0)
             z = z * r + tl.sum(e, axis=0)
-            zt = zt * r.to(tl.float64) + (tl.sum(e.to(tl.float64), axis=0)
-                                          - tl.sum(e_top.to(tl.float64), axis=0))
+            e64 = e.to(tl.float64)
+            t64 = e_top.to(tl.float64)
+            exact = (tl.sum(tl.where(e >= big, e64, 0.0), axis=0)
+                     - tl.sum(tl.where(e_top >= big, t64, 0.0), axis=0))
+            rest = (tl.sum(tl.where(e >= big, 0.0, e64), axis=0)
+                    - tl.sum(tl.where(e_top >= big, 0.0, t64), axis=0))
+            zt = zt * r.to(tl.float64) + (exact + rest)
             m = m_new
         log_z = tl.log(z)
         if K >= V:
@@ -117,10 +147,23 @@ def _topk_kd_fwd_kernel(
         q_top = tl.exp(log_q)
 
         if KIND == 0:
+            # Forward KL over the k + 1 buckets: G_b = -p_b / q_b, q_b G_b = -p_b, S = -sum_b p_b,
+            # so dL/da_v = q_v sum_b p_b - p_v on the ids and q_v sum_b p_b - p_tail q_v / q_tail
+            # on the other tokens. p_tail / q_tail is unbounded as q_tail -> 0, so q_v / q_tail is
+            # formed in pass 2 as one exp2 against log2 of the fp64 tail sum (it never underflows)
+            # instead of as q_v times a huge coefficient; log q_tail of the loss comes from the
+            # same fp64 sum.
             p = tl.exp(log_p)
-            loss = tl.sum(tl.where(p > 0, p * (log_p - log_q), 0.0), axis=0)
-            mass = tl.sum(p, axis=0)
-            coef_tail = mass
+            p_tail = tl.exp(log_p_tail)
+            has_tail = zt > 0
+            zt_safe = tl.where(has_tail, zt, 1.0)
+            log_q_tail64 = (tl.log(zt_safe) - tl.log(z.to(tl.float64))).to(tl.float32)
+            log_q_tail = tl.where(has_tail, log_q_tail64, float("-inf"))
+            loss = (tl.sum(tl.where(p > 0, p * (log_p - log_q), 0.0), axis=0)
+                    + tl.where(p_tail > 0, p_tail * (log_p_tail - log_q_tail), 0.0))
+            coef_tail = tl.sum(p, axis=0) + p_tail
+            log2_zt = tl.where(has_tail, tl.log2(zt_safe).to(tl.float32), 0.0)
+            p_spread = tl.where(has_tail, p_tail, 0.0)
         else:
             term, g, qg = div_terms(log_q, log_p, KIND, beta, alpha)
             term_t, g_t, qg_t = div_terms(log_q_tail, log_p_tail, KIND, beta, alpha)
@@ -137,18 +180,23 @@ def _topk_kd_fwd_kernel(
                 mask = offs < V
                 x = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
                 q = tl.exp2((x - m) * c - log2_z)
-                grad = tl.where(q > 0, q * coef_tail, 0.0) * gscale
+                grad = tl.where(q > 0, q * coef_tail, 0.0)
+                if KIND == 0:
+                    # p_tail * q_v / q_tail (q_v <= q_tail on a non-top token; the clamp only
+                    # matters on the ids, which are overwritten below).
+                    grad -= p_spread * tl.exp2(tl.minimum((x - m) * c - log2_zt, 0.0))
+                grad = grad * gscale
                 tl.store(g_row + offs, rtne_bf16(grad, RTNE_BF16).to(g_ptr.dtype.element_ty),
                          mask=mask)
             # The ids were written with the tail coefficient above; overwrite them after every
             # thread's block stores are done.
             tl.debug_barrier()
             if KIND == 0:
-                g_top = mass * q_top - tl.exp(log_p)
+                g_top = coef_tail * q_top - p
             else:
                 g_top = qg - q_top * s_sum
             g_top = rtne_bf16(g_top * gscale, RTNE_BF16).to(g_ptr.dtype.element_ty)
-            tl.store(g_row + ids, g_top, mask=kmask)
+            tl.store(g_row + ids, g_top, mask=idmask)
     else:
         tl.store(loss_ptr + row, 0.0)
         if COMPUTE_GRAD:

@@ -104,17 +104,29 @@ def offloads_optimizer(ds_cfg: dict) -> bool:
     return off.get("device", "none") not in ("none", None)
 
 
-def teacher_ds_config(student_cfg: dict) -> dict:
-    """Inference-only ZeRO-3 config for the frozen teacher: the student's partitioning and precision,
-    no optimizer, no optimizer offload, no gradient settings that need an optimizer."""
+def teacher_ds_config(student_cfg: dict, dtype: torch.dtype) -> dict:
+    """Inference-only ZeRO-3 config for the frozen teacher: the student's partitioning, the teacher's
+    own precision (``dtype``: its resolved torch dtype, ``model.teacher_dtype``), no optimizer, no
+    optimizer offload, no gradient settings that need an optimizer.
+
+    The precision flags decide the teacher's dtype: ``deepspeed.zero.Init`` (entered by
+    ``from_pretrained`` under this config) casts every floating parameter it creates to bf16 / fp16 /
+    fp32 from ``bf16.enabled`` / ``fp16.enabled``, whatever dtype ``from_pretrained`` was given, and
+    the engine does not cast ZeRO-Init parameters again. Copying the student's flags ran the teacher
+    in the student's dtype."""
+    import torch
+
+    prec = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype)
+    if prec is None:
+        raise ConfigError(f"teacher dtype {dtype}: bfloat16 | float16 | float32")
     z = dict(student_cfg.get("zero_optimization", {}))
     z.pop("offload_optimizer", None)
     z["stage"] = 3
     return {
         "train_micro_batch_size_per_gpu": student_cfg["train_micro_batch_size_per_gpu"],
         "gradient_accumulation_steps": 1,
-        "bf16": dict(student_cfg.get("bf16", {"enabled": False})),
-        "fp16": dict(student_cfg.get("fp16", {"enabled": False})),
+        "bf16": {**student_cfg.get("bf16", {}), "enabled": prec == "bf16"},
+        "fp16": {**student_cfg.get("fp16", {}), "enabled": prec == "fp16"},
         "zero_optimization": z,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

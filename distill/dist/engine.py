@@ -15,6 +15,7 @@ otherwise the module itself on the device. Its forward always runs under ``torch
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -233,3 +234,29 @@ class TeacherEngine:
         if self.engine is not None:
             return self.engine(**inputs)
         return self.module(**inputs)
+
+    @torch.no_grad()
+    def final_hidden(self, **inputs) -> torch.Tensor:
+        """The decoder's last hidden states ``[B, L, H]`` (after its final norm), no lm_head.
+
+        Under ZeRO-3 the decoder's own module hooks gather and release each layer as it runs.
+        """
+        return self.module.get_decoder()(**inputs)[0]
+
+    @contextlib.contextmanager
+    def output_head(self):
+        """``(weight [V, H], bias or None)`` of the lm_head, whole for the duration of the block.
+
+        Under ZeRO-3 the partitioned weight (tied to the embedding or not) is all-gathered once by
+        ``deepspeed.zero.GatheredParameters`` and released on exit; otherwise it is the module's own.
+        """
+        head = self.module.get_output_embeddings()
+        bias = getattr(head, "bias", None)
+        if self.engine is None:
+            yield head.weight, bias
+            return
+        import deepspeed
+
+        params = [head.weight] + ([bias] if bias is not None else [])
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield head.weight, bias

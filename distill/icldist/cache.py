@@ -2,8 +2,9 @@
 
 Layout of a cache folder::
 
-    manifest.json            teacher, k, tokenizer hash, prompt-set hash, n_prompts, shard size,
-                             values dtype, format version; "complete": true once every shard exists
+    manifest.json            teacher, k, temperature, vocab_size, tokenizer hash, prompt-set hash,
+                             n_prompts, shard size, values dtype, format version; "complete": true
+                             once every shard exists
     shard-00000.safetensors  prompts [0, S): top-k of every target position + teacher answers
     shard-00000.json         the shard's index entry (range, positions, sha256), written after it
     index.json               every shard's entry, written when the cache is complete
@@ -13,13 +14,21 @@ fp32 ``[P]``, ``pos_offsets`` int64 ``[n+1]`` (prompt i's positions are rows
 ``pos_offsets[i]:pos_offsets[i+1]``), and ``answer_ids`` int32 + ``answer_offsets`` int64 ``[n+1]``
 (the teacher's generated answer for fine-grained prompts, empty for classification).
 
+The top-k is the teacher's distribution AT THE TEMPERATURE OF USE (the run's ``kd.temperature``)
+over the tokenizer's real vocabulary ``[0, vocab_size)`` (distill.teacher.output), so the manifest
+records both and a run at another temperature or vocabulary is refused. Format 1 (the first
+version) took the top-k at temperature 1 over every lm_head row, padded ones included, and recorded
+no temperature: it is refused with a message saying to rebuild it. Each shard's ids are checked
+(in range, distinct per position) once, when the shard is first loaded, naming the file.
+
 Resumable: a shard is written to a temporary name and renamed, then its ``.json`` entry is written
 (also by rename); a shard counts as done only when its entry exists and the file's sha256 matches.
 After ``kill -9`` a rerun keeps the done shards, deletes temporaries and unfinished shards, and
 writes the rest. Shard file names are the shard number, so nothing is ever duplicated.
 
-Reading refuses a cache whose manifest does not match the run (teacher, k, teacher tokenizer,
-prompt set), or that is incomplete, with a message naming the field and both values.
+Reading refuses a cache whose manifest does not match the run (teacher, k, temperature, vocabulary,
+teacher tokenizer, prompt set), or that is incomplete, with a message naming the field and both
+values.
 """
 
 from __future__ import annotations
@@ -36,13 +45,21 @@ import torch
 from distill.teacher.output import TopKTeacher
 from distill.fileio import atomic_write_bytes, atomic_write_text, is_temporary
 
-FORMAT_VERSION = 1
+# 2: top-k at the run's temperature over the real vocabulary; manifest records temperature and vocab_size.
+FORMAT_VERSION = 2
 # Manifest fields that must match between the cache and the run reading or extending it.
-KEY_FIELDS = ("teacher", "k", "tokenizer_hash", "prompt_set_hash", "n_prompts", "shard_size")
+KEY_FIELDS = ("teacher", "k", "temperature", "vocab_size", "tokenizer_hash", "prompt_set_hash", "n_prompts",
+              "shard_size")
+# Why a field must match, where the generic message does not say enough.
+_WHY = {
+    "temperature": "a top-k teacher is valid only at the temperature it was taken at",
+    "vocab_size": "the top-k is taken over the teacher tokenizer's real vocabulary",
+}
 
 
 class CacheMismatch(ValueError):
-    """The cache on disk was built for another teacher, k, tokenizer or prompt set."""
+    """The cache on disk was built for another teacher, k, temperature, tokenizer or prompt set, or in
+    another format."""
 
 
 class CacheIncomplete(RuntimeError):
@@ -70,18 +87,33 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 
 def _mismatch_message(root: Path, field: str, have, want) -> str:
+    why = f" ({_WHY[field]})" if field in _WHY else ""
     return (
-        f"teacher cache {root} was built with {field}={have!r}, but this run needs {field}={want!r}. "
+        f"teacher cache {root} was built with {field}={have!r}, but this run needs {field}={want!r}{why}. "
         f"Point teacher.cache_dir at another folder (or delete this one) and rerun --stage cache."
     )
 
 
+def _format1_message(root: Path) -> str:
+    return (
+        f"teacher cache {root} is format 1: its top-k was taken at temperature 1 over every lm_head row "
+        f"(padded ones included) and it records no temperature, while format {FORMAT_VERSION} takes it at "
+        f"kd.temperature over the tokenizer's real vocabulary; rebuild it: delete {root} and run "
+        f"`python launchers/icldist.py --stage cache` (same config), or point teacher.cache_dir elsewhere."
+    )
+
+
 def check_manifest(root: Path, have: dict, want: dict) -> None:
+    """Refuse a manifest of another format, or whose key fields differ from ``want``'s."""
+    # The format first: a format-1 manifest lacks the temperature, and "temperature=None" says less.
+    version = have.get("format_version")
+    if version == 1:
+        raise CacheMismatch(_format1_message(root))
+    if version != FORMAT_VERSION:
+        raise CacheMismatch(_mismatch_message(root, "format_version", version, FORMAT_VERSION))
     for key in KEY_FIELDS:
         if key in want and have.get(key) != want[key]:
             raise CacheMismatch(_mismatch_message(root, key, have.get(key), want[key]))
-    if have.get("format_version") != FORMAT_VERSION:
-        raise CacheMismatch(_mismatch_message(root, "format_version", have.get("format_version"), FORMAT_VERSION))
 
 
 def shard_name(s: int) -> str:
@@ -92,6 +124,9 @@ class CacheWriter:
     """Writes shards of a cache folder; refuses a folder that holds a different cache."""
 
     def __init__(self, root: str | os.PathLike, manifest: dict):
+        missing = [f for f in KEY_FIELDS if f not in manifest]
+        if missing:
+            raise ValueError(f"teacher cache {root}: the manifest lacks {missing} (every key field is recorded)")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.manifest = {**manifest, "format_version": FORMAT_VERSION}
@@ -142,10 +177,13 @@ class CacheWriter:
         start, end = self.shard_range(s)
         if len(targets) != end - start:
             raise ValueError(f"shard {s}: expected {end - start} prompts, got {len(targets)}")
-        k = self.manifest["k"]
+        k, temperature = self.manifest["k"], float(self.manifest["temperature"])
         for i, t in enumerate(targets):
             if t.topk.ids.ndim != 2 or t.topk.k != k:
                 raise ValueError(f"shard {s}, prompt {start + i}: top-k shape {tuple(t.topk.ids.shape)}, want [P, {k}]")
+            if t.topk.temperature != temperature:
+                raise ValueError(f"shard {s}, prompt {start + i}: top-k at temperature {t.topk.temperature}, "
+                                 f"but the cache is at temperature {temperature}")
         pos = torch.tensor([0] + [int(t.topk.ids.shape[0]) for t in targets]).cumsum(0)
         ans = torch.tensor([0] + [len(t.answer_ids) for t in targets]).cumsum(0)
         tails = [
@@ -182,7 +220,13 @@ class CacheWriter:
 
 
 class TeacherCache:
-    """Read-only access to a complete cache; ``cache[i]`` is prompt i's :class:`CachedTarget`."""
+    """Read-only access to a complete cache; ``cache[i]`` is prompt i's :class:`CachedTarget`.
+
+    The top-k returned carries the manifest's temperature. A shard's ids are checked against the
+    manifest's ``vocab_size`` once, when the shard is first loaded
+    (:class:`~distill.teacher.output.TopKIdError` naming the file); :meth:`verify` loads and checks
+    every shard up front.
+    """
 
     def __init__(self, root: str | os.PathLike, expect: dict | None = None):
         self.root = Path(root)
@@ -202,6 +246,8 @@ class TeacherCache:
         index = json.loads((self.root / "index.json").read_text(encoding="utf-8"))
         self.entries = index["shards"]
         self.size = self.manifest["shard_size"]
+        self.temperature = float(self.manifest["temperature"])
+        self.vocab_size = int(self.manifest["vocab_size"])
         self._open: dict[int, dict[str, torch.Tensor]] = {}
 
     def __len__(self) -> int:
@@ -215,8 +261,17 @@ class TeacherCache:
             f = self.root / entry["file"]
             if not f.is_file():
                 raise CacheIncomplete(f"teacher cache {self.root}: {f.name} is missing (listed in index.json)")
-            self._open[s] = load_file(str(f))
+            t = load_file(str(f))
+            # Before any kernel indexes the student's logits with them; once per shard (CPU: no sync).
+            TopKTeacher(ids=t["ids"], logprobs=t["logprobs"], tail_mass=t["tail_mass"],
+                        temperature=self.temperature).check(self.vocab_size, source=f"teacher cache shard {f}")
+            self._open[s] = t
         return self._open[s]
+
+    def verify(self) -> None:
+        """Load (and so check) every shard now, so a bad shard stops the run before any step."""
+        for s in range(len(self.entries)):
+            self._shard(s)
 
     def __getitem__(self, i: int) -> CachedTarget:
         if not 0 <= i < len(self):
@@ -225,5 +280,6 @@ class TeacherCache:
         t = self._shard(s)
         a, b = int(t["pos_offsets"][j]), int(t["pos_offsets"][j + 1])
         c, d = int(t["answer_offsets"][j]), int(t["answer_offsets"][j + 1])
-        topk = TopKTeacher(ids=t["ids"][a:b], logprobs=t["logprobs"][a:b], tail_mass=t["tail_mass"][a:b])
+        topk = TopKTeacher(ids=t["ids"][a:b], logprobs=t["logprobs"][a:b], tail_mass=t["tail_mass"][a:b],
+                           temperature=self.temperature)
         return CachedTarget(topk=topk, answer_ids=t["answer_ids"][c:d].tolist())

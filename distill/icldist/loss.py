@@ -10,6 +10,10 @@
 * ``LKD_sum``: :func:`distill.icldist.targets.label_kl`, one term per classification prompt.
 * ``normalizer``: answer tokens of the whole optimiser step (all micro-batches, all ranks), the core
   convention, so micro-batch losses add up.
+
+The teacher's top-k, and so its label log-probs, are at the temperature of use T already (taken at
+``kd.temperature`` by the teacher, distill.teacher.output); only the student is tempered here. A
+batch whose teacher temperature is not the loss's is refused.
 """
 
 from __future__ import annotations
@@ -32,13 +36,15 @@ class BatchTargets:
     kd_rows: torch.Tensor | None  # [B, L] 1 where token-level KD applies, -100 elsewhere (a row mask)
     label_rows: torch.Tensor  # [N, 2] (batch row, position) of label-level terms
     student_label_ids: torch.Tensor  # [N, Lmax] (-1 padded)
-    teacher_label_logprobs: torch.Tensor  # [N, Lmax] fp32, -inf padded
+    teacher_label_logprobs: torch.Tensor  # [N, Lmax] fp32 at `temperature`, -inf padded
+    temperature: float | None = None  # the teacher's (topk and label log-probs); None when no rows
 
     def to(self, device) -> "BatchTargets":
         return BatchTargets(
             None if self.topk is None else self.topk.to(device),
             None if self.kd_rows is None else self.kd_rows.to(device),
             self.label_rows.to(device), self.student_label_ids.to(device), self.teacher_label_logprobs.to(device),
+            self.temperature,
         )
 
 
@@ -52,8 +58,15 @@ def assemble(
     teacher_vocab: int,
     classification: str = "label",
 ) -> BatchTargets:
-    """Place each example's teacher rows (``topks[i]`` ``[P_i, k]``) on its student positions."""
+    """Place each example's teacher rows (``topks[i]`` ``[P_i, k]``) on its student positions.
+
+    Every ``topks[i]`` must be at the same temperature, which the result keeps (its filler rows too).
+    """
     n = len(examples)
+    temps = sorted({t.temperature for t in topks})
+    if len(temps) > 1:
+        raise ValueError(f"the teacher's top-k of one batch mixes temperatures {temps} (one run, one kd.temperature)")
+    temperature = temps[0] if temps else None
     token_level = [kind == "fine-grained" or classification == "token" for kind in kinds]
     topk = kd_rows = None
     if any(token_level):
@@ -74,7 +87,7 @@ def assemble(
             lp[b, pos] = t.logprobs.float()
             tail[b, pos] = t.tail_mass.float() if t.tail_mass is not None else (1 - t.logprobs.float().exp().sum(-1)).clamp(0, 1)
             kd_rows[b, pos] = 1
-        topk = TopKTeacher(ids=ids, logprobs=lp, tail_mass=tail)
+        topk = TopKTeacher(ids=ids, logprobs=lp, tail_mass=tail, temperature=temperature)
     rows, s_ids, t_lp = [], [], []
     for b, (ex, kind, t, tl) in enumerate(zip(examples, kinds, topks, token_level)):
         if kind != "classification" or tl:
@@ -91,7 +104,7 @@ def assemble(
         topk, kd_rows,
         torch.tensor(rows, dtype=torch.long).reshape(-1, 2),
         pad_label_ids(s_ids, width) if s_ids else torch.empty((0, width), dtype=torch.long),
-        t_mat,
+        t_mat, temperature,
     )
 
 
@@ -122,6 +135,10 @@ class ICLDistLoss:
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, targets: BatchTargets, normalizer) -> ICLDistLossOutput:
         from distill.losses import divergence
 
+        if targets.temperature is not None and targets.temperature != float(self.T):
+            raise ValueError(
+                f"ICLDistLoss at temperature {float(self.T)} got teacher targets at temperature "
+                f"{targets.temperature}: the teacher's top-k must be taken at the loss's temperature")
         ce = self.ce(logits, None, labels, normalizer)
         norm = torch.as_tensor(normalizer, dtype=torch.float32, device=logits.device).clamp_min(1)
         zero = logits.new_zeros((), dtype=torch.float32)
@@ -136,7 +153,7 @@ class ICLDistLoss:
         if targets.label_rows.numel() and self.label_kd_weight:
             r = targets.label_rows.to(logits.device)
             rows = logits[r[:, 0], r[:, 1]]
-            lkd_sum = label_kl(rows, targets.student_label_ids.to(logits.device),
+            lkd_sum = label_kl(rows, targets.student_label_ids.to(logits.device),  # teacher side at T already
                                targets.teacher_label_logprobs.to(logits.device), temperature=self.T, reduction="sum")
         t2 = self.T * self.T
         loss = ce.loss + (self.kd_weight * t2 * kd_sum + self.label_kd_weight * t2 * lkd_sum) / norm

@@ -14,6 +14,10 @@ Online targets (:class:`OnlineTargets`): the trainer calls ``prefetch(batch)`` f
 before it trains on the current one; the top-k requests then run on the service while the student
 computes. ``get`` waits only for what is not there yet; the time spent waiting is accumulated
 (``wait_s``) and the trainer logs it as a fraction of the step time.
+
+The top-k is requested AT THE TEMPERATURE OF USE (the run's ``kd.temperature``) over the teacher
+tokenizer's real vocabulary, and every reply is checked where it enters (:func:`check_reply`: the
+temperature it carries, ids in range and distinct), online and before a cache shard is written.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
-from distill.icldist.cache import CachedTarget, CacheWriter, TeacherCache
+from distill.icldist.cache import CachedTarget, CacheWriter, TeacherCache, shard_name
 from distill.icldist.data import TeacherRequest
 from distill.icldist.prompts import Prompt
 from distill.teacher.output import TopKTeacher
@@ -63,16 +67,16 @@ class _AttachedService:
     def __init__(self, router, info, tokenizer, values_dtype: str):
         self._router, self.info, self.tokenizer, self.values_dtype = router, info, tokenizer, values_dtype
 
-    def async_topk(self, sequences, positions, k):
+    def async_topk(self, sequences, positions, k, *, temperature: float = 1.0, vocab_size: int | None = None):
         from distill.teacher import pipeline as P
 
         sequences = [list(map(int, s)) for s in sequences]
         positions = [list(map(int, p)) for p in positions]
-        P.validate_topk(self.info, sequences, positions, k)
-        return self._router.topk.remote(sequences, positions, k, self.values_dtype)
+        P.validate_topk(self.info, sequences, positions, k, temperature=temperature, vocab_size=vocab_size)
+        return self._router.topk.remote(sequences, positions, k, self.values_dtype, float(temperature), vocab_size)
 
-    def topk(self, sequences, positions, k):
-        return resolve(self.async_topk(sequences, positions, k))
+    def topk(self, sequences, positions, k, *, temperature: float = 1.0, vocab_size: int | None = None):
+        return resolve(self.async_topk(sequences, positions, k, temperature=temperature, vocab_size=vocab_size))
 
     def shutdown(self) -> None:  # rank 0 owns the service
         self._router = None
@@ -260,11 +264,43 @@ def generate_answers(client, prompts: Sequence[Prompt], path: str | os.PathLike,
 # Targets: online (prefetched) and cached
 
 
-class OnlineTargets:
-    """Top-k per prompt from the live service, requested ahead of use."""
+def _ids_text(ids: Sequence[int]) -> str:
+    ids = list(ids)
+    return str(ids) if len(ids) <= 8 else f"[{', '.join(map(str, ids[:8]))}, ... ({len(ids)} prompts)]"
 
-    def __init__(self, client, requests: Sequence[TeacherRequest], k: int):
+
+def check_reply(topks, prompts: Sequence[int], *, temperature: float, vocab_size: int,
+                source: str) -> list[TopKTeacher]:
+    """Refuse a teacher reply that is not one top-k teacher per prompt of ``prompts``, at
+    ``temperature``, with ids in ``[0, vocab_size)`` and distinct per position.
+
+    ``source`` names where the reply came from (the client, the request); raises ValueError
+    (:class:`~distill.teacher.output.TopKIdError` for the ids) before anything indexes with it.
+    """
+    topks, prompts = list(topks), list(prompts)
+    if len(topks) != len(prompts):
+        raise ValueError(f"{source}: {len(topks)} top-k teachers for {len(prompts)} prompts")
+    for i, t in zip(prompts, topks):
+        if not isinstance(t, TopKTeacher):
+            raise ValueError(f"{source}, prompt {i}: a {type(t).__name__}, not a TopKTeacher")
+        if t.temperature != float(temperature):
+            raise ValueError(f"{source}, prompt {i}: top-k at temperature {t.temperature}, but temperature "
+                             f"{float(temperature)} was requested (a top-k is valid only at its own temperature)")
+        t.check(vocab_size, source=f"{source}, prompt {i}")
+    return topks
+
+
+class OnlineTargets:
+    """Top-k per prompt from the live service, requested ahead of use.
+
+    ``temperature``: the run's KD temperature, the one the losses use (the teacher's top-k is taken
+    at it); ``vocab_size``: the teacher tokenizer's real vocabulary (the top-k is taken over it and
+    the reply's ids are checked against it).
+    """
+
+    def __init__(self, client, requests: Sequence[TeacherRequest], k: int, *, temperature: float, vocab_size: int):
         self.client, self.requests, self.k = client, requests, k
+        self.temperature, self.vocab_size = float(temperature), int(vocab_size)
         self._pending: dict[tuple[int, ...], object] = {}
         self._pool = None
         self.wait_s = 0.0
@@ -274,12 +310,13 @@ class OnlineTargets:
         seqs = [self.requests[i].seq for i in ids]
         poss = [self.requests[i].pos for i in ids]
         self.n_requests += 1
+        kw = dict(temperature=self.temperature, vocab_size=self.vocab_size)
         if type(self.client).__name__ != "LocalTeacher":
-            return self.client.async_topk(seqs, poss, self.k)  # an ObjectRef: already asynchronous
+            return self.client.async_topk(seqs, poss, self.k, **kw)  # an ObjectRef: already asynchronous
         # An in-process teacher computes eagerly: run it on a worker thread so it overlaps the step.
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="icldist-teacher")
-        return self._pool.submit(self.client.topk, seqs, poss, self.k)
+        return self._pool.submit(self.client.topk, seqs, poss, self.k, **kw)
 
     def prefetch(self, ids: Sequence[int]) -> None:
         key = tuple(int(i) for i in ids)
@@ -294,7 +331,8 @@ class OnlineTargets:
         t0 = time.perf_counter()
         out = resolve(handle)
         self.wait_s += time.perf_counter() - t0
-        return out
+        return check_reply(out, key, temperature=self.temperature, vocab_size=self.vocab_size,
+                           source=f"{type(self.client).__name__} reply for prompts {_ids_text(key)}")
 
     def close(self) -> None:
         if self._pool is not None:
@@ -303,10 +341,15 @@ class OnlineTargets:
 
 
 class CachedTargets:
-    """Top-k per prompt read back from a :class:`TeacherCache` (no teacher running)."""
+    """Top-k per prompt read back from a :class:`TeacherCache` (no teacher running).
+
+    Every shard is loaded and its ids checked here, so a bad shard stops the run before any step;
+    the top-k carry the cache's temperature (the manifest check made it the run's).
+    """
 
     def __init__(self, cache: TeacherCache):
         self.cache = cache
+        cache.verify()
         self.wait_s = 0.0
         self.n_requests = 0
 
@@ -325,11 +368,16 @@ class CachedTargets:
 
 def build_cache(client, requests: Sequence[TeacherRequest], answers: Sequence[list[int]], root, manifest: dict, *,
                 request_size: int = 32, window: int = 4, progress: bool = True) -> Path:
-    """Write the teacher's top-k for every request to ``root`` (resumable, see distill.icldist.cache)."""
+    """Write the teacher's top-k for every request to ``root`` (resumable, see distill.icldist.cache).
+
+    The top-k is requested at ``manifest["temperature"]`` over ``manifest["vocab_size"]`` tokens, and
+    each reply is checked (:func:`check_reply`) before its shard is written.
+    """
     from tqdm import tqdm
 
     writer = CacheWriter(root, manifest)
     k = manifest["k"]
+    temperature, vocab = float(manifest["temperature"]), int(manifest["vocab_size"])
     done = writer.done_shards()
     todo = [s for s in range(writer.n_shards) if s not in done]
     bar = tqdm(total=writer.n_shards, initial=writer.n_shards - len(todo), desc="teacher cache", unit="shard",
@@ -340,7 +388,9 @@ def build_cache(client, requests: Sequence[TeacherRequest], answers: Sequence[li
         refs = []
         for a in range(start, end, request_size):
             b = min(a + request_size, end)
-            refs.append(client.async_topk([requests[i].seq for i in range(a, b)], [requests[i].pos for i in range(a, b)], k))
+            refs.append((a, b, client.async_topk([requests[i].seq for i in range(a, b)],
+                                                 [requests[i].pos for i in range(a, b)], k,
+                                                 temperature=temperature, vocab_size=vocab)))
         return s, refs
 
     pending = [submit(s) for s in todo[:window]]
@@ -350,7 +400,11 @@ def build_cache(client, requests: Sequence[TeacherRequest], answers: Sequence[li
         if nxt < len(todo):
             pending.append(submit(todo[nxt]))
             nxt += 1
-        topks = [t for r in refs for t in resolve(r)]
+        shard_file = writer.root / f"{shard_name(s)}.safetensors"
+        topks = []
+        for a, b, r in refs:
+            source = f"{type(client).__name__} reply for cache shard {s} ({shard_file}), prompts [{a}, {b})"
+            topks += check_reply(resolve(r), range(a, b), temperature=temperature, vocab_size=vocab, source=source)
         start, end = writer.shard_range(s)
         writer.write_shard(s, [CachedTarget(t, list(answers[i])) for t, i in zip(topks, range(start, end))])
         bar.update(1)

@@ -86,11 +86,14 @@ def _teacher_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def manifest_for(run: ICLDistRun, teacher_tok) -> dict:
+    """The cache manifest of this run; also what the online top-k is requested with (k, temperature:
+    the KD temperature the losses use, vocab_size: the teacher tokenizer's real vocabulary)."""
     from distill.icldist.prompts import prompt_set_hash
     from distill.icldist.targets import tokenizer_hash
 
     t = run.cfg.teacher
-    return {"teacher": teacher_name(run), "k": t.k, "tokenizer_hash": tokenizer_hash(teacher_tok),
+    return {"teacher": teacher_name(run), "k": t.k, "temperature": float(run.cfg.kd.temperature),
+            "vocab_size": len(teacher_tok), "tokenizer_hash": tokenizer_hash(teacher_tok),
             "prompt_set_hash": prompt_set_hash(run.prompts), "n_prompts": len(run.prompts), "shard_size": t.shard_size,
             "max_len": run.cfg.icl.max_len}
 
@@ -150,7 +153,8 @@ def run_cache_stage(run: ICLDistRun) -> Path:
     t0 = time.time()
     root = build_cache(run.client, run.requests, run.answers, run.cache_dir, manifest_for(run, teacher_tok),
                        request_size=run.cfg.teacher.request_size)
-    _print0(f"teacher cache: {len(run.prompts)} prompts, k={run.cfg.teacher.k}, {time.time() - t0:.1f}s -> {root}")
+    _print0(f"teacher cache: {len(run.prompts)} prompts, k={run.cfg.teacher.k}, T={run.cfg.kd.temperature}, "
+            f"{time.time() - t0:.1f}s -> {root}")
     return root
 
 
@@ -210,7 +214,8 @@ def _prepare(cfg_run, tokenizer, ctx) -> ICLDistRun:
         answers = teacher_answers(run, teacher_tok) if rank == 0 else None
         answers = distenv.broadcast_object0(answers)
         build_requests(run, teacher_tok, answers)
-        run.targets = OnlineTargets(run.client, run.requests, cfg.teacher.k)
+        run.targets = OnlineTargets(run.client, run.requests, cfg.teacher.k, temperature=manifest["temperature"],
+                                    vocab_size=manifest["vocab_size"])
         _print0(f"teacher targets: online ({type(run.client).__name__}, prefetch {cfg.teacher.prefetch} micro-batch(es) ahead)")
     run.teacher_vocab = len(teacher_tok)
     for i, (p, a) in enumerate(zip(run.prompts, run.answers)):

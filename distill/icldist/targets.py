@@ -3,14 +3,16 @@
 Classification (label level). The target is the teacher's distribution over the task's label words,
 read at the answer position (the last prompt token) through the TEACHER tokenizer's verbalizer
 (first sub-token of each ``" " + label word``, :func:`label_token_ids`). The teacher signal is its
-top-k there; a label token outside the top-k gets the uniform-tail estimate
+top-k there, taken AT THE TEMPERATURE OF USE T over the teacher tokenizer's real vocabulary of V
+tokens (distill.teacher.output); a label token outside the top-k gets the uniform-tail estimate
 ``tail_mass / (V - k)`` (the mass outside the top-k spread evenly: the only unbiased guess the
 top-k carries; use a k that covers the label words, the default 64 does for instruction-tuned
-teachers). The label log-probs are then renormalised over the label words. The student's side is
-its softmax over the same label words through the STUDENT tokenizer's verbalizer, so teacher and
-student may use different tokenizers (a Llama teacher, a Qwen student). The loss is
-``KL(teacher_labels || student_labels)`` at temperature T (times T^2), plus a gold-label CE on the
-student's full vocabulary (the answer tokens), weighted separately.
+teachers). The label log-probs are then renormalised over the label words; for label tokens in the
+top-k that is exactly the teacher's softmax at T restricted to the labels. The student's side is
+its softmax at T over the same label words through the STUDENT tokenizer's verbalizer, so teacher
+and student may use different tokenizers (a Llama teacher, a Qwen student); the teacher's side is
+NOT tempered again. The loss is ``KL(teacher_labels || student_labels)`` (times T^2), plus a
+gold-label CE on the student's full vocabulary (the answer tokens), weighted separately.
 
 Fine-grained (token level). The target is the teacher's generated answer, with its top-k at every
 answer token; the student's loss is the core top-k divergence (:mod:`distill.losses`). That needs
@@ -72,8 +74,10 @@ def label_token_ids(tokenizer, task: str, label_words: Sequence[str]) -> list[in
 def label_logprobs_from_topk(topk: TopKTeacher, label_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Teacher log-probs over label tokens from its top-k, renormalised over the labels.
 
-    ``topk``: ``[N, k]`` at the answer position of N prompts; ``label_ids``: ``[N, L]`` token ids with
-    -1 padding (tasks have 2..4 labels). Returns fp32 ``[N, L]``, ``-inf`` on padding.
+    ``topk``: ``[N, k]`` at the answer position of N prompts, at the temperature of use (the result
+    is at ``topk.temperature``, nothing is tempered here); ``label_ids``: ``[N, L]`` token ids with
+    -1 padding (tasks have 2..4 labels); ``vocab_size``: the real vocabulary the top-k was taken over
+    (the tail is spread over its ``V - k`` other tokens). Returns fp32 ``[N, L]``, ``-inf`` on padding.
     """
     ids = topk.ids.long()
     lp = topk.logprobs.float()
@@ -104,14 +108,16 @@ def label_kl(
     """KL(teacher || student) over label words, at temperature T, one row per prompt.
 
     ``student_logits`` ``[N, V]`` (answer positions), ``student_label_ids`` ``[N, L]`` (-1 padding),
-    ``teacher_label_logprobs`` ``[N, L]`` (renormalised over the labels at T=1, -inf on padding).
-    Both sides are tempered over the label words; no T^2 factor here (the caller applies it).
+    ``teacher_label_logprobs`` ``[N, L]`` (:func:`label_logprobs_from_topk`: AT temperature T already,
+    renormalised over the labels, -inf on padding). Only the student is tempered
+    (``softmax(student_logits[labels] / T)``); the teacher's values are used as given (renormalised:
+    the identity for exact values). No T^2 factor here (the caller applies it).
     """
     pad = student_label_ids < 0
     s = student_logits.float().gather(-1, student_label_ids.clamp_min(0)) / temperature
     s = s.masked_fill(pad, -math.inf)
     log_q = torch.log_softmax(s, dim=-1)
-    log_p = torch.log_softmax((teacher_label_logprobs.float() / temperature).masked_fill(pad, -math.inf), dim=-1)
+    log_p = torch.log_softmax(teacher_label_logprobs.float().masked_fill(pad, -math.inf), dim=-1)
     p = log_p.exp()
     terms = torch.where(p > 0, p * (log_p - log_q.masked_fill(pad, 0.0)), torch.zeros_like(p))
     per_row = terms.sum(-1)

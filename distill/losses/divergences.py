@@ -4,8 +4,9 @@ What is computed is defined once in ``distill_kernels.ref`` (kernels/ref.py): fo
 reverse KL, generalized JSD (TRL convention, beta=0 -> forward, beta=1 -> reverse), skew KL and
 skew reverse KL (DistiLLM, alpha), TVD; ``p`` the teacher, ``q`` the student, both at temperature T;
 no T^2 factor here. A teacher is either full logits ``[..., V]`` or a
-:class:`~distill.teacher.output.TopKTeacher` ``[..., k]`` (k+1 buckets, forward KL without a tail
-term; see the reference's docstring and docs/losses.md).
+:class:`~distill.teacher.output.TopKTeacher` ``[..., k]`` computed at the temperature of use (k+1
+buckets on both sides, for every kind; a teacher at another temperature is refused;
+see the reference's docstring and docs/losses.md).
 
 Memory
 ------
@@ -29,7 +30,8 @@ For a per-row loss ``L(q)`` with ``q = softmax(s / T)``: ``dL/ds = (qg - q * sum
 reverse KL: ``q (log q - log m) - alpha q^2 / m``; TVD: ``q sign(q - p) / 2``). For a top-k teacher
 the same is applied to the k+1 bucket probabilities and spread back to the vocabulary: a top-k id
 gets ``qg_b - q_j S``, a tail token ``q_j (qg_tail / Q_tail - S)`` with ``S = sum_b qg_b``. Forward
-KL's top-k gradient is therefore exactly ``M q - p`` (``M`` = teacher mass on the k ids).
+KL's top-k gradient is therefore exactly ``q - p~``, ``p~`` the teacher on its k ids and its tail
+mass spread over the other tokens in proportion to ``q`` (0 when the student equals the teacher).
 
 The teacher is frozen: it gets no gradient, and teacher logits that require grad are refused (an
 autograd graph through the teacher is wasted memory; compute them under ``torch.no_grad()``).
@@ -264,18 +266,17 @@ def _topk_terms(s, teacher, cfg: _Cfg, need_grad: bool):
     """Top-k teacher over k+1 buckets. ``s`` = tempered student logits (fp32, owned: overwritten)."""
     ids, logprobs, tail = teacher
     ids = ids.long()
-    T = cfg.temperature
     k = ids.shape[-1]
-    # Teacher: the (k + 1)-outcome distribution at temperature 1, tempered as a whole.
-    lp1 = logprobs.float()
+    # Teacher: its k + 1 buckets at the temperature of use, as given (kernels/ref.py).
+    lp = logprobs.float()
     if tail is None:
-        tail1 = (1.0 - lp1.exp().sum(-1)).clamp(0.0, 1.0)
+        tail = (1.0 - lp.exp().sum(-1)).clamp(0.0, 1.0)
     else:
-        tail1 = tail.float().clamp(0.0, 1.0)
-    log_tail1 = torch.where(tail1 > 0, tail1.clamp_min(_TINY).log(), -float("inf"))
-    log_p = torch.log_softmax(torch.cat([lp1, log_tail1[:, None]], dim=-1) / T, dim=-1)
+        tail = tail.float().clamp(0.0, 1.0)
+    log_tail = torch.where(tail > 0, tail.clamp_min(_TINY).log(), -float("inf"))
+    log_p = torch.log_softmax(torch.cat([lp, log_tail[:, None]], dim=-1), dim=-1)
     p = log_p.exp()
-    # Student: exact mass on the k ids and outside them.
+    # Student: exact tempered mass on the k ids and outside them.
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
     s_top = s.gather(-1, ids)
     s.scatter_(-1, ids, -float("inf"))  # s now holds the tail logits only
@@ -283,12 +284,8 @@ def _topk_terms(s, teacher, cfg: _Cfg, need_grad: bool):
     log_q = torch.cat([s_top - lse, tail_lse - lse], dim=-1)
     q = log_q.exp()
 
-    if cfg.kind == "forward_kl":
-        # No tail term, teacher probabilities not renormalised; the tail bucket gets qg = 0.
-        loss, qg_top = _forward_kl(log_q[:, :k], q[:, :k], log_p[:, :k], p[:, :k], cfg.prm)
-        qg = torch.cat([qg_top, torch.zeros_like(qg_top[:, :1])], dim=-1)
-    else:
-        loss, qg = _REGISTRY[cfg.kind](log_q, q, log_p, p, cfg.prm)
+    # Every kind over the k + 1 buckets, forward KL included (its tail term keeps the teacher the optimum).
+    loss, qg = _REGISTRY[cfg.kind](log_q, q, log_p, p, cfg.prm)
     if not need_grad:
         return loss, None
     total = qg.sum(-1, keepdim=True)  # S
@@ -389,7 +386,12 @@ def _flatten_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _check_teacher(teacher) -> None:
+def _check_teacher(teacher, temperature: float) -> None:
+    if isinstance(teacher, TopKTeacher) and teacher.temperature != float(temperature):
+        raise ValueError(
+            f"the top-k teacher was computed at temperature {teacher.temperature:g}, but the loss uses "
+            f"temperature {float(temperature):g}: a top-k distribution is only valid at its own temperature "
+            f"(ask the teacher for its top-k at {float(temperature):g}, or rebuild the cache at it)")
     tensors = [teacher] if isinstance(teacher, torch.Tensor) else [teacher.logprobs]
     if isinstance(teacher, TopKTeacher) and teacher.tail_mass is not None:
         tensors.append(teacher.tail_mass)
@@ -441,7 +443,7 @@ def chunked_rows(
         )
     t_arg = None
     if isinstance(teacher, TopKTeacher):
-        _check_teacher(teacher)
+        _check_teacher(teacher, temperature)
         if teacher.ids.shape[:-1] != lead:
             raise ValueError(
                 f"top-k teacher positions {tuple(teacher.ids.shape[:-1])} do not match student "
@@ -461,7 +463,7 @@ def chunked_rows(
             None if teacher.tail_mass is None else teacher.tail_mass.reshape(-1),
         )
     elif isinstance(teacher, torch.Tensor):
-        _check_teacher(teacher)
+        _check_teacher(teacher, temperature)
         v_teacher = teacher.shape[-1]
         if teacher.shape[:-1] != lead:
             raise ValueError(
@@ -561,7 +563,7 @@ def triton_divergence(kind, student_logits, teacher, labels, *, beta, alpha, tem
     except Exception as exc:  # noqa: BLE001 - any import failure means: use torch
         _warn_once(("import", name), f"distill_kernels.{name} unavailable ({exc!r}); using the torch path")
         return None
-    _check_teacher(teacher)
+    _check_teacher(teacher, temperature)
     kw = dict(kind=kind, beta=beta, alpha=alpha, temperature=temperature,
               ignore_index=ignore_index, reduction=reduction)
     if grad_inplace:
@@ -656,7 +658,7 @@ def _make(kind: str, doc: str):
     return fn
 
 
-forward_kl = _make("forward_kl", "Forward KL(teacher || student); top-k: no tail term, gradient M*q - p.")
+forward_kl = _make("forward_kl", "Forward KL(teacher || student); top-k: one tail bucket, gradient q - p~.")
 reverse_kl = _make("reverse_kl", "Reverse KL(student || teacher); top-k: one tail bucket.")
 jsd = _make("jsd", "Generalized JSD, mixture (1-beta)*q + beta*p; beta=0 forward KL, beta=1 reverse KL.")
 skew_kl = _make("skew_kl", "Skew KL(p || alpha*p + (1-alpha)*q) (DistiLLM); top-k: one tail bucket.")

@@ -112,6 +112,19 @@ def final_logit_softcap(model_config) -> float | None:
     return float(cap) if cap else None
 
 
+def logit_transform(model) -> tuple[float, float | None]:
+    """``(scale, softcap)`` such that ``logits = softcap(scale * lm_head(final_hidden))`` as the
+    model's own forward computes them: Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``,
+    Gemma's final-logit softcap (None: no cap)."""
+    scale = 1.0
+    if getattr(model, "logit_scale", None) is not None and not isinstance(model.logit_scale, torch.nn.Module):
+        scale *= float(model.logit_scale)  # Cohere: a float attribute of the CausalLM
+    div = getattr(model.config, "logits_scaling", None)
+    if div:
+        scale /= float(div)  # Granite
+    return scale, final_logit_softcap(model.config)
+
+
 def load_causal_lm(name: str, *, dtype: torch.dtype, attn: str, device: str = "cpu",
                    trust_remote_code: bool = False, zero3_config: dict | None = None,
                    grad_checkpointing: bool = False):

@@ -58,20 +58,23 @@ class LocalTeacher:
             raise RuntimeError(f"LocalTeacher({self.model}) was shut down; create a new one")
 
     # -- top-k --------------------------------------------------------------------------------
-    def topk(self, sequences: list[list[int]], positions: list[list[int]], k: int):
-        """One TopKTeacher [len(positions[i]), k] per sequence (see distill.teacher.pipeline)."""
+    def topk(self, sequences: list[list[int]], positions: list[list[int]], k: int, *, temperature: float = 1.0,
+             vocab_size: int | None = None):
+        """One TopKTeacher [len(positions[i]), k] per sequence at ``temperature`` over the first
+        ``vocab_size`` tokens (default: the tokenizer's real vocabulary; see distill.teacher.pipeline)."""
         self._check_open()
-        P.validate_topk(self.info, sequences, positions, k)
+        P.validate_topk(self.info, sequences, positions, k, temperature=temperature, vocab_size=vocab_size)
         out = [None] * len(sequences)
         for batch in plan_batches([len(s) for s in sequences], self.max_batch_size, self.max_batch_tokens):
             res = asyncio.run(P.topk_batch(self._run, self.info, [sequences[i] for i in batch],
-                                           [positions[i] for i in batch], k, self.values_dtype))
+                                           [positions[i] for i in batch], k, self.values_dtype, temperature,
+                                           vocab_size))
             for i, r in zip(batch, res):
                 out[i] = r
         return out
 
-    def async_topk(self, sequences, positions, k) -> Future:
-        return _done(self.topk, sequences, positions, k)
+    def async_topk(self, sequences, positions, k, *, temperature: float = 1.0, vocab_size: int | None = None) -> Future:
+        return _done(self.topk, sequences, positions, k, temperature=temperature, vocab_size=vocab_size)
 
     # -- generation ---------------------------------------------------------------------------
     def generate(self, prompts: list[str], sampling: SamplingParams | None = None, *, seeds: list[int] | None = None):

@@ -69,6 +69,7 @@ class TeacherInfo:
 
     name: str
     vocab_size: int  # rows of the lm_head (may exceed the tokenizer's vocabulary)
+    real_vocab: int  # the tokenizer's real vocabulary (lm_head rows when there is no tokenizer)
     max_context: int  # max_position_embeddings
     num_layers: int
     eos_token_ids: list[int]
@@ -88,6 +89,7 @@ def teacher_info(name: str, config, tokenizer=None) -> TeacherInfo:
     return TeacherInfo(
         name=str(name),
         vocab_size=int(config.vocab_size),
+        real_vocab=min(int(config.vocab_size), len(tokenizer)) if tokenizer is not None else int(config.vocab_size),
         max_context=int(getattr(config, "max_position_embeddings", 1 << 30)),
         num_layers=int(config.num_hidden_layers),
         eos_token_ids=eos,
@@ -95,11 +97,23 @@ def teacher_info(name: str, config, tokenizer=None) -> TeacherInfo:
     )
 
 
-def validate_topk(info: TeacherInfo, sequences, positions, k) -> None:
+def topk_vocab(info: TeacherInfo, vocab_size: int | None) -> int:
+    """The columns a top-k is taken over: the tokenizer's real vocabulary unless the caller names one."""
+    v = info.real_vocab if vocab_size is None else int(vocab_size)
+    if not 1 <= v <= info.vocab_size:
+        raise ValueError(f"top-k vocab_size={v} must be in [1, {info.vocab_size}] (the lm_head rows of {info.name})")
+    return v
+
+
+def validate_topk(info: TeacherInfo, sequences, positions, k, *, temperature: float = 1.0,
+                  vocab_size: int | None = None) -> None:
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"top-k k={k!r} must be a positive integer")
-    if k > info.vocab_size:
-        raise ValueError(f"top-k k={k} > the teacher's vocabulary size {info.vocab_size} ({info.name})")
+    vocab = topk_vocab(info, vocab_size)
+    if k > vocab:
+        raise ValueError(f"top-k k={k} > the teacher's vocabulary size {vocab} ({info.name})")
+    if not float(temperature) > 0:
+        raise ValueError(f"top-k temperature={temperature!r} must be > 0")
     if len(sequences) != len(positions):
         raise ValueError(f"topk: {len(sequences)} sequences but {len(positions)} position lists")
     for i, (seq, pos) in enumerate(zip(sequences, positions)):
@@ -153,8 +167,9 @@ Run = Callable[[dict], Awaitable]
 
 
 async def topk_batch(run: Run, info: TeacherInfo, seqs: list[list[int]], poss: list[list[int]], k: int,
-                     values_dtype: torch.dtype):
-    """Score one batch; returns one TopKTeacher [len(pos_i), k] per sequence."""
+                     values_dtype: torch.dtype, temperature: float = 1.0, vocab_size: int | None = None):
+    """Score one batch; returns one TopKTeacher [len(pos_i), k] per sequence, at ``temperature``
+    over the first ``vocab_size`` (default: the tokenizer's real) tokens."""
     B, T = len(seqs), max(len(s) for s in seqs)
     ids = torch.full((B, T), info.pad_token_id, dtype=torch.long)
     mask = torch.zeros((B, T), dtype=torch.long)
@@ -167,14 +182,16 @@ async def topk_batch(run: Run, info: TeacherInfo, seqs: list[list[int]], poss: l
         "input_ids": ids,
         "attention_mask": mask,
         "position_ids": torch.arange(T).unsqueeze(0).expand(B, T).contiguous(),
-        "task": {"kind": "topk", "rows": rows, "cols": cols, "k": k, "values_dtype": values_dtype},
+        "task": {"kind": "topk", "rows": rows, "cols": cols, "k": k, "values_dtype": values_dtype,
+                 "temperature": float(temperature), "vocab_size": topk_vocab(info, vocab_size)},
     }
     flat = await run(payload)
     out, start = [], 0
     for p in poss:
         # clone: a slice pickles its whole storage, i.e. every sequence would carry the batch's payload
         t = flat[start : start + len(p)]
-        out.append(TopKTeacher(ids=t.ids.clone(), logprobs=t.logprobs.clone(), tail_mass=t.tail_mass.clone()))
+        out.append(TopKTeacher(ids=t.ids.clone(), logprobs=t.logprobs.clone(), tail_mass=t.tail_mass.clone(),
+                               temperature=t.temperature))
         start += len(p)
     return out
 

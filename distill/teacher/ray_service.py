@@ -234,14 +234,15 @@ class _Router:
             await self._restart(rep, epoch)
 
     # -- requests -----------------------------------------------------------------------------
-    async def topk(self, sequences, positions, k: int, values_dtype: str):
+    async def topk(self, sequences, positions, k: int, values_dtype: str, temperature: float = 1.0,
+                   vocab_size: int | None = None):
         vd = _VALUE_DTYPES[values_dtype]
         batches = plan_batches([len(s) for s in sequences], self.max_batch_size, self.max_batch_tokens)
         out: list = [None] * len(sequences)
 
         async def one(bi, batch):
             seqs, poss = [sequences[i] for i in batch], [positions[i] for i in batch]
-            res = await self._dispatch(lambda run: P.topk_batch(run, self.info, seqs, poss, k, vd), f"top-k batch {bi}")
+            res = await self._dispatch(lambda run: P.topk_batch(run, self.info, seqs, poss, k, vd, temperature, vocab_size), f"top-k batch {bi}")
             for i, r in zip(batch, res):
                 if out[i] is not None:  # cannot happen: each batch is accepted once
                     raise RuntimeError(f"teacher service: sequence {i} scored twice")
@@ -340,16 +341,18 @@ class TeacherClient:
             raise RuntimeError(f"teacher service ({self.model}) was shut down; create a new one")
 
     # -- calls --------------------------------------------------------------------------------
-    def async_topk(self, sequences: list[list[int]], positions: list[list[int]], k: int):
-        """ObjectRef of list[TopKTeacher]: per sequence, rows = ``positions[i]`` (logits at those indices)."""
+    def async_topk(self, sequences: list[list[int]], positions: list[list[int]], k: int, *,
+                   temperature: float = 1.0, vocab_size: int | None = None):
+        """ObjectRef of list[TopKTeacher]: per sequence, rows = ``positions[i]`` (logits at those indices),
+        at ``temperature`` over the first ``vocab_size`` tokens (default: the tokenizer's real vocabulary)."""
         self._check_open()
         sequences = [list(map(int, s)) for s in sequences]
         positions = [list(map(int, p)) for p in positions]
-        P.validate_topk(self.info, sequences, positions, k)
-        return self._router.topk.remote(sequences, positions, k, self.values_dtype)
+        P.validate_topk(self.info, sequences, positions, k, temperature=temperature, vocab_size=vocab_size)
+        return self._router.topk.remote(sequences, positions, k, self.values_dtype, float(temperature), vocab_size)
 
-    def topk(self, sequences, positions, k):
-        return ray.get(self.async_topk(sequences, positions, k))
+    def topk(self, sequences, positions, k, *, temperature: float = 1.0, vocab_size: int | None = None):
+        return ray.get(self.async_topk(sequences, positions, k, temperature=temperature, vocab_size=vocab_size))
 
     def async_generate(self, prompts: list[str], sampling: SamplingParams | None = None, *, seeds: list[int] | None = None):
         """ObjectRef of list[Generation], one per prompt."""

@@ -281,7 +281,8 @@ class TeacherStage(nn.Module):
 
     # -- last-stage tasks --------------------------------------------------------------------
     def _topk(self, hidden: torch.Tensor, task: dict):
-        """Top-k at the requested (row, position) pairs only; lm_head runs on those rows alone."""
+        """Top-k at the requested (row, position) pairs only; lm_head runs on those rows alone, a chunk
+        at a time, over the first ``vocab_size`` rows (the tokenizer's tokens) at ``temperature``."""
         from distill.teacher.output import TopKTeacher
 
         rows = task["rows"].to(hidden.device)  # [N] batch row of each requested position
@@ -289,11 +290,14 @@ class TeacherStage(nn.Module):
         k = task["k"]
         values_dtype = task.get("values_dtype", torch.bfloat16)
         chunk = task.get("chunk_rows", 1024)
+        temperature = float(task.get("temperature", 1.0))
+        vocab = task.get("vocab_size")
         picked = hidden[rows, cols]  # [N, H]
         ids, lps, tails = [], [], []
         for i in range(0, picked.shape[0], chunk):
             logits = self.lm_head(picked[i : i + chunk]).float()
-            t = TopKTeacher.from_logits(logits, k, values_dtype=values_dtype)
+            t = TopKTeacher.from_logits(logits, k, temperature=temperature, vocab_size=vocab,
+                                        values_dtype=values_dtype)
             ids.append(t.ids.cpu())
             lps.append(t.logprobs.cpu())
             tails.append(t.tail_mass.cpu())
@@ -302,8 +306,10 @@ class TeacherStage(nn.Module):
                 ids=torch.zeros(0, k, dtype=torch.int32),
                 logprobs=torch.zeros(0, k, dtype=values_dtype),
                 tail_mass=torch.zeros(0, dtype=torch.float32),
+                temperature=temperature,
             )
-        return TopKTeacher(ids=torch.cat(ids), logprobs=torch.cat(lps), tail_mass=torch.cat(tails))
+        return TopKTeacher(ids=torch.cat(ids), logprobs=torch.cat(lps), tail_mass=torch.cat(tails),
+                           temperature=temperature)
 
     def _sample(self, hidden: torch.Tensor, sid, task: dict) -> torch.Tensor:
         """Next token of every row from the logits at the last position (greedy / temperature / top-p)."""

@@ -1,7 +1,7 @@
 """Benchmark topk_kd: ``python -m distill_kernels.bench.topk_kd [--kind forward_kl] [--k 64]``.
 
 Providers: torch (eager, as users write top-k KD: fp32 log_softmax of the student, gather the k
-ids, teacher probabilities NOT renormalised; forward KL only), ref (kernels/ref.py topk_kd_ref,
+ids, plus the tail bucket of kernels/ref.py's definition; forward KL only), ref (kernels/ref.py topk_kd_ref,
 every kind), triton (distill_kernels.topk_kd). Liger-Kernel has no top-k op. "fwd" is the
 training forward (student requires grad), "fwd+bwd" adds backward.
 Minimal traffic used for GB/s: read the student logits once (fwd); + write the gradient
@@ -15,10 +15,13 @@ from distill_kernels.bench import harness as H  # sets TRITON_INTERPRET on CPU f
 import torch  # noqa: E402
 
 
-def eager_topk_forward_kl(s, ids, lps, labels, temperature):
-    log_q = torch.log_softmax(s.float() / temperature, dim=-1).gather(-1, ids.long())
+def eager_topk_forward_kl(s, ids, lps, tail, labels, temperature):
+    """Forward KL over the k ids and the tail bucket (the same quantity as the kernel)."""
+    log_q_all = torch.log_softmax(s.float() / temperature, dim=-1)
+    log_q = log_q_all.gather(-1, ids.long())
+    q_tail = (1 - log_q.exp().sum(-1)).clamp_min(1e-30)  # as eager code writes it: cancels when confident
     p = lps.float().exp()
-    per = (p * (lps.float() - log_q)).sum(-1)
+    per = (p * (lps.float() - log_q)).sum(-1) + tail * (tail.clamp_min(1e-30).log() - q_tail.log())
     mask = labels != -100
     return (per * mask).sum() / mask.sum().clamp_min(1)
 
@@ -67,7 +70,7 @@ def main(argv=None):
                 "triton": lambda: topk_kd(s, ids, lps, tail, labels, **kw),
             }
             if args.kind == "forward_kl":
-                providers["torch"] = lambda: eager_topk_forward_kl(s, ids, lps, labels, 1.0)
+                providers["torch"] = lambda: eager_topk_forward_kl(s, ids, lps, tail, labels, 1.0)
             for name in args.providers:
                 if name not in providers:
                     continue

@@ -76,12 +76,13 @@ def teacher_inputs(small_prompts, local_teacher, tiny_tokenizer, tmp_path_factor
     return requests, answers
 
 
-def cache_manifest(prompts, tokenizer, k=8, shard_size=4, teacher="micro"):
+def cache_manifest(prompts, tokenizer, k=8, shard_size=4, teacher="micro", temperature=1.0):
     from distill.icldist.prompts import prompt_set_hash
     from distill.icldist.targets import tokenizer_hash
 
-    return {"teacher": teacher, "k": k, "tokenizer_hash": tokenizer_hash(tokenizer),
-            "prompt_set_hash": prompt_set_hash(prompts), "n_prompts": len(prompts), "shard_size": shard_size}
+    return {"teacher": teacher, "k": k, "temperature": float(temperature), "vocab_size": len(tokenizer),
+            "tokenizer_hash": tokenizer_hash(tokenizer), "prompt_set_hash": prompt_set_hash(prompts),
+            "n_prompts": len(prompts), "shard_size": shard_size}
 
 
 @pytest.fixture(scope="session")
@@ -94,16 +95,24 @@ CACHE_REQUEST_SIZE = 3  # prompts per teacher request while building the conftes
 
 
 class _Spy:
-    """Records what the teacher returned for each (sequence, positions) request."""
+    """Records what the teacher returned for each (sequence, positions) request, and what was asked."""
 
     def __init__(self, teacher):
-        self.teacher, self.seen = teacher, {}
+        self.teacher, self.seen, self.asked = teacher, {}, []
 
-    def async_topk(self, seqs, poss, k):
-        out = self.teacher.topk(seqs, poss, k)
+    def async_topk(self, seqs, poss, k, *, temperature, vocab_size):
+        self.asked.append({"k": k, "temperature": temperature, "vocab_size": vocab_size, "n": len(seqs)})
+        out = self.teacher.topk(seqs, poss, k, temperature=temperature, vocab_size=vocab_size)
         for s, p, t in zip(seqs, poss, out):
             self.seen[(tuple(s), tuple(p))] = t
         return out
+
+
+@pytest.fixture(scope="session")
+def spy_cls():
+    """The recording client wrapper (``spy_cls(teacher)``); its type name is not LocalTeacher, so
+    OnlineTargets calls its ``async_topk``."""
+    return _Spy
 
 
 @pytest.fixture(scope="session")
@@ -115,6 +124,7 @@ def built_cache(tmp_path_factory, local_teacher, teacher_inputs, small_prompts, 
     manifest = make_manifest(small_prompts, tiny_tokenizer, k=CACHE_K)
     spy = _Spy(local_teacher)
     build_cache(spy, requests, answers, root, manifest, request_size=CACHE_REQUEST_SIZE, progress=False)
+    assert {(a["temperature"], a["vocab_size"]) for a in spy.asked} == {(1.0, len(tiny_tokenizer))}
     return root, manifest, spy.seen  # seen: what the teacher returned, per (sequence, positions)
 
 

@@ -1,9 +1,11 @@
-"""Teacher top-k cache: round trip, resume after kill -9, refusal of a mismatched cache."""
+"""Teacher top-k cache: round trip, resume after kill -9, refusal of a mismatched, format-1 or corrupt cache."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +15,8 @@ import pytest
 import torch
 
 from distill.icldist.cache import CacheIncomplete, CacheMismatch, CacheWriter, TeacherCache
-from distill.icldist.online import build_cache
+from distill.icldist.online import CachedTargets, build_cache
+from distill.teacher.output import TopKIdError
 
 K = 8  # the conftest cache's k
 
@@ -29,6 +32,7 @@ def test_round_trip_equals_teacher_topk(built_cache, teacher_inputs):
         assert torch.equal(got.topk.ids, want.ids)
         assert torch.equal(got.topk.logprobs, want.logprobs)
         assert torch.equal(got.topk.tail_mass, want.tail_mass)
+        assert got.topk.temperature == want.temperature == manifest["temperature"] == 1.0
         assert got.topk.ids.shape == (len(requests[i].pos), K)
         assert got.answer_ids == list(answers[i])
         n_fg += bool(answers[i])
@@ -55,6 +59,116 @@ def test_mismatch_is_refused(built_cache, other_tokenizer, prompt_config):
     with pytest.raises(CacheMismatch, match="prompt_set_hash"):
         CacheWriter(root, dict(manifest, prompt_set_hash=other))
     assert TeacherCache(root, expect=manifest)[0].topk.k == K
+
+
+def test_other_temperature_is_refused(built_cache, tmp_path):
+    root, manifest, _ = built_cache
+    with pytest.raises(CacheMismatch, match=r"temperature=1\.0, but this run needs temperature=2\.0"):
+        TeacherCache(root, expect=dict(manifest, temperature=2.0))
+    with pytest.raises(CacheMismatch, match=r"vocab_size=4096, but this run needs vocab_size=4000"):
+        TeacherCache(root, expect=dict(manifest, vocab_size=4000))
+    with pytest.raises(CacheMismatch, match=r"temperature=1\.0.*temperature=2\.0"):  # nor extended at another T
+        CacheWriter(root, dict(manifest, temperature=2.0))
+
+
+def _copy(root, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(root, dst)
+    return dst
+
+
+def test_format_1_cache_is_refused_with_how_to_rebuild(built_cache, tmp_path):
+    root, manifest, _ = built_cache
+    old = _copy(root, tmp_path)
+    m = json.loads((old / "manifest.json").read_text())
+    m["format_version"] = 1
+    del m["temperature"], m["vocab_size"]  # format 1 recorded neither
+    (old / "manifest.json").write_text(json.dumps(m))
+    for open_ in (lambda: TeacherCache(old, expect=manifest), lambda: TeacherCache(old),
+                  lambda: CacheWriter(old, manifest)):
+        with pytest.raises(CacheMismatch) as e:
+            open_()
+        msg = str(e.value)
+        assert "\n" not in msg and "format 1" in msg
+        assert "temperature 1" in msg and "padded" in msg  # why
+        assert "python launchers/icldist.py --stage cache" in msg and "teacher.cache_dir" in msg  # how
+
+
+@pytest.mark.parametrize("bad", ["out_of_range", "repeated"])
+def test_bad_id_in_a_shard_is_refused_naming_the_file(built_cache, tmp_path, bad):
+    from safetensors.torch import load_file, save_file
+
+    root, manifest, _ = built_cache
+    broken = _copy(root, tmp_path)
+    f = broken / "shard-00001.safetensors"
+    t = load_file(str(f))
+    ids = t["ids"].clone()
+    if bad == "out_of_range":
+        ids[2, 3] = manifest["vocab_size"]  # a padded lm_head row, say
+        want = r"top-k id 4096 at position 2 is outside the vocabulary \[0, 4096\)"
+    else:
+        ids[2, 3] = ids[2, 0]
+        want = r"position 2 repeats top-k ids"
+    t["ids"] = ids
+    save_file(t, str(f))
+    cache = TeacherCache(broken, expect=manifest)
+    assert cache[0].topk.k == K  # shard 0 is fine and read lazily
+    with pytest.raises(TopKIdError, match=rf"{re.escape(str(f))}.*{want}"):
+        CachedTargets(cache)  # what training reads the cache through: refused before any step
+    with pytest.raises(TopKIdError, match=rf"{re.escape(str(f))}.*{want}"):
+        TeacherCache(broken, expect=manifest)[manifest["shard_size"]]  # the first prompt of shard 1
+
+
+class _BadIdsClient:
+    """Answers like the teacher, but with an id past the real vocabulary in the given prompt's reply."""
+
+    def __init__(self, teacher, bad_prompt: int, vocab: int):
+        self.teacher, self.bad_prompt, self.vocab, self.offset = teacher, bad_prompt, vocab, 0
+
+    def async_topk(self, seqs, poss, k, *, temperature, vocab_size):
+        out = self.teacher.topk(seqs, poss, k, temperature=temperature, vocab_size=vocab_size)
+        j = self.bad_prompt - self.offset
+        if 0 <= j < len(out):
+            out[j].ids[0, 1] = self.vocab + 3
+        self.offset += len(seqs)
+        return out
+
+
+def test_cache_at_temperature_2(tmp_path, local_teacher, teacher_inputs, small_prompts, tiny_tokenizer,
+                                make_manifest, spy_cls, built_cache):
+    """The cache asks the teacher at its temperature, stores that top-k, and hands it back carrying T."""
+    requests, answers = teacher_inputs
+    n = 5
+    manifest = make_manifest(small_prompts[:n], tiny_tokenizer, k=K, temperature=2.0)
+    spy = spy_cls(local_teacher)
+    root = build_cache(spy, requests[:n], answers[:n], tmp_path / "t2", manifest, request_size=3, progress=False)
+    assert {(a["temperature"], a["vocab_size"]) for a in spy.asked} == {(2.0, len(tiny_tokenizer))}
+    assert json.loads((root / "manifest.json").read_text())["temperature"] == 2.0
+    cache, t1 = TeacherCache(root, expect=manifest), TeacherCache(built_cache[0])
+    for i in range(n):
+        want = spy.seen[(tuple(requests[i].seq), tuple(requests[i].pos))]  # the teacher's reply at T=2
+        got = cache[i].topk
+        assert got.temperature == 2.0
+        assert torch.equal(got.ids, want.ids) and torch.equal(got.logprobs, want.logprobs)
+        assert torch.equal(got.tail_mass, want.tail_mass)
+        assert not torch.equal(got.logprobs, t1[i].topk.logprobs)  # really another distribution than T=1
+    with pytest.raises(CacheMismatch, match=r"temperature=2\.0, but this run needs temperature=1\.0"):
+        TeacherCache(root, expect=dict(manifest, temperature=1.0))
+
+
+def test_bad_reply_is_refused_before_its_shard_is_written(tmp_path, local_teacher, teacher_inputs, small_prompts,
+                                                          tiny_tokenizer, make_manifest):
+    requests, answers = teacher_inputs
+    n = 8
+    manifest = make_manifest(small_prompts[:n], tiny_tokenizer, k=K)
+    root = tmp_path / "bad"
+    client = _BadIdsClient(local_teacher, bad_prompt=5, vocab=len(tiny_tokenizer))
+    shard = root / "shard-00001.safetensors"
+    want = (rf"_BadIdsClient reply for cache shard 1 \({re.escape(str(shard))}\), prompts \[4, 7\), "
+            rf"prompt 5: top-k id 4099 .* outside the vocabulary")
+    with pytest.raises(TopKIdError, match=want):
+        build_cache(client, requests[:n], answers[:n], root, manifest, request_size=3, window=1, progress=False)
+    assert (root / "shard-00000.safetensors").is_file() and not shard.exists()
 
 
 _CHILD = textwrap.dedent(

@@ -28,11 +28,14 @@ def _args(out, teacher, student, *extra):
     ]
 
 
-def test_online_train_then_report(tmp_path, micro_teacher_dir, micro_student_dir):
+def test_online_train_then_report(tmp_path, micro_teacher_dir, micro_student_dir, tiny_tokenizer):
+    from distill.icldist import stage
     from distill.icldist.stage import run_from_argv
 
     out = tmp_path / "run"
     assert run_from_argv(_args(out, micro_teacher_dir, micro_student_dir)) == 0
+    # the top-k was asked at the KD temperature over the teacher tokenizer's real vocabulary
+    assert (stage._RUN.targets.temperature, stage._RUN.targets.vocab_size) == (1.0, len(tiny_tokenizer))
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2, 3]
     for r in recs:
@@ -48,15 +51,18 @@ def test_online_train_then_report(tmp_path, micro_teacher_dir, micro_student_dir
     assert "held out of training" in (out / "export" / "results.md").read_text()
 
 
-def test_cache_stage_then_train_without_teacher(tmp_path, micro_teacher_dir, micro_student_dir, monkeypatch):
+def test_cache_stage_then_train_without_teacher(tmp_path, micro_teacher_dir, micro_student_dir, monkeypatch,
+                                                tiny_tokenizer):
     import distill.icldist.online as online
-    from distill.icldist.cache import CacheMismatch
+    from distill.icldist.cache import FORMAT_VERSION, CacheMismatch
     from distill.icldist.stage import run_from_argv
 
     out = tmp_path / "run"
     assert run_from_argv(_args(out, micro_teacher_dir, micro_student_dir, "--stage", "cache")) == 0
     manifest = json.loads((out / "teacher_cache" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["k"] == 8
+    assert (manifest["temperature"], manifest["vocab_size"], manifest["format_version"]) == (
+        1.0, len(tiny_tokenizer), FORMAT_VERSION)
 
     def no_teacher(*a, **k):
         raise AssertionError("a teacher was started although teacher.source=cache")
@@ -67,7 +73,29 @@ def test_cache_stage_then_train_without_teacher(tmp_path, micro_teacher_dir, mic
                                "--report.enabled=false")) == 0
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs][-3:] == [1, 2, 3]
-    # the same cache with another k is refused, naming the field
+    # the same cache with another k, or read at another KD temperature, is refused, naming the field
     with pytest.raises(CacheMismatch, match="k=8"):
         run_from_argv(_args(tmp_path / "run2", micro_teacher_dir, micro_student_dir, "--teacher.source=cache",
                             f"--teacher.cache_dir={out / 'teacher_cache'}", "--teacher.k=4", "--report.enabled=false"))
+    with pytest.raises(CacheMismatch, match=r"temperature=1\.0, but this run needs temperature=2\.0"):
+        run_from_argv(_args(tmp_path / "run3", micro_teacher_dir, micro_student_dir, "--teacher.source=cache",
+                            f"--teacher.cache_dir={out / 'teacher_cache'}", "--kd.temperature=2.0",
+                            "--report.enabled=false"))
+
+
+def test_kd_temperature_2_online_then_cached(tmp_path, micro_teacher_dir, micro_student_dir):
+    """At T != 1 the teacher's top-k is asked (online) and cached at T, and the losses accept it."""
+    from distill.icldist import stage
+    from distill.icldist.stage import run_from_argv
+
+    t2 = ("--kd.temperature=2.0", "--train.steps=2", "--report.enabled=false")
+    online, cached = tmp_path / "online", tmp_path / "cached"
+    assert run_from_argv(_args(online, micro_teacher_dir, micro_student_dir, *t2)) == 0
+    assert stage._RUN.targets.temperature == 2.0
+    assert run_from_argv(_args(cached, micro_teacher_dir, micro_student_dir, *t2, "--stage", "cache")) == 0
+    assert json.loads((cached / "teacher_cache" / "manifest.json").read_text())["temperature"] == 2.0
+    assert run_from_argv(_args(cached, micro_teacher_dir, micro_student_dir, *t2, "--teacher.source=cache")) == 0
+    for out in (online, cached):
+        recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in recs] == [1, 2]
+        assert all(r["loss"] == r["loss"] for r in recs) and sum(r["label_kd"] for r in recs) > 0

@@ -63,13 +63,13 @@ def test_label_kl_matches_the_definition_and_its_gradient():
     Vs = 40
     s_logits = torch.randn(2, Vs, dtype=torch.float64, requires_grad=True)
     s_ids = pad_label_ids([[3, 17, 5], [8, 2]])
-    t_lp = torch.log_softmax(torch.tensor([[0.2, -1.0, 0.4], [1.5, -0.5, -float("inf")]]), -1)
+    t_lp = torch.log_softmax(torch.tensor([[0.2, -1.0, 0.4], [1.5, -0.5, -float("inf")]]), -1)  # at T already
     T = 2.0
     got = label_kl(s_logits, s_ids, t_lp, temperature=T)
     want = 0.0
     for r, sel in enumerate([[3, 17, 5], [8, 2]]):
-        q = torch.softmax(s_logits[r, sel] / T, -1)
-        p = torch.softmax(t_lp[r, : len(sel)].double() / T, -1)
+        q = torch.softmax(s_logits[r, sel] / T, -1)  # only the student is tempered
+        p = t_lp[r, : len(sel)].double().exp()
         want = want + (p * (p.log() - q.log())).sum()
     assert torch.allclose(got.double(), want, atol=1e-6)
     got.backward()
@@ -78,6 +78,58 @@ def test_label_kl_matches_the_definition_and_its_gradient():
     off[0, [3, 17, 5]] = False
     off[1, [8, 2]] = False
     assert (g[off] == 0).all() and g[~off].abs().sum() > 0  # only the label words get gradient
+
+
+@pytest.mark.parametrize("T", [0.5, 1.0, 2.0, 4.0])
+def test_label_kl_is_zero_when_the_student_equals_the_teacher(T):
+    """The teacher's top-k taken at T (the convention) and a student with the teacher's logits: 0 at every T."""
+    torch.manual_seed(2)
+    N, V, k = 5, 300, 16
+    logits = 3 * torch.randn(N, V)
+    topk = TopKTeacher.from_logits(logits, k, temperature=T)
+    label_ids = topk.ids[:, [0, 3, 7, 15]].long()  # label tokens inside the top-k
+    label_ids[1, 3] = -1  # a task with 3 labels
+    t_lp = label_logprobs_from_topk(topk, label_ids, V)
+    # independent of the code under test: the teacher's softmax at T restricted to the labels
+    for r in range(N):
+        sel = [i for i in label_ids[r].tolist() if i >= 0]
+        torch.testing.assert_close(t_lp[r, : len(sel)].exp(), torch.softmax(logits[r, sel].double() / T, -1).float(),
+                                   atol=1e-6, rtol=1e-5)
+    kl = label_kl(logits, label_ids, t_lp, temperature=T, reduction="none")
+    assert kl.abs().max() < 1e-6
+    # the teacher tempered a second time (the old convention on a T-top-k) is not the optimum at T != 1
+    twice = label_kl(logits, label_ids, t_lp / T, temperature=T, reduction="none")
+    assert (twice.abs().max() < 1e-6) == (T == 1.0)
+
+
+def _examples(n_rows):
+    from distill.icldist.data import StudentExample
+
+    return [StudentExample(index=i, input_ids=list(range(12)), labels=[-100] * 6 + list(range(6)),
+                           kd_pos=list(range(5, 5 + n)), label_ids=[3, 4], gold=0) for i, n in enumerate(n_rows)]
+
+
+def test_assemble_keeps_the_teacher_temperature_and_refuses_a_mix():
+    from distill.icldist.loss import ICLDistLoss, assemble
+
+    torch.manual_seed(3)
+    V, k, T = 64, 8, 2.0
+    ex = _examples([3, 1])
+    topks = [TopKTeacher.from_logits(torch.randn(3, V), k, temperature=T),
+             TopKTeacher.from_logits(torch.randn(1, V), k, temperature=T)]
+    tg = assemble(ex, ["fine-grained", "classification"], topks, 12, teacher_label_ids=[[], [3, 4]], teacher_vocab=V)
+    assert tg.temperature == T and tg.topk.temperature == T and tg.to("cpu").temperature == T
+    assert tg.topk.ids.shape == (2, 12, k) and tg.label_rows.tolist() == [[1, 5]]
+    logits = torch.randn(2, 12, V)
+    labels = torch.full((2, 12), -100)
+    labels[:, 6:] = torch.arange(6)
+    out = ICLDistLoss(temperature=T)(logits, labels, tg, 12)
+    assert out.kd_sum > 0 and out.label_kd_sum > 0
+    with pytest.raises(ValueError, match=r"ICLDistLoss at temperature 1\.0 got teacher targets at temperature 2\.0"):
+        ICLDistLoss(temperature=1.0)(logits, labels, tg, 12)
+    mixed = [topks[0], TopKTeacher.from_logits(torch.randn(1, V), k, temperature=1.0)]
+    with pytest.raises(ValueError, match=r"mixes temperatures \[1\.0, 2\.0\]"):
+        assemble(ex, ["fine-grained", "classification"], mixed, 12, teacher_label_ids=[[], [3, 4]], teacher_vocab=V)
 
 
 def test_token_level_with_different_vocabularies_is_refused(tiny_tokenizer, other_tokenizer):

@@ -1,8 +1,9 @@
 """Fixtures of the kernel tests.
 
-Under the Triton interpreter (CPU) the vocabulary block is capped at 128 so that small, odd
-vocabularies (301, 1271) still span several blocks and end in a ragged one; on a GPU the
-production block sizes are kept.
+Under the Triton interpreter (CPU) the vocabulary block is capped at 128 (``small_blocks``) so
+that small, odd vocabularies (301, 1271) still span several blocks and end in a ragged one, or at
+16 (``tiny_blocks``) for tests that loop over many cases on a vocabulary of ~67; without either
+fixture the production block sizes are kept.
 """
 
 from __future__ import annotations
@@ -16,6 +17,33 @@ def small_blocks(monkeypatch):
     import distill_kernels._common as common
 
     monkeypatch.setattr(common, "MAX_BLOCK_V", 128)
+
+
+@pytest.fixture
+def tiny_blocks(monkeypatch):
+    """Vocabulary block 16: a vocabulary of 67 is scanned in 5 blocks, the last one ragged (3)."""
+    import distill_kernels._common as common
+
+    monkeypatch.setattr(common, "MAX_BLOCK_V", 16)
+
+
+# Zero divergence at equality (tests/kernels/test_topk_kd.py, test_fused_linear_kd.py): a student
+# equal to its teacher, the teacher's top-k taken at the temperature of use, for every kind, k and
+# T on a vocabulary of EQUALITY_V (5 blocks with ``tiny_blocks``). Loss per row and gradient per
+# logit within EQUALITY_ATOL (fp32).
+EQUALITY_KINDS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0), ("jsd", 0.5),
+                  ("jsd", 0.9), ("jsd", 1.0), ("skew_kl", 0.5), ("skew_reverse_kl", 0.5),
+                  ("tvd", 0.5)]
+EQUALITY_V = 67
+EQUALITY_ATOL = 1e-6
+
+
+def equality_cases():
+    """(kind, beta, k, temperature) of the zero-at-equality tests."""
+    for kind, beta in EQUALITY_KINDS:
+        for k in (1, 16, EQUALITY_V):
+            for temperature in (0.5, 1.0, 2.0, 4.0):
+                yield kind, beta, k, temperature
 
 
 def make_labels(shape, *, ignore_frac=0.3, all_ignored=False, seed=0, device="cpu"):

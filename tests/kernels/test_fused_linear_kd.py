@@ -1,13 +1,21 @@
-"""fused_linear_kd vs kernels/ref.py fused_linear_kd_ref: loss, hidden and lm_head gradients."""
+"""fused_linear_kd vs kernels/ref.py fused_linear_kd_ref: loss, hidden and lm_head gradients.
+
+A top-k teacher is taken at the temperature it is used at (kernels/ref.py, "Top-k teacher at
+temperature T").
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from distill_kernels.ref import assert_close_to_ref, fused_linear_kd_ref, kd_div_ref, topk_kd_ref
+from distill_kernels.ref import (
+    assert_close_to_ref, fused_linear_kd_ref, kd_div_ref, topk_kd_ref, topk_of_logits_ref,
+)
 
-from .conftest import grad_atol, make_labels, randn
+from .conftest import (
+    EQUALITY_ATOL, EQUALITY_V, equality_cases, grad_atol, make_labels, randn,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
@@ -17,11 +25,10 @@ class _TopK:
         self.ids, self.logprobs, self.tail_mass = ids, logprobs, tail_mass
 
 
-def _topk_teacher(logits, k):
-    logz = torch.logsumexp(logits, -1, keepdim=True)
-    vals, ids = torch.topk(logits, k, dim=-1)
-    tail = (torch.logsumexp(logits.scatter(-1, ids, float("-inf")), -1) - logz.squeeze(-1)).exp()
-    return _TopK(ids.to(torch.int32), vals - logz, tail)
+def _topk_teacher(logits, k, temperature):
+    """The teacher's top-k at the temperature it is used at (the ops temper the student only)."""
+    ids, lps, tail = topk_of_logits_ref(logits, k, temperature=temperature)
+    return _TopK(ids.to(torch.int32), lps, tail)
 
 
 def _check(lead, hidden, vocab, kind, beta, dtype, *, teacher="full", k=8, chunk_tokens=3,
@@ -36,7 +43,7 @@ def _check(lead, hidden, vocab, kind, beta, dtype, *, teacher="full", k=8, chunk
     if teacher == "full":
         t_arg = (th, tw)
     else:
-        t_arg = _topk_teacher(th.float() @ tw.float().t(), k)
+        t_arg = _topk_teacher(th.float() @ tw.float().t(), k, temperature)
     lab = None
     if labels == "some":
         lab = make_labels(lead, device=device)
@@ -101,6 +108,33 @@ def test_fused_linear_kd_sum_default_chunk_frozen_head(small_blocks):
 def test_fused_linear_kd_all_ignored(small_blocks):
     out, gh = _check((2, 3), 16, 150, "jsd", 0.5, torch.float32, labels="all")
     assert float(out.detach()) == 0.0 and bool((gh == 0).all())
+
+
+@pytest.mark.triton_interp
+def test_fused_linear_kd_topk_zero_at_equality(tiny_blocks):
+    """The student's logits h @ W.T are the teacher's, whose top-k is taken at the temperature of
+    use: loss ~0 and gradients ~0 for every kind, k in {1, 16, V}, T in {0.5, 1, 2, 4}. The
+    bound on the hidden and lm_head gradients is the per-logit one (EQUALITY_ATOL) carried
+    through the matmuls. TVD: loss only (no gradient at p = q; see test_topk_kd.py)."""
+    from distill_kernels import fused_linear_kd
+
+    hidden = 8
+    h = randn((2, hidden), scale=1.0, seed=4) * torch.tensor([[1.0], [0.3]])
+    w = randn((EQUALITY_V, hidden), scale=1.0, seed=5)
+    logits = h @ w.t()
+    dh_bound = EQUALITY_ATOL * w.abs().sum(0)
+    dw_bound = EQUALITY_ATOL * h.abs().sum(0)
+    for kind, beta, k, temperature in equality_cases():
+        name = f"{kind} beta={beta} k={k} T={temperature}"
+        teacher = _TopK(*topk_of_logits_ref(logits, k, temperature=temperature))
+        hk, wk = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        out = fused_linear_kd(hk, wk, teacher, kind=kind, beta=beta, temperature=temperature,
+                              reduction="sum", chunk_tokens=1)
+        out.backward()
+        assert abs(float(out.detach())) <= 2 * EQUALITY_ATOL, f"{name}: loss {float(out):.2e}"
+        if kind != "tvd":
+            assert bool((hk.grad.abs() <= dh_bound).all()), f"{name}: d hidden {hk.grad}"
+            assert bool((wk.grad.abs() <= dw_bound).all()), f"{name}: d lm_head"
 
 
 @pytest.mark.triton_interp

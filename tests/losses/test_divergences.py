@@ -154,8 +154,8 @@ def test_full_teacher_vocab_151936(kind, beta, alpha, dtype):
 @pytest.mark.parametrize("kind,beta,alpha", VARIANTS, ids=VID)
 def test_topk_teacher(kind, beta, alpha, k, temperature, dtype):
     s, t, labels = _inputs((3, 17), 1271, seed=3)
-    tk32 = TopKTeacher.from_logits(t, k)
-    tkd = TopKTeacher.from_logits(t, k, values_dtype=dtype)  # bf16 log-probs travel, fp32 tail
+    tk32 = TopKTeacher.from_logits(t, k, temperature=temperature)
+    tkd = TopKTeacher.from_logits(t, k, temperature=temperature, values_dtype=dtype)  # bf16 log-probs, fp32 tail
     kw = dict(beta=beta, alpha=alpha, temperature=temperature)
     _check(_ours_full(kind, labels=labels, chunk_tokens=20), _ref_topk(kind, labels=labels),
            s, dtype, tk32, tkd, torch.tensor(0.61), f"top{k} {kind}", **kw)
@@ -165,8 +165,8 @@ def test_topk_teacher(kind, beta, alpha, k, temperature, dtype):
 def test_topk_without_tail_mass(kind, beta, alpha):
     # tail_mass=None: derived as clamp(1 - sum exp(logprobs)), as the reference does.
     s, t, labels = _inputs((2, 33), 500, seed=4)
-    full = TopKTeacher.from_logits(t, 8)
-    tk = TopKTeacher(ids=full.ids, logprobs=full.logprobs, tail_mass=None)
+    full = TopKTeacher.from_logits(t, 8, temperature=1.3)
+    tk = TopKTeacher(ids=full.ids, logprobs=full.logprobs, tail_mass=None, temperature=1.3)
     kw = dict(beta=beta, alpha=alpha, temperature=1.3)
     _check(_ours_full(kind, labels=labels, chunk_tokens=7), _ref_topk(kind, labels=labels),
            s, torch.float32, tk, tk, torch.tensor(1.0), kind, **kw)
@@ -175,7 +175,7 @@ def test_topk_without_tail_mass(kind, beta, alpha):
 @pytest.mark.parametrize("kind,beta,alpha", VARIANTS, ids=VID)
 def test_topk_with_k_equal_vocab_is_the_full_form(kind, beta, alpha):
     s, t, labels = _inputs((2, 19), 257, seed=5)
-    tk = TopKTeacher.from_logits(t, 257)
+    tk = TopKTeacher.from_logits(t, 257, temperature=1.7)
     kw = dict(beta=beta, alpha=alpha, temperature=1.7)
     up = torch.tensor(0.8)
     out_k, g_k = _run(_ours_full(kind, labels=labels, chunk_tokens=5), s, tk, upstream=up, **kw)
@@ -188,24 +188,26 @@ def test_topk_with_k_equal_vocab_is_the_full_form(kind, beta, alpha):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_topk_forward_kl_gradient_is_exactly_Mq_minus_p(temperature):
+def test_topk_forward_kl_gradient_is_exactly_q_minus_p_tilde(temperature):
+    """Forward KL over the k + 1 buckets: d/ds = (q - p~) / T, p~ = the teacher on its k ids and its
+    tail mass spread over the other tokens in proportion to q (written here from the definition)."""
     s, t, _ = _inputs((40,), 300, seed=6)
     k = 16
-    tk = TopKTeacher.from_logits(t, k)
+    tk = TopKTeacher.from_logits(t, k, temperature=temperature)
     x = s.clone().requires_grad_()
     forward_kl(x, tk, temperature=temperature, impl="torch", chunk_tokens=7).backward()
-    # Tempered (k+1)-bucket teacher, dense over the vocabulary on the top-k ids.
-    lp = torch.cat([tk.logprobs, tk.tail_mass.log()[:, None]], -1)
-    p_buckets = torch.softmax(lp / temperature, -1)
-    p = torch.zeros_like(s).scatter_(-1, tk.ids.long(), p_buckets[:, :k])
-    big_m = p.sum(-1, keepdim=True)
-    q = torch.softmax(s / temperature, -1)
-    expected = (big_m * q - p) / temperature / s.shape[0]
-    torch.testing.assert_close(x.grad, expected, rtol=0, atol=2e-8)
-    assert float(big_m.min()) < 0.999  # the tail is real: a renormalising loss would differ
-    # The same loss on the teacher renormalised over its top-k has a different gradient.
-    renorm = (big_m * q - p) - (big_m - 1) * q  # = q - p
-    assert not torch.allclose(x.grad, renorm / temperature / s.shape[0], atol=1e-7)
+    p_full = torch.softmax(t.double() / temperature, -1)
+    q = torch.softmax(s.double() / temperature, -1)
+    top = torch.zeros_like(q, dtype=torch.bool).scatter_(-1, tk.ids.long(), True)
+    p_tail = p_full.masked_fill(top, 0).sum(-1, keepdim=True)
+    q_tail = q.masked_fill(top, 0).sum(-1, keepdim=True)
+    p_tilde = torch.where(top, p_full, q * p_tail / q_tail)
+    expected = (q - p_tilde) / temperature / s.shape[0]
+    torch.testing.assert_close(x.grad.double(), expected, rtol=0, atol=2e-8)
+    # Without the tail term the gradient would be (M q - p) / T / n: measurably different here.
+    p_top = torch.where(top, p_full, 0)
+    no_tail = (p_top.sum(-1, keepdim=True) * q - p_top) / temperature / s.shape[0]
+    assert float((x.grad.double() - no_tail).abs().max()) > 1e-5
 
 
 @pytest.mark.parametrize("form", ["full", "topk"])
@@ -307,7 +309,7 @@ def test_student_softcap_matches_autograd_through_the_cap():
             ref_fn = lambda x: kd_div_ref(cap_s * torch.tanh(x / cap_s), t_cap, labels,  # noqa: E731
                                           kind="jsd", beta=0.4, temperature=2.0)
         else:
-            teacher = TopKTeacher.from_logits(cap_t * torch.tanh(t / cap_t), 8)
+            teacher = TopKTeacher.from_logits(cap_t * torch.tanh(t / cap_t), 8, temperature=2.0)
             kw = {}
             ref_fn = lambda x: topk_kd_ref(cap_s * torch.tanh(x / cap_s), teacher.ids,  # noqa: E731
                                            teacher.logprobs, teacher.tail_mass, labels,
@@ -374,7 +376,7 @@ def test_impl_auto_is_torch_on_cpu_and_triton_falls_back_with_one_warning(monkey
 def test_impl_triton_matches_torch(form):
     pytest.importorskip("triton")
     s, t, labels = _inputs((2, 6), 300, seed=16)
-    teacher = t if form == "full" else TopKTeacher.from_logits(t, 8)
+    teacher = t if form == "full" else TopKTeacher.from_logits(t, 8, temperature=2.0)
     up = torch.tensor(0.7)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the kernel may not exist yet: then it falls back
@@ -384,3 +386,63 @@ def test_impl_triton_matches_torch(form):
                       upstream=up, beta=0.5, temperature=2.0)
     assert_close_to_ref(out_tr, out_t, out_t, name="triton vs torch loss")
     assert_close_to_ref(g_tr, g_t, g_t, name="triton vs torch grad")
+
+
+# -- the top-k convention: a student equal to its teacher has zero divergence ------------------------
+
+ZERO_KINDS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0), ("jsd", 0.3), ("jsd", 0.5), ("jsd", 0.9),
+              ("jsd", 1.0), ("skew_kl", 0.5), ("skew_reverse_kl", 0.5), ("tvd", 0.5)]
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
+def test_topk_zero_divergence_at_equality(temperature):
+    """Every kind x k in {1, 16, V}: the reference and the torch path give 0 loss (and, but for TVD,
+    a 0 gradient: the teacher is the optimum) when the student's logits are the teacher's and the
+    teacher's top-k is taken at the temperature of use."""
+    vocab = 97
+    s, _, labels = _inputs((3, 11), vocab, seed=21, scale=4.0)
+    for k in (1, 16, vocab):
+        tk = TopKTeacher.from_logits(s, k, temperature=temperature)
+        for kind, beta in ZERO_KINDS:
+            kw = dict(beta=beta, alpha=0.2, temperature=temperature, reduction="sum")
+            ref = topk_kd_ref(s, tk.ids, tk.logprobs, tk.tail_mass, labels, kind=kind, **kw)
+            assert abs(float(ref)) < 1e-5, (kind, beta, k, float(ref))
+            x = s.clone().requires_grad_()
+            out = divergence(kind, x, tk, labels, impl="torch", chunk_tokens=8, **kw)
+            out.backward()
+            assert abs(float(out.detach())) < 1e-5, (kind, beta, k, float(out.detach()))
+            if kind != "tvd":  # |p - q| has no gradient at p = q; its subgradient sign(q - p) is fp32 noise
+                assert float(x.grad.abs().max()) < 1e-5, (kind, beta, k, float(x.grad.abs().max()))
+
+
+def test_topk_zero_at_equality_fails_under_the_old_convention():
+    """The T = 1 top-k tempered as a whole (the earlier convention) is not zero at T = 2: the test above
+    would catch a return to it."""
+    s, _, _ = _inputs((4, 5), 97, seed=22, scale=4.0)
+    t1 = TopKTeacher.from_logits(s, 16)
+    lp = torch.log_softmax(torch.cat([t1.logprobs, t1.tail_mass.log()[..., None]], -1) / 2.0, -1)
+    old = TopKTeacher(ids=t1.ids, logprobs=lp[..., :-1], tail_mass=lp[..., -1].exp(), temperature=2.0)
+    assert float(reverse_kl(s, old, temperature=2.0, impl="torch")) > 1e-2
+
+
+def test_topk_teacher_at_another_temperature_is_refused():
+    s, t, _ = _inputs((2, 5), 97, seed=23)
+    tk = TopKTeacher.from_logits(t, 8, temperature=1.0)
+    with pytest.raises(ValueError, match="computed at temperature 1, but the loss uses temperature 2"):
+        forward_kl(s, tk, temperature=2.0, impl="torch")
+
+
+def test_topk_over_the_real_vocabulary_only():
+    """Padded columns (past vocab_size) never enter the teacher's top-k, log-partition or tail, and the
+    loss at equality over the real vocabulary is 0 whatever the padded columns hold."""
+    real = 90
+    s, _, _ = _inputs((2, 7), real, seed=24, scale=3.0)
+    padded = torch.cat([s, torch.full((2, 7, 30), 50.0)], -1)  # padding that would dominate the top-k
+    tk = TopKTeacher.from_logits(padded, 8, temperature=2.0, vocab_size=real)
+    assert int(tk.ids.max()) < real
+    ref_ids, ref_lp, ref_tail = ref_mod.topk_of_logits_ref(s, 8, temperature=2.0)
+    torch.testing.assert_close(tk.logprobs, ref_lp, rtol=0, atol=1e-6)
+    torch.testing.assert_close(tk.tail_mass, ref_tail, rtol=1e-5, atol=1e-7)
+    student = torch.cat([s, torch.randn(2, 7, 10) * 30], -1)  # the student's own padding differs
+    out = reverse_kl(student, tk, temperature=2.0, vocab_size=real, impl="torch")
+    assert abs(float(out)) < 1e-6

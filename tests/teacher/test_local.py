@@ -175,3 +175,37 @@ def test_local_errors(tiny_teacher_dir):
         from distill.teacher.shard import StageSpec, build_stage
 
         build_stage(tiny_teacher_dir, StageSpec(0, 1, 0, 2), quantization="8bit")
+
+
+def test_topk_leaves_padded_rows_out_and_is_tempered(tmp_path, tiny_tokenizer):
+    """A teacher with lm_head rows beyond its tokenizer (whose logits would win): LocalTeacher's top-k
+    at T is the top-k of softmax(logits[:V] / T), shards or not; the padded rows never enter it."""
+    from distill.models.tiny import build_tiny_causal_lm
+    from distill.teacher.local import LocalTeacher
+    from distill_kernels.ref import topk_of_logits_ref
+
+    vocab = len(tiny_tokenizer)
+    model = build_tiny_causal_lm(vocab + 24, "micro", seed=5)
+    with torch.no_grad():
+        model.lm_head.weight[vocab:] = 3.0
+    model.save_pretrained(tmp_path / "padded")
+    tiny_tokenizer.save_pretrained(tmp_path / "padded")
+    hf = _hf(tmp_path / "padded")
+    seqs = _random_seqs([6, 11], vocab)
+    poss = [list(range(len(s))) for s in seqs]
+    with torch.no_grad():
+        full = hf(input_ids=torch.tensor([seqs[1]])).logits[0]
+    assert int(full.argmax(-1).max()) >= vocab  # padded rows would win a top-1
+    for shards in (1, 2):
+        teacher = LocalTeacher(tmp_path / "padded", shards=shards, values_dtype=torch.float32)
+        assert teacher.info.real_vocab == vocab and teacher.info.vocab_size == vocab + 24
+        got = teacher.topk(seqs, poss, 8, temperature=2.0)
+        _, lp, tail = topk_of_logits_ref(full, 8, temperature=2.0, vocab_size=vocab)
+        assert got[1].temperature == 2.0 and int(got[1].ids.max()) < vocab
+        # The same k values (near-ties may swap order) at ids that hold exactly those values.
+        torch.testing.assert_close(got[1].logprobs, lp, rtol=0, atol=1e-5)
+        own = torch.log_softmax(full[:, :vocab] / 2.0, -1).gather(-1, got[1].ids.long())
+        torch.testing.assert_close(got[1].logprobs, own, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got[1].tail_mass, tail, rtol=1e-4, atol=1e-7)
+        with pytest.raises(ValueError, match="temperature"):
+            teacher.topk(seqs, poss, 8, temperature=0.0)

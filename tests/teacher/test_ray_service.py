@@ -76,6 +76,19 @@ def test_two_shards_exactly_match_unsharded(service, local_ref):
         assert torch.equal(g.tail_mass, r.tail_mass)
 
 
+def test_topk_at_temperature_over_the_real_vocabulary_matches_local(service, local_ref):
+    """The service's top-k at T over the first vocab_size tokens equals LocalTeacher's, and carries T."""
+    seqs = _seqs(3, service.info.vocab_size, seed=7)
+    poss = [list(range(len(s))) for s in seqs]
+    vocab = service.info.real_vocab - 5
+    got = service.topk(seqs, poss, 8, temperature=2.0, vocab_size=vocab)
+    ref = local_ref.topk(seqs, poss, 8, temperature=2.0, vocab_size=vocab)
+    for g, r in zip(got, ref):
+        assert g.temperature == 2.0 and int(g.ids.max()) < vocab
+        assert torch.equal(g.ids, r.ids) and torch.equal(g.logprobs, r.logprobs)
+        assert torch.equal(g.tail_mass, r.tail_mass)
+
+
 def test_two_replicas_split_the_work(service):
     before = service.stats()
     seqs = _seqs(16, service.info.vocab_size, seed=1)

@@ -58,6 +58,8 @@ def _cfg(tmp_path, js: dict, **train):
 
 
 def test_ds_config_injection(tmp_path):
+    import torch
+
     from distill.dist.ds_config import build_ds_config, teacher_ds_config
 
     cfg = _cfg(tmp_path, {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}, grad_clip=0.5)
@@ -66,9 +68,16 @@ def test_ds_config_injection(tmp_path):
     assert ds["train_batch_size"] == 16 and ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False  # fp32 on CPU
     assert build_ds_config(cfg, world_size=1, on_gpu=True)["bf16"]["enabled"] is True  # bf16 on GPU
-    t = teacher_ds_config(ds)
+    t = teacher_ds_config(ds, torch.float32)
     assert t["zero_optimization"]["stage"] == 3 and "offload_optimizer" not in t["zero_optimization"]
     assert "optimizer" not in t
+    # The teacher's precision is its own (model.teacher_dtype), not the student's.
+    bf16_student = build_ds_config(cfg, world_size=1, on_gpu=True)
+    cases = ((torch.float32, (False, False)), (torch.bfloat16, (True, False)), (torch.float16, (False, True)))
+    for dtype, flags in cases:  # flags: (bf16.enabled, fp16.enabled)
+        for student in (ds, bf16_student):
+            t = teacher_ds_config(student, dtype)
+            assert (t["bf16"]["enabled"], t["fp16"]["enabled"]) == flags, (dtype, student["bf16"])
 
 
 @pytest.mark.parametrize("js,needle", [
