@@ -15,10 +15,12 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from distill.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message names the key and where it came from."""
 
 

@@ -27,13 +27,13 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distill.config import load_config
+    from distill.config import ConfigError, load_config
     from distill.knowdist.harvest import HarvestConfig, harvest
 
     cfg, rest = load_config(HarvestConfig, argv)
     rest = [a for a in rest if not (a.startswith("--local_rank") or a.startswith("--local-rank"))]
     if rest:
-        raise SystemExit(f"harvest.py: unknown arguments {rest} (use --section.key=value; see the docstring)")
+        raise ConfigError(f"unknown arguments {rest} (use --section.key=value; see the docstring)")
     if not cfg.teacher.model:
         # The built-in teacher was trained on its own prompt format and these perspective names.
         cfg.perspectives.prompt_style = "builtin"
@@ -52,4 +52,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a source checkout works without install
+    from distill.errors import run_cli
+
+    sys.exit(run_cli(main, "harvest.py"))

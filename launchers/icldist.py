@@ -45,15 +45,15 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distill.config import ConfigError
     from distill.icldist.stage import run_from_argv
 
-    try:
-        return run_from_argv(sys.argv[1:] if argv is None else argv)
-    except ConfigError as e:  # a bad setting: say which, without a traceback
-        print(f"launchers/icldist.py: {e}", file=sys.stderr)
-        return 2
+    return run_from_argv(sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a source checkout works without install
+    from distill.errors import run_cli
+
+    sys.exit(run_cli(main, "icldist.py"))

@@ -14,7 +14,8 @@ online token-level KL to the co-located teacher) with DeepSpeed ZeRO-3.
 
 Flags: ``--config FILE.yaml`` and ``--section.key=value`` (sections run, model, data, train, kd,
 deepspeed, checkpoint, log, eval, harvest; see docs/trainer.md), ``--resume`` (= checkpoint.resume
-latest), ``--local_rank`` / ``$LOCAL_RANK`` (set by the deepspeed launcher).
+latest), ``--local_rank`` / ``$LOCAL_RANK`` (set by the deepspeed launcher), ``--debug`` (or
+``DISTILL_DEBUG=1``: the traceback of user errors, which otherwise are one line and exit status 2).
 
 With ``data.path`` empty, a corpus is harvested first: the teacher writes analyses of SentiBench
 train texts from several perspectives (``harvest.*``), one JSONL record per (text, perspective) with
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a source checkou
 from distill.fileio import atomic_write_text  # noqa: E402
 from distill.config import (  # noqa: E402
     CheckpointSection,
+    ConfigError,
     DataSection,
     KDSection,
     RunConfig,
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     rest = [a for i, a in enumerate(rest) if not (a.startswith("--local_rank") or a.startswith("--local-rank")
                                                    or (i > 0 and rest[i - 1] in ("--local_rank", "--local-rank")))]
     if rest:
-        raise SystemExit(f"knowdist.py: unknown arguments {rest} (use --section.key=value; see the docstring)")
+        raise ConfigError(f"unknown arguments {rest} (use --section.key=value; see the docstring)")
     t0 = time.time()
     from distill.dist.env import print0, read_env
     from distill.models.builtin import _FileLock
@@ -194,4 +196,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from distill.errors import run_cli
+
+    sys.exit(run_cli(main, "knowdist.py"))

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from distill.data.locate import sentibench_dir
+from distill.errors import UserError
 
 # Task names are the dataset folders of the authors' repository (including their spelling "multifaced").
 BASIC = ("sc/sst2", "sc/imdb", "sc/yelp2", "sc/twitter")
@@ -38,7 +39,7 @@ SPLITS = ("train", "val", "test")
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
 
 
-class SentiBenchDataError(ValueError):
+class SentiBenchDataError(UserError, ValueError):
     """A SentiBench file is missing or malformed; the message names the file, record and field."""
 
 

@@ -20,10 +20,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from distill.errors import UserError
+
 IGNORE_INDEX = -100
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A malformed dataset record; the message names the file, the line and the field."""
 
 

@@ -22,9 +22,10 @@ import torch
 from distill.data.batching import plan_batches
 from distill.eval.parse import extract_answer
 from distill.eval.protocol import LABEL_WORDS, MAX_NEW_TOKENS
+from distill.errors import UserError
 
 
-class VerbalizerCollisionError(ValueError):
+class VerbalizerCollisionError(UserError, ValueError):
     """Two label words of a task start with the same sub-token under this tokenizer."""
 
 

@@ -44,6 +44,7 @@ import torch
 
 from distill.teacher.output import TopKTeacher
 from distill.fileio import atomic_write_bytes, atomic_write_text, is_temporary
+from distill.errors import UserError
 
 # 2: top-k at the run's temperature over the real vocabulary; manifest records temperature and vocab_size.
 FORMAT_VERSION = 2
@@ -57,12 +58,12 @@ _WHY = {
 }
 
 
-class CacheMismatch(ValueError):
+class CacheMismatch(UserError, ValueError):
     """The cache on disk was built for another teacher, k, temperature, tokenizer or prompt set, or in
     another format."""
 
 
-class CacheIncomplete(RuntimeError):
+class CacheIncomplete(UserError, RuntimeError):
     """Some shards are missing (the cache stage did not finish)."""
 
 

@@ -29,9 +29,10 @@ from typing import Sequence
 import torch
 
 from distill.teacher.output import TopKTeacher
+from distill.errors import UserError
 
 
-class VocabularyMismatch(ValueError):
+class VocabularyMismatch(UserError, ValueError):
     """Token-level KD asked for with teacher and student tokenizers that differ."""
 
 

@@ -22,13 +22,14 @@ import os
 from pathlib import Path
 
 from distill.fileio import atomic_write_bytes, is_temporary
+from distill.errors import UserError
 
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
 FIELDS = ("id", "text", "perspective", "prompt", "response", "teacher", "sampling")
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError, ValueError):
     """A corpus folder that cannot be read or resumed; the message names the file."""
 
 

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
+from distill.errors import UserError
 
-class TokenizerMismatch(ValueError):
+
+class TokenizerMismatch(UserError, ValueError):
     """Teacher and student do not share a tokenizer (logit-level KD is impossible)."""
 
 

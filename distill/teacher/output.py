@@ -16,8 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
+from distill.errors import UserError
 
-class TopKIdError(ValueError):
+
+class TopKIdError(UserError, ValueError):
     """Top-k ids outside the vocabulary or repeated within a position (names where they came from)."""
 
 
