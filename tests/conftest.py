@@ -6,6 +6,9 @@ Each area keeps its own fixtures in tests/<area>/conftest.py.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 # Must happen before anything imports triton: on a machine without CUDA, Triton kernels run in the
 # interpreter (marker triton_interp). On a GPU machine they run natively.
@@ -48,3 +51,41 @@ def tiny_tokenizer(sentibench_texts):
     from distill.models.tiny import train_tokenizer
 
     return train_tokenizer(sentibench_texts, vocab_size=4096)
+
+
+# -- user errors: how the tests check them (distill.errors.run_cli) ---------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_launcher(script: str, *args: str, env: dict | None = None, timeout: int = 300, cwd=None):
+    """``python launchers/<script> args...`` (or ``-m module`` when ``script`` starts with ``-m``)."""
+    cmd = [sys.executable] + (script.split() if script.startswith("-m ") else [str(REPO / "launchers" / script)])
+    e = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    e.pop("DISTILL_DEBUG", None)
+    e.update(env or {})
+    return subprocess.run(cmd + list(args), env=e, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def assert_user_error(proc, *needles: str) -> str:
+    """rc 2, no traceback, and the last stderr line (the error) contains every needle; returns it."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, f"rc={proc.returncode}\n{out[-3000:]}"
+    assert "Traceback" not in out, out[-3000:]
+    line = [x for x in proc.stderr.splitlines() if x.strip()][-1]
+    assert ": error: " in line, line
+    for n in needles:
+        assert n in line, f"{n!r} not in {line!r}"
+    return line
+
+
+class _Launchers:
+    run = staticmethod(run_launcher)
+    assert_user_error = staticmethod(assert_user_error)
+
+
+@pytest.fixture
+def launcher():
+    """``launcher.run("knowdist.py", "--a.b=c")`` then ``launcher.assert_user_error(proc, "a.b")``:
+    a launcher in a subprocess must exit 2 with one error line naming the file/key, no traceback."""
+    return _Launchers
