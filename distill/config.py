@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -27,6 +28,18 @@ class ConfigError(UserError, ValueError):
 def _field_types(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _sub(where: str, name: str) -> str:
+    """``where`` + key: ``config file x.yaml:`` + ``train`` -> ``config file x.yaml: train``; else dotted."""
+    return f"{where} {name}" if where.endswith(":") else f"{where}.{name}"
+
+
+def _json_value(value: str, where: str):
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}: {value!r} is not valid JSON ({e.msg} at column {e.colno})") from None
 
 
 def _is_dataclass_type(tp) -> bool:
@@ -59,7 +72,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return from_dict(tp, value, where)
     if origin in (list, tuple):
         if isinstance(value, str):
-            value = [v for v in (x.strip() for x in value.split(",")) if v] if not value.startswith("[") else json.loads(value)
+            value = [v for v in (x.strip() for x in value.split(",")) if v] if not value.startswith("[") else _json_value(value, where)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         inner = args[0] if args else Any
@@ -67,7 +80,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return out if origin is list else tuple(out)
     if origin is dict:
         if isinstance(value, str):
-            value = json.loads(value)
+            value = _json_value(value, where)
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
@@ -126,14 +139,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     """Build dataclass ``cls`` from a (possibly partial) mapping; unknown keys are errors."""
     types_ = _field_types(cls)
-    unknown = sorted(set(data) - set(types_))
+    unknown = sorted(str(k) for k in set(data) - set(types_))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown} for section {cls.__name__}; known: {sorted(types_)}")
+        raise ConfigError(f"{where.rstrip(':')}: unknown key(s) {unknown} for section {cls.__name__}; known: {sorted(types_)}")
     defaults = cls()
     kwargs = {}
     for name, tp in types_.items():
         if name in data:
-            sub = f"{where}.{name}"
+            sub = _sub(where, name)
             if _is_dataclass_type(tp) and isinstance(data[name], dict):
                 base = to_dict(getattr(defaults, name))
                 kwargs[name] = from_dict(tp, _deep_merge(base, data[name]), sub)
@@ -209,20 +222,67 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict, list[str]]:
     return config_path, overrides, rest
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key, first_line: int, line: int):
+        super().__init__(key, first_line, line)
+        self.key, self.first_line, self.line = key, first_line, line
+
+
+def _strict_loader():
+    """A yaml SafeLoader that refuses a key given twice in one mapping (plain PyYAML keeps the last)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: dict = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue  # `<<: *anchor` merges; explicit keys may override merged ones
+                    key = self.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1
+                    try:
+                        if key in seen:
+                            raise _DuplicateKey(key, seen[key], line)
+                        seen[key] = line
+                    except TypeError:
+                        continue  # unhashable key: the base constructor reports it
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
+
+
 def load_yaml(path: str | Path) -> dict:
     import yaml
 
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist (check the --config path)")
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} is not a file (give --config a .yaml file)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path}: cannot be read ({type(e).__name__}: {e})") from e
+    try:
+        data = yaml.load(text, Loader=_strict_loader())
+    except _DuplicateKey as e:
+        raise ConfigError(f"config file {path}: key {e.key!r} is given twice (lines {e.first_line} and {e.line}); "
+                          f"keep one") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path}: invalid YAML: {e}") from e
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        ctx, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if ctx and cmark is not None and cmark is not mark:
+            problem += f" ({ctx} that starts at line {cmark.line + 1}, column {cmark.column + 1})"
+        raise ConfigError(f"config file {path}: invalid YAML{at}: {problem} "
+                          f"(check the indentation, the ':' after each key and the quotes)") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: top level must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"config file {path}: top level must be a mapping of sections (run:, model:, train:, ...), "
+                          f"got a {type(data).__name__}")
     return data
 
 
@@ -240,11 +300,11 @@ def load_config(cls: type[T], argv: list[str] | None = None, *, config_path: str
     where = "defaults"
     if path:
         data = load_yaml(path)
-        where = str(path)
+        where = f"config file {path}:"
     cfg = from_dict(cls, data, where=where)
     if overrides:
         merged = _deep_merge(to_dict(cfg), overrides)
-        cfg = from_dict(cls, merged, where="command line")
+        cfg = from_dict(cls, merged, where="command line:")
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg, rest
@@ -297,6 +357,7 @@ class DataSection:
     max_len: int = 512  # prompt + response, tokens; prompts are cut from the left, then responses from the right
     add_eos: bool = True  # append the tokenizer's eos token to every response
     limit: int = 0  # use only the first N records (0 = all)
+    allow_partial: bool = False  # train on an unfinished KnowDist harvest folder (its finished shards), with a warning
 
 
 @dataclasses.dataclass
@@ -346,6 +407,8 @@ class CheckpointSection:
     keep_last: int = 2  # checkpoints kept (older ones are deleted after a new one is complete)
     resume: str = ""  # "" = fresh run; "latest" = the newest complete checkpoint in dir; or a checkpoint folder
     export: bool = True  # write the final student as an HF folder (<out_dir>/export)
+    overwrite: bool = False  # fresh run in a folder with checkpoints: move the earlier run to <out_dir>/previous-<time>/
+    sha256: bool = False  # also hash every checkpoint file at save and check it on resume (sizes are always checked)
 
 
 @dataclasses.dataclass
@@ -385,8 +448,9 @@ class RunConfig:
         _check(t.micro_batch >= 1, f"train.micro_batch={t.micro_batch} must be >= 1")
         _check(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")
         _check(t.steps >= 0, f"train.steps={t.steps} must be >= 0 (0 = epochs x steps per epoch)")
+        _check(t.epochs >= 0 and math.isfinite(t.epochs), f"train.epochs={t.epochs} must be >= 0 (passes over the data)")
         _check(t.steps > 0 or t.epochs > 0, f"train.steps={t.steps} and train.epochs={t.epochs}: one must be > 0")
-        _check(t.lr > 0, f"train.lr={t.lr} must be > 0")
+        _check(t.lr > 0 and math.isfinite(t.lr), f"train.lr={t.lr} must be > 0")
         _check(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
         _check(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
         _check(t.steps == 0 or t.warmup_steps <= t.steps,
@@ -395,8 +459,10 @@ class RunConfig:
         _check(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas),
                f"train.adam_betas={t.adam_betas} must be two numbers in [0, 1)")
         _check(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 = off)")
+        _check(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
+        _check(t.adam_eps > 0, f"train.adam_eps={t.adam_eps} must be > 0")
         _check(k.kind in _KD_KINDS, f"kd.kind={k.kind!r}: one of {list(_KD_KINDS)}")
-        _check(k.temperature > 0, f"kd.temperature={k.temperature} must be > 0")
+        _check(k.temperature > 0 and math.isfinite(k.temperature), f"kd.temperature={k.temperature} must be > 0")
         _check(0.0 <= k.beta <= 1.0, f"kd.beta={k.beta} must be in [0, 1]")
         _check(0.0 <= k.alpha <= 1.0, f"kd.alpha={k.alpha} must be in [0, 1]")
         _check(k.ce_weight >= 0 and k.kd_weight >= 0,
@@ -419,6 +485,9 @@ class RunConfig:
         _check(ds.dist_backend in ("auto", "nccl", "gloo"), f"deepspeed.dist_backend={ds.dist_backend!r}: auto | nccl | gloo")
         _check(c.every >= 0, f"checkpoint.every={c.every} must be >= 0")
         _check(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be >= 1")
+        _check(not (c.overwrite and c.resume), f"checkpoint.overwrite=true and checkpoint.resume={c.resume}: choose one")
         _check(self.log.every >= 1, f"log.every={self.log.every} must be >= 1")
         _check(self.eval.every >= 0 and self.eval.limit >= 0,
                f"eval.every={self.eval.every} and eval.limit={self.eval.limit} must be >= 0")
+        _check(self.eval.shots >= 0, f"eval.shots={self.eval.shots} must be >= 0")
+        _check(self.eval.batch_size >= 1, f"eval.batch_size={self.eval.batch_size} must be >= 1")

@@ -36,9 +36,10 @@ from typing import Any, Callable
 
 import torch
 
-from distill.config import RunConfig, dump_yaml, to_dict
+from distill.config import ConfigError, RunConfig, dump_yaml, to_dict
 from distill.dist import env as distenv
 from distill.dist.env import print0
+from distill.errors import UserError
 from distill.fileio import atomic_write_text, fsync_dir
 from distill.teacher.output import TopKTeacher
 
@@ -134,11 +135,16 @@ class ColocatedTeacher(TeacherBackend):
 
             zero3 = teacher_ds_config(ctx.ds_config, ml.resolve_dtype(tdtype, on_gpu))
         if ml.has_tokenizer(ctx.teacher_path):
-            ttok = ml.load_tokenizer(ctx.teacher_path, trust_remote_code=cfg.model.trust_remote_code)
+            ttok = ml.load_tokenizer(ctx.teacher_path, trust_remote_code=cfg.model.trust_remote_code,
+                                     what="teacher folder (model.teacher)")
             ml.check_shared_tokenizer(ctx.tokenizer, ttok, student_name=ctx.student_path, teacher_name=ctx.teacher_path)
+        else:
+            ml.check_teacher_without_tokenizer(ctx.teacher_path, ctx.tokenizer, student_name=ctx.student_path,
+                                               trust_remote_code=cfg.model.trust_remote_code)
         model = ml.load_causal_lm(
             ctx.teacher_path, dtype=ml.resolve_dtype(tdtype, on_gpu), attn=ml.resolve_attn(cfg.model.attn, on_gpu),
-            device=str(ctx.device), trust_remote_code=cfg.model.trust_remote_code, zero3_config=zero3)
+            device=str(ctx.device), trust_remote_code=cfg.model.trust_remote_code, zero3_config=zero3,
+            what="teacher folder (model.teacher)")
         ml.check_embedding_rows(model.config, ctx.vocab_size, f"teacher {ctx.teacher_path}")
         self.config = model.config
         self.softcap = None  # HF forwards apply final_logit_softcapping themselves
@@ -230,7 +236,7 @@ def _sft_dataset(cfg: RunConfig, tokenizer, ctx: BackendContext):
 
         raise DataError("data.path is empty: give a JSONL/JSON/Parquet file, a folder of them, or a datasets name")
     recs = read_records(d.path, d.format, prompt_field=d.prompt_field, response_field=d.response_field,
-                        split=d.split, limit=d.limit)
+                        split=d.split, limit=d.limit, allow_partial=d.allow_partial)
     return SFTDataset(recs, tokenizer, d.max_len, d.add_eos)
 
 
@@ -297,15 +303,115 @@ def _fmt_eta(seconds: float) -> str:
 
 
 CKPT_PREFIX = "step_"
+_RESUME_LATEST = ("latest", "auto", "true", "True")  # checkpoint.resume values meaning "the newest in dir"
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be resumed from (incomplete, damaged, or of another batch layout)."""
+
+
+def _checkpoint_step(p: Path) -> int | None:
+    """N of a ``step_N`` folder name, None for any other name (``.tmp-step_N``, ``replaced-step_N-...``)."""
+    tail = p.name[len(CKPT_PREFIX):]
+    return int(tail) if p.name.startswith(CKPT_PREFIX) and tail.isdigit() else None
+
+
+def _checkpoint_dirs(ckpt_dir: Path) -> list[Path]:
+    """Every ``step_N`` folder, complete or not, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    out = [p for p in ckpt_dir.iterdir() if p.is_dir() and _checkpoint_step(p) is not None]
+    return sorted(out, key=_checkpoint_step)
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Complete checkpoints (a ``trainer_state.json`` inside), oldest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    out = [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX)
-           and (p / "trainer_state.json").is_file()]
-    return sorted(out, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+    return [p for p in _checkpoint_dirs(ckpt_dir) if (p / "trainer_state.json").is_file()]
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest(folder: Path, *, sha256: bool) -> dict:
+    """``{relative path: {"size": bytes[, "sha256": hex]}}`` of every file in ``folder`` but trainer_state.json."""
+    out = {}
+    for f in sorted(folder.rglob("*")):
+        rel = f.relative_to(folder).as_posix()
+        if f.is_file() and rel != "trainer_state.json":
+            out[rel] = {"size": f.stat().st_size, **({"sha256": _sha256(f)} if sha256 else {})}
+    return out
+
+
+def _verify_checkpoint(path: Path, *, sha256: bool) -> str | None:
+    """Why ``path`` cannot be resumed from ("<file>: <reason>"), None when its files match its manifest.
+
+    Sizes are always checked (one stat per file, cheap for multi-GB checkpoints); hashes only with
+    ``sha256`` and only where the save recorded them. A checkpoint written before manifests existed
+    (no ``files`` in trainer_state.json) cannot be verified here: only the engine's load can fail."""
+    state_file = path / "trainer_state.json"
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"{state_file}: unreadable ({type(e).__name__}: {e})"
+    for rel, want in (state.get("files") or {}).items():
+        f = path / rel
+        try:
+            size = f.stat().st_size
+        except OSError:
+            return f"{f}: missing"
+        if size != want["size"]:
+            return f"{f}: {size} bytes, the save wrote {want['size']}"
+        if sha256 and "sha256" in want and _sha256(f) != want["sha256"]:
+            return f"{f}: sha256 differs from the one recorded at save"
+    return None
+
+
+def _probe_files(folder: Path) -> str | None:
+    """After a failed load: the first file of ``folder`` that does not open ("<file>: <reason>"), so
+    the message names it (torch.load / safetensors errors do not). Headers only (mmap), cheap."""
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            if f.stat().st_size == 0:
+                return f"{f}: empty (0 bytes)"
+            if f.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(f), "pt") as h:
+                    h.keys()
+            elif f.suffix in (".pt", ".bin", ".pth"):
+                torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+            elif f.suffix == ".json":
+                json.loads(f.read_text())
+        except Exception as e:  # noqa: BLE001 - any failure to open is the answer
+            return f"{f}: unreadable ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+    return None
+
+
+def _first_error_all_ranks(why: str | None) -> str | None:
+    """The first rank's failure (None when every rank succeeded), the same on every rank."""
+    if not distenv.is_dist():
+        return why
+    import torch.distributed as dist
+
+    whys = [None] * dist.get_world_size()
+    dist.all_gather_object(whys, why)
+    return next((w if r == 0 else f"rank {r}: {w}" for r, w in enumerate(whys) if w), None)
+
+
+def _aside(path: Path) -> Path:
+    """``path`` or, when that exists, ``path-2``, ``path-3``, ...: a name nothing holds yet."""
+    out, i = path, 1
+    while out.exists():
+        i += 1
+        out = path.with_name(f"{path.name}-{i}")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -343,13 +449,13 @@ class Trainer:
         on_gpu = self.device.type == "cuda"
         seed_all(cfg.train.seed + self.env.rank)
 
-        if self.env.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            old = self.out_dir / "metrics.jsonl"
-            if old.is_file() and not cfg.checkpoint.resume:
-                # A fresh run in a used folder: keep the earlier log beside, start a clean one.
-                os.replace(old, self.out_dir / f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
-        distenv.barrier()
+        # A used run folder, before any model is loaded: rank 0 decides from the file system and every
+        # rank raises the same error (the broadcast is also the barrier after rank 0's moves).
+        self.own_steps: set[int] = set()  # checkpoint steps of this run: the only ones keep_last may prune
+        problem = self._prepare_run_folder0() if self.env.is_main else None
+        problem = distenv.broadcast_object0(problem)
+        if problem:
+            raise ConfigError(problem)
 
         from distill.models import load as ml
 
@@ -358,7 +464,9 @@ class Trainer:
             teacher_path = ""
         self.student_path, self.teacher_path = student_path, teacher_path
         tok_name = cfg.model.tokenizer or student_path
-        self.tokenizer = ml.load_tokenizer(tok_name, trust_remote_code=cfg.model.trust_remote_code)
+        self.tokenizer = ml.load_tokenizer(tok_name, trust_remote_code=cfg.model.trust_remote_code,
+                                           what="tokenizer folder (model.tokenizer)" if cfg.model.tokenizer
+                                           else "student folder (model.student)")
         self.vocab_size = cfg.model.vocab_size or len(self.tokenizer)
 
         self.ds_config = None
@@ -395,7 +503,8 @@ class Trainer:
         model = ml.load_causal_lm(
             student_path, dtype=ml.resolve_dtype(cfg.model.dtype, on_gpu), attn=ml.resolve_attn(cfg.model.attn, on_gpu),
             device=str(self.device), trust_remote_code=cfg.model.trust_remote_code,
-            zero3_config=self.ds_config if stage == 3 else None, grad_checkpointing=cfg.model.grad_checkpointing)
+            zero3_config=self.ds_config if stage == 3 else None, grad_checkpointing=cfg.model.grad_checkpointing,
+            what="student folder (model.student)")
         ml.check_embedding_rows(model.config, self.vocab_size, f"student {student_path}")
         self.model_config = model.config
         self.generation_config = getattr(model, "generation_config", None)
@@ -579,8 +688,49 @@ class Trainer:
         return result
 
     # -- checkpoints --------------------------------------------------------------------------------
+    def _prepare_run_folder0(self) -> str | None:
+        """Rank 0, before any model is loaded. Returns the refusal of a fresh run in a folder that
+        holds checkpoints (None when the run may go on), else makes the folder ready: an unfinished
+        save's ``.tmp-step_*`` removed, the earlier run moved to ``previous-<time>/``
+        (``checkpoint.overwrite``), a log that no checkpoint continues kept beside. Nothing is deleted
+        that a run finished."""
+        c = self.cfg.checkpoint
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        metrics = self.out_dir / "metrics.jsonl"
+        used = _checkpoint_dirs(self.ckpt_dir)
+        if used and not c.resume and not c.overwrite:
+            return (f"run folder {self.out_dir} already holds checkpoints of an earlier run ({self.ckpt_dir}, newest "
+                    f"{used[-1].name}): continue it with --resume, or start over with --checkpoint.overwrite=true "
+                    f"(moves the earlier run to {self.out_dir / 'previous-<time>'}), or pick another --run.out_dir")
+        for tmp in sorted(self.ckpt_dir.glob(f".tmp-{CKPT_PREFIX}*")) if self.ckpt_dir.is_dir() else ():
+            print0(f"[trainer] removing {tmp}: an unfinished checkpoint save (the run was killed while saving)")
+            shutil.rmtree(tmp, ignore_errors=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        if not c.resume and c.overwrite and (used or metrics.is_file()):
+            aside = _aside(self.out_dir / f"previous-{stamp}")
+            aside.mkdir(parents=True)
+            moved = [x for x in (metrics, self.out_dir / "export", self.out_dir / "config.yaml",
+                                 self.out_dir / "ds_config.json", self.out_dir / "versions.json") if x.exists()]
+            for x in moved:
+                os.replace(x, aside / x.name)
+            if self.ckpt_dir.is_dir():
+                # beside the checkpoint folder (same file system, a rename) when checkpoint.dir is elsewhere
+                ck = aside if self.ckpt_dir.parent == self.out_dir else _aside(self.ckpt_dir.parent / f"previous-{stamp}")
+                ck.mkdir(parents=True, exist_ok=True)
+                os.replace(self.ckpt_dir, ck / self.ckpt_dir.name)
+                moved.append(ck / self.ckpt_dir.name)
+            fsync_dir(self.out_dir)
+            print0(f"[trainer] checkpoint.overwrite: moved the earlier run ({', '.join(x.name for x in moved)}) to {aside}")
+        elif metrics.is_file() and (not c.resume or (c.resume in _RESUME_LATEST and not list_checkpoints(self.ckpt_dir))):
+            # No checkpoint continues this log (a fresh run, or --resume before the first save):
+            # keep it beside and start a clean one, so no step is logged twice.
+            os.replace(metrics, _aside(self.out_dir / f"metrics.{stamp}.jsonl"))
+        return None
+
     def save_checkpoint(self) -> Path:
-        """Atomic: every rank writes into ``.tmp-step_N``; rank 0 adds trainer_state.json and renames."""
+        """Atomic: every rank writes into ``.tmp-step_N``; rank 0 adds trainer_state.json (with the
+        manifest: size, optionally sha256, of every file) and renames. ``keep_last`` prunes only this
+        run's checkpoints (``own_steps``)."""
         name = f"{CKPT_PREFIX}{self.step:08d}"
         final = self.ckpt_dir / name
         tmp = self.ckpt_dir / f".tmp-{name}"
@@ -601,43 +751,82 @@ class Trainer:
                      "data_position": {"epoch": self.step // self.steps_per_epoch,
                                        "batch_in_epoch": self.step % self.steps_per_epoch,
                                        "examples_seen": self.step * self.global_batch},
-                     "engine": self.engine.kind, "last_metrics": self.history[-1] if self.history else None}
+                     "engine": self.engine.kind, "last_metrics": self.history[-1] if self.history else None,
+                     "files": _manifest(tmp, sha256=self.cfg.checkpoint.sha256)}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))  # written last: marks complete
             if final.exists():
-                shutil.rmtree(final)
+                # not this run's (a newer checkpoint skipped as damaged at resume, or of a run continued from
+                # an earlier step): kept under another name, never deleted
+                keep = _aside(self.ckpt_dir / f"replaced-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.replace(final, keep)
+                print0(f"[trainer] {final} existed (not written by this run): moved to {keep}")
             os.replace(tmp, final)
             fsync_dir(self.ckpt_dir)
-            for old in list_checkpoints(self.ckpt_dir)[:-self.cfg.checkpoint.keep_last]:
+            self.own_steps.add(self.step)
+            own = [p for p in list_checkpoints(self.ckpt_dir) if _checkpoint_step(p) in self.own_steps]
+            for old in own[:-self.cfg.checkpoint.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
             print0(f"[trainer] checkpoint {final}")
         distenv.barrier()
         return final
 
     def _resume(self, spec: str) -> None:
-        if spec in ("latest", "auto", "true", "True"):
+        """Load the newest intact checkpoint (``latest``) or the one named. A damaged one (its files
+        differ from its manifest, or the engine cannot load it) is named in a warning and the next
+        older is tried; none left is a CheckpointError naming the damaged file."""
+        if spec in _RESUME_LATEST:
             ckpts = list_checkpoints(self.ckpt_dir)
             if not ckpts:
                 print0(f"[trainer] resume: no checkpoint in {self.ckpt_dir}; starting fresh")
                 return
-            path = ckpts[-1]
         else:
             path = Path(spec)
             if not (path / "trainer_state.json").is_file():
-                raise FileNotFoundError(f"checkpoint.resume={spec}: {path} is not a complete checkpoint (no trainer_state.json)")
+                raise CheckpointError(f"checkpoint.resume={spec}: {path} is not a complete checkpoint (no trainer_state.json)")
+            ckpts = [path]
+        bad = []
+        for path in reversed(ckpts):
+            # the manifest check on rank 0 (one verdict for all), then the load on every rank
+            why = _verify_checkpoint(path, sha256=self.cfg.checkpoint.sha256) if self.env.is_main else None
+            why = distenv.broadcast_object0(why) or self._load_checkpoint(path)
+            if why is None:
+                break
+            bad.append(why)
+            print0(f"[trainer] warning: checkpoint {path.name} is damaged: {why}; "
+                   f"{'trying the one before' if path != ckpts[0] else 'no older checkpoint'}")
+        else:
+            older = f" (and {len(bad) - 1} older checkpoint(s) damaged too)" if len(bad) > 1 else ""
+            raise CheckpointError(
+                f"cannot resume: checkpoint {ckpts[-1]} is damaged: {bad[0]}{older}; restore the file, resume from "
+                f"another folder with --checkpoint.resume=PATH, or start over with --checkpoint.overwrite=true")
         state = json.loads((path / "trainer_state.json").read_text())
-        if state["global_batch"] != self.global_batch:
-            raise ValueError(
-                f"{path}: saved with global batch {state['global_batch']}, this run has {self.global_batch} "
-                f"(micro_batch x grad_accum x world_size); the data position would not match")
-        self.engine.load(path / "engine")
-        rng = path / f"rng_rank{self.env.rank}.pt"
-        if rng.is_file():
-            _set_rng_state(torch.load(rng, weights_only=False))
         self.step = int(state["step"])
+        if path.parent.resolve() == self.ckpt_dir.resolve():
+            # the continued run's checkpoints are this run's: keep_last prunes them, not newer ones
+            self.own_steps |= {s for s in map(_checkpoint_step, list_checkpoints(self.ckpt_dir)) if s <= self.step}
         if self.env.is_main:
             _truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
         distenv.barrier()
         print0(f"[trainer] resumed from {path} at step {self.step}")
+
+    def _load_checkpoint(self, path: Path) -> str | None:
+        """Engine, optimizer and RNG state from ``path``; the reason (naming the file where it can) when
+        any rank fails, None when all loaded. A batch-layout mismatch is an error, not damage."""
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state["global_batch"] != self.global_batch:
+            raise CheckpointError(
+                f"{path}: saved with global batch {state['global_batch']}, this run has {self.global_batch} "
+                f"(micro_batch x grad_accum x world_size); the data position would not match")
+        why = None
+        try:
+            self.engine.load(path / "engine")
+            rng = path / f"rng_rank{self.env.rank}.pt"
+            if rng.is_file():
+                _set_rng_state(torch.load(rng, weights_only=False))
+        except Exception as e:  # noqa: BLE001 - torch.load / safetensors / DeepSpeed: all mean "cannot load"
+            msg = (str(e).strip().splitlines() or [""])[0]
+            why = _probe_files(path) or f"{path / 'engine'}: the engine cannot load it ({type(e).__name__}: {msg})"
+        return _first_error_all_ranks(why)
 
     # -- export / eval ------------------------------------------------------------------------------
     def gathered_state_dict(self) -> dict | None:

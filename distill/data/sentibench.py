@@ -20,6 +20,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -142,14 +143,22 @@ def read_raw(path: Path) -> list[dict]:
             hint = " (the packaged sample has no such split; point --data-dir or $SENTIBENCH_DIR at the data)"
         raise SentiBenchDataError(f"{path}: file not found{hint}")
     try:
+        raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+        text = raw.decode("utf-8").lstrip("\ufeff")
         if path.name.endswith(".jsonl.gz"):
-            with gzip.open(path, "rt", encoding="utf-8") as fh:
-                data = [json.loads(line) for line in fh if line.strip()]
+            data = [json.loads(line) for line in text.split("\n") if line.strip()]  # not splitlines: U+2028 is text
         else:
-            with open(path, encoding="utf-8-sig") as fh:
-                data = json.load(fh)
+            data = json.loads(text)
     except json.JSONDecodeError as e:
         raise SentiBenchDataError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise SentiBenchDataError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte offset "
+                                  f"{e.start}); re-save the file as UTF-8") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise SentiBenchDataError(f"{path}: truncated or corrupt gzip file ({e}); re-create or re-download it") from None
+    except OSError as e:
+        raise SentiBenchDataError(f"{path}: cannot read it ({e.strerror or e})") from None
     if not isinstance(data, list):
         raise SentiBenchDataError(f"{path}: top level must be a JSON array of records, got {type(data).__name__}")
     for i, rec in enumerate(data):

@@ -33,14 +33,72 @@ def resolve_path(path: str) -> Path:
 def load_json(path: str) -> tuple[dict, Path]:
     p = resolve_path(path)
     if not p.is_file():
-        raise ConfigError(f"deepspeed.config: {path} does not exist (also looked in {REPO_ROOT})")
+        shipped = ", ".join(sorted(f"ds_configs/{x.name}" for x in (REPO_ROOT / "ds_configs").glob("*.json")))
+        raise ConfigError(f"deepspeed.config: {path} does not exist (also looked in {REPO_ROOT}); "
+                          f"give a DeepSpeed JSON file, e.g. one of {shipped or 'ds_configs/*.json'}")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ConfigError(f"deepspeed.config: {p} is not valid JSON: {e}") from None
+        raise ConfigError(f"deepspeed.config: {p} is not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"deepspeed.config: {p} cannot be read ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"deepspeed.config: {p}: top level must be an object")
+        raise ConfigError(f"deepspeed.config: {p}: top level must be an object {{...}}, got a {type(data).__name__}")
+    check_json(data, p)
     return data, p
+
+
+# Keys the project reads or injects, with the JSON types they must have (DeepSpeed checks the rest).
+_INT = "an integer"
+_NUM = "a number"
+_BOOL = "true or false"
+_OBJ = "an object {...}"
+_KEY_TYPES = {
+    "train_micro_batch_size_per_gpu": _INT, "gradient_accumulation_steps": _INT, "train_batch_size": _INT,
+    "gradient_clipping": _NUM, "steps_per_print": _INT, "wall_clock_breakdown": _BOOL,
+    "bf16": _OBJ, "fp16": _OBJ, "bf16.enabled": _BOOL, "fp16.enabled": _BOOL, "zero_optimization": _OBJ,
+    "zero_optimization.offload_optimizer": _OBJ, "zero_optimization.offload_param": _OBJ,
+    "zero_optimization.overlap_comm": _BOOL, "zero_optimization.contiguous_gradients": _BOOL,
+    "zero_optimization.stage3_gather_16bit_weights_on_model_save": _BOOL,
+    **{f"zero_optimization.{k}": _NUM for k in (
+        "reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size", "sub_group_size",
+        "stage3_param_persistence_threshold", "stage3_max_live_parameters", "stage3_max_reuse_distance")},
+}
+
+
+def _has_type(v, kind: str) -> bool:
+    if kind == _OBJ:
+        return isinstance(v, dict)
+    if kind == _BOOL:
+        return isinstance(v, bool)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return kind == _NUM or float(v).is_integer()
+
+
+def check_json(data: dict, src: Path) -> None:
+    """The keys the project reads/injects have the right JSON types and the ZeRO stage is 0..3."""
+    for dotted, kind in _KEY_TYPES.items():
+        node, parts = data, dotted.split(".")
+        for p in parts[:-1]:
+            node = node.get(p) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or parts[-1] not in node:
+            continue
+        v = node[parts[-1]]
+        if (v == "auto" and kind != _OBJ) or (v is None and "offload" in dotted):
+            continue  # "auto": filled from the run config; offload null = none
+        if not _has_type(v, kind):
+            raise ConfigError(f"{src}: '{dotted}' = {v!r} must be {kind}")
+        if kind in (_INT, _NUM) and v < 0:
+            raise ConfigError(f"{src}: '{dotted}' = {v!r} must be >= 0")
+    z = data.get("zero_optimization") or {}
+    if "stage" in z and (isinstance(z["stage"], bool) or z["stage"] not in (0, 1, 2, 3)):
+        raise ConfigError(f"{src}: 'zero_optimization.stage' = {z['stage']!r} must be 0, 1, 2 or 3 "
+                          f"(or drop it and set deepspeed.zero_stage)")
+    for off in ("offload_optimizer", "offload_param"):
+        dev = (z.get(off) or {}).get("device", "none")
+        if dev not in ("none", "cpu", "nvme", None):
+            raise ConfigError(f"{src}: 'zero_optimization.{off}.device' = {dev!r} must be none, cpu or nvme")
 
 
 def resolve_precision(dtype: str, on_gpu: bool) -> str:

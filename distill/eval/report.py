@@ -6,6 +6,16 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from distill.errors import UserError
+
+
+class ResultsFileError(UserError, ValueError):
+    """A results.json given to ``sentibench plot`` is unreadable or not a SentiBench results file."""
+
+
+class ResultsFileNotFound(ResultsFileError, FileNotFoundError):
+    """A results.json given to ``sentibench plot`` does not exist."""
+
 # Column order of the authors' table script (parse.py), grouped by category, then the averages.
 PAPER_COLUMNS = (
     ("sc/imdb", "IMDB"), ("sc/yelp2", "Yelp2"), ("sc/sst2", "SST2"), ("sc/twitter", "Twitter"),
@@ -23,12 +33,14 @@ def load_results(path: str | Path) -> dict:
         with open(path, encoding="utf-8") as fh:
             res = json.load(fh)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such results file") from None
+        raise ResultsFileNotFound(f"{path}: no such results file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ResultsFileError(f"{path}: cannot read it ({e})") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise ResultsFileError(f"{path}: not valid JSON ({e})") from None
     for key in ("tasks", "overall", "categories"):
-        if key not in res:
-            raise ValueError(f"{path}: not a SentiBench results.json (missing field {key!r})")
+        if not isinstance(res, dict) or key not in res:
+            raise ResultsFileError(f"{path}: not a SentiBench results.json (missing field {key!r})")
     return res
 
 

@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Sequence
 
 from distill.data.sentibench import FINE_GRAINED, LabelRecord, Record, TupleRecord
 from distill.eval import metrics
 from distill.eval.parse import PARSERS
+from distill.eval.protocol import LABEL_WORDS
 
 
-def score_classification(records: Sequence[LabelRecord], predictions: Sequence[Any]) -> dict:
+def _normalise(p: Any) -> str:
+    return p.strip().lower() if isinstance(p, str) else ""
+
+
+def label_set(task: str) -> tuple[str, ...]:
+    """The label strings of a classification task, as the scorer compares them (stripped, lower case)."""
+    return tuple(w.strip().lower() for w in LABEL_WORDS[task])
+
+
+def out_of_label_set(task: str, predictions: Sequence[Any]) -> Counter:
+    """``{normalised prediction: count}`` of the predictions outside the task's label set (scored as misses)."""
+    allowed = set(label_set(task))
+    return Counter(q for q in map(_normalise, predictions) if q not in allowed)
+
+
+def score_classification(records: Sequence[LabelRecord], predictions: Sequence[Any], task: str | None = None) -> dict:
     gold = [r.label_word for r in records]
-    pred = [p.strip().lower() if isinstance(p, str) else "" for p in predictions]
-    allowed = set(gold)
+    pred = [_normalise(p) for p in predictions]
+    # The task's label set (a valid label absent from these gold records is a miss, not out of the set).
+    allowed = set(label_set(task)) if task in LABEL_WORDS else set(gold)
     return {
         "f1": metrics.macro_f1(gold, pred),
         "acc": metrics.accuracy(gold, pred),
@@ -49,4 +67,4 @@ def score_task(task: str, records: Sequence[Record], predictions: Sequence[Any])
         raise ValueError(f"{task}: {len(records)} records but {len(predictions)} predictions")
     if task in FINE_GRAINED:
         return score_fine_grained(task, records, predictions)  # type: ignore[arg-type]
-    return score_classification(records, predictions)  # type: ignore[arg-type]
+    return score_classification(records, predictions, task)  # type: ignore[arg-type]

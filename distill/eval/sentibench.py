@@ -34,14 +34,19 @@ from distill.data.sentibench import (
     load_task,
     resolve_tasks,
 )
+from distill.errors import UserError
 from distill.eval.protocol import LABEL_WORDS, MAX_NEW_TOKENS, build_prompts
-from distill.eval.scoring import score_task
+from distill.eval.scoring import label_set, out_of_label_set, score_task
 
 PROTOCOL = "HITSZ-HLT/Sentiment-Distillation@2810fc2826e8f7c2ae6a0d6dd328ab7d8979744a (icl_multifaced.py, fsa.py, parse_utils/)"
 DATA_URL = "https://codeload.github.com/HITSZ-HLT/Sentiment-Distillation/tar.gz/{ref}"
 DATA_REF = "2810fc2826e8f7c2ae6a0d6dd328ab7d8979744a"
 DEFAULT_SEEDS = (42, 52, 62)
 DEFAULT_MAX_BATCH_TOKENS = 32768  # padded tokens per call: bounds attention/KV memory on long IMDB prompts
+
+
+class SentiBenchUsageError(UserError, ValueError):
+    """A value or file given to the sentibench commands is wrong (a model, a limit, a task list)."""
 
 
 def print0(*args, **kwargs) -> None:
@@ -146,9 +151,9 @@ def evaluate(
     task_list = resolve_tasks(tasks)
     seeds = tuple(int(s) for s in seeds)
     if not seeds:
-        raise ValueError("at least one seed is needed")
+        raise SentiBenchUsageError("at least one seed is needed")
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
+        raise SentiBenchUsageError(f"limit must be >= 1 (None = every example), got {limit}")
     # Fail before any model call: colliding label words, missing files.
     verbalizers = {t: verbalizer_ids(tokenizer, t) for t in task_list if t in LABEL_WORDS}
     plans = []  # (task, seed, records, prompts, repairs)
@@ -290,10 +295,19 @@ def read_predictions(path: str | os.PathLike, n: int) -> list:
 
 
 def score_file(task: str, predictions: str | os.PathLike, *, data_dir=None, split: str = "test", limit: int | None = None) -> dict:
+    """Scores (x100) of a predictions file; ``limit``: the first N records (None = all, else >= 1).
+
+    Classification predictions outside the task's label set are misses; the result counts them
+    (``out_of_label_set``) and names them (``out_of_label_set_labels``: ``{label: count}``).
+    """
+    if limit is not None and limit < 1:
+        raise SentiBenchUsageError(f"--limit must be >= 1 (omit it to score every example), got {limit}")
     records = load_task(resolve_tasks([task])[0], split, data_dir)[:limit]
     preds = read_predictions(predictions, len(records))
     m = score_task(task, records, preds)
     out: dict[str, Any] = {"task": task, "split": split, "sample": is_sample(data_dir)}
+    if task in LABEL_WORDS:
+        out["out_of_label_set_labels"] = dict(out_of_label_set(task, preds).most_common())
     for k, v in m.items():
         out[k] = 100 * v if k in ("f1", "acc", "precision", "recall") else v
     return out
@@ -320,10 +334,18 @@ def download(dest: str | os.PathLike | None = None, *, ref: str = DATA_REF, url:
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".sentibench-") as tmp:
         archive = Path(tmp) / "repo.tar.gz"
         print(f"downloading {url}")
-        with urllib.request.urlopen(url, timeout=60) as resp, open(archive, "wb") as fh:
-            shutil.copyfileobj(resp, fh)
+        try:
+            with urllib.request.urlopen(url, timeout=60) as resp, open(archive, "wb") as fh:
+                shutil.copyfileobj(resp, fh)
+        except (OSError, ValueError) as e:  # URLError/HTTPError are OSErrors; ValueError: not a URL
+            raise SentiBenchUsageError(f"{url}: download failed ({e}); check --url/--ref, or put the data in "
+                                       f"$SENTIBENCH_DIR yourself") from e
         staged = Path(tmp) / "sentibench"
-        with tarfile.open(archive, "r:gz") as tar:
+        try:
+            tar = tarfile.open(archive, "r:gz")
+        except tarfile.TarError as e:
+            raise SentiBenchUsageError(f"{url}: not a .tar.gz archive ({e})") from e
+        with tar:
             for member in tar.getmembers():
                 parts = Path(member.name).parts
                 # <repo>-<ref>/datasets/<category>/<dataset>/<file>
@@ -340,7 +362,8 @@ def download(dest: str | os.PathLike | None = None, *, ref: str = DATA_REF, url:
                     shutil.copyfileobj(src, fh)
         missing = [t for t in TASKS for s in ("train", "test") if not (staged / t / f"{s}.json").is_file()]
         if missing:
-            raise RuntimeError(f"{url}: the archive lacks {len(missing)} SentiBench files, e.g. {missing[0]}")
+            raise SentiBenchUsageError(f"{url}: the archive lacks {len(missing)} SentiBench files, e.g. {missing[0]} "
+                                       f"(is it the HITSZ-HLT/Sentiment-Distillation repository?)")
         if dest.exists():
             shutil.rmtree(dest)
         staged.replace(dest)
@@ -349,6 +372,37 @@ def download(dest: str | os.PathLike | None = None, *, ref: str = DATA_REF, url:
 
 
 # -------------------------------------------------------------------------------------------- CLI
+
+
+def _at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def _task_list(text: str) -> list[str]:
+    try:
+        return resolve_tasks(text)
+    except KeyError as e:
+        raise argparse.ArgumentTypeError(e.args[0] if e.args else str(e)) from None
+
+
+def label_warning(res: dict) -> str | None:
+    """The one-line warning of a scored task whose predictions fall outside its label set, or None."""
+    bad = res.get("out_of_label_set_labels") or {}
+    if not bad:
+        return None
+    shown = ", ".join(f"{k!r} x{v}" for k, v in list(bad.items())[:5]) + (" ..." if len(bad) > 5 else "")
+    return (f"sentibench score: warning: {res['task']}: {sum(bad.values())} of {res['n']} predictions are not in "
+            f"the label set ({', '.join(label_set(res['task']))}) and were scored as misses: {shown}")
 
 
 def _seeds(text: str) -> tuple[int, ...]:
@@ -366,8 +420,11 @@ def _load_model(name: str, dtype: str, device: str, trust_remote_code: bool):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    except OSError as e:  # no such folder / hub name, or a folder without a model (transformers says which)
+        raise SentiBenchUsageError(f"--model {name}: cannot load a causal LM ({e})") from e
     return model.to(device), tok
 
 
@@ -410,6 +467,9 @@ def cmd_score(args) -> int:
     res = score_file(args.task, args.predictions, data_dir=args.data_dir, split=args.split, limit=args.limit)
     if res["sample"]:
         print("note: scored against the packaged sample (no SentiBench data found)", file=sys.stderr)
+    warning = label_warning(res)
+    if warning:
+        print(warning, file=sys.stderr)
     print(json.dumps(res))
     return 0
 
@@ -420,7 +480,7 @@ def cmd_plot(args) -> int:
     results = [load_results(p) for p in args.results]
     labels = args.labels.split(",") if args.labels else None
     if labels and len(labels) != len(results):
-        raise SystemExit(f"--labels has {len(labels)} names for {len(results)} result files")
+        raise SentiBenchUsageError(f"--labels has {len(labels)} names for {len(results)} result files")
     print(plot_results(results, args.output, labels))
     return 0
 
@@ -438,14 +498,14 @@ def build_parser() -> argparse.ArgumentParser:
     data_help = "SentiBench folder (default: $SENTIBENCH_DIR, ../shared/sentibench, the download cache, else the packaged sample; 'sample' forces it)"
     r = sub.add_parser("run", help="evaluate a model and write results.json/.md/.png")
     r.add_argument("--model", required=True, help="local folder or Hugging Face name of a causal LM")
-    r.add_argument("--tasks", default="all", help="all | basic | multifaceted | fine-grained | comma list of tasks")
-    r.add_argument("--shots", type=int, default=4, help="demonstrations per prompt")
+    r.add_argument("--tasks", type=_task_list, default="all", help="all | basic | multifaceted | fine-grained | comma list of tasks")
+    r.add_argument("--shots", type=_at_least(0), default=4, help="demonstrations per prompt")
     r.add_argument("--seeds", type=_seeds, default=DEFAULT_SEEDS, help="demonstration seeds, e.g. 42,52,62")
-    r.add_argument("--limit", type=int, default=None, help="first N test examples per dataset")
-    r.add_argument("--batch-size", type=int, default=8, help="prompts per model call")
-    r.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
+    r.add_argument("--limit", type=_at_least(1), default=None, help="first N >= 1 test examples per dataset (default: all)")
+    r.add_argument("--batch-size", type=_at_least(1), default=8, help="prompts per model call")
+    r.add_argument("--max-batch-tokens", type=_at_least(1), default=DEFAULT_MAX_BATCH_TOKENS,
                    help="cap on padded tokens (prompt + new tokens) per model call; IMDB prompts are long")
-    r.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="fine-grained generation budget")
+    r.add_argument("--max-new-tokens", type=_at_least(1), default=MAX_NEW_TOKENS, help="fine-grained generation budget")
     r.add_argument("--no-early-stop", action="store_true", help="always generate max-new-tokens (same scores, slower)")
     r.add_argument("--split", default="test", choices=("test", "val"))
     r.add_argument("--out", default="sentibench_results", help="output folder")
@@ -463,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--task", required=True, choices=TASKS)
     s.add_argument("--predictions", required=True, help='JSON lines {"index": i, "prediction": ...}')
     s.add_argument("--split", default="test", choices=("test", "val"))
-    s.add_argument("--limit", type=int, default=None, help="score the first N examples only")
+    s.add_argument("--limit", type=_at_least(1), default=None, help="score the first N >= 1 examples only (default: all)")
     s.add_argument("--data-dir", default=None, help=data_help)
     s.set_defaults(func=cmd_score)
 
@@ -483,14 +543,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The commands; a user error raises a :class:`~distill.errors.UserError` (``__main__`` runs this
+    under :func:`distill.errors.run_cli`: one line on stderr, exit status 2)."""
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (SentiBenchDataError, FileNotFoundError, KeyError, ValueError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"sentibench {args.cmd}: error: {msg}", file=sys.stderr)
-        return 2
+    return args.func(args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from distill.errors import run_cli
+
+    sys.exit(run_cli(main, "sentibench"))

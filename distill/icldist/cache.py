@@ -27,8 +27,15 @@ After ``kill -9`` a rerun keeps the done shards, deletes temporaries and unfinis
 writes the rest. Shard file names are the shard number, so nothing is ever duplicated.
 
 Reading refuses a cache whose manifest does not match the run (teacher, k, temperature, vocabulary,
-teacher tokenizer, prompt set), or that is incomplete, with a message naming the field and both
-values.
+teacher tokenizer, prompt set, ``icl.max_len``, the teacher's dtype, quantization and generation
+budget, and the teacher's weights), or that is incomplete, with a message naming the first differing
+field and both values. The weights are fingerprinted cheaply (:func:`weights_fingerprint`: names,
+sizes and modification times of the weight files, sha256 of ``config.json`` and the safetensors
+index; no GB is hashed), so weights overwritten in place are noticed; a copied folder (new mtimes)
+counts as changed. A format-2 manifest written before these fields existed lacks them and is refused
+with a message saying to rebuild it. The teacher's answers file (``teacher_answers.jsonl``, online and
+cache stage) records the teacher part of the same fingerprint (:data:`ANSWER_FIELDS`) on its first
+line and is checked the same way (:func:`check_answers`).
 """
 
 from __future__ import annotations
@@ -48,13 +55,25 @@ from distill.errors import UserError
 
 # 2: top-k at the run's temperature over the real vocabulary; manifest records temperature and vocab_size.
 FORMAT_VERSION = 2
+# The teacher's fingerprint: what its answers (and so the cached targets) depend on.
+ANSWER_FIELDS = ("teacher", "teacher_weights", "teacher_dtype", "teacher_quantization", "tokenizer_hash",
+                 "max_new_tokens", "prompt_set_hash")
 # Manifest fields that must match between the cache and the run reading or extending it.
 KEY_FIELDS = ("teacher", "k", "temperature", "vocab_size", "tokenizer_hash", "prompt_set_hash", "n_prompts",
-              "shard_size")
+              "shard_size", "max_len", "teacher_weights", "teacher_dtype", "teacher_quantization", "max_new_tokens")
+# Files whose names, sizes and mtimes stand for the teacher's weights (hashing GBs is too slow).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# Small files hashed whole: the architecture and the weight-to-file map.
+HASHED_FILES = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 # Why a field must match, where the generic message does not say enough.
 _WHY = {
     "temperature": "a top-k teacher is valid only at the temperature it was taken at",
     "vocab_size": "the top-k is taken over the teacher tokenizer's real vocabulary",
+    "max_len": "prompts longer than icl.max_len lose tokens from the left, so the target positions differ",
+    "teacher_weights": "the teacher's weight files, config.json or index changed since",
+    "teacher_dtype": "the teacher's top-k and answers depend on the dtype it ran in",
+    "teacher_quantization": "the teacher's top-k and answers depend on its quantization",
+    "max_new_tokens": "the teacher's answers to fine-grained prompts were generated with this budget",
 }
 
 
@@ -65,6 +84,10 @@ class CacheMismatch(UserError, ValueError):
 
 class CacheIncomplete(UserError, RuntimeError):
     """Some shards are missing (the cache stage did not finish)."""
+
+
+class CacheMissing(UserError, FileNotFoundError):
+    """No cache at the folder the run reads (no manifest.json)."""
 
 
 @dataclass
@@ -87,12 +110,73 @@ def _write_json_atomic(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1))
 
 
+def weights_fingerprint(model: str | os.PathLike) -> dict:
+    """A cheap fingerprint of a teacher folder's weights: ``{"files": {name: {"bytes", "mtime_ns"}},
+    <hashed file>: sha256[:16]}``. A hub name (not a local folder) is fingerprinted by its name only."""
+    root = Path(model)
+    if not root.is_dir():
+        return {"hub": str(model)}
+    out: dict = {"files": {}}
+    for f in sorted(root.iterdir()):
+        if f.suffix in WEIGHT_SUFFIXES and f.is_file():
+            st = f.stat()
+            out["files"][f.name] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    for name in HASHED_FILES:
+        if (root / name).is_file():
+            out[name] = _sha256(root / name)[:16]
+    return out
+
+
+def _first_difference(field: str, have, want) -> tuple[str, object, object]:
+    """The first differing (dotted) field of two values, nested dicts compared key by key down to the
+    innermost dict (a weight file's ``{"bytes", "mtime_ns"}`` is shown whole)."""
+    nested = any(isinstance(v, dict) for d in (have, want) if isinstance(d, dict) for v in d.values())
+    if isinstance(have, dict) and isinstance(want, dict) and nested:
+        for k in list(want) + [k for k in have if k not in want]:
+            if have.get(k) != want.get(k):
+                return _first_difference(f"{field}.{k}", have.get(k), want.get(k))
+    return field, have, want
+
+
 def _mismatch_message(root: Path, field: str, have, want) -> str:
-    why = f" ({_WHY[field]})" if field in _WHY else ""
+    base = field.split(".")[0]
+    why = f" ({_WHY[base]})" if base in _WHY else ""
     return (
         f"teacher cache {root} was built with {field}={have!r}, but this run needs {field}={want!r}{why}. "
         f"Point teacher.cache_dir at another folder (or delete this one) and rerun --stage cache."
     )
+
+
+def _unfingerprinted_message(root: Path, field: str) -> str:
+    return (
+        f"teacher cache {root} records no {field}: it was written before the cache fingerprinted the teacher "
+        f"(weights, dtype, quantization, max_new_tokens) and icl.max_len, so it may not match this run; rebuild it: "
+        f"delete {root} and run `python launchers/icldist.py --stage cache` (same config), or point "
+        f"teacher.cache_dir elsewhere."
+    )
+
+
+def _answers_mismatch_message(path: Path, field: str, have, want) -> str:
+    base = field.split(".")[0]
+    why = f" ({_WHY[base]})" if base in _WHY else ""
+    return (
+        f"teacher answers {path} were generated with {field}={have!r}, but this run needs {field}={want!r}{why}; "
+        f"delete {path} (the answers are generated again) or use another run.out_dir."
+    )
+
+
+def check_answers(path: Path, header: dict | None, want: dict) -> None:
+    """Refuse an answers file whose recorded fingerprint (its first line) differs from ``want``."""
+    have = (header or {}).get("fingerprint")
+    if not isinstance(have, dict):
+        raise CacheMismatch(
+            f"teacher answers {path} record no teacher fingerprint (written before the answers file recorded "
+            f"which teacher produced it), so they may be another teacher's; delete {path} (the answers are "
+            f"generated again) or use another run.out_dir."
+        )
+    for key in ANSWER_FIELDS:
+        if key in want and have.get(key) != want[key]:
+            raise CacheMismatch(_answers_mismatch_message(path, *_first_difference(key, have.get(key), want[key])))
 
 
 def _format1_message(root: Path) -> str:
@@ -113,8 +197,10 @@ def check_manifest(root: Path, have: dict, want: dict) -> None:
     if version != FORMAT_VERSION:
         raise CacheMismatch(_mismatch_message(root, "format_version", version, FORMAT_VERSION))
     for key in KEY_FIELDS:
+        if key in want and key not in have:
+            raise CacheMismatch(_unfingerprinted_message(root, key))
         if key in want and have.get(key) != want[key]:
-            raise CacheMismatch(_mismatch_message(root, key, have.get(key), want[key]))
+            raise CacheMismatch(_mismatch_message(root, *_first_difference(key, have.get(key), want[key])))
 
 
 def shard_name(s: int) -> str:
@@ -233,11 +319,15 @@ class TeacherCache:
         self.root = Path(root)
         path = self.root / "manifest.json"
         if not path.is_file():
-            raise FileNotFoundError(
+            raise CacheMissing(
                 f"no teacher cache at {self.root} (manifest.json missing): run "
                 f"`python launchers/icldist.py --stage cache` first, or set teacher.source=online"
             )
-        self.manifest = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            self.manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CacheMismatch(f"teacher cache {path}: unreadable manifest ({e}); delete {self.root} and rerun "
+                                f"--stage cache") from e
         check_manifest(self.root, self.manifest, expect or {})
         if not self.manifest.get("complete"):
             raise CacheIncomplete(

@@ -29,12 +29,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
-from distill.icldist.cache import CachedTarget, CacheWriter, TeacherCache, shard_name
+from distill.icldist.cache import CachedTarget, CacheWriter, TeacherCache, check_answers, shard_name
 from distill.icldist.data import TeacherRequest
 from distill.icldist.prompts import Prompt
 from distill.teacher.output import TopKTeacher
 
 HANDOFF_NAMESPACE = "distill-icldist"
+RAY_TEMP_DIR = "/tmp/ray_icldist"  # the private Ray's temp dir (its records of our sessions live there too)
 
 
 def _is_object_ref(x) -> bool:
@@ -113,10 +114,12 @@ def _ray_init(tcfg) -> bool:
     if tcfg.ray_address:
         ray.init(address=tcfg.ray_address, log_to_driver=False, namespace=HANDOFF_NAMESPACE, **_node_ip())
     else:
-        # A private Ray node on a loopback address: no traffic leaves the machine.
-        ray.init(_node_ip_address=tcfg.ray_node_ip, include_dashboard=False, log_to_driver=False,
-                 num_cpus=max(os.cpu_count() or 1, tcfg.replicas * tcfg.shards), _temp_dir="/tmp/ray_icldist",
-                 namespace=HANDOFF_NAMESPACE)
+        # A private Ray node on a loopback address: no traffic leaves the machine. The starter first
+        # ends what a killed earlier run left in the same temp dir (distill.teacher.ray_service).
+        from distill.teacher.ray_service import start_local_ray
+
+        start_local_ray(max(os.cpu_count() or 1, tcfg.replicas * tcfg.shards), RAY_TEMP_DIR,
+                        node_ip=tcfg.ray_node_ip, namespace=HANDOFF_NAMESPACE)
     return True
 
 
@@ -137,10 +140,9 @@ def close_teacher(client) -> None:
         return
     client.shutdown()
     if getattr(client, "_icldist_started_ray", False):
-        import ray
+        from distill.teacher.ray_service import stop_ray
 
-        if ray.is_initialized():
-            ray.shutdown()
+        stop_ray()
 
 
 def open_teacher(tcfg, model: str, *, rank: int = 0, world: int = 1, broadcast=None, run_id: str = "icldist"):
@@ -210,26 +212,42 @@ def newline_token_ids(tokenizer) -> list[int]:
 
 
 def generate_answers(client, prompts: Sequence[Prompt], path: str | os.PathLike, *, tokenizer, max_new_tokens: int,
-                     request_size: int = 32, progress: bool = True) -> dict[str, list[int]]:
+                     request_size: int = 32, progress: bool = True, fingerprint: dict | None = None) -> dict[str, list[int]]:
     """The teacher's greedy answer (token ids, first line) to every fine-grained prompt.
 
     Appends ``{"id", "answer_ids", "text", "finish_reason"}`` lines to ``path`` as requests finish, so a
     rerun after a crash only asks for the missing prompts (a torn last line is ignored). Returns
-    ``{prompt id: answer ids}``.
+    ``{prompt id: answer ids}``. With ``fingerprint`` (the teacher's, :data:`~distill.icldist.cache.ANSWER_FIELDS`)
+    the file's first line is ``{"fingerprint": ...}`` and an existing file recording another one (or
+    none) is refused (:class:`~distill.icldist.cache.CacheMismatch`), so a changed teacher never
+    reuses the previous teacher's answers.
     """
     from distill.teacher.pipeline import SamplingParams
 
     path = Path(path)
     done: dict[str, list[int]] = {}
+    header = None
     if path.is_file():
         with open(path, encoding="utf-8") as fh:
-            for line in fh:
+            for n, line in enumerate(fh):
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut by a kill
-                done[rec["id"]] = rec["answer_ids"]
+                if n == 0 and "fingerprint" in rec:
+                    header = rec
+                elif "id" in rec:
+                    done[rec["id"]] = rec["answer_ids"]
+        if fingerprint is not None:
+            if header is None and not done:
+                path.unlink()  # nothing but a torn header: start again
+            else:
+                check_answers(path, header, fingerprint)
     todo = [p for p in prompts if p.kind == "fine-grained" and p.id not in done]
+    if fingerprint is not None and not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps({"fingerprint": fingerprint}) + "\n")
     if not todo:
         return done
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,

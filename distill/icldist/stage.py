@@ -87,7 +87,12 @@ def _teacher_tokenizer(path: str, trust_remote_code: bool = False):
 
 def manifest_for(run: ICLDistRun, teacher_tok) -> dict:
     """The cache manifest of this run; also what the online top-k is requested with (k, temperature:
-    the KD temperature the losses use, vocab_size: the teacher tokenizer's real vocabulary)."""
+    the KD temperature the losses use, vocab_size: the teacher tokenizer's real vocabulary).
+
+    It fingerprints everything the cached targets depend on (distill.icldist.cache.KEY_FIELDS): the
+    teacher (name, weights, dtype, quantization, tokenizer, generation budget), the prompt set and
+    ``icl.max_len``; :func:`answers_fingerprint` is its teacher part."""
+    from distill.icldist.cache import weights_fingerprint
     from distill.icldist.prompts import prompt_set_hash
     from distill.icldist.targets import tokenizer_hash
 
@@ -95,7 +100,15 @@ def manifest_for(run: ICLDistRun, teacher_tok) -> dict:
     return {"teacher": teacher_name(run), "k": t.k, "temperature": float(run.cfg.kd.temperature),
             "vocab_size": len(teacher_tok), "tokenizer_hash": tokenizer_hash(teacher_tok),
             "prompt_set_hash": prompt_set_hash(run.prompts), "n_prompts": len(run.prompts), "shard_size": t.shard_size,
-            "max_len": run.cfg.icl.max_len}
+            "max_len": run.cfg.icl.max_len, "teacher_weights": weights_fingerprint(run.teacher_path),
+            "teacher_dtype": t.dtype, "teacher_quantization": t.quantization, "max_new_tokens": t.max_new_tokens}
+
+
+def answers_fingerprint(manifest: dict) -> dict:
+    """What the teacher's answers depend on (recorded on the first line of teacher_answers.jsonl)."""
+    from distill.icldist.cache import ANSWER_FIELDS
+
+    return {k: manifest[k] for k in ANSWER_FIELDS}
 
 
 def teacher_name(run: ICLDistRun) -> str:
@@ -132,7 +145,8 @@ def teacher_answers(run: ICLDistRun, teacher_tok) -> dict:
     from distill.icldist.online import generate_answers
 
     return generate_answers(run.client, run.prompts, run.out_dir / "teacher_answers.jsonl", tokenizer=teacher_tok,
-                            max_new_tokens=run.cfg.teacher.max_new_tokens, request_size=run.cfg.teacher.request_size)
+                            max_new_tokens=run.cfg.teacher.max_new_tokens, request_size=run.cfg.teacher.request_size,
+                            fingerprint=answers_fingerprint(manifest_for(run, teacher_tok)))
 
 
 def build_requests(run: ICLDistRun, teacher_tok, answers: dict) -> None:

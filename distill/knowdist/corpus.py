@@ -26,6 +26,8 @@ from distill.errors import UserError
 
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
+# What to do about a damaged shard the manifest lists: the harvest redoes every unlisted shard.
+REDO = "remove its entry from manifest.json's 'completed' and rerun the harvest to redo it"
 FIELDS = ("id", "text", "perspective", "prompt", "response", "teacher", "sampling")
 
 
@@ -62,9 +64,15 @@ def read_manifest(folder: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CorpusError(f"{path}: not valid JSON ({e}); delete the folder to start over") from e
+        man = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorpusError(f"{path}: not valid JSON ({e}); delete the folder to start over") from None
+    except OSError as e:
+        raise CorpusError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if not isinstance(man, dict) or not isinstance(man.get("completed", {}), dict):
+        raise CorpusError(f"{path}: not a KnowDist manifest (expected an object with a 'completed' mapping); "
+                          "delete the folder to start over")
+    return man
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
@@ -87,23 +95,52 @@ def clean_partial(folder: Path) -> list[str]:
     return removed
 
 
+def corpus_status(folder: Path) -> tuple[int, int, list[str]] | None:
+    """(shards done, shards expected, the done shards' file names in shard order) of a KnowDist corpus
+    folder, from its manifest; None when the folder has no KnowDist manifest (e.g. plain SFT files).
+    A listed shard that is missing is a CorpusError."""
+    folder = Path(folder)
+    man = read_manifest(folder)
+    if man is None or "completed" not in man or not isinstance(man.get("n_shards"), int):
+        return None
+    try:
+        items = sorted(man["completed"].items(), key=lambda kv: int(kv[0]))
+        names = [str(v["file"]) for _, v in items]
+    except (ValueError, TypeError, KeyError) as e:
+        raise CorpusError(f"{folder / MANIFEST}: malformed 'completed' entry ({e!r}); delete the folder to start over") from None
+    for name in names:
+        if not (folder / name).is_file():
+            raise CorpusError(f"{folder / MANIFEST}: lists {name}, which is missing; {REDO}")
+    return len(names), man["n_shards"], names
+
+
 def _read_shard(path: Path) -> list[dict]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(path).to_pylist()
+        import pyarrow as pa
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise CorpusError(f"{path}: not a readable Parquet shard ({e}); {REDO}") from None
         for r in rows:
             r["sampling"] = json.loads(r["sampling"]) if isinstance(r.get("sampling"), str) else r.get("sampling")
         return rows
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CorpusError(f"{path}:{n}: not valid UTF-8 ({e.reason} at byte {e.start} of the line); "
+                                  f"{REDO}") from None
             if not line.strip():
                 continue
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise CorpusError(f"{path}:{n}: not valid JSON ({e})") from e
+                raise CorpusError(f"{path}:{n}: not valid JSON ({e}); {REDO}") from None
     return out
 
 
@@ -118,7 +155,7 @@ def load_corpus(folder: str | os.PathLike, *, completed_only: bool = True) -> li
     for name in files:
         path = folder / name
         if not path.is_file():
-            raise CorpusError(f"{folder / MANIFEST}: lists {name}, which is missing")
+            raise CorpusError(f"{folder / MANIFEST}: lists {name}, which is missing; {REDO}")
         for i, r in enumerate(_read_shard(path)):
             missing = [f for f in FIELDS if f not in r]
             if missing:

@@ -132,46 +132,51 @@ def _clean(text: str, max_words: int) -> str:
     return " ".join(words[:max_words]) if max_words > 0 else " ".join(words)
 
 
+def _input_lines(path: Path) -> list[str]:
+    """The lines of a user's input file, or a one-line CorpusError naming it."""
+    if not path.is_file():
+        raise C.CorpusError(f"input.path={path} does not exist; check the path")
+    try:
+        return path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise C.CorpusError(f"{path}: not valid UTF-8 (byte offset {e.start}); re-save the file as UTF-8") from e
+    except OSError as e:
+        raise C.CorpusError(f"{path}: cannot read it ({e.strerror or e})") from e
+
+
 def load_inputs(cfg: InputSection) -> tuple[list[tuple[str, str]], int]:
     """[(text_id, text)] in input order, de-duplicated by text; plus the number of duplicate texts."""
     raw: list[tuple[str | None, str]] = []
     if cfg.source == "sentibench":
-        try:
-            from distill.data.sentibench import load_texts
-        except ImportError:  # the eval helper's reader not present: read the files directly
-            load_texts = _load_sentibench_texts
+        from distill.data.sentibench import load_texts
+
         texts = load_texts(split=cfg.split, tasks=cfg.tasks or None, data_dir=cfg.data_dir or None,
                            limit_per_task=cfg.limit_per_task or None)
         raw = [(None, t) for t in texts]
     elif cfg.source == "jsonl":
         path = Path(cfg.path)
-        if not path.is_file():
-            raise FileNotFoundError(f"input.path={path} does not exist")
-        with open(path, encoding="utf-8-sig") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
-                if not isinstance(obj, dict) or cfg.text_field not in obj:
-                    raise ValueError(f"{path}:{n}: missing field '{cfg.text_field}' (input.text_field)")
-                if not isinstance(obj[cfg.text_field], str):
-                    raise ValueError(f"{path}:{n}: field '{cfg.text_field}' must be a string")
-                rid = obj.get(cfg.id_field)
-                raw.append((None if rid is None else str(rid), obj[cfg.text_field]))
+        for n, line in enumerate(_input_lines(path), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise C.CorpusError(f"{path}:{n}: not valid JSON ({e}); fix or remove the line") from e
+            if not isinstance(obj, dict) or cfg.text_field not in obj:
+                raise C.CorpusError(f"{path}:{n}: missing field '{cfg.text_field}' (set input.text_field)")
+            if not isinstance(obj[cfg.text_field], str):
+                raise C.CorpusError(f"{path}:{n}: field '{cfg.text_field}' must be a string")
+            rid = obj.get(cfg.id_field)
+            raw.append((None if rid is None else str(rid), obj[cfg.text_field]))
     elif cfg.source == "text":
-        path = Path(cfg.path)
-        if not path.is_file():
-            raise FileNotFoundError(f"input.path={path} does not exist")
-        raw = [(None, line) for line in path.read_text(encoding="utf-8-sig").splitlines()]
+        raw = [(None, line) for line in _input_lines(Path(cfg.path))]
     elif cfg.source == "datasets":
         import datasets
 
         ds = datasets.load_dataset(cfg.path, split=cfg.split)
         if cfg.text_field not in ds.column_names:
-            raise ValueError(f"dataset {cfg.path} ({cfg.split}): no column '{cfg.text_field}' (columns: {ds.column_names})")
+            raise C.CorpusError(f"dataset {cfg.path} ({cfg.split}): no column '{cfg.text_field}' (columns: "
+                                f"{ds.column_names}); set input.text_field")
         ids = ds[cfg.id_field] if cfg.id_field in ds.column_names else [None] * len(ds)
         raw = [(None if i is None else str(i), t) for i, t in zip(ids, ds[cfg.text_field])]
     else:
@@ -190,27 +195,8 @@ def load_inputs(cfg: InputSection) -> tuple[list[tuple[str, str]], int]:
             break
     ids = [i for i, _ in out]
     if len(set(ids)) != len(ids):
-        raise ValueError(f"input ids (field '{cfg.id_field}') are not unique")
+        raise C.CorpusError(f"input ids (field '{cfg.id_field}' of input.path={cfg.path}) are not unique")
     return out, dup
-
-
-def _load_sentibench_texts(split="train", tasks=None, data_dir=None, limit_per_task=None) -> list[str]:
-    import glob
-
-    from distill.data.locate import sentibench_dir
-
-    root = sentibench_dir(data_dir)
-    if root is None:
-        raise FileNotFoundError("SentiBench data not found (set $SENTIBENCH_DIR or input.data_dir)")
-    texts = []
-    for f in sorted(glob.glob(str(root / "*" / "*" / f"{split}.json"))):
-        task = "/".join(Path(f).parts[-3:-1])
-        if tasks and task not in tasks:
-            continue
-        with open(f, encoding="utf-8-sig") as fh:
-            rows = json.load(fh)
-        texts += [r["sentence"] for r in rows[: limit_per_task or None]]
-    return texts
 
 
 # ----------------------------------------------------------------------------------------------

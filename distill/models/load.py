@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -60,20 +61,120 @@ def resolve_builtin(model_cfg, out_dir: str | Path) -> tuple[str, str]:
     return student, teacher
 
 
-def load_tokenizer(name: str, *, trust_remote_code: bool = False):
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WHERE = "model.student / model.teacher / model.tokenizer"
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def _looks_local(name: str) -> bool:
+    """A path, not a hub name ``org/name``: starts with / . ~, has more than one '/', or its first part exists."""
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
+        return True
+    return "/" in name and Path(name.split("/")[0]).is_dir()
+
+
+def local_folder(name: str, what: str = "model folder") -> Path | None:
+    """The folder of a local model/tokenizer name; None for a hub name. A missing local path is a UserError."""
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise UserError(f"{what} {name} is a file, not a folder: give the folder that holds config.json, the "
+                        f"weights and the tokenizer files ({_WHERE})")
+    if _looks_local(name):
+        parent = p.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        raise UserError(f"{what} {name} does not exist (the nearest existing folder is {parent}); check the path "
+                        f"({_WHERE})")
+    return None
+
+
+def _hub_error(name: str, what: str, e: BaseException) -> UserError:
+    return UserError(f"{what} {name} is not a local folder and could not be found or downloaded from the Hugging "
+                     f"Face hub ({_first_line(e)}); give a local folder, or download it first where there is a "
+                     f"network (huggingface-cli download {name})")
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False, what: str = "tokenizer folder"):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    folder = local_folder(name, what)
+    if folder is not None and not has_tokenizer(str(folder)):
+        raise UserError(f"{what} {folder} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); save the "
+                        f"tokenizer there (tokenizer.save_pretrained) or set model.tokenizer to a tokenizer folder")
+    for f in ("config.json", "tokenizer_config.json"):
+        if folder is not None and (folder / f).is_file():
+            _read_json(folder / f, what)  # read first by AutoTokenizer: a broken one is named here
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder or name), trust_remote_code=trust_remote_code)
+    except UserError:
+        raise
+    except Exception as e:  # tokenizers raises plain Exception on a corrupt tokenizer.json
+        if folder is None:
+            if isinstance(e, (OSError, ValueError)):
+                raise _hub_error(name, what, e) from e
+            raise
+        raise UserError(f"{what} {folder}: the tokenizer could not be loaded ({_first_line(e)}); its files may be "
+                        f"truncated or corrupt: re-save or re-download them") from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # decoder-only models often ship without a pad token
     return tok
 
 
 def has_tokenizer(name: str) -> bool:
-    p = Path(name)
+    p = Path(name).expanduser()
     if not p.is_dir():
         return True  # hub names: assume the repo has one (from_pretrained says otherwise)
-    return any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"))
+    return any((p / f).is_file() for f in _TOKENIZER_FILES)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{what}: {path} is not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}; re-save or "
+                        f"re-download the folder") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{what}: {path} cannot be read ({_first_line(e)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what}: {path} must hold a JSON object, got a {type(data).__name__}")
+    return data
+
+
+def check_model_folder(folder: Path, what: str = "model folder") -> None:
+    """config.json readable, and a weights file (or every shard of an index) present with a readable header."""
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{what} {folder} has no config.json: not a Hugging Face model folder (save one with "
+                        f"save_pretrained, or point {_WHERE} at the folder that holds config.json)")
+    _read_json(folder / "config.json", what)
+    present = [f for f in _WEIGHT_FILES if (folder / f).is_file()]
+    if not present:
+        raise UserError(f"{what} {folder} has no weights file ({', '.join(_WEIGHT_FILES)}); copy the weights in or "
+                        f"re-save the model (model.save_pretrained)")
+    files = [folder / present[0]]
+    if present[0].endswith(".index.json"):
+        wmap = _read_json(folder / present[0], what).get("weight_map") or {}
+        files = [folder / f for f in sorted(set(wmap.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"{what} {folder}: {len(missing)} weight shard(s) listed in {present[0]} are missing "
+                            f"({', '.join(missing[:3])}); re-download the folder")
+    for f in files:
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(f), framework="pt"):
+                    pass
+            except Exception as e:
+                raise UserError(f"{what}: weights file {f} is truncated or corrupt ({_first_line(e)}); re-save or "
+                                f"re-download it") from e
 
 
 def tokenizer_fingerprint(tok) -> str:
@@ -93,6 +194,31 @@ def check_shared_tokenizer(student_tok, teacher_tok, *, student_name: str, teach
             + ". Logit-level KD needs one vocabulary; use a student of the teacher's family, or label-level "
             "distillation (ICLDist, loss.classification=label)."
         )
+
+
+def check_teacher_without_tokenizer(teacher_path: str, student_tok, *, student_name: str,
+                                    trust_remote_code: bool = False) -> None:
+    """A teacher folder without tokenizer files is assumed to share the student's tokenizer: say so, and
+    refuse it when its embedding has fewer rows than that tokenizer has tokens."""
+    from transformers import AutoConfig
+
+    folder = local_folder(teacher_path, "teacher folder")
+    if folder is None:
+        return
+    check_model_folder(folder, "teacher folder")
+    mcfg = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    if hasattr(mcfg, "get_text_config"):
+        mcfg = mcfg.get_text_config()
+    rows, n = int(getattr(mcfg, "vocab_size", 0) or 0), len(student_tok)
+    if rows and rows < n:
+        raise TokenizerMismatch(
+            f"teacher {folder} has no tokenizer files and {rows} embedding rows, fewer than the {n} tokens of the "
+            f"student's tokenizer ({student_name}): it cannot share that tokenizer; save the teacher's tokenizer in "
+            f"its folder (tokenizer.save_pretrained) or use a teacher of the student's family")
+    from distill.dist.env import print0
+
+    print0(f"[trainer] warning: teacher {folder} has no tokenizer files; assuming it shares the student's tokenizer "
+           f"of {n} tokens ({student_name}; the teacher has {rows or 'an unknown number of'} embedding rows)")
 
 
 def check_embedding_rows(model_config, real_vocab: int, name: str) -> int:
@@ -129,10 +255,13 @@ def logit_transform(model) -> tuple[float, float | None]:
 
 def load_causal_lm(name: str, *, dtype: torch.dtype, attn: str, device: str = "cpu",
                    trust_remote_code: bool = False, zero3_config: dict | None = None,
-                   grad_checkpointing: bool = False):
+                   grad_checkpointing: bool = False, what: str = "model folder"):
     """``AutoModelForCausalLM.from_pretrained`` with dtype / attention; partitioned at load under ZeRO-3."""
     from transformers import AutoModelForCausalLM
 
+    folder = local_folder(name, what)
+    if folder is not None:
+        check_model_folder(folder, what)
     keep = None
     if zero3_config is not None:
         from transformers.integrations import HfDeepSpeedConfig
@@ -140,7 +269,16 @@ def load_causal_lm(name: str, *, dtype: torch.dtype, attn: str, device: str = "c
         keep = HfDeepSpeedConfig(zero3_config)  # must stay alive during from_pretrained
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code)
+            str(folder or name), dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        if folder is None:
+            if isinstance(e, OSError):
+                raise _hub_error(name, what, e) from e
+            raise
+        raise UserError(f"{what} {folder}: the weights could not be loaded ({_first_line(e)}); they may be truncated, "
+                        f"corrupt or not match config.json: re-save or re-download the folder") from e
     finally:
         if keep is not None:
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config

@@ -28,14 +28,25 @@ gone (calls then raise).
 Ray placement: a stage reserves ``num_gpus=1`` (on a GPU cluster) or ``num_cpus_per_shard`` CPUs.
 ``ray_address=None`` joins the Ray instance of this process, else ``$RAY_ADDRESS``, else starts a
 local single-node Ray bound to loopback (127.0.0.2), which :meth:`shutdown` stops again.
+
+Stray processes: some of a private Ray's processes (DashboardAgent, RuntimeEnvAgent) outlive a driver
+killed with ``kill -9``. :func:`start_local_ray` (the one starter of a private Ray: the service and
+ICLDist's ``_ray_init``) writes ``<temp_dir>/distill-ray-<driver pid>.json`` (driver pid and start
+time, session dir, the pids Ray reported) and first calls :func:`cleanup_local_ray` on that temp dir:
+for every record whose driver is gone, the processes recorded there or holding the session dir in
+their command line, environment or open files (never matched by name; only this user's) get SIGTERM,
+then SIGKILL. A cluster joined with :func:`connect_ray` is never recorded, so never cleaned.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import ray
 import torch
@@ -47,19 +58,129 @@ from distill.teacher.pipeline import Generation, SamplingParams
 _VALUE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def start_local_ray(num_cpus: int | None = None, temp_dir: str | None = None) -> None:
-    """A private single-node Ray bound to 127.0.0.2: nothing it opens leaves the machine."""
-    ray.init(_node_ip_address="127.0.0.2", include_dashboard=False, num_cpus=num_cpus,
-             _temp_dir=temp_dir or "/tmp/ray_distill", log_to_driver=False)
+DEFAULT_TEMP_DIR = "/tmp/ray_distill"
+_RECORD_PREFIX = "distill-ray-"
+_record: Path | None = None  # this process's record of the private Ray it started
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot): tells a live pid from a reused one."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        return None if fields[0] == b"Z" else int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _belongs_to(pid: int, session_dir: str) -> bool:
+    """True when the process names ``session_dir`` in its command line or environment, or has a file
+    under it open (Ray's agents retitle themselves, so the command line alone is not enough)."""
+    if _start_time(pid) is None:
+        return False
+    try:
+        if os.stat(f"/proc/{pid}").st_uid != os.getuid():
+            return False
+        for what in ("cmdline", "environ"):
+            with open(f"/proc/{pid}/{what}", "rb") as fh:
+                if session_dir.encode() in fh.read():
+                    return True
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(session_dir + "/"):
+                    return True
+            except OSError:
+                continue
+    except OSError:
+        return False
+    return False
+
+
+def session_pids(session_dir: str, recorded=()) -> list[int]:
+    """Live processes of this user that belong to the Ray session ``session_dir`` (see :func:`_belongs_to`)."""
+    candidates = {int(p) for p in recorded} | {int(d) for d in os.listdir("/proc") if d.isdigit()}
+    candidates.discard(os.getpid())
+    return sorted(p for p in candidates if _belongs_to(p, session_dir))
+
+
+def _terminate(pids: list[int], grace_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL what is left after ``grace_s``."""
+    starts = {p: _start_time(p) for p in pids}
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, grace_s)):
+        alive = [p for p in pids if starts[p] is not None and _start_time(p) == starts[p]]
+        for p in alive:
+            try:
+                os.kill(p, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + wait
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.1)
+            alive = [p for p in alive if _start_time(p) == starts[p]]
+        if not alive:
+            return
+
+
+def cleanup_local_ray(temp_dir: str | os.PathLike = DEFAULT_TEMP_DIR) -> list[int]:
+    """End the processes left by private Ray sessions of ours under ``temp_dir`` whose driver died
+    (``kill -9``); returns their pids. A record whose driver still runs is left alone."""
+    ended: list[int] = []
+    root = Path(temp_dir)
+    if not root.is_dir():
+        return ended
+    for path in sorted(root.glob(f"{_RECORD_PREFIX}*.json")):
+        try:
+            rec = json.loads(path.read_text(encoding="utf-8"))
+            driver, session_dir = int(rec["driver_pid"]), str(rec["session_dir"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # torn or foreign: not ours to act on
+        if _start_time(driver) is not None and _start_time(driver) == rec.get("driver_start"):
+            continue  # that run is alive
+        pids = session_pids(session_dir, rec.get("pids", []))
+        if pids:
+            print(f"[ray] ending {len(pids)} process(es) left by a killed run (driver pid {driver}, "
+                  f"session {session_dir}): {pids}", flush=True)
+            _terminate(pids)
+        ended += pids
+        path.unlink(missing_ok=True)
+    return ended
+
+
+def start_local_ray(num_cpus: int | None = None, temp_dir: str | None = None, *, node_ip: str = "127.0.0.2",
+                    namespace: str | None = None) -> Path:
+    """A private single-node Ray bound to ``node_ip`` (loopback): nothing it opens leaves the machine.
+
+    First ends what killed runs left under ``temp_dir`` (:func:`cleanup_local_ray`), then records this
+    session (returns the record's path; :func:`stop_ray` removes it)."""
+    global _record
+    temp_dir = temp_dir or DEFAULT_TEMP_DIR
+    cleanup_local_ray(temp_dir)
+    ray.init(_node_ip_address=node_ip, include_dashboard=False, num_cpus=num_cpus, _temp_dir=temp_dir,
+             log_to_driver=False, namespace=namespace)
+    node = ray._private.worker._global_node
+    pids = [pi.process.pid for infos in node.all_processes.values() for pi in infos if pi.process is not None]
+    rec = {"driver_pid": os.getpid(), "driver_start": _start_time(os.getpid()),
+           "session_dir": str(node.get_session_dir_path()), "temp_dir": str(temp_dir), "pids": pids}
+    from distill.fileio import atomic_write_text
+
+    _record = Path(temp_dir) / f"{_RECORD_PREFIX}{os.getpid()}.json"
+    atomic_write_text(_record, json.dumps(rec))
+    return _record
 
 
 def connect_ray(address: str = "auto") -> None:
-    """Join a running Ray cluster."""
+    """Join a running Ray cluster (never recorded, so never cleaned up by us)."""
     ray.init(address=address, log_to_driver=False)
 
 
 def stop_ray() -> None:
-    ray.shutdown()
+    """``ray.shutdown()``, and forget the record of the private Ray this process started."""
+    global _record
+    if ray.is_initialized():
+        ray.shutdown()
+    if _record is not None:
+        _record.unlink(missing_ok=True)
+        _record = None
 
 
 def put(value):
@@ -465,7 +586,7 @@ class TeacherService(TeacherClient):
             except Exception:
                 pass
         if self._owns_ray and ray.is_initialized():
-            ray.shutdown()
+            stop_ray()
             self._owns_ray = False
 
     def __enter__(self):

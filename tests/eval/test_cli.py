@@ -6,14 +6,16 @@ import json
 
 import pytest
 
+from distill.errors import run_cli
 from distill.eval.report import load_results, plot_results, results_markdown
 from distill.eval.sentibench import aggregate, main
 
 
 def run_score(tmp_path, capsys, lines, *extra):
+    """The scorer through run_cli (what ``python -m distill.eval.sentibench`` runs), in this process."""
     path = tmp_path / "p.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    rc = main(["score", "--task", "sc/sst2", "--predictions", str(path), "--data-dir", "sample", *extra])
+    rc = run_cli(main, "sentibench", ["score", "--task", "sc/sst2", "--predictions", str(path), "--data-dir", "sample", *extra])
     return rc, capsys.readouterr().err
 
 
@@ -36,6 +38,47 @@ def test_duplicate_and_bad_lines_are_errors(tmp_path, capsys):
     assert rc == 2 and "line 1: index 5 out of range 0..1" in err
     rc, err = run_score(tmp_path, capsys, ['{"index": "0", "prediction": "x"}'], "--limit", "1")
     assert rc == 2 and "field 'index' must be an integer" in err
+
+
+def test_limit_must_be_positive(tmp_path, launcher):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"index": 0, "prediction": "negative"}) + "\n")
+    for bad in ("0", "-3"):
+        proc = launcher.run("-m distill.eval.sentibench", "score", "--task", "sc/sst2", "--predictions", str(path),
+                            "--data-dir", "sample", "--limit", bad, timeout=120)
+        launcher.assert_user_error(proc, "--limit", f"must be >= 1, got {bad}")
+
+
+def test_user_errors_are_one_line_internal_errors_keep_their_traceback(tmp_path, launcher, monkeypatch, capsys):
+    proc = launcher.run("-m distill.eval.sentibench", "score", "--task", "sc/sst2", "--predictions",
+                        str(tmp_path / "nope.jsonl"), "--data-dir", "sample", timeout=120)
+    line = launcher.assert_user_error(proc, "nope.jsonl: predictions file not found")
+    assert line.startswith("sentibench: error: ")
+    rc = run_cli(main, "sentibench", ["plot", str(tmp_path / "nope.json")])
+    assert rc == 2 and "nope.json: no such results file" in capsys.readouterr().err
+    from distill.eval import sentibench
+
+    def boom(*a, **k):
+        raise KeyError("an internal bug")
+
+    monkeypatch.setattr(sentibench, "score_task", boom)
+    (tmp_path / "p.jsonl").write_text(json.dumps({"index": 0, "prediction": "negative"}) + "\n")
+    with pytest.raises(KeyError, match="an internal bug"):  # not turned into a user error
+        run_cli(main, "sentibench", ["score", "--task", "sc/sst2", "--predictions", str(tmp_path / "p.jsonl"),
+                                     "--data-dir", "sample", "--limit", "1"])
+
+
+def test_labels_outside_the_label_set_are_counted_and_named(tmp_path, capsys):
+    preds = ["negative", "Neutral", "neutral", "positive", "meh ", "", "negative", "positive"]
+    rc, err = run_score(tmp_path, capsys, [json.dumps({"index": i, "prediction": p}) for i, p in enumerate(preds)],
+                        "--limit", str(len(preds)))
+    assert rc == 0
+    warning = [x for x in err.splitlines() if "warning" in x]
+    assert warning == ["sentibench score: warning: sc/sst2: 4 of 8 predictions are not in the label set "
+                       "(negative, positive) and were scored as misses: 'neutral' x2, 'meh' x1, '' x1"]
+    rc, err = run_score(tmp_path, capsys, [json.dumps({"index": i, "prediction": "positive"}) for i in range(3)],
+                        "--limit", "3")  # a valid label absent from the gold labels is a miss, not a warning
+    assert rc == 0 and "warning" not in err
 
 
 def fake_results(name, shift, tasks=None):

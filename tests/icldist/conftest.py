@@ -76,13 +76,15 @@ def teacher_inputs(small_prompts, local_teacher, tiny_tokenizer, tmp_path_factor
     return requests, answers
 
 
-def cache_manifest(prompts, tokenizer, k=8, shard_size=4, teacher="micro", temperature=1.0):
+def cache_manifest(prompts, tokenizer, k=8, shard_size=4, teacher="micro", temperature=1.0, weights=None):
     from distill.icldist.prompts import prompt_set_hash
     from distill.icldist.targets import tokenizer_hash
 
     return {"teacher": teacher, "k": k, "temperature": float(temperature), "vocab_size": len(tokenizer),
             "tokenizer_hash": tokenizer_hash(tokenizer), "prompt_set_hash": prompt_set_hash(prompts),
-            "n_prompts": len(prompts), "shard_size": shard_size}
+            "n_prompts": len(prompts), "shard_size": shard_size, "max_len": 384,
+            "teacher_weights": weights or {"hub": teacher}, "teacher_dtype": "auto", "teacher_quantization": "",
+            "max_new_tokens": 6}
 
 
 @pytest.fixture(scope="session")

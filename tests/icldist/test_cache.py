@@ -239,3 +239,72 @@ def test_resume_after_kill_9(tmp_path, micro_teacher_dir, local_teacher, teacher
         assert torch.equal(resumed[i].topk.ids, clean[i].topk.ids)
         assert torch.equal(resumed[i].topk.logprobs, clean[i].topk.logprobs)
         assert resumed[i].answer_ids == clean[i].answer_ids
+
+
+# -- the teacher fingerprint: weights, dtype, generation budget, icl.max_len (issue 11) --------------
+
+
+def test_changed_teacher_settings_and_weights_are_refused(built_cache, tmp_path, micro_teacher_dir, tiny_tokenizer):
+    from distill.icldist.cache import weights_fingerprint
+    from distill.models.tiny import build_tiny_causal_lm
+
+    root, manifest, _ = built_cache
+    for field, value in (("max_len", 200), ("teacher_dtype", "bfloat16"), ("max_new_tokens", 12),
+                         ("teacher_quantization", "8bit")):
+        with pytest.raises(CacheMismatch, match=f"built with {field}={manifest[field]!r}, but this run needs "
+                                                f"{field}={value!r}"):
+            TeacherCache(root, expect=dict(manifest, **{field: value}))
+    teacher = tmp_path / "teacher"
+    shutil.copytree(micro_teacher_dir, teacher)
+    before = weights_fingerprint(teacher)
+    assert "model.safetensors" in before["files"] and "config.json" in before
+    cache = _copy(root, tmp_path)
+    m = json.loads((cache / "manifest.json").read_text())
+    (cache / "manifest.json").write_text(json.dumps(dict(m, teacher_weights=before)))
+    assert TeacherCache(cache, expect=dict(manifest, teacher_weights=weights_fingerprint(teacher)))[0].topk.k == K
+    # the weights overwritten in place (same names): only sizes and mtimes say so, no GB is hashed
+    build_tiny_causal_lm(len(tiny_tokenizer), "micro", seed=99).save_pretrained(teacher, safe_serialization=True)
+    after = weights_fingerprint(teacher)
+    with pytest.raises(CacheMismatch) as e:
+        TeacherCache(cache, expect=dict(manifest, teacher_weights=after))
+    msg = str(e.value)
+    assert "teacher_weights.files.model.safetensors=" in msg and str(before["files"]["model.safetensors"]) in msg
+    assert str(after["files"]["model.safetensors"]) in msg and "\n" not in msg
+
+
+def test_format_2_cache_without_fingerprint_is_refused_with_how_to_rebuild(built_cache, tmp_path):
+    root, manifest, _ = built_cache
+    old = _copy(root, tmp_path)
+    m = json.loads((old / "manifest.json").read_text())
+    for k in ("max_len", "teacher_weights", "teacher_dtype", "teacher_quantization", "max_new_tokens"):
+        del m[k]  # what a format-2 cache of before the fingerprint recorded
+    (old / "manifest.json").write_text(json.dumps(m))
+    for open_ in (lambda: TeacherCache(old, expect=manifest), lambda: CacheWriter(old, manifest)):
+        with pytest.raises(CacheMismatch, match=r"records no max_len: .*rebuild it: delete .*--stage cache"):
+            open_()
+
+
+def test_answers_file_records_the_teacher(tmp_path, local_teacher, small_prompts, tiny_tokenizer, make_manifest):
+    from distill.icldist.online import generate_answers
+    from distill.icldist.stage import answers_fingerprint
+
+    prompts = [p for p in small_prompts if p.kind == "fine-grained"][:2]
+    fp = answers_fingerprint(make_manifest(prompts, tiny_tokenizer))
+    path = tmp_path / "teacher_answers.jsonl"
+    kw = dict(tokenizer=tiny_tokenizer, max_new_tokens=6, progress=False)
+    first = generate_answers(local_teacher, prompts, path, fingerprint=fp, **kw)
+    assert json.loads(path.read_text().splitlines()[0]) == {"fingerprint": fp} and len(first) == 2
+
+    class NoTeacher:
+        def async_generate(self, *a, **k):
+            raise AssertionError("the answers on disk were asked again")
+
+    assert generate_answers(NoTeacher(), prompts, path, fingerprint=fp, **kw) == first  # same teacher: reused
+    with pytest.raises(CacheMismatch, match=r"teacher answers .* were generated with teacher='micro', but this run "
+                                            r"needs teacher='other'.*delete .*teacher_answers\.jsonl"):
+        generate_answers(NoTeacher(), prompts, path, fingerprint=dict(fp, teacher="other"), **kw)
+    with pytest.raises(CacheMismatch, match="max_new_tokens=6, but this run needs max_new_tokens=9"):
+        generate_answers(NoTeacher(), prompts, path, fingerprint=dict(fp, max_new_tokens=9), **kw)
+    path.write_text("\n".join(path.read_text().splitlines()[1:]) + "\n")  # a file of before the fingerprint
+    with pytest.raises(CacheMismatch, match="record no teacher fingerprint"):
+        generate_answers(NoTeacher(), prompts, path, fingerprint=fp, **kw)

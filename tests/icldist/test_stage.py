@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -99,3 +100,26 @@ def test_kd_temperature_2_online_then_cached(tmp_path, micro_teacher_dir, micro_
         recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in recs] == [1, 2]
         assert all(r["loss"] == r["loss"] for r in recs) and sum(r["label_kd"] for r in recs) > 0
+
+
+def test_changed_teacher_is_refused_in_the_same_out_dir(tmp_path, micro_teacher_dir, micro_student_dir, launcher,
+                                                        tiny_tokenizer):
+    """Another teacher (or the same one overwritten in place) never reuses the cached targets or the answers."""
+    from distill.icldist.cache import CacheMismatch
+    from distill.icldist.stage import run_from_argv
+    from distill.models.tiny import build_tiny_causal_lm
+
+    teacher, other = tmp_path / "teacher", tmp_path / "other"
+    shutil.copytree(micro_teacher_dir, teacher)
+    shutil.copytree(micro_teacher_dir, other)
+    out = tmp_path / "run"
+    assert run_from_argv(_args(out, teacher, micro_student_dir, "--stage", "cache")) == 0
+    assert "fingerprint" in json.loads((out / "teacher_answers.jsonl").read_text().splitlines()[0])
+    with pytest.raises(CacheMismatch, match="built with max_len=256, but this run needs max_len=200"):
+        run_from_argv(_args(out, teacher, micro_student_dir, "--teacher.source=cache", "--icl.max_len=200",
+                            "--report.enabled=false"))
+    proc = launcher.run("icldist.py", *_args(out, other, micro_student_dir, "--report.enabled=false"), timeout=600)
+    launcher.assert_user_error(proc, "teacher_answers.jsonl were generated with teacher=", str(other), "delete")
+    build_tiny_causal_lm(len(tiny_tokenizer), "micro", seed=99).save_pretrained(teacher, safe_serialization=True)
+    with pytest.raises(CacheMismatch, match=r"teacher_weights\.files\.model\.safetensors="):
+        run_from_argv(_args(out, teacher, micro_student_dir, "--teacher.source=cache", "--report.enabled=false"))
