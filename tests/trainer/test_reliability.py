@@ -139,3 +139,33 @@ def test_resume_before_first_checkpoint_logs_no_step_twice(tiny_assets, run_dir)
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
     (kept,) = run_dir.glob("metrics.*.jsonl")  # the earlier log, beside
     assert [json.loads(x)["step"] for x in kept.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+@pytest.mark.dist
+def test_used_folder_refused_on_every_rank(tiny_assets, run_dir, launcher):
+    """2 DeepSpeed ranks in a used folder: rank 0 decides, every rank exits 2 with the same line (no
+    rank waits forever for the others)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [a for a in _cli_args(tiny_assets, run_dir, "--train.steps=2") if a != "--deepspeed.engine=torch"]
+    args += ["--deepspeed.engine=deepspeed", "--train.grad_accum=1"]
+    procs = []
+    for r in range(2):
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), RANK=str(r), WORLD_SIZE="2",
+                   LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
+                   OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+        env.pop("DISTILL_DEBUG", None)
+        procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve().parents[2] / "launchers" / "knowdist.py"),
+                                       *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for r, p in enumerate(procs):
+        out, err = p.communicate(timeout=300)
+        proc = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+        line = launcher.assert_user_error(proc, f"[rank {r}]", str(run_dir), "--resume")
+        assert "already holds checkpoints" in line
