@@ -8,13 +8,19 @@ each schema's ``validate()`` and run before any process group exists.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import io
 import json
 import math
+import textwrap
+import tokenize
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from distill.errors import UserError
 
@@ -289,12 +295,19 @@ def load_yaml(path: str | Path) -> dict:
 def load_config(cls: type[T], argv: list[str] | None = None, *, config_path: str | None = None) -> tuple[T, list[str]]:
     """defaults <- YAML (``--config``) <- ``--section.key=value``. Returns (config, leftover args).
 
-    Calls ``cfg.validate()`` when the schema defines it.
+    Calls ``cfg.validate()`` when the schema defines it. ``--help`` / ``-h`` prints every key of the
+    schema with its default and comment (:func:`config_help`) and ``--print-config`` the resolved
+    config as YAML; both then exit 0 (``SystemExit(0)``), so every launcher has them.
     """
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    cli_path, overrides, rest = parse_overrides(argv)
+    cli_path, overrides, rest = parse_overrides(argv)  # values of --a.b VALUE are never taken as flags
+    if "--help" in rest or "-h" in rest:
+        print(config_help(cls, prog=Path(sys.argv[0]).name if sys.argv and sys.argv[0] else None), flush=True)
+        raise SystemExit(0)
+    print_config = "--print-config" in rest
+    rest = [a for a in rest if a != "--print-config"]
     path = cli_path or config_path
     data: dict = {}
     where = "defaults"
@@ -307,7 +320,107 @@ def load_config(cls: type[T], argv: list[str] | None = None, *, config_path: str
         cfg = from_dict(cls, merged, where="command line:")
     if hasattr(cfg, "validate"):
         cfg.validate()
+    if print_config:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="", flush=True)
+        raise SystemExit(0)
     return cfg, rest
+
+
+# -- help generated from the schema: a field's default and its trailing `# comment` -----------------
+
+
+@functools.lru_cache(maxsize=None)
+def _own_field_comments(klass: type) -> dict[str, str]:
+    """Trailing comments of the fields ``klass`` itself declares (``name: type = default  # comment``).
+
+    Read from the class source with ast (where each field's statement starts and ends) and tokenize
+    (the comments), so a multi-line default or a ``#`` inside a string default cannot confuse it. The
+    first comment on the statement's lines is the field's. {} when the source is not available.
+    """
+    try:
+        src = textwrap.dedent(inspect.getsource(klass))
+    except (OSError, TypeError):
+        return {}
+    comments: dict[int, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT:
+            comments.setdefault(tok.start[0], tok.string.lstrip("#").strip())
+    tree = ast.parse(src)
+    node = next((n for n in tree.body if isinstance(n, ast.ClassDef)), None)
+    out: dict[str, str] = {}
+    for stmt in node.body if node is not None else []:
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+            for line in range(stmt.lineno, (stmt.end_lineno or stmt.lineno) + 1):
+                if line in comments:
+                    out[stmt.target.id] = comments[line]
+                    break
+    return out
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """name -> one-line comment of every field of dataclass ``cls`` that has one, inherited ones included
+    (a subclass that re-declares a field without a comment keeps its parent's)."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            out.update(_own_field_comments(klass))
+    return out
+
+
+def _default_text(value: Any) -> str:
+    try:
+        return json.dumps(value, default=str)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def config_help(cls: type, prog: str | None = None) -> str:
+    """The ``--help`` text of schema ``cls``: every key as ``--section.key=DEFAULT  comment``, by section.
+
+    Defaults are those of ``cls()`` (a stage's own defaults, not the base schema's); comments come from
+    the dataclass sources (:func:`field_comments`), so the text follows the schema.
+    """
+    defaults = cls()
+    doc = (inspect.getdoc(cls) or "").split("\n\n")[0].strip()
+    lines = [f"usage: {prog or 'launcher'} [--config FILE.yaml] [--section.key=VALUE ...] [--print-config] [--help]",
+             "",
+             "Settings: defaults <- --config FILE.yaml <- --section.key=VALUE (also --section.key VALUE;",
+             "lists as a,b or JSON). --print-config prints the resolved config as YAML and exits.",
+             "--local_rank / $LOCAL_RANK are accepted (set by the deepspeed launcher)."]
+    if doc and not doc.startswith(f"{cls.__name__}("):  # dataclasses generate a signature docstring
+        lines += ["", doc]
+    top: list[str] = []
+
+    def rows(klass: type, obj: Any, prefix: str) -> list[tuple[str, str]]:
+        comments, types_, out = field_comments(klass), _field_types(klass), []
+        for f in dataclasses.fields(klass):
+            value = getattr(obj, f.name)
+            if _is_dataclass_type(types_[f.name]):
+                out += rows(types_[f.name], value, f"{prefix}{f.name}.")
+            else:
+                out.append((f"--{prefix}{f.name}={_default_text(value)}", comments.get(f.name, "")))
+        return out
+
+    comments, types_ = field_comments(cls), _field_types(cls)
+    for f in dataclasses.fields(cls):
+        tp, value = types_[f.name], getattr(defaults, f.name)
+        if not _is_dataclass_type(tp):
+            top.append(f"  --{f.name}={_default_text(value)}    {comments.get(f.name, '')}".rstrip())
+            continue
+        note = comments.get(f.name) or (inspect.getdoc(tp) or "").split("\n")[0]
+        if note.startswith(f"{tp.__name__}("):
+            note = ""
+        lines += ["", f"{f.name}:" + (f"  {note}" if note else "")]
+        body = rows(tp, value, f"{f.name}.")
+        width = min(max((len(k) for k, _ in body), default=0), 56)
+        for key, comment in body:
+            pad = " " * max(width - len(key), 0)
+            lines.append(f"  {key}{pad}  {comment}".rstrip())
+    if top:
+        lines += ["", "top level:"] + top
+    return "\n".join(lines)
 
 
 def dump_yaml(cfg: Any, path: str | Path) -> None:
@@ -411,10 +524,19 @@ class CheckpointSection:
     sha256: bool = False  # also hash every checkpoint file at save and check it on resume (sizes are always checked)
 
 
+REPORTERS = ("tensorboard", "wandb", "mlflow")  # log.report_to names (distill/reporting.py)
+
+
 @dataclasses.dataclass
 class LogSection:
     every: int = 1  # log line + metrics.jsonl record every N optimizer steps
     progress_bar: bool = True  # tqdm bar on rank 0
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = dataclasses.field(default_factory=list)  # also send metrics.jsonl records, eval results and the config to: tensorboard | wandb | mlflow ([] = none)
+
+    def validate(self) -> None:
+        bad = [r for r in self.report_to if r not in REPORTERS]
+        _check(not bad, f"log.report_to={self.report_to}: unknown {bad}; known: {list(REPORTERS)}")
+        _check(len(set(self.report_to)) == len(self.report_to), f"log.report_to={self.report_to} names one twice")
 
 
 @dataclasses.dataclass
@@ -487,6 +609,7 @@ class RunConfig:
         _check(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be >= 1")
         _check(not (c.overwrite and c.resume), f"checkpoint.overwrite=true and checkpoint.resume={c.resume}: choose one")
         _check(self.log.every >= 1, f"log.every={self.log.every} must be >= 1")
+        self.log.validate()
         _check(self.eval.every >= 0 and self.eval.limit >= 0,
                f"eval.every={self.eval.every} and eval.limit={self.eval.limit} must be >= 0")
         _check(self.eval.shots >= 0, f"eval.shots={self.eval.shots} must be >= 0")

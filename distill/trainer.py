@@ -430,6 +430,7 @@ class Trainer:
         self.teacher: TeacherBackend | None = None
         self._prefetched: set[tuple[int, int]] = set()
         self.history: list[dict] = []
+        self._stop_signals: list[int] = []  # SIGUSR1/SIGTERM received during train() (preemption)
 
     # -- setup ------------------------------------------------------------------------------------
     def setup(self) -> "Trainer":
@@ -535,6 +536,9 @@ class Trainer:
         self._write_run_files()
         if cfg.checkpoint.resume:
             self._resume(cfg.checkpoint.resume)
+        from distill.reporting import Reporter
+
+        self.reporter = Reporter(cfg, self.out_dir) if self.env.is_main else Reporter()  # log.report_to
         caps = {"student": ml.final_logit_softcap(self.model_config),
                 "teacher": ml.final_logit_softcap(self.teacher.config) if hasattr(self.teacher, "config") else None}
         print0(f"[trainer] engine={self.engine.kind} zero_stage={stage} world={self.env.world_size} "
@@ -596,7 +600,10 @@ class Trainer:
         ga = len(micro)
         n_local = sum(count_targets(b["labels"]) for b in micro)
         norm = distenv.all_reduce_sum(torch.tensor(float(n_local), device=self.device))
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # ce, kd, response tokens, tokens
+        # ce, kd, response tokens, tokens, and whether this rank was asked to stop (SIGUSR1/SIGTERM):
+        # all ranks learn it from the same all-reduce, so they stop at the same step with no extra sync.
+        sums = torch.zeros(5, dtype=torch.float64, device=self.device)
+        sums[4] = float(bool(self._stop_signals))
         self.engine.train()
         for m, cpu_batch in enumerate(micro):
             self._prefetch(step, m, cpu_batch)
@@ -615,21 +622,36 @@ class Trainer:
             del logits, teacher_out
             self.engine.backward(out.loss)
             self.engine.step()
-            sums += torch.stack([out.ce_sum.double(), out.kd_sum.double(), out.n_tokens.double(),
+            sums[:4] += torch.stack([out.ce_sum.double(), out.kd_sum.double(), out.n_tokens.double(),
                                  batch["attention_mask"].sum().double()])
         self._prefetched = {k for k in self._prefetched if k[0] > step}
         distenv.all_reduce_sum(sums)
-        ce, kd, ntok, tokens = sums.tolist()  # the step's one host sync (logging + NaN check)
+        ce, kd, ntok, tokens, stop = sums.tolist()  # the step's one host sync (logging, NaN check, stop)
         k = self.cfg.kd
         kd_scale = (k.kd_weight * k.temperature**2) if self.teacher is not None else 0.0
         loss = (k.ce_weight * ce + kd_scale * kd) / max(ntok, 1.0)
         return {"loss": loss, "ce": ce / max(ntok, 1.0), "kd": kd / max(ntok, 1.0), "response_tokens": int(ntok),
-                "tokens": int(tokens), "grad_norm": self.engine.grad_norm(), "lr": self.engine.lr()}
+                "tokens": int(tokens), "grad_norm": self.engine.grad_norm(), "lr": self.engine.lr(),
+                "stop_requested": stop > 0}
 
     # -- loop ---------------------------------------------------------------------------------------
+    REQUEUE_EXIT = 75  # exit status of a run stopped by SIGUSR1/SIGTERM after its checkpoint (EX_TEMPFAIL)
+
     def train(self) -> dict:
         cfg = self.cfg
         metrics_path = self.out_dir / "metrics.jsonl"
+        # Preemption (SLURM --signal=B:USR1@N forwarded by slurm/*.sh, scancel, the time limit): SIGUSR1 or
+        # SIGTERM only sets a flag, read after each optimizer step; the run then checkpoints and exits
+        # with REQUEUE_EXIT, and a resumed run continues from that step.
+        import signal
+        import threading
+
+        stop_sigs = self._stop_signals
+        old_handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGUSR1, signal.SIGTERM):
+                old_handlers[sig] = signal.signal(sig, lambda num, _frame: stop_sigs.append(num))
+        stopped = False
         bar = None
         if self.env.is_main and cfg.log.progress_bar:
             from tqdm.auto import tqdm
@@ -644,6 +666,7 @@ class Trainer:
                 lr = self.engine.lr()
                 t0 = time.time()
                 rec = self.train_step(self.step)
+                stop_requested = rec.pop("stop_requested", False)
                 dt = time.time() - t0
                 rec["lr"] = lr  # the rate this step used
                 self.step += 1
@@ -668,6 +691,7 @@ class Trainer:
                     (bar.write if bar else print)(line)
                     with open(metrics_path, "a") as fh:
                         fh.write(json.dumps(rec) + "\n")
+                    self.reporter.log(rec, self.step)
                 if bar:
                     bar.update(1)
                 every = cfg.checkpoint.every
@@ -675,16 +699,34 @@ class Trainer:
                     self.save_checkpoint()
                 if cfg.eval.every and self.step % cfg.eval.every == 0:
                     self.evaluate()
+                if stop_requested and self.step < self.total_steps:
+                    # ranks may get the signal steps apart: all stop at the first step any of them had it
+                    if not (every and self.step % every == 0):
+                        self.save_checkpoint()
+                    stopped = True
+                    break
         finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
             if bar:
                 bar.close()
             if self.teacher is not None:
                 self.teacher.close()
+            if not cfg.eval.at_end or sys.exc_info()[0] is not None:
+                self.reporter.close()  # else after the final evaluation below
+        if stopped:
+            name = signal.Signals(stop_sigs[0]).name if stop_sigs else "a signal to another rank"
+            print0(f"[trainer] {name}: checkpoint at step {self.step}/{self.total_steps} saved; exiting with "
+                   f"status {self.REQUEUE_EXIT} (requeue, then resume with checkpoint.resume=latest)")
+            if cfg.eval.at_end:
+                self.reporter.close()
+            raise SystemExit(self.REQUEUE_EXIT)
         result = {"steps": self.step, "last": last, "out_dir": str(self.out_dir)}
         if cfg.checkpoint.export:
             result["export"] = str(self.export())
         if cfg.eval.at_end:
             result["eval"] = self.evaluate()
+            self.reporter.close()
         return result
 
     # -- checkpoints --------------------------------------------------------------------------------
@@ -833,15 +875,17 @@ class Trainer:
         return self.engine.gather_state_dict()
 
     def export(self, out: str | Path | None = None) -> Path:
-        from distill.models.export import export_hf
+        from distill.models.export import card_metadata, export_hf
 
         out = Path(out) if out else self.out_dir / "export"
         sd = self.gathered_state_dict()
         if self.env.is_main:
             info = json.dumps({"step": self.step, "student_init": self.student_path, "teacher": self.teacher_path,
                                "config": to_dict(self.cfg)}, indent=2)
+            card = card_metadata(self.cfg, step=self.step, student=self.student_path, teacher=self.teacher_path,
+                                 metrics_path=self.out_dir / "metrics.jsonl")
             export_hf(sd, self.model_config, self.tokenizer, out, generation_config=self.generation_config,
-                      extra_files={"distill_run.json": info})
+                      extra_files={"distill_run.json": info}, card=card)
             print0(f"[trainer] exported student to {out}")
         distenv.barrier()
         return out
@@ -863,6 +907,7 @@ class Trainer:
                               limit=e.limit or None, batch_size=e.batch_size)
             with open(self.out_dir / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps({"step": self.step, "eval": result}, default=str) + "\n")
+            self.reporter.log_eval(result, self.step)
             scores = {t: v.get("score") for t, v in (result.get("tasks") or {}).items()} if isinstance(result, dict) else result
             print0(f"[trainer] eval at step {self.step}: {scores}")
             del model

@@ -11,7 +11,7 @@
 #
 # Variables (environment; sbatch passes yours by default, or use --export=ALL,NAME=value):
 #   CONFIG=launchers/configs/x.yaml   run config for launchers/icldist.py; empty (default) = built-in tiny default
-#   EXTRA_ARGS="--train.max_steps=20" more launcher arguments (after CONFIG; script arguments come last)
+#   EXTRA_ARGS="--train.steps=20"     more launcher arguments (after CONFIG; script arguments come last)
 #   OUT_DIR=/scratch/runs/icl1        run folder (--run.out_dir); default: the config's run.out_dir (resubmitting resumes there)
 #   PYTHON=/opt/venv/bin/python       interpreter with this repo installed; default `python` from PATH
 #   REPO_ROOT=/home/me/distill        repo checkout; default: found from the submitted script's path or SLURM_SUBMIT_DIR
@@ -39,16 +39,25 @@
 #   OMP_NUM_THREADS=8                 threads per student rank; default CPUs per node / ranks per node
 #   LOG_DIR=/scratch/logs             Ray node logs; default $OUT_DIR/slurm-$SLURM_JOB_ID (OUT_DIR unset: $SLURM_SUBMIT_DIR/runs/...)
 #   STOP_TIMEOUT=20                   seconds each step gets to stop on teardown before SIGKILL (default 20; keep it well below KillWait)
+#   FRESH=1                           start over: --checkpoint.overwrite=true (earlier checkpoints moved aside);
+#                                     default: --checkpoint.resume=latest (a requeued or resubmitted job continues)
+#   REQUEUE=0                         on SIGUSR1 checkpoint and exit 75 without `scontrol requeue` (default 1: requeue)
 #
 # The student ranks are one `srun` over the student nodes with SLURM_PROCID / SLURM_NTASKS /
 # SLURM_LOCALID mapped to RANK / WORLD_SIZE / LOCAL_RANK (slurm/lib/step.sh); they connect to the
 # job's Ray cluster with --teacher.ray_address=HEAD_IP:RAY_PORT and rank 0 starts the teacher
 # service there (its actors ask Ray for GPUs, which only the teacher's share of GPUs provides).
+# Time limit and preemption: `--signal=B:USR1@300` sends this script SIGUSR1 300 s before the limit
+# (scancel --signal=USR1 -b JOBID does the same); the ranks then checkpoint after their current step
+# and exit 75, and the job is requeued (`--requeue`) and resumes from that checkpoint (docs/slurm.md).
 #SBATCH --job-name=icldist
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
 #SBATCH --exclusive
 #SBATCH --output=%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
 
 # Repo root: REPO_ROOT, else the submitted script's folder (sbatch runs a copy, so ask scontrol for
 # the original path), else SLURM_SUBMIT_DIR or its parent.
@@ -76,10 +85,13 @@ args=()
 [ -z "${CONFIG:-}" ] || args+=(--config "$CONFIG")
 [ -z "${OUT_DIR:-}" ] || args+=(--run.out_dir="$OUT_DIR")
 args+=(--teacher.ray_address="$RAY_ADDRESS_FOR_JOB")
+sd_resume_args
+args+=("${SD_RESUME_ARGS[@]}")
 # shellcheck disable=SC2206  # EXTRA_ARGS is a word list on purpose
 extra=(${EXTRA_ARGS:-})
 rc=0
 sd_launch_students "$PYTHON" -u "$REPO_ROOT/launchers/icldist.py" "${args[@]}" "${extra[@]}" "$@" || rc=$?
+sd_requeue_if_stopped "$rc"
 if [ "$rc" -ne 0 ]; then
   sd_die "student ranks failed (exit $rc); outputs so far in ${OUT_DIR:-the run.out_dir of the config}"
 fi

@@ -23,16 +23,24 @@
 #   NCCL_IB_HCA=mlx5                  NCCL_IB_HCA and the other NCCL_* variables pass through to every rank as well
 #   OMP_NUM_THREADS=8                 threads per rank; default CPUs per node / ranks per node
 #   STOP_TIMEOUT=20                   seconds the ranks get to stop on scancel before SIGKILL (default 20; keep it well below KillWait)
-#   RESUME=1                          pass --resume (continue from the latest checkpoint in the run folder)
+#   FRESH=1                           start over: --checkpoint.overwrite=true (earlier checkpoints moved aside);
+#                                     default: --checkpoint.resume=latest (a requeued or resubmitted job continues)
+#   REQUEUE=0                         on SIGUSR1 checkpoint and exit 75 without `scontrol requeue` (default 1: requeue)
 #
 # The ranks are one `srun` with SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID mapped to RANK /
 # WORLD_SIZE / LOCAL_RANK (slurm/lib/step.sh) and MASTER_ADDR / MASTER_PORT from the first node;
 # DeepSpeed's init_distributed reads them (no ssh, no hostfile, no `deepspeed` launcher needed).
+# Time limit and preemption: `--signal=B:USR1@300` sends this script SIGUSR1 300 s before the limit
+# (scancel --signal=USR1 -b JOBID does the same); the ranks then checkpoint after their current step
+# and exit 75, and the job is requeued (`--requeue`) and resumes from that checkpoint (docs/slurm.md).
 #SBATCH --job-name=knowdist
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
 #SBATCH --exclusive
 #SBATCH --output=%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
 
 # Repo root: REPO_ROOT, else the submitted script's folder (sbatch runs a copy, so ask scontrol for
 # the original path), else SLURM_SUBMIT_DIR or its parent.
@@ -58,10 +66,12 @@ sd_split_gpus
 args=()
 [ -z "${CONFIG:-}" ] || args+=(--config "$CONFIG")
 [ -z "${OUT_DIR:-}" ] || args+=(--run.out_dir="$OUT_DIR")
-[ "${RESUME:-0}" = 0 ] || args+=(--resume)
+sd_resume_args
+args+=("${SD_RESUME_ARGS[@]}")
 # shellcheck disable=SC2206  # EXTRA_ARGS is a word list on purpose
 extra=(${EXTRA_ARGS:-})
 rc=0
 sd_launch_students "$PYTHON" -u "$REPO_ROOT/launchers/knowdist.py" "${args[@]}" "${extra[@]}" "$@" || rc=$?
+sd_requeue_if_stopped "$rc"
 [ "$rc" -eq 0 ] || sd_die "training ranks failed (exit $rc); checkpoints so far in ${OUT_DIR:-the run.out_dir of the config}"
 sd_log "KnowDist done: student in ${OUT_DIR:-the run.out_dir of the config}/export"

@@ -111,6 +111,27 @@ def is_sample(data_dir: str | os.PathLike | None = None) -> bool:
     return data_root(data_dir) is None
 
 
+def data_provenance(data_dir: str | os.PathLike | None = None) -> dict:
+    """What the SentiBench data of a run is: ``{"source": "full" | "sample", "path": folder}``.
+
+    Written into harvest manifests, ICLDist prompt summaries and SentiBench results, so a number
+    computed on the packaged sample (a few hundred records per dataset) is never mistaken for one on
+    the full data. ``path`` is the data folder, or the packaged sample folder.
+    """
+    root = data_root(data_dir)
+    if root is None:
+        return {"source": "sample", "path": str(SAMPLE_DIR)}
+    return {"source": "full", "path": str(Path(root).resolve())}
+
+
+def sample_note(provenance: dict | None) -> str:
+    """The words a run's last line ends with when it used the packaged sample ("" for the full data)."""
+    if not provenance or provenance.get("source") != "sample":
+        return ""
+    return ("data: the packaged SentiBench SAMPLE (<= 200 records per split), not the full data; "
+            "set $SENTIBENCH_DIR or --data-dir for real numbers")
+
+
 def sample_file(task: str, split: str) -> Path:
     """Name of a packaged sample file (never ``<task>/<split>.json``: that pattern is the real data)."""
     if task == "absa/acsa_rest16":
@@ -363,6 +384,6 @@ def as_dataset(task: str, split: str = "test", data_dir: str | os.PathLike | Non
 __all__ = [
     "TASKS", "BASIC", "MULTIFACETED", "FINE_GRAINED", "CATEGORIES", "CATEGORY_OF", "SPLITS",
     "LabelRecord", "TupleRecord", "Opinion", "Record", "SentiBenchDataError",
-    "load_task", "load_texts", "as_dataset", "resolve_tasks", "data_root", "data_source", "is_sample", "task_file",
+    "load_task", "load_texts", "as_dataset", "resolve_tasks", "data_root", "data_source", "data_provenance", "sample_note", "is_sample", "task_file",
     "read_raw", "read_basic", "read_multifaceted", "read_fine_grained", "sample_file",
 ]

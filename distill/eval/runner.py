@@ -80,6 +80,9 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch
     return ids.to(device), mask.to(device)
 
 
+left_pad = _left_pad  # public name: distill.predict pads its batches the same way
+
+
 def _model_device(model) -> torch.device:
     try:
         return next(model.parameters()).device

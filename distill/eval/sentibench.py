@@ -29,6 +29,7 @@ from distill.data.sentibench import (
     FINE_GRAINED,
     TASKS,
     SentiBenchDataError,
+    data_provenance,
     data_source,
     is_sample,
     load_task,
@@ -215,6 +216,7 @@ def evaluate(
         "split": split,
         "data": data_source(data_dir),
         "sample": is_sample(data_dir),
+        "data_source": data_provenance(data_dir),  # {"source": "full" | "sample", "path": ...}
         "protocol": PROTOCOL,
         "max_new_tokens": max_new_tokens,
         "world_size": world,
@@ -245,6 +247,8 @@ def summary_line(results: dict) -> str:
     return json.dumps(
         {
             "model": results["model"],
+            # results written before data_source existed have only "sample"
+            "data": results.get("data_source", {}).get("source") or ("sample" if results["sample"] else "full"),
             "sample": results["sample"],
             "limit": results["limit"],
             "overall": results["overall"]["score"],
@@ -305,7 +309,8 @@ def score_file(task: str, predictions: str | os.PathLike, *, data_dir=None, spli
     records = load_task(resolve_tasks([task])[0], split, data_dir)[:limit]
     preds = read_predictions(predictions, len(records))
     m = score_task(task, records, preds)
-    out: dict[str, Any] = {"task": task, "split": split, "sample": is_sample(data_dir)}
+    out: dict[str, Any] = {"task": task, "split": split, "sample": is_sample(data_dir),
+                           "data": data_provenance(data_dir)["source"]}
     if task in LABEL_WORDS:
         out["out_of_label_set_labels"] = dict(out_of_label_set(task, preds).most_common())
     for k, v in m.items():
@@ -426,6 +431,9 @@ def _load_model(name: str, dtype: str, device: str, trust_remote_code: bool):
     except OSError as e:  # no such folder / hub name, or a folder without a model (transformers says which)
         raise SentiBenchUsageError(f"--model {name}: cannot load a causal LM ({e})") from e
     return model.to(device), tok
+
+
+load_model = _load_model  # public name: distill.predict loads the model the same way
 
 
 def _init_distributed() -> None:

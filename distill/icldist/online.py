@@ -112,7 +112,11 @@ def _ray_init(tcfg) -> bool:
     if ray.is_initialized():
         return False
     if tcfg.ray_address:
-        ray.init(address=tcfg.ray_address, log_to_driver=False, namespace=HANDOFF_NAMESPACE, **_node_ip())
+        # "auto" with no running cluster starts a private one; an unreachable HOST:PORT is a ConfigError
+        from distill.teacher.ray_service import connect_ray
+
+        connect_ray(tcfg.ray_address, num_cpus=max(os.cpu_count() or 1, tcfg.replicas * tcfg.shards),
+                    temp_dir=RAY_TEMP_DIR, node_ip=tcfg.ray_node_ip, namespace=HANDOFF_NAMESPACE, **_node_ip())
     else:
         # A private Ray node on a loopback address: no traffic leaves the machine. The starter first
         # ends what a killed earlier run left in the same temp dir (distill.teacher.ray_service).

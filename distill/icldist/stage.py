@@ -61,10 +61,12 @@ def resolve_models(cfg: ICLDistConfig, out_dir: Path) -> tuple[str, str]:
 
 
 def build_prompts(run: ICLDistRun, write: bool) -> list:
+    from distill.data.sentibench import data_provenance, sample_note
     from distill.icldist.prompts import build_prompt_set, prompt_set_hash, summarize
 
     t0 = time.time()
     prompts = build_prompt_set(run.cfg.prompts)
+    data = data_provenance(run.cfg.prompts.data_dir or None)
     if write:
         run.out_dir.mkdir(parents=True, exist_ok=True)
         tmp = run.out_dir / "prompts.jsonl.tmp"
@@ -72,10 +74,13 @@ def build_prompts(run: ICLDistRun, write: bool) -> list:
             for p in prompts:
                 fh.write(json.dumps(p.to_dict(), ensure_ascii=False) + "\n")
         tmp.replace(run.out_dir / "prompts.jsonl")
-        summary = summarize(prompts) | {"prompt_set_hash": prompt_set_hash(prompts), "held_out": run.cfg.prompts.held_out}
+        summary = summarize(prompts) | {"prompt_set_hash": prompt_set_hash(prompts), "held_out": run.cfg.prompts.held_out,
+                                        "data": data}
         (run.out_dir / "prompts_summary.json").write_text(json.dumps(summary, indent=1))
         _print0(f"prompts: {len(prompts)} from {len(summary['tasks'])} tasks (held out: {run.cfg.prompts.held_out}), "
                 f"formats {summary['formats']}, {time.time() - t0:.1f}s -> {run.out_dir / 'prompts.jsonl'}")
+        if sample_note(data):
+            _print0(sample_note(data))  # the last line of the `prompts` stage
     return prompts
 
 
@@ -442,6 +447,14 @@ def parse_args(argv: list[str]) -> tuple[ICLDistConfig, str, list[str]]:
     return cfg, args.stage, rest
 
 
+def _data_note(cfg: ICLDistConfig) -> str:
+    """"; <sample note>" for the final line of a run on the packaged SentiBench sample, else ""."""
+    from distill.data.sentibench import data_provenance, sample_note
+
+    note = sample_note(data_provenance(cfg.prompts.data_dir or None))
+    return f"; {note}" if note else ""
+
+
 def run_from_argv(argv: list[str]) -> int:
     global _RUN
     cfg, stage, rest = parse_args(argv)
@@ -467,7 +480,7 @@ def run_from_argv(argv: list[str]) -> int:
                 from distill.icldist.online import close_teacher
 
                 close_teacher(run.client)
-        _print0(f"done in {time.time() - t_start:.0f}s")
+        _print0(f"done in {time.time() - t_start:.0f}s" + _data_note(cfg))
         return 0
     if stage == "eval":
         export = out_dir / "export"
@@ -500,5 +513,5 @@ def run_from_argv(argv: list[str]) -> int:
     if stage == "all" and cfg.report.enabled and cfg.checkpoint.export:
         write_report(run, export, teacher_path=run.teacher_path if cfg.report.teacher else None)
     _print0(f"done in {time.time() - t_start:.0f}s: student {export}, checkpoints {trainer.ckpt_dir}, "
-            f"metrics {out_dir / 'metrics.jsonl'}")
+            f"metrics {out_dir / 'metrics.jsonl'}" + _data_note(cfg))
     return 0

@@ -56,7 +56,7 @@ class PerspectiveSection:
     mode: Literal["add", "replace"] = "add"  # add to / override the shipped set by name, or replace it
     names: list[str] = field(default_factory=list)  # use only these perspectives (empty = all)
     per_text: int = 0  # perspectives per text, rotating over the list (0 = every perspective for every text)
-    prompt_style: Literal["template", "chat", "builtin"] = "template"  # see perspectives.yaml
+    prompt_style: Literal["template", "chat", "chat_system", "builtin"] = "template"  # see perspectives.yaml
 
 
 @dataclass
@@ -243,18 +243,28 @@ def load_perspectives(cfg: PerspectiveSection) -> tuple[str, list[dict]]:
     return template, persp
 
 
+# prompt_style "chat_system": the perspective is the system message, the text the user message.
+CHAT_SYSTEM = "You are an expert in sentiment analysis. {instruction}"
+CHAT_USER = "Text: {text}"
+
+
 def make_prompt(style: str, template: str, persp: dict, text: str, tokenizer=None) -> str:
     if style == "builtin":
         from distill.models.builtin import format_prompt
 
         return format_prompt(text, persp["name"])
-    user = template.format(instruction=persp["instruction"], text=text)
-    if style == "chat":
+    if style in ("chat", "chat_system"):
         if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
-            raise ConfigError("perspectives.prompt_style=chat but the teacher's tokenizer has no chat template")
-        return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                             add_generation_prompt=True)
-    return user
+            raise ConfigError(f"perspectives.prompt_style={style} but the teacher's tokenizer has no chat template "
+                              "(an instruct model's tokenizer_config.json carries one; a base model needs "
+                              "prompt_style=template)")
+        if style == "chat":
+            messages = [{"role": "user", "content": template.format(instruction=persp["instruction"], text=text)}]
+        else:
+            messages = [{"role": "system", "content": CHAT_SYSTEM.format(instruction=persp["instruction"])},
+                        {"role": "user", "content": CHAT_USER.format(text=text)}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return template.format(instruction=persp["instruction"], text=text)
 
 
 def job_seed(base: int, text_id: str, perspective: str, sample: int) -> int:
@@ -341,10 +351,21 @@ def harvest(cfg: HarvestConfig, *, teacher=None, model_name: str | None = None) 
             if p.name.startswith("shard-") or p.name in (C.MANIFEST, C.SUMMARY):
                 p.unlink()
         man = None
+    # Which data the texts came from ("full" / "sample" SentiBench, or the input file): data_dir=""
+    # resolves per machine. The sample is the first records of the full data unchanged, so a corpus
+    # whose fingerprint matches holds the same texts; it keeps the provenance it was first harvested with.
+    if cfg.input.source == "sentibench":
+        from distill.data.sentibench import data_provenance
+
+        data = data_provenance(cfg.input.data_dir or None)
+    else:
+        data = {"source": cfg.input.source, "path": cfg.input.path}
+    if man is not None:
+        man.setdefault("data", data)
     if man is None:
         man = {"fingerprint": fp, "teacher": model, "n_jobs": len(jobs), "n_shards": n_shards,
                "shard_size": cfg.output.shard_size, "format": cfg.output.format, "config": to_dict(cfg),
-               "completed": {}}
+               "data": data, "completed": {}}
         C.write_manifest(out, man)
     removed = C.clean_partial(out)
     if removed:
@@ -408,7 +429,8 @@ def harvest(cfg: HarvestConfig, *, teacher=None, model_name: str | None = None) 
               ("kept", "empty", "truncated", "duplicate", "prompt_tokens", "new_tokens", "jobs")}
     n_texts_run = len({j[0] for i in todo for j in jobs[i * cfg.output.shard_size:(i + 1) * cfg.output.shard_size]})
     summary = {
-        "corpus": str(out), "teacher": model, "texts": len(texts), "duplicate_texts_dropped": dup_texts,
+        "corpus": str(out), "teacher": model, "data": man["data"], "texts": len(texts),
+        "duplicate_texts_dropped": dup_texts,
         "perspectives": [p["name"] for p in persps], "jobs": len(jobs), "shards": n_shards, **totals,
         "this_run": {"shards": len(todo), "texts": n_texts_run, **counts, "generate_s": round(wall, 3),
                      "texts_per_s": round(n_texts_run / wall, 3) if wall > 0 and todo else None,
@@ -423,6 +445,10 @@ def harvest(cfg: HarvestConfig, *, teacher=None, model_name: str | None = None) 
     if todo:
         _print(f"throughput: {tr['texts_per_s']} texts/s, {tr['tokens_per_s']} tokens/s "
                f"({tr['new_tokens_per_s']} generated tokens/s) over {wall:.1f}s")
+    from distill.data.sentibench import sample_note
+
+    if sample_note(summary["data"]):
+        _print(sample_note(summary["data"]))
     return out
 
 
@@ -460,7 +486,7 @@ def load_corpus(folder: str | os.PathLike) -> list[dict]:
 
 
 def harvest_builtin(teacher_path: str, workdir: str | os.PathLike, h) -> Path:
-    """The corpus ``launchers/knowdist.py`` builds by default (its ``HarvestSection`` ``h``).
+    """The corpus ``launchers/knowdist.py`` builds by default (``h``: :class:`distill.knowdist.stage.HarvestSection`).
 
     SentiBench train texts (``h.texts_per_task`` per task), the built-in teacher's prompt format,
     one perspective per text rotating over ``h.perspectives``, the in-process teacher (no Ray inside

@@ -198,7 +198,7 @@ def _publish(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
-class _FileLock:
+class FileLock:
     """A simple exclusive lock so that several ranks of one job build the cache once."""
 
     def __init__(self, path: Path):
@@ -235,7 +235,7 @@ def ensure_builtin_tokenizer(workdir: str | os.PathLike, recipe: BuiltinRecipe =
     records, source = _records_by_task(data_dir)
     key = _recipe_key(BuiltinRecipe(vocab_size=recipe.vocab_size, version=recipe.version), source, "tokenizer")
     final = workdir / f"tokenizer-{key}"
-    with _FileLock(workdir / ".builtin.lock"):
+    with FileLock(workdir / ".builtin.lock"):
         if (final / "BUILTIN_DONE").is_file():
             return final
         from distill.models.tiny import train_tokenizer
@@ -260,7 +260,7 @@ def ensure_builtin_teacher(workdir: str | os.PathLike, recipe: BuiltinRecipe = B
     tok_dir = ensure_builtin_tokenizer(workdir, recipe, data_dir=data_dir, verbose=verbose)
     key = _recipe_key(recipe, source, "teacher")
     final = workdir / f"teacher-{key}"
-    with _FileLock(workdir / ".builtin.lock"):
+    with FileLock(workdir / ".builtin.lock"):
         if _done(final):
             _log(f"teacher: cached {final}", verbose)
             return final
@@ -287,7 +287,7 @@ def ensure_builtin_student(workdir: str | os.PathLike, recipe: BuiltinRecipe = B
     seed = recipe.seed + 1 if seed is None else seed
     key = _recipe_key(recipe, source, f"student-seed{seed}")
     final = workdir / f"student-init-{key}"
-    with _FileLock(workdir / ".builtin.lock"):
+    with FileLock(workdir / ".builtin.lock"):
         if _done(final):
             return final
         from transformers import AutoTokenizer

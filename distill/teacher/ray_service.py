@@ -168,9 +168,62 @@ def start_local_ray(num_cpus: int | None = None, temp_dir: str | None = None, *,
     return _record
 
 
-def connect_ray(address: str = "auto") -> None:
-    """Join a running Ray cluster (never recorded, so never cleaned up by us)."""
-    ray.init(address=address, log_to_driver=False)
+def _ray_reachable(address: str, timeout_s: float = 5.0) -> bool:
+    """A TCP connect to ``HOST:PORT`` (or ``ray://HOST[:PORT]``) within ``timeout_s``. Ray itself
+    retries an unreachable GCS for about 80 s before it fails (2026-12, Ray 2.60), so we ask first."""
+    import socket
+
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, _, port = rest.split("/", 1)[0].rpartition(":")
+    if not host:
+        host, port = rest.split("/", 1)[0], "10001" if address.startswith("ray://") else "6379"
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def connect_ray(address: str | None = "auto", *, num_cpus: int | None = None, temp_dir: str | None = None,
+                node_ip: str = "127.0.0.2", **init_kwargs) -> bool:
+    """Join a running Ray cluster (never recorded, so never cleaned up by us); True when a private Ray
+    was started instead.
+
+    ``address`` (``None`` reads ``$RAY_ADDRESS``, which also overrides "auto", as in ``ray.init``):
+    "auto" with no reachable cluster starts a private local Ray (:func:`start_local_ray`, with
+    ``num_cpus``, ``temp_dir``, ``node_ip``) and says so in one line; an explicit ``HOST:PORT`` or
+    ``ray://...`` that cannot be reached is a :class:`distill.config.ConfigError` naming it.
+    ``init_kwargs`` (e.g. ``namespace``, ``_node_ip_address``) go to ``ray.init`` when joining."""
+    env = os.environ.get("RAY_ADDRESS", "")
+    target = env or address or "auto"
+    where = f"RAY_ADDRESS={env}" if env else f"ray_address={target}"
+    found = None
+    if target == "auto":
+        try:  # Ray's own lookup: the latest `ray start` of this machine, else any running GCS
+            from ray._private.services import get_ray_address_from_environment
+
+            found = get_ray_address_from_environment("auto", None)
+        except ConnectionError:
+            found = None
+        except Exception:  # a private API that moved: let ray.init decide
+            found = "auto"
+        if found is None or (found != "auto" and not _ray_reachable(found)):
+            print(f"[ray] ray_address=auto: no running Ray cluster found; starting a private local Ray on "
+                  f"{node_ip} (temp dir {temp_dir or DEFAULT_TEMP_DIR})", flush=True)
+            start_local_ray(num_cpus, temp_dir, node_ip=node_ip, namespace=init_kwargs.get("namespace"))
+            return True
+    elif not _ray_reachable(target):
+        from distill.config import ConfigError
+
+        raise ConfigError(f"{where}: no Ray cluster reachable at {target} (connection refused or timed out); "
+                          f"start one there (ray start --head) or set ray_address=auto for a local one")
+    try:
+        ray.init(address=found or target, log_to_driver=False, **init_kwargs)
+    except ConnectionError as e:
+        from distill.config import ConfigError
+
+        raise ConfigError(f"{where}: could not join the Ray cluster at {found or target}: {e}") from e
+    return False
 
 
 def stop_ray() -> None:
@@ -556,8 +609,8 @@ class TeacherService(TeacherClient):
         if address is None and not os.environ.get("RAY_ADDRESS"):
             # A private single-node Ray on loopback: nothing leaves the machine.
             start_local_ray(max(os.cpu_count() or 1, n_actors), temp_dir)
-        else:
-            connect_ray(address)
+        else:  # "auto" with no cluster starts a private one too; an unreachable address is a ConfigError
+            connect_ray(address, num_cpus=max(os.cpu_count() or 1, n_actors), temp_dir=temp_dir)
         self._owns_ray = True
 
     def client(self) -> TeacherClient:

@@ -10,6 +10,9 @@ SD_STEP_PIDS=()      # srun pids of long-running steps (students, Ray workers, R
 SD_STEP_NAMES=()
 SD_RAY_STARTED=0
 SD_CLEANED=0
+SD_PREEMPTED=0
+SD_STUDENTS_PID=""
+SD_REQUEUE_EXIT=75   # the trainer's exit status after it checkpointed on SIGUSR1/SIGTERM (Trainer.REQUEUE_EXIT)
 
 sd_log() { printf '[%s %s] %s\n' "$(date -u +%H:%M:%S)" "$SD_NAME" "$*"; }
 sd_die() { sd_log "ERROR: $*" >&2; exit 1; }
@@ -167,14 +170,54 @@ sd_install_traps() {
   trap sd_cleanup EXIT
   trap 'sd_log "SIGTERM (scancel or time limit): shutting down"; exit 143' TERM
   trap 'sd_log "SIGINT: shutting down"; exit 130' INT
+  trap sd_on_usr1 USR1
   trap 'sd_log "command failed (exit $?) at line $LINENO: $BASH_COMMAND" >&2' ERR
 }
 
 # sd_wait_step PID NAME: wait for a background step (so the TERM trap runs at once), return its rc.
+# A trapped USR1 interrupts `wait` (status 128+10) while the step runs on: wait again then.
 sd_wait_step() {
-  local rc=0
-  wait "$1" || rc=$?
-  return "$rc"
+  local rc
+  while :; do
+    rc=0
+    wait "$1" || rc=$?
+    if [ "$rc" -gt 128 ] && sd_alive "$1"; then continue; fi
+    return "$rc"
+  done
+}
+
+# USR1 trap (`#SBATCH --signal=B:USR1@SECONDS`: the time limit is near, or a preemption notice):
+# forward it to the training ranks (srun passes it to every task); each checkpoints after its current
+# optimizer step and exits with SD_REQUEUE_EXIT, which sd_requeue_if_stopped turns into a requeue.
+sd_on_usr1() {
+  SD_PREEMPTED=1
+  sd_log "SIGUSR1 (time limit near or preemption): asking the training ranks to checkpoint and stop"
+  [ -z "$SD_STUDENTS_PID" ] || kill -USR1 "$SD_STUDENTS_PID" 2>/dev/null || true
+}
+
+# sd_requeue_if_stopped RC: the ranks stopped after a checkpoint (RC = SD_REQUEUE_EXIT): requeue this job
+# (`scontrol requeue`; it then resumes from the newest checkpoint), else exit SD_REQUEUE_EXIT so that a
+# resubmission resumes. Any other RC: return.
+sd_requeue_if_stopped() {
+  [ "$1" -eq "$SD_REQUEUE_EXIT" ] || return 0
+  sd_log "training checkpointed and stopped on a signal (exit $SD_REQUEUE_EXIT)"
+  if [ "${REQUEUE:-1}" != 0 ] && scontrol requeue "$SLURM_JOB_ID"; then
+    sd_log "requeued job $SLURM_JOB_ID (restart $(( ${SLURM_RESTART_COUNT:-0} + 1 ))): it resumes from the newest checkpoint"
+    exit 0
+  fi
+  sd_log "not requeued (REQUEUE=0, or the job is not requeueable: submit with --requeue); resubmit the same command to resume" >&2
+  exit "$SD_REQUEUE_EXIT"
+}
+
+# sd_resume_args: --checkpoint.resume=latest (the default: a requeued or resubmitted job continues from
+# the newest complete checkpoint; none yet = a fresh start), or with FRESH=1 a fresh run that moves
+# the run folder's earlier checkpoints aside (--checkpoint.overwrite=true). Sets SD_RESUME_ARGS.
+sd_resume_args() {
+  if [ "${FRESH:-0}" != 0 ] && [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then
+    SD_RESUME_ARGS=(--checkpoint.overwrite=true)
+  else
+    SD_RESUME_ARGS=(--checkpoint.resume=latest)
+  fi
 }
 
 # ----------------------------------------------------------------------------------------------
@@ -301,11 +344,14 @@ sd_launch_students() {
   fi
   local gpu_args=()
   [ "$GPUS_PER_NODE" -eq 0 ] || gpu_args=(--gpus "$TEACHER_GPUS_PER_NODE:$STUDENT_GPUS_PER_NODE")
+  [ "$SD_PREEMPTED" = 0 ] || { sd_log "SIGUSR1 came before the ranks started: not starting them"; return "$SD_REQUEUE_EXIT"; }
   sd_log "launching $STUDENT_WORLD_SIZE student rank(s) on [$nodelist] (master $MASTER_ADDR:$MASTER_PORT): $*"
   sd_step "students" "" --kill-on-bad-exit=1 --nodes="${#STUDENT_NODES[@]}" --ntasks="$STUDENT_WORLD_SIZE" \
     --ntasks-per-node="$STUDENT_TASKS_PER_NODE" -w "$nodelist" -- \
     bash "$REPO_ROOT/slurm/lib/step.sh" "${gpu_args[@]}" --rank-env -- "$@"
+  SD_STUDENTS_PID="${SD_STEP_PIDS[-1]}"
   local rc=0
-  sd_wait_step "${SD_STEP_PIDS[-1]}" || rc=$?
+  sd_wait_step "$SD_STUDENTS_PID" || rc=$?
+  SD_STUDENTS_PID=""
   return "$rc"
 }

@@ -9,7 +9,8 @@
 #                     COUNT=0 hides every GPU. Without --gpus, CUDA_VISIBLE_DEVICES is left alone.
 # --rank-env          RANK = RANK_OFFSET + SLURM_PROCID, WORLD_SIZE = SLURM_NTASKS (unless set),
 #                     LOCAL_RANK = SLURM_LOCALID, LOCAL_WORLD_SIZE = tasks on this node,
-#                     NODE_RANK = SLURM_NODEID; MASTER_ADDR / MASTER_PORT come from the caller.
+#                     NODE_RANK = SLURM_NODEID; MASTER_ADDR / MASTER_PORT come from the caller;
+#                     SIGUSR1 ignored until the trainer installs its handler.
 # SD_RAY_IP_MAP="n1=127.0.0.2,n2=127.0.0.3" (set by the caller): RAY_NODE_IP = this node's entry, the
 #                     address of the job's Ray node here, which a Ray driver on this node must use.
 set -euo pipefail
@@ -51,6 +52,9 @@ if [ "$rank_env" = 1 ]; then
   # SLURM_STEP_TASKS_PER_NODE is e.g. "2(x3)" or "2,1": this node's entry is SLURM_NODEID's.
   export LOCAL_WORLD_SIZE="${SLURM_NTASKS_PER_NODE:-${SLURM_STEP_TASKS_PER_NODE%%[(,]*}}"
   export NODE_RANK="$SLURM_NODEID"
+  # A training rank installs its SIGUSR1 handler (checkpoint, then exit for requeue) when training
+  # starts; until then a forwarded USR1 is ignored rather than killing the rank during start-up.
+  trap '' USR1
 fi
 
 if [ -n "${SD_RAY_IP_MAP:-}" ]; then

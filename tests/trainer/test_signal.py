@@ -1,0 +1,77 @@
+"""Preemption: SIGUSR1 (SLURM ``--signal=B:USR1@N``, forwarded by slurm/*.sh) or SIGTERM to a running
+run makes it checkpoint after the current optimizer step and exit with ``Trainer.REQUEUE_EXIT``; a
+resumed run then continues from that step. With 2 ranks a signal to one rank stops both at one step.
+Run the 2-rank case under ``unshare -n`` (gloo on loopback)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from .conftest import read_metrics, run_child, tiny_cfg_dict
+
+STEPS = 8
+
+
+def _signal_when_running(procs, out_dir, sig, target, deadline_s=240):
+    """Send ``sig`` to ``procs[target]`` once rank 0 has logged step 2; return every exit status."""
+    deadline = time.time() + deadline_s
+    metrics = out_dir / "metrics.jsonl"
+    while not (metrics.is_file() and len(read_metrics(out_dir)) >= 2):
+        assert all(p.poll() is None for p in procs), procs[0].stdout.read()[-3000:]
+        assert time.time() < deadline, "no step 2 within the deadline"
+        time.sleep(0.1)
+    os.kill(procs[target].pid, sig)
+    out = []
+    for p in procs:
+        p.wait(timeout=deadline_s)
+        out.append(p.stdout.read())
+        p.stdout.close()
+    return [p.returncode for p in procs], out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_checkpoints_and_exits_for_requeue_then_resumes(tiny_assets, tmp_path, sig):
+    from distill.config import RunConfig, from_dict
+    from distill.trainer import Trainer
+
+    out_dir = tmp_path / "run"
+    sec = {"train": {"steps": STEPS, "warmup_steps": 2}, "checkpoint": {"every": 0, "keep_last": 2}}
+    procs = run_child({"cfg": tiny_cfg_dict(tiny_assets, out_dir, **sec), "sleep_per_step": 0.5}, tmp_path, wait=False)
+    rcs, outs = _signal_when_running(procs, out_dir, sig, 0)
+    assert rcs == [Trainer.REQUEUE_EXIT], outs[0][-3000:]
+    ckpts = sorted((out_dir / "checkpoints").glob("step_*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "trainer_state.json").is_file(), ckpts
+    stop = int(ckpts[0].name.split("_")[1])
+    assert 2 <= stop < STEPS and max(r["step"] for r in read_metrics(out_dir)) == stop
+    assert f"{signal.Signals(sig).name}: checkpoint at step {stop}/{STEPS} saved" in outs[0]
+    resume = {"train": sec["train"], "checkpoint": {**sec["checkpoint"], "resume": "latest"}}
+    res = Trainer(from_dict(RunConfig, tiny_cfg_dict(tiny_assets, out_dir, **resume))).setup().train()
+    assert res["steps"] == STEPS
+    assert [r["step"] for r in read_metrics(out_dir)] == list(range(1, STEPS + 1))  # no step lost or repeated
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_signal_to_one_rank_stops_both_at_one_step(tiny_assets, tmp_path):
+    pytest.importorskip("deepspeed")
+    import json
+
+    from distill.trainer import Trainer
+
+    out_dir = tmp_path / "run"
+    ds_json = tmp_path / "zero1.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    sec = {"train": {"steps": STEPS, "warmup_steps": 2, "micro_batch": 2}, "checkpoint": {"every": 0},
+           "deepspeed": {"engine": "deepspeed", "config": str(ds_json)}}
+    procs = run_child({"cfg": tiny_cfg_dict(tiny_assets, out_dir, **sec), "sleep_per_step": 0.5}, tmp_path,
+                      world=2, wait=False, env_extra={"GLOO_SOCKET_IFNAME": "lo"})
+    rcs, outs = _signal_when_running(procs, out_dir, signal.SIGUSR1, 1)
+    assert rcs == [Trainer.REQUEUE_EXIT] * 2, outs[0][-2000:] + outs[1][-2000:]
+    ckpts = sorted((out_dir / "checkpoints").glob("step_*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "trainer_state.json").is_file(), ckpts
+    assert "a signal to another rank: checkpoint at step" in outs[0]
