@@ -1,4 +1,4 @@
-"""Crash-safe file writes shared by checkpoints, corpora, caches and run folders.
+"""Crash-safe file writes (and the file hash) shared by checkpoints, corpora, caches and run folders.
 
 A reader never sees a half-written file: data goes to a temporary name in the same folder, is
 fsync'ed, renamed over the target, and the folder is fsync'ed so the rename survives a power loss.
@@ -6,6 +6,7 @@ fsync'ed, renamed over the target, and the folder is fsync'ed so the rename surv
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -44,3 +45,12 @@ def is_temporary(name: str) -> bool:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read 1 MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

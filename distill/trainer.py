@@ -40,7 +40,7 @@ from distill.config import ConfigError, RunConfig, dump_yaml, to_dict
 from distill.dist import env as distenv
 from distill.dist.env import print0
 from distill.errors import UserError
-from distill.fileio import atomic_write_text, fsync_dir
+from distill.fileio import atomic_write_text, fsync_dir, sha256_file
 from distill.teacher.output import TopKTeacher
 
 # ------------------------------------------------------------------------------------------------
@@ -329,14 +329,6 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     return [p for p in _checkpoint_dirs(ckpt_dir) if (p / "trainer_state.json").is_file()]
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _manifest(folder: Path, *, sha256: bool) -> dict:
@@ -345,7 +337,7 @@ def _manifest(folder: Path, *, sha256: bool) -> dict:
     for f in sorted(folder.rglob("*")):
         rel = f.relative_to(folder).as_posix()
         if f.is_file() and rel != "trainer_state.json":
-            out[rel] = {"size": f.stat().st_size, **({"sha256": _sha256(f)} if sha256 else {})}
+            out[rel] = {"size": f.stat().st_size, **({"sha256": sha256_file(f)} if sha256 else {})}
     return out
 
 
@@ -368,7 +360,7 @@ def _verify_checkpoint(path: Path, *, sha256: bool) -> str | None:
             return f"{f}: missing"
         if size != want["size"]:
             return f"{f}: {size} bytes, the save wrote {want['size']}"
-        if sha256 and "sha256" in want and _sha256(f) != want["sha256"]:
+        if sha256 and "sha256" in want and sha256_file(f) != want["sha256"]:
             return f"{f}: sha256 differs from the one recorded at save"
     return None
 

@@ -12,8 +12,12 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from distill.config import ConfigError
+
+if TYPE_CHECKING:  # annotations only: this module is imported before torch is needed
+    import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -40,7 +40,6 @@ line and is checked the same way (:func:`check_answers`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ from typing import Sequence
 import torch
 
 from distill.teacher.output import TopKTeacher
-from distill.fileio import atomic_write_bytes, atomic_write_text, is_temporary
+from distill.fileio import atomic_write_bytes, atomic_write_text, is_temporary, sha256_file
 from distill.errors import UserError
 
 # 2: top-k at the run's temperature over the real vocabulary; manifest records temperature and vocab_size.
@@ -98,12 +97,6 @@ class CachedTarget:
     answer_ids: list[int]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -123,7 +116,7 @@ def weights_fingerprint(model: str | os.PathLike) -> dict:
             out["files"][f.name] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
     for name in HASHED_FILES:
         if (root / name).is_file():
-            out[name] = _sha256(root / name)[:16]
+            out[name] = sha256_file(root / name)[:16]
     return out
 
 
@@ -254,7 +247,7 @@ class CacheWriter:
             except json.JSONDecodeError:
                 continue
             f = self.root / meta.get("file", "")
-            if f.is_file() and f.stat().st_size == meta.get("bytes") and _sha256(f) == meta.get("sha256"):
+            if f.is_file() and f.stat().st_size == meta.get("bytes") and sha256_file(f) == meta.get("sha256"):
                 done.add(int(meta["shard"]))
         return done
 
@@ -290,7 +283,7 @@ class CacheWriter:
         atomic_write_bytes(final, save(tensors, metadata={"start": str(start), "end": str(end)}))
         meta = {
             "shard": s, "file": final.name, "start": start, "end": end, "positions": int(pos[-1]),
-            "bytes": final.stat().st_size, "sha256": _sha256(final),
+            "bytes": final.stat().st_size, "sha256": sha256_file(final),
         }
         _write_json_atomic(self.root / f"{name}.json", meta)
         return meta
