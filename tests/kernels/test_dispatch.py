@@ -107,3 +107,42 @@ def test_tiny_model_loss_curve_torch_vs_triton(kernel_calls, teacher_kind, kind)
     assert curves["torch"][-1] < curves["torch"][0]  # it trains
     torch.testing.assert_close(curves["triton"], curves["torch"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(finals["triton"], finals["torch"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_objective_triton_topk_with_padded_vocabularies(kernel_calls, temperature):
+    """The trainer's objective on the Triton path: a student (8 padded columns) and a teacher top-k
+    from logits with 40 padded columns that would win it, both sliced to the tokenizer's 300 tokens.
+    The kernel is used, its KD equals the torch path's, and a student equal to the teacher on the
+    real vocabulary has KD 0 and a zero gradient there (padded columns: zero gradient)."""
+    from distill.losses.objective import DistillObjective, count_targets
+    from distill.teacher.output import TopKTeacher
+
+    vocab = 300
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(2, 7, vocab + 40, generator=g) * 3
+    t[..., vocab:] = 40.0
+    labels = torch.randint(0, vocab, (2, 7), generator=g)
+    labels[:, :2] = -100
+    tk = TopKTeacher.from_logits(t, 8, temperature=temperature, vocab_size=vocab)
+    assert int(tk.ids.max()) < vocab
+    n = count_targets(labels)
+    kw = dict(kind="reverse_kl", temperature=temperature, ce_weight=0.0, vocab_size=vocab)
+    equal = torch.cat([t[..., :vocab], torch.randn(2, 7, 8, generator=g) * 30], -1)
+    other = torch.randn(2, 7, vocab + 8, generator=g) * 3
+    for s in (equal, other):
+        outs, grads = {}, {}
+        for impl in ("torch", "triton"):
+            x = s.clone().requires_grad_(True)
+            out = DistillObjective(impl=impl, **kw)(x, tk, labels, n)
+            out.loss.backward()
+            outs[impl], grads[impl] = out.kd_sum, x.grad
+        assert torch.count_nonzero(grads["triton"][..., vocab:]) == 0
+        if s is equal:  # both ~0: fp32 rounding of a sum over 10 rows (torch -1.3e-6, kernel -5.7e-8 at T=1)
+            for impl in ("torch", "triton"):
+                assert abs(float(outs[impl])) < 1e-5, impl
+                assert float(grads[impl].abs().max()) < 1e-6, impl
+        else:
+            torch.testing.assert_close(outs["triton"], outs["torch"], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(grads["triton"], grads["torch"], rtol=1e-4, atol=1e-7)
+    assert kernel_calls["topk_kd"] == 2
