@@ -471,6 +471,7 @@ class DataSection:
     add_eos: bool = True  # append the tokenizer's eos token to every response
     limit: int = 0  # use only the first N records (0 = all)
     allow_partial: bool = False  # train on an unfinished KnowDist harvest folder (its finished shards), with a warning
+    packing: bool = False  # pack several examples into one row of up to max_len tokens (per-example position ids; the loss is the unpacked batch's)
 
 
 @dataclasses.dataclass
@@ -502,6 +503,7 @@ class KDSection:
     chunk_tokens: int = 0  # tokens per chunk of the torch divergence (0 = the loss's default)
     teacher_backend: str = "colocated"  # teacher backend registry name (colocated = full logits from a teacher in this process)
     topk: int = 0  # k for top-k teacher backends (0 = full logits)
+    path: str = "lean"  # lean (final hidden states of the supervised positions in, loss out: logits a chunk at a time) | logits (the models' full [B, L, V] logits; for comparison and debugging)
 
 
 @dataclasses.dataclass
@@ -592,6 +594,7 @@ class RunConfig:
         _check(k.ce_weight > 0 or (k.kind != "none" and k.kd_weight > 0),
                f"nothing to train: kd.ce_weight={k.ce_weight}, kd.kind={k.kind!r}, kd.kd_weight={k.kd_weight}")
         _check(k.impl in ("auto", "torch", "triton"), f"kd.impl={k.impl!r}: auto | torch | triton")
+        _check(k.path in ("lean", "logits"), f"kd.path={k.path!r}: lean | logits")
         _check(k.chunk_tokens >= 0 and k.topk >= 0, f"kd.chunk_tokens={k.chunk_tokens}, kd.topk={k.topk} must be >= 0")
         _check(k.kind == "none" or m.teacher != "", "kd.kind needs a teacher: model.teacher is empty (set kd.kind=none for SFT)")
         for name in ("dtype", "teacher_dtype"):

@@ -83,6 +83,7 @@ class BackendContext:
     teacher_path: str  # resolved teacher folder/name ("" for SFT)
     ds_config: dict | None  # the student's resolved DeepSpeed config (None on the torch engine)
     out_dir: Path  # run folder
+    hooks: "TrainerHooks | None" = None  # the stage's plug-ins (Trainer(cfg, hooks=...))
 
 
 class TeacherBackend:
@@ -100,7 +101,49 @@ class TeacherBackend:
     def __call__(self, batch: dict):
         raise NotImplementedError
 
+    def rows(self, batch: dict, index: torch.Tensor):
+        """The teacher at the flat positions ``index`` [N] of the batch only (``kd.path=lean``): a
+        TopKTeacher ``[N, k]``, a :class:`~distill.losses.lean.HiddenTeacher` or logits ``[N, V]``.
+        This default indexes what ``__call__`` returns; backends that can skip the other positions
+        override it (``colocated`` does)."""
+        from distill.losses.lean import topk_rows
+
+        out = self(batch)
+        if isinstance(out, TopKTeacher):
+            return topk_rows(out, index)
+        return out.reshape(-1, out.shape[-1]).index_select(0, index)
+
     def close(self) -> None:
+        pass
+
+
+class TrainerHooks:
+    """What a stage plugs into the trainer beyond its registered dataset and teacher backend
+    (ICLDist does: distill.icldist.stage). Pass an instance as ``Trainer(cfg, hooks=...)``; factories
+    reach it as ``ctx.hooks``. Every method has the core behaviour as its default.
+
+    * ``objective(trainer)``: the loss object, or None for the core :class:`DistillObjective` from
+      ``cfg.kd``. It provides ``ignore_index``, ``lean_request(index, targets, teacher_rows, norm)`` /
+      ``lean_output(loss, request)`` (``kd.path=lean``) and ``__call__(logits, teacher_out, labels,
+      norm)`` (``kd.path=logits``), each returning a :class:`~distill.losses.objective.LossOutput`.
+    * ``prefetch_depth``: micro-batches the teacher backend's ``prefetch`` runs ahead (0: none).
+    * ``step_sums()``: named device scalars the hooks accumulated during the step; they ride the
+      step's one all-reduce (no extra host sync) and come back summed over ranks to
+      ``end_step(record, sums)``, which adds logged values to the step's record.
+    """
+
+    prefetch_depth: int = 1
+
+    def objective(self, trainer: "Trainer"):
+        return None
+
+    def begin_step(self) -> None:
+        pass
+
+    def step_sums(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def end_step(self, record: dict, sums: dict[str, float]) -> None:
         pass
 
 
@@ -160,48 +203,71 @@ class ColocatedTeacher(TeacherBackend):
     def __call__(self, batch):
         if self.topk:
             return self.topk_on_supervised(batch)
-        return self.engine.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   use_cache=False).logits
+        return self.engine.forward(**model_inputs(batch), use_cache=False).logits
+
+    @torch.no_grad()
+    def rows(self, batch, index):
+        """``kd.path=lean``: the decoder's final hidden states at the flat positions ``index`` only;
+        with ``kd.topk`` their TopKTeacher ``[N, k]`` (the head a chunk at a time), else a
+        HiddenTeacher whose head the student's loss applies inside its own chunk loop. Neither the
+        teacher's [tokens x V] logits nor fp32 copies of them exist."""
+        from distill.losses.lean import HiddenTeacher
+
+        hidden = self.engine.final_hidden(**model_inputs(batch), use_cache=False)
+        self._check_head_once(batch, hidden)
+        flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+        if self.topk:
+            return self._topk_of_rows(flat)
+        return HiddenTeacher(flat, self.engine.output_head, self.scale, self.cap)
 
     @torch.no_grad()
     def topk_on_supervised(self, batch, ignore_index: int = -100):
-        """TopKTeacher ``[B, L, k]`` at the temperature of use over the tokenizer's real vocabulary,
-        computed only at the positions whose next token is supervised (the objective's shifted
-        labels): the decoder's final hidden states are gathered at those rows and the lm_head runs
-        on them a chunk at a time, so neither the [tokens x V] logits nor fp32 copies of them exist.
-        Other rows hold a filler (ids 0..k-1, uniform) that the objective masks out."""
-        from distill.losses.divergences import default_chunk_tokens
-
+        """``kd.path=logits`` with ``kd.topk``: TopKTeacher ``[B, L, k]`` computed only at the
+        positions whose next token is supervised (the objective's shifted labels); other rows hold a
+        filler (ids 0..k-1, uniform) that the objective masks out."""
         labels = batch["labels"]
         sup = torch.zeros_like(labels, dtype=torch.bool)
         sup[:, :-1] = labels[:, 1:] != ignore_index
-        hidden = self.engine.final_hidden(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                          use_cache=False)
-        rows = hidden[sup]  # [N, H]
-        k, T, vocab = self.topk, self.temperature, self.vocab_size
-        chunk = self.chunk_rows or default_chunk_tokens(vocab)
-        ids, lps, tails = [], [], []
-        own = None
-        if not self._head_checked:  # the model's own last-position logits, before the head is gathered here
-            own = self.engine.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                      use_cache=False, logits_to_keep=1).logits[:, -1].float()
-        with self.engine.output_head() as (weight, bias):
-            if own is not None:
-                self._check_head(own, hidden, weight, bias)
-            for i in range(0, rows.shape[0], chunk):
-                t = TopKTeacher.from_logits(self._logits(rows[i:i + chunk], weight, bias), k, temperature=T,
-                                            vocab_size=vocab)
-                ids.append(t.ids)
-                lps.append(t.logprobs)
-                tails.append(t.tail_mass)
+        hidden = self.engine.final_hidden(**model_inputs(batch), use_cache=False)
+        self._check_head_once(batch, hidden)
+        t = self._topk_of_rows(hidden[sup])
         B, L = labels.shape
-        dev = hidden.device
+        k, dev = self.topk, hidden.device
         out_ids = torch.arange(k, dtype=torch.int32, device=dev).expand(B, L, k).clone()
         out_lp = torch.full((B, L, k), -math.log(k), dtype=torch.float32, device=dev)
         out_tail = torch.zeros((B, L), dtype=torch.float32, device=dev)
-        if ids:
-            out_ids[sup], out_lp[sup], out_tail[sup] = torch.cat(ids), torch.cat(lps), torch.cat(tails)
-        return TopKTeacher(ids=out_ids, logprobs=out_lp, tail_mass=out_tail, temperature=T)
+        out_ids[sup], out_lp[sup], out_tail[sup] = t.ids.to(torch.int32), t.logprobs, t.tail_mass
+        return TopKTeacher(ids=out_ids, logprobs=out_lp, tail_mass=out_tail, temperature=self.temperature)
+
+    def _topk_of_rows(self, rows: torch.Tensor) -> TopKTeacher:
+        """TopKTeacher ``[N, k]`` of hidden ``rows [N, H]`` at the temperature of use over the
+        tokenizer's real vocabulary; the lm_head runs on ``chunk`` rows at a time (about 32 MiB of
+        fp32 logits), inside one gather of the head under ZeRO-3."""
+        from distill.losses.divergences import default_chunk_tokens
+
+        k, T, vocab = self.topk, self.temperature, self.vocab_size
+        chunk = self.chunk_rows or default_chunk_tokens(vocab)
+        parts = []
+        with self.engine.output_head() as (weight, bias):
+            for i in range(0, rows.shape[0], chunk):
+                parts.append(TopKTeacher.from_logits(self._logits(rows[i:i + chunk], weight, bias), k, temperature=T,
+                                                     vocab_size=vocab))
+        if not parts:
+            empty = rows.new_zeros((0, k))
+            return TopKTeacher(ids=empty.to(torch.int32), logprobs=empty.float(), tail_mass=rows.new_zeros(0).float(),
+                               temperature=T)
+        return TopKTeacher(ids=torch.cat([p.ids for p in parts]), logprobs=torch.cat([p.logprobs for p in parts]),
+                           tail_mass=torch.cat([p.tail_mass for p in parts]), temperature=T)
+
+    def _check_head_once(self, batch, hidden) -> None:
+        """Once: the model's own forward at the last position equals lm_head(final hidden) as
+        computed here (scale, softcap), so an architecture that post-processes its logits differently
+        is refused, not mis-distilled."""
+        if self._head_checked:
+            return
+        own = self.engine.forward(**model_inputs(batch), use_cache=False, logits_to_keep=1).logits[:, -1].float()
+        with self.engine.output_head() as (weight, bias):
+            self._check_head(own, hidden, weight, bias)
 
     def _logits(self, h, weight, bias):
         x = torch.nn.functional.linear(h, weight, bias)
@@ -221,8 +287,8 @@ class ColocatedTeacher(TeacherBackend):
         if err > tol * max(1.0, float(own.abs().max())):
             raise RuntimeError(
                 f"teacher {type(self.engine.module).__name__}: its logits differ from lm_head(final hidden) "
-                f"(max |diff| {err:.3g}); the chunked top-k teacher cannot reproduce this architecture's "
-                f"head: use kd.topk=0 (full logits)")
+                f"(max |diff| {err:.3g}); the chunked teacher head cannot reproduce this architecture's "
+                f"head: use kd.topk=0 and kd.path=logits (full logits of the model's own forward)")
         self._head_checked = True
 
 
@@ -242,6 +308,22 @@ def _sft_dataset(cfg: RunConfig, tokenizer, ctx: BackendContext):
 
 # ------------------------------------------------------------------------------------------------
 # Helpers
+
+
+_FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                 "max_length_k")
+
+
+def model_inputs(batch: dict) -> dict:
+    """The forward's inputs of a batch: ``input_ids`` and, when the batch has them, ``attention_mask``
+    (absent in packed batches: transformers then keeps packed examples apart from the
+    ``position_ids``, distill.data.packing) and flash-attention's varlen bounds of packed batches."""
+    return {k: batch[k] for k in _FORWARD_KEYS if batch.get(k) is not None}
+
+
+def batch_tokens(batch: dict) -> int | torch.Tensor:
+    """Real (non-pad) tokens of a batch: ``n_tokens`` of a packed batch, else the attention mask's sum."""
+    return batch["n_tokens"] if "n_tokens" in batch else batch["attention_mask"].sum()
 
 
 def versions() -> dict:
@@ -413,9 +495,10 @@ def _aside(path: Path) -> Path:
 class Trainer:
     """``Trainer(cfg).setup()`` then ``.train()``; ``.export()`` writes the HF folder."""
 
-    def __init__(self, cfg: RunConfig, *, argv: list[str] | None = None):
+    def __init__(self, cfg: RunConfig, *, argv: list[str] | None = None, hooks: TrainerHooks | None = None):
         self.cfg = cfg
         self.argv = argv
+        self.hooks = hooks or TrainerHooks()
         self.step = 0  # optimizer steps done
         self.out_dir = Path(cfg.run.out_dir)
         self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.out_dir / "checkpoints"
@@ -471,17 +554,32 @@ class Trainer:
 
         ctx = BackendContext(env=self.env, device=self.device, tokenizer=self.tokenizer, vocab_size=self.vocab_size,
                              student_path=student_path, teacher_path=teacher_path, ds_config=self.ds_config,
-                             out_dir=self.out_dir)
+                             out_dir=self.out_dir, hooks=self.hooks)
         self.ctx = ctx
         # Data first: a malformed record fails before any model is loaded.
         if cfg.data.name not in DATASETS:
             raise KeyError(f"data.name={cfg.data.name!r} is not registered; known: {sorted(DATASETS)}")
         self.dataset = DATASETS[cfg.data.name](cfg, self.tokenizer, ctx)
         self.collate_fn = getattr(self.dataset, "collate", None)
-        if self.collate_fn is None:
+        pad = self.tokenizer.pad_token_id
+        if cfg.data.packing:
+            if self.collate_fn is not None:
+                raise ConfigError(f"data.packing=true: the {cfg.data.name!r} dataset builds its own batches "
+                                  f"(per-example teacher positions); packing serves datasets without a collate, e.g. sft")
+            from distill.data.packing import flash_attn_kwargs, pack_collate
+
+            # flash-attention's varlen path needs the sequence bounds of a multi-row packed batch spelled out
+            flash = ml.resolve_attn(cfg.model.attn, on_gpu) == "flash_attention_2"
+            max_len = cfg.data.max_len
+
+            def packed(items):
+                batch = pack_collate(items, pad, max_len)
+                return batch | flash_attn_kwargs(batch) if flash and batch["input_ids"].shape[0] > 1 else batch
+
+            self.collate_fn = packed
+        elif self.collate_fn is None:
             from distill.data.sft import collate
 
-            pad = self.tokenizer.pad_token_id
             self.collate_fn = lambda items: collate(items, pad)
         t = cfg.train
         self.global_batch = t.micro_batch * t.grad_accum * self.env.world_size
@@ -499,6 +597,17 @@ class Trainer:
             zero3_config=self.ds_config if stage == 3 else None, grad_checkpointing=cfg.model.grad_checkpointing,
             what="student folder (model.student)")
         ml.check_embedding_rows(model.config, self.vocab_size, f"student {student_path}")
+        self.lean = cfg.kd.path == "lean"
+        if self.lean:
+            from distill.losses.lean import install_lean_head
+
+            scale, cap = ml.logit_transform(model)
+            if scale != 1.0 or cap is not None:
+                raise ConfigError(
+                    f"student {student_path}: its forward rescales or softcaps the logits after lm_head (scale "
+                    f"{scale:g}, softcap {cap}); kd.path=lean computes the loss inside lm_head: use kd.path=logits")
+            # before the engine is built: ZeRO-3 registers its gather/release hooks on this same module
+            self.student_head = install_lean_head(model, f"student {student_path} (kd.path=lean)")
         self.model_config = model.config
         self.generation_config = getattr(model, "generation_config", None)
         student_cap = None  # HF forwards apply final_logit_softcapping themselves
@@ -520,7 +629,7 @@ class Trainer:
         from distill.losses.objective import DistillObjective
 
         k = cfg.kd
-        self.objective = DistillObjective(
+        self.objective = self.hooks.objective(self) or DistillObjective(
             kind=k.kind if k.kind != "none" else "forward_kl", beta=k.beta, alpha=k.alpha, temperature=k.temperature,
             ce_weight=k.ce_weight, kd_weight=k.kd_weight if k.kind != "none" else 0.0, impl=k.impl,
             chunk_tokens=k.chunk_tokens or None, vocab_size=self.vocab_size,
@@ -596,35 +705,62 @@ class Trainer:
         # all ranks learn it from the same all-reduce, so they stop at the same step with no extra sync.
         sums = torch.zeros(5, dtype=torch.float64, device=self.device)
         sums[4] = float(bool(self._stop_signals))
+        self.hooks.begin_step()
+        depth = self.hooks.prefetch_depth
         self.engine.train()
         for m, cpu_batch in enumerate(micro):
-            self._prefetch(step, m, cpu_batch)
-            # one micro-batch ahead: the next of this step, else the first of the next step
-            if m + 1 < ga:
-                self._prefetch(step, m + 1, micro[m + 1])
-            else:
-                self._prefetch(step + 1, 0)
+            if depth:
+                # this micro-batch (if not yet), then `depth` ahead, across the step boundary
+                self._prefetch(step, m, cpu_batch)
+                for d in range(1, depth + 1):
+                    s, mm = divmod(step * ga + m + d, ga)
+                    self._prefetch(s, mm, micro[mm] if s == step else None)
             batch = self._to_device(cpu_batch)
-            teacher_out = self.teacher(batch) if self.teacher is not None else None
-            if isinstance(teacher_out, TopKTeacher) and not self.teacher.topk_ids_checked:
-                teacher_out.check(self.vocab_size, f"teacher backend {self.cfg.kd.teacher_backend!r}")
-            logits = self.engine.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                         use_cache=False).logits
-            out = self.objective(logits, teacher_out, batch["labels"], norm)
-            del logits, teacher_out
+            out = self._lean_loss(cpu_batch, batch, norm) if self.lean else self._logits_loss(batch, norm)
             self.engine.backward(out.loss)
             self.engine.step()
             sums[:4] += torch.stack([out.ce_sum.double(), out.kd_sum.double(), out.n_tokens.double(),
-                                 batch["attention_mask"].sum().double()])
+                                     torch.as_tensor(batch_tokens(batch), device=self.device).double()])
         self._prefetched = {k for k in self._prefetched if k[0] > step}
+        extra = self.hooks.step_sums()
+        if extra:
+            sums = torch.cat([sums, torch.stack([v.to(self.device, torch.float64).reshape(()) for v in extra.values()])])
         distenv.all_reduce_sum(sums)
-        ce, kd, ntok, tokens, stop = sums.tolist()  # the step's one host sync (logging, NaN check, stop)
+        ce, kd, ntok, tokens, stop, *rest = sums.tolist()  # the step's one host sync (logging, NaN check, stop)
         k = self.cfg.kd
         kd_scale = (k.kd_weight * k.temperature**2) if self.teacher is not None else 0.0
         loss = (k.ce_weight * ce + kd_scale * kd) / max(ntok, 1.0)
-        return {"loss": loss, "ce": ce / max(ntok, 1.0), "kd": kd / max(ntok, 1.0), "response_tokens": int(ntok),
-                "tokens": int(tokens), "grad_norm": self.engine.grad_norm(), "lr": self.engine.lr(),
-                "stop_requested": stop > 0}
+        rec = {"loss": loss, "ce": ce / max(ntok, 1.0), "kd": kd / max(ntok, 1.0), "response_tokens": int(ntok),
+               "tokens": int(tokens), "grad_norm": self.engine.grad_norm(), "lr": self.engine.lr(),
+               "stop_requested": stop > 0}
+        self.hooks.end_step(rec, dict(zip(extra, rest)))
+        return rec
+
+    def _check_topk(self, teacher_out) -> None:
+        if isinstance(teacher_out, TopKTeacher) and not self.teacher.topk_ids_checked:
+            teacher_out.check(self.vocab_size, f"teacher backend {self.cfg.kd.teacher_backend!r}")
+
+    def _lean_loss(self, cpu_batch: dict, batch: dict, norm):
+        """``kd.path=lean``: supervised rows chosen from the CPU labels, the teacher at those rows,
+        the loss computed inside the student's lm_head forward (distill.losses.lean)."""
+        from distill.losses.lean import supervised_rows
+
+        index, targets = supervised_rows(cpu_batch["labels"], self.objective.ignore_index)
+        index = index.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        teacher_rows = self.teacher.rows(batch, index) if self.teacher is not None else None
+        self._check_topk(teacher_rows)
+        request = self.objective.lean_request(index, targets, teacher_rows, norm)
+        with self.student_head.pending(request):
+            loss = self.engine.forward(**model_inputs(batch), use_cache=False).logits
+        return self.objective.lean_output(loss, request)
+
+    def _logits_loss(self, batch: dict, norm):
+        """``kd.path=logits``: the models' full logits, then the chunked objective."""
+        teacher_out = self.teacher(batch) if self.teacher is not None else None
+        self._check_topk(teacher_out)
+        logits = self.engine.forward(**model_inputs(batch), use_cache=False).logits
+        return self.objective(logits, teacher_out, batch["labels"], norm)
 
     # -- loop ---------------------------------------------------------------------------------------
     REQUEUE_EXIT = 75  # exit status of a run stopped by SIGUSR1/SIGTERM after its checkpoint (EX_TEMPFAIL)

@@ -239,24 +239,66 @@ def fused_linear_kd_ref(
     temperature: float = 1.0,
     ignore_index: int = -100,
     reduction: str = "mean",
-) -> torch.Tensor:
-    """Student logits = hidden @ lm_head.T, then the divergence to ``teacher``.
+    ce_weight: float = 0.0,
+    kd_weight: float = 1.0,
+    vocab_size: int | None = None,
+    return_parts: bool = False,
+):
+    """``ce_weight * CE + kd_weight * KD`` of the student logits ``hidden @ lm_head[:V].T``.
 
-    ``teacher`` is either a tuple ``(teacher_hidden, teacher_lm_head)`` (full logits) or an object
-    with ``.ids``, ``.logprobs`` and ``.tail_mass`` (a top-k teacher).
+    ``V = vocab_size`` (default: the student head's rows): the first ``V`` rows of the student
+    head and of a full teacher's head are used (the heads may have more rows, padded embedding
+    rows that are not tokens, and need not have the same number). ``teacher`` is either a tuple
+    ``(teacher_hidden, teacher_lm_head)`` (full logits), an object with ``.ids``, ``.logprobs``
+    and ``.tail_mass`` (a top-k teacher, ids in ``[0, V)``), or None (no KD term; only with
+    ``kd_weight == 0``). KD is the divergence of ``kd_div_ref`` / ``topk_kd_ref`` at
+    ``temperature`` (no ``T^2``); CE is the student's token cross-entropy at T = 1 (not
+    tempered), ``-log_softmax(s)[label]``, on ``labels`` (required when ``ce_weight != 0``).
+    Rows whose label is ``ignore_index`` contribute nothing to either term; ``"mean"`` divides the
+    weighted sum by the number of counted rows (``max(1, .)``), ``"sum"`` does not, ``"none"``
+    gives the weighted per-row values. With ``return_parts`` returns ``(loss, kd_sum, ce_sum)``:
+    the detached sums over counted rows before weights (0 for a term not computed).
     """
-    s = student_hidden.float() @ student_lm_head.float().t()
-    if isinstance(teacher, tuple):
+    vocab = student_lm_head.shape[0] if vocab_size is None else vocab_size
+    if vocab > student_lm_head.shape[0]:
+        raise ValueError(f"vocab_size={vocab} exceeds the student lm_head's "
+                         f"{student_lm_head.shape[0]} rows")
+    hidden = student_hidden.float().reshape(-1, student_hidden.shape[-1])
+    s = hidden @ student_lm_head[:vocab].float().t()
+    lab = None if labels is None else labels.reshape(-1)
+    zero_rows = torch.zeros(s.shape[0], dtype=torch.float32, device=s.device)
+    kw = dict(kind=kind, beta=beta, alpha=alpha, temperature=temperature,
+              ignore_index=ignore_index, reduction="none")
+    if teacher is None:
+        if kd_weight != 0:
+            raise ValueError("teacher=None needs kd_weight=0")
+        kd_rows = zero_rows
+    elif isinstance(teacher, tuple):
         t_hidden, t_head = teacher
-        t = t_hidden.float() @ t_head.float().t()
-        return kd_div_ref(
-            s, t, labels, kind=kind, beta=beta, alpha=alpha, temperature=temperature,
-            ignore_index=ignore_index, reduction=reduction,
-        )
-    return topk_kd_ref(
-        s, teacher.ids, teacher.logprobs, teacher.tail_mass, labels, kind=kind, beta=beta,
-        alpha=alpha, temperature=temperature, ignore_index=ignore_index, reduction=reduction,
-    )
+        if t_head.shape[0] < vocab:
+            raise ValueError(f"teacher lm_head has {t_head.shape[0]} rows < vocab_size={vocab}")
+        t = t_hidden.float().reshape(-1, t_hidden.shape[-1]) @ t_head[:vocab].float().t()
+        kd_rows = kd_div_ref(s, t, lab, **kw)
+    else:
+        k = teacher.ids.shape[-1]
+        tail = None if teacher.tail_mass is None else teacher.tail_mass.reshape(-1)
+        kd_rows = topk_kd_ref(s, teacher.ids.reshape(-1, k), teacher.logprobs.reshape(-1, k),
+                              tail, lab, **kw)
+    if ce_weight != 0:
+        if lab is None:
+            raise ValueError("ce_weight != 0 needs labels (the CE targets)")
+        counted = lab != ignore_index
+        target = torch.where(counted, lab, torch.zeros_like(lab)).long()
+        log_q1 = torch.log_softmax(s, dim=-1)  # T = 1
+        ce_rows = -log_q1.gather(-1, target[:, None])[:, 0]
+        ce_rows = torch.where(counted, ce_rows, zero_rows)
+    else:
+        ce_rows = zero_rows
+    per_row = kd_weight * kd_rows + ce_weight * ce_rows
+    loss = _reduce(per_row, lab, ignore_index, reduction)
+    if return_parts:
+        return loss, kd_rows.sum().detach(), ce_rows.sum().detach()
+    return loss
 
 
 def assert_close_to_ref(out, ref_in_dtype, ref_fp32, *, atol: float | None = None, name: str = "output"):

@@ -126,16 +126,17 @@ class TorchEngine(Engine):
 
     def save(self, folder):
         folder.mkdir(parents=True, exist_ok=True)
-        from safetensors.torch import save_file
+        from safetensors.torch import save_model
 
-        save_file({k: v.detach().contiguous() for k, v in self.module.state_dict().items()}, str(folder / "model.safetensors"))
+        # save_model stores tied parameters (lm_head tied to embed_tokens) once; save_file refuses them
+        save_model(self.module, str(folder / "model.safetensors"))
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "micro": self._micro}, folder / "optim.pt")
 
     def load(self, folder):
-        from safetensors.torch import load_file
+        from safetensors.torch import load_model
 
-        self.module.load_state_dict(load_file(str(folder / "model.safetensors")))
+        load_model(self.module, str(folder / "model.safetensors"), strict=True)
         st = torch.load(folder / "optim.pt", map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])

@@ -38,13 +38,14 @@ class BatchTargets:
     student_label_ids: torch.Tensor  # [N, Lmax] (-1 padded)
     teacher_label_logprobs: torch.Tensor  # [N, Lmax] fp32 at `temperature`, -inf padded
     temperature: float | None = None  # the teacher's (topk and label log-probs); None when no rows
+    batch_shape: tuple[int, int] = (0, 0)  # (B, L) of the batch: flat position = row * L + position
 
     def to(self, device) -> "BatchTargets":
         return BatchTargets(
             None if self.topk is None else self.topk.to(device),
             None if self.kd_rows is None else self.kd_rows.to(device),
             self.label_rows.to(device), self.student_label_ids.to(device), self.teacher_label_logprobs.to(device),
-            self.temperature,
+            self.temperature, self.batch_shape,
         )
 
 
@@ -104,7 +105,7 @@ def assemble(
         topk, kd_rows,
         torch.tensor(rows, dtype=torch.long).reshape(-1, 2),
         pad_label_ids(s_ids, width) if s_ids else torch.empty((0, width), dtype=torch.long),
-        t_mat, temperature,
+        t_mat, temperature, (n, seq_len),
     )
 
 
@@ -118,6 +119,18 @@ class ICLDistLossOutput:
 
 
 class ICLDistLoss:
+    """The ICLDist objective, plugged into the core trainer as its objective (``TrainerHooks.objective``).
+
+    Both trainer paths: ``kd.path=lean`` (:meth:`lean_request`: the loss inside the student's lm_head
+    from the hidden states of the supervised rows; the label-level term needs only the head rows of
+    the label words, the token-level KD only its rows) and ``kd.path=logits`` (:meth:`__call__` on
+    the full logits). The ``kd_sum`` handed to the trainer folds the label-level KL in with its
+    relative weight, so the trainer's logged ``loss`` is the optimised loss; the two parts are
+    accumulated as device scalars (:meth:`take_sums`) that ride the step's one all-reduce.
+    """
+
+    ignore_index = -100
+
     def __init__(self, kind="forward_kl", beta=0.5, alpha=0.1, temperature=1.0, kd_weight=1.0,
                  label_kd_weight=1.0, ce_weight=1.0, vocab_size=None, impl="auto"):
         from distill.losses.objective import DistillObjective
@@ -126,19 +139,102 @@ class ICLDistLoss:
         self.kd_weight, self.label_kd_weight, self.ce_weight = kd_weight, label_kd_weight, ce_weight
         self.vocab_size, self.impl = vocab_size, impl
         self.ce = DistillObjective(kind=kind, ce_weight=ce_weight, kd_weight=0.0, vocab_size=vocab_size, impl=impl)
+        self._sums: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_config(cls, loss_cfg, vocab_size=None) -> "ICLDistLoss":
         return cls(loss_cfg.kind, loss_cfg.beta, loss_cfg.alpha, loss_cfg.temperature, loss_cfg.kd_weight,
                    loss_cfg.label_kd_weight, loss_cfg.ce_weight, vocab_size)
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, targets: BatchTargets, normalizer) -> ICLDistLossOutput:
-        from distill.losses import divergence
-
+    def _check_temperature(self, targets: BatchTargets) -> None:
         if targets.temperature is not None and targets.temperature != float(self.T):
             raise ValueError(
                 f"ICLDistLoss at temperature {float(self.T)} got teacher targets at temperature "
                 f"{targets.temperature}: the teacher's top-k must be taken at the loss's temperature")
+
+    # -- the trainer's objective protocol --------------------------------------------------------------
+    def _fold(self, ce_sum, kd_sum, lkd_sum, n_tokens, loss):
+        from distill.losses.objective import LossOutput
+
+        for name, v in (("token_kd", kd_sum), ("label_kd", lkd_sum)):
+            v = v.detach().double()
+            self._sums[name] = self._sums[name] + v if name in self._sums else v
+        ratio = self.label_kd_weight / self.kd_weight
+        return LossOutput(loss, ce_sum, kd_sum.detach() + ratio * lkd_sum.detach(), n_tokens)
+
+    def take_sums(self) -> dict[str, torch.Tensor]:
+        """The step's summed token-level and label-level KD (device scalars); resets them."""
+        out, self._sums = self._sums, {}
+        return out
+
+    def __call__(self, logits, targets: BatchTargets, labels, normalizer):
+        """``kd.path=logits``: the trainer's call on the full logits."""
+        out = self.compute(logits, labels, targets, normalizer)
+        return self._fold(out.ce_sum, out.kd_sum, out.label_kd_sum, out.n_tokens, out.loss)
+
+    def lean_request(self, index: torch.Tensor, targets_tok: torch.Tensor, targets: BatchTargets, normalizer):
+        """``kd.path=lean``: ``index`` [N] flat supervised positions, ``targets_tok`` [N] their tokens;
+        ``targets`` the batch's teacher targets (the ICLDist backend's ``rows`` returns them whole).
+        Inside the head: CE on the N rows, top-k KD on the token-level rows among them, label-level KL
+        from the label words' head rows at the classification positions; no [rows x V] logits."""
+        from distill.losses.lean import LossRequest, linear_distill, topk_rows
+
+        self._check_temperature(targets)
+        dev = index.device
+        n_rows, seq_len = targets.batch_shape
+        # flat position -> its row among the supervised ones; every token-level or label position is a
+        # supervised one by construction (distill.icldist.data.student_example)
+        where = torch.full((n_rows * seq_len,), -1, dtype=torch.long, device=dev)
+        where[index] = torch.arange(index.numel(), device=dev)
+        kd_sel = kd_teacher = None
+        if targets.topk is not None and self.kd_weight:
+            flat = (targets.kd_rows.to(dev).reshape(-1) != -100).nonzero().squeeze(1)
+            kd_sel = where[flat]
+            kd_teacher = topk_rows(targets.topk.to(dev), flat)
+        lab_sel = None
+        if targets.label_rows.numel() and self.label_kd_weight:
+            r = targets.label_rows.to(dev)
+            lab_sel = where[r[:, 0] * seq_len + r[:, 1]]
+        t2 = self.T * self.T
+        kw = dict(kind=self.kind, beta=self.beta, alpha=self.alpha, temperature=self.T, vocab_size=self.vocab_size)
+
+        def compute(rows, weight, bias):
+            ce_total, _, ce_sum = linear_distill(rows, weight, bias, None, targets_tok, ce_weight=self.ce_weight,
+                                                 kd_weight=0.0, **kw)
+            total, kd_sum = ce_total, ce_total.new_zeros(())
+            if kd_sel is not None:
+                kd_total, kd_sum, _ = linear_distill(rows.index_select(0, kd_sel), weight, bias, kd_teacher,
+                                                     targets_tok.index_select(0, kd_sel), ce_weight=0.0,
+                                                     kd_weight=self.kd_weight * t2, **kw)
+                total = total + kd_total
+            lkd_sum = ce_total.new_zeros(())
+            if lab_sel is not None:
+                ids = targets.student_label_ids.to(dev)
+                w_lab = weight[ids.clamp_min(0)]  # [N, Lmax, H]: the label words' head rows only
+                s_lab = torch.einsum("nh,nlh->nl", rows.index_select(0, lab_sel).to(w_lab.dtype), w_lab)
+                if bias is not None:
+                    s_lab = s_lab + bias[ids.clamp_min(0)]
+                pos = torch.arange(ids.shape[1], device=dev).expand_as(ids)
+                lkd_sum = label_kl(s_lab, torch.where(ids < 0, -1, pos), targets.teacher_label_logprobs.to(dev),
+                                   temperature=self.T, reduction="sum")
+                total = total + self.label_kd_weight * t2 * lkd_sum
+            norm = torch.as_tensor(normalizer, dtype=torch.float32, device=dev).clamp_min(1)
+            request.parts = (ce_sum, kd_sum.detach(), lkd_sum.detach())
+            return total / norm, None, None
+
+        request = LossRequest(index, compute)
+        return request
+
+    def lean_output(self, loss, request):
+        ce_sum, kd_sum, lkd_sum = request.parts
+        n = torch.tensor(request.index.numel(), device=loss.device)
+        return self._fold(ce_sum, kd_sum, lkd_sum, n, loss.reshape(()))
+
+    # -- the loss on full logits ---------------------------------------------------------------------
+    def compute(self, logits: torch.Tensor, labels: torch.Tensor, targets: BatchTargets, normalizer) -> ICLDistLossOutput:
+        from distill.losses import divergence
+
+        self._check_temperature(targets)
         ce = self.ce(logits, None, labels, normalizer)
         norm = torch.as_tensor(normalizer, dtype=torch.float32, device=logits.device).clamp_min(1)
         zero = logits.new_zeros((), dtype=torch.float32)
@@ -158,3 +254,7 @@ class ICLDistLoss:
         t2 = self.T * self.T
         loss = ce.loss + (self.kd_weight * t2 * kd_sum + self.label_kd_weight * t2 * lkd_sum) / norm
         return ICLDistLossOutput(loss, ce.ce_sum, kd_sum.detach(), lkd_sum.detach(), ce.n_tokens)
+
+    def __repr__(self) -> str:
+        return (f"ICLDistLoss(kind={self.kind}, T={self.T}, ce_weight={self.ce_weight}, kd_weight={self.kd_weight}, "
+                f"label_kd_weight={self.label_kd_weight})")

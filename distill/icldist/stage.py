@@ -22,9 +22,7 @@ import torch
 from distill.icldist.config import STAGES, ICLDistConfig
 
 # ---------------------------------------------------------------------------------------------------
-# Run state shared by the registered dataset/backend factories (one ICLDist run per process)
-
-_RUN: "ICLDistRun | None" = None
+# Run state: held by the run's ICLDistHooks, which the registered factories reach as ctx.hooks
 
 
 @dataclass
@@ -188,7 +186,7 @@ def _cache_complete(root: Path) -> bool:
 # Trainer plug-ins
 
 
-def _prepare(cfg_run, tokenizer, ctx) -> ICLDistRun:
+def _prepare(run: ICLDistRun, tokenizer, ctx) -> ICLDistRun:
     """Everything the dataset and the backend need, on every rank (called from the dataset factory)."""
     from distill.dist import env as distenv
     from distill.icldist.cache import TeacherCache
@@ -196,9 +194,6 @@ def _prepare(cfg_run, tokenizer, ctx) -> ICLDistRun:
     from distill.icldist.online import CachedTargets, OnlineTargets, close_teacher
     from distill.icldist.targets import label_token_ids
 
-    run = _RUN
-    if run is None:
-        raise RuntimeError("the icldist dataset/backend are used through distill.icldist.stage (launchers/icldist.py)")
     if run.examples:
         return run
     cfg = run.cfg
@@ -267,10 +262,10 @@ class ICLDistBackend:
     """Teacher backend: a batch -> :class:`BatchTargets` (top-k online with prefetch, or cached)."""
 
     softcap = None
+    topk_ids_checked = True  # checked where they enter: cache shards and service replies
 
     def __init__(self, run: ICLDistRun):
         self.run = run
-        self.wait_s = 0.0
 
     def prefetch(self, batch: dict) -> None:
         self.run.targets.prefetch(batch["example_id"].tolist())
@@ -286,8 +281,20 @@ class ICLDistBackend:
                      classification=run.cfg.icl.classification)
         return t.to(batch["input_ids"].device)
 
+    def rows(self, batch: dict, index):
+        """``kd.path=lean``: the batch's targets whole (small: k ids per position); the ICLDist
+        objective picks its token-level and label rows among the supervised ones itself."""
+        return self(batch)
+
     def close(self) -> None:
         self.run.targets.close()
+
+
+def _require_hooks(ctx) -> "ICLDistHooks":
+    if not isinstance(ctx.hooks, ICLDistHooks):
+        raise RuntimeError("the icldist dataset and teacher backend run through distill.icldist.stage "
+                           "(launchers/icldist.py), which passes the run's ICLDistHooks to the trainer")
+    return ctx.hooks
 
 
 def _register() -> None:
@@ -298,81 +305,55 @@ def _register() -> None:
 
     @register_dataset("icldist")
     def _dataset(cfg, tokenizer, ctx):
-        return ICLDistDataset(_prepare(cfg, tokenizer, ctx), tokenizer.pad_token_id)
+        return ICLDistDataset(_prepare(_require_hooks(ctx).run, tokenizer, ctx), tokenizer.pad_token_id)
 
     @register_teacher_backend("icldist")
     def _backend(cfg, ctx):
-        return ICLDistBackend(_RUN)
+        return ICLDistBackend(_require_hooks(ctx).run)
 
 
-class _ObjectiveAdapter:
-    """The trainer's objective call ``(logits, teacher_out, labels, normalizer)`` on ICLDistLoss.
+class ICLDistHooks:
+    """ICLDist's plug-ins to the core trainer (distill.trainer.TrainerHooks): the run state for the
+    registered ``icldist`` dataset and backend, the :class:`~distill.icldist.loss.ICLDistLoss`
+    objective, the teacher's prefetch depth, and the logged split of the KD term (label-level /
+    token-level, summed on the device, read with the step's one sync) and the teacher wait."""
 
-    ``kd_sum`` reported to the trainer folds the label-level KL in with its relative weight, so the
-    trainer's logged ``loss`` is exactly the optimised loss; the split is logged separately."""
+    def __init__(self, run: ICLDistRun):
+        self.run = run
+        self.prefetch_depth = run.cfg.teacher.prefetch
+        self.loss = None
+        self._wait0 = self._t0 = 0.0
 
-    def __init__(self, loss, run: ICLDistRun):
-        self.loss, self.run = loss, run
-        self.label_kd_sum = 0.0
-        self.token_kd_sum = 0.0
+    def objective(self, trainer):
+        from distill.icldist.loss import ICLDistLoss
 
-    def __call__(self, logits, teacher_out, labels, normalizer):
-        from distill.losses.objective import LossOutput
+        k = self.run.cfg.kd
+        self.loss = ICLDistLoss(kind=k.kind, beta=k.beta, alpha=k.alpha, temperature=k.temperature,
+                                kd_weight=k.kd_weight, label_kd_weight=self.run.cfg.icl.label_kd_weight,
+                                ce_weight=k.ce_weight, vocab_size=trainer.vocab_size, impl=k.impl)
+        _print0(f"objective: {self.loss!r} classification={self.run.cfg.icl.classification} path={k.path}")
+        return self.loss
 
-        out = self.loss(logits, labels, teacher_out, normalizer)
-        ratio = self.loss.label_kd_weight / self.loss.kd_weight
-        self.label_kd_sum += float(out.label_kd_sum)
-        self.token_kd_sum += float(out.kd_sum)
-        return LossOutput(out.loss, out.ce_sum, out.kd_sum + ratio * out.label_kd_sum, out.n_tokens)
+    def begin_step(self) -> None:
+        self._wait0, self._t0 = self.run.targets.wait_s, time.perf_counter()
 
-    def __repr__(self) -> str:
-        l_ = self.loss
-        return (f"ICLDistLoss(kind={l_.kind}, T={l_.T}, ce_weight={l_.ce_weight}, kd_weight={l_.kd_weight}, "
-                f"label_kd_weight={l_.label_kd_weight}, classification={self.run.cfg.icl.classification})")
+    def step_sums(self) -> dict:
+        return self.loss.take_sums()
+
+    def end_step(self, rec: dict, sums: dict) -> None:
+        wait = self.run.targets.wait_s - self._wait0
+        rec["teacher_wait_s"] = wait  # this rank's
+        rec["teacher_wait_frac"] = wait / max(time.perf_counter() - self._t0, 1e-9)
+        n = max(rec["response_tokens"], 1)
+        rec["label_kd"] = sums.get("label_kd", 0.0) / n  # all ranks, per response token
+        rec["token_kd"] = sums.get("token_kd", 0.0) / n
 
 
 def make_trainer(run: ICLDistRun, argv=None):
     from distill.trainer import Trainer
 
-    class ICLDistTrainer(Trainer):
-        def setup(self):
-            super().setup()
-            from distill.icldist.loss import ICLDistLoss
-
-            k = run.cfg.kd
-            loss = ICLDistLoss(kind=k.kind, beta=k.beta, alpha=k.alpha, temperature=k.temperature,
-                               kd_weight=k.kd_weight, label_kd_weight=run.cfg.icl.label_kd_weight,
-                               ce_weight=k.ce_weight, vocab_size=self.vocab_size, impl=k.impl)
-            self.objective = _ObjectiveAdapter(loss, run)
-            _print0(f"objective: {self.objective!r}")
-            self._prefetch_depth = run.cfg.teacher.prefetch
-            return self
-
-        def _prefetch(self, step, m, batch=None):
-            # The core prefetches one micro-batch ahead; look teacher.prefetch micro-batches ahead
-            # (0 = no prefetch: each batch's request is sent when it is needed).
-            if self._prefetch_depth == 0:
-                return
-            super()._prefetch(step, m, batch)
-            ga = self.cfg.train.grad_accum
-            for d in range(1, self._prefetch_depth):
-                s, mm = divmod(step * ga + m + d, ga)
-                super()._prefetch(s, mm)
-
-        def train_step(self, step, micro=None):
-            w0, l0, k0 = run.targets.wait_s, self.objective.label_kd_sum, self.objective.token_kd_sum
-            t0 = time.perf_counter()
-            rec = super().train_step(step, micro)
-            dt = time.perf_counter() - t0
-            wait = run.targets.wait_s - w0
-            rec["teacher_wait_s"] = wait
-            rec["teacher_wait_frac"] = wait / max(dt, 1e-9)
-            n = max(rec["response_tokens"], 1)
-            rec["label_kd"] = (self.objective.label_kd_sum - l0) / n  # this rank's share, per response token
-            rec["token_kd"] = (self.objective.token_kd_sum - k0) / n
-            return rec
-
-    return ICLDistTrainer(run.cfg.trainer_config(), argv=argv)
+    _register()
+    return Trainer(run.cfg.trainer_config(), argv=argv, hooks=ICLDistHooks(run))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -456,13 +437,11 @@ def _data_note(cfg: ICLDistConfig) -> str:
 
 
 def run_from_argv(argv: list[str]) -> int:
-    global _RUN
     cfg, stage, rest = parse_args(argv)
     t_start = time.time()
     out_dir = Path(cfg.run.out_dir)
     rank = int(os.environ.get("RANK", "0"))
     run = ICLDistRun(cfg=cfg, out_dir=out_dir)
-    _RUN = run
 
     if stage == "prompts":
         if rank == 0:
@@ -489,7 +468,6 @@ def run_from_argv(argv: list[str]) -> int:
         write_report(run, export, teacher_path=run.teacher_path if cfg.report.teacher else None)
         return 0
 
-    _register()
     trainer = make_trainer(run, argv=rest)
     try:
         trainer.setup()

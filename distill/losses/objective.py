@@ -227,6 +227,40 @@ class DistillObjective:
             n_tokens=mask.sum().detach(),
         )
 
+    def lean_request(self, index: torch.Tensor, targets: torch.Tensor, teacher, normalizer):
+        """The lean path (:mod:`distill.losses.lean`): a :class:`~distill.losses.lean.LossRequest` for
+        the student's :class:`~distill.losses.lean.LeanHead`, computing this objective on the
+        supervised rows only. ``index`` [N] (flat positions) and ``targets`` [N] from
+        :func:`~distill.losses.lean.supervised_rows`; ``teacher``: None, a TopKTeacher ``[N, k]`` or a
+        HiddenTeacher at the same rows. The head's returned loss is already divided by the normalizer;
+        :meth:`lean_output` turns it and the request into a :class:`LossOutput`."""
+        from distill.losses.lean import LossRequest, linear_distill
+
+        use_kd = teacher is not None
+        impl = "triton" if resolve_impl(self.impl, index) == "triton" else "torch"
+
+        def compute(rows, weight, bias):
+            total, kd_sum, ce_sum = linear_distill(
+                rows, weight, bias, teacher, targets, kind=self.kind, beta=self.beta, alpha=self.alpha,
+                temperature=self.temperature, ce_weight=self.ce_weight,
+                kd_weight=self.kd_scale if use_kd else 0.0, vocab_size=self.vocab_size,
+                student_softcap=self.student_softcap, teacher_softcap=self.teacher_softcap,
+                chunk_tokens=self.chunk_tokens, impl=impl)
+            if isinstance(normalizer, torch.Tensor):
+                norm = normalizer.to(device=total.device, dtype=torch.float32).clamp_min(1.0)
+            else:
+                norm = float(max(normalizer, 1))
+            return total / norm, kd_sum, ce_sum
+
+        return LossRequest(index, compute)
+
+    @staticmethod
+    def lean_output(loss: torch.Tensor, request) -> LossOutput:
+        """LossOutput of a lean step: ``loss`` as the model forward returned it (under ZeRO-3 wrapped
+        by its backward hooks: that tensor, not the request's own, goes to backward)."""
+        return LossOutput(loss=loss.reshape(()), ce_sum=request.ce_sum, kd_sum=request.kd_sum,
+                          n_tokens=torch.tensor(request.index.numel(), device=loss.device))
+
     def __repr__(self) -> str:
         return (
             f"DistillObjective(kind={self.kind!r}, beta={self.beta}, alpha={self.alpha}, "

@@ -29,14 +29,29 @@ def _args(out, teacher, student, *extra):
     ]
 
 
-def test_online_train_then_report(tmp_path, micro_teacher_dir, micro_student_dir, tiny_tokenizer):
-    from distill.icldist import stage
+def _record_targets(monkeypatch) -> list:
+    """The OnlineTargets each run builds (what its top-k is requested with)."""
+    import distill.icldist.online as online
+
+    seen = []
+
+    class Recorded(online.OnlineTargets):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen.append(self)
+
+    monkeypatch.setattr(online, "OnlineTargets", Recorded)
+    return seen
+
+
+def test_online_train_then_report(tmp_path, micro_teacher_dir, micro_student_dir, tiny_tokenizer, monkeypatch):
     from distill.icldist.stage import run_from_argv
 
+    seen = _record_targets(monkeypatch)
     out = tmp_path / "run"
     assert run_from_argv(_args(out, micro_teacher_dir, micro_student_dir)) == 0
     # the top-k was asked at the KD temperature over the teacher tokenizer's real vocabulary
-    assert (stage._RUN.targets.temperature, stage._RUN.targets.vocab_size) == (1.0, len(tiny_tokenizer))
+    assert [(t.temperature, t.vocab_size) for t in seen] == [(1.0, len(tiny_tokenizer))]
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2, 3]
     for r in recs:
@@ -84,15 +99,15 @@ def test_cache_stage_then_train_without_teacher(tmp_path, micro_teacher_dir, mic
                             "--report.enabled=false"))
 
 
-def test_kd_temperature_2_online_then_cached(tmp_path, micro_teacher_dir, micro_student_dir):
+def test_kd_temperature_2_online_then_cached(tmp_path, micro_teacher_dir, micro_student_dir, monkeypatch):
     """At T != 1 the teacher's top-k is asked (online) and cached at T, and the losses accept it."""
-    from distill.icldist import stage
     from distill.icldist.stage import run_from_argv
 
+    seen = _record_targets(monkeypatch)
     t2 = ("--kd.temperature=2.0", "--train.steps=2", "--report.enabled=false")
     online, cached = tmp_path / "online", tmp_path / "cached"
     assert run_from_argv(_args(online, micro_teacher_dir, micro_student_dir, *t2)) == 0
-    assert stage._RUN.targets.temperature == 2.0
+    assert [t.temperature for t in seen] == [2.0]
     assert run_from_argv(_args(cached, micro_teacher_dir, micro_student_dir, *t2, "--stage", "cache")) == 0
     assert json.loads((cached / "teacher_cache" / "manifest.json").read_text())["temperature"] == 2.0
     assert run_from_argv(_args(cached, micro_teacher_dir, micro_student_dir, *t2, "--teacher.source=cache")) == 0

@@ -123,10 +123,10 @@ def test_assemble_keeps_the_teacher_temperature_and_refuses_a_mix():
     logits = torch.randn(2, 12, V)
     labels = torch.full((2, 12), -100)
     labels[:, 6:] = torch.arange(6)
-    out = ICLDistLoss(temperature=T)(logits, labels, tg, 12)
+    out = ICLDistLoss(temperature=T).compute(logits, labels, tg, 12)
     assert out.kd_sum > 0 and out.label_kd_sum > 0
     with pytest.raises(ValueError, match=r"ICLDistLoss at temperature 1\.0 got teacher targets at temperature 2\.0"):
-        ICLDistLoss(temperature=1.0)(logits, labels, tg, 12)
+        ICLDistLoss(temperature=1.0).compute(logits, labels, tg, 12)
     mixed = [topks[0], TopKTeacher.from_logits(torch.randn(1, V), k, temperature=1.0)]
     with pytest.raises(ValueError, match=r"mixes temperatures \[1\.0, 2\.0\]"):
         assemble(ex, ["fine-grained", "classification"], mixed, 12, teacher_label_ids=[[], [3, 4]], teacher_vocab=V)
@@ -164,7 +164,52 @@ def test_label_level_batch_across_tokenizers(small_prompts, tiny_tokenizer, othe
     from distill.losses.objective import count_targets
 
     loss = ICLDistLoss(ce_weight=0.5, label_kd_weight=1.0)
-    out = loss(logits, batch["labels"], tg, count_targets(batch["labels"]))
+    out = loss.compute(logits, batch["labels"], tg, count_targets(batch["labels"]))
     assert math.isfinite(out.loss.item()) and out.label_kd_sum > 0 and out.kd_sum == 0
     out.loss.backward()
     assert student.lm_head.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("classification", ["label", "token"])
+def test_icldist_lean_equals_full_logits(classification):
+    """The ICLDist objective inside the student's head (kd.path=lean: supervised rows, the label words'
+    head rows) equals it on the full logits: loss, its three parts, and the hidden / head gradients."""
+    from distill.icldist.loss import ICLDistLoss, assemble
+    from distill.losses.lean import supervised_rows
+
+    torch.manual_seed(5)
+    V, Vs, H, k, T = 64, 70, 12, 8, 2.0
+    ex = _examples([3, 1])
+    topks = [TopKTeacher.from_logits(torch.randn(3, V), k, temperature=T),
+             TopKTeacher.from_logits(torch.randn(1, V), k, temperature=T)]
+    tg = assemble(ex, ["fine-grained", "classification"], topks, 12, teacher_label_ids=[[], [3, 4]],
+                  teacher_vocab=V, classification=classification)
+    labels = torch.full((2, 12), -100)
+    labels[:, 6:] = torch.arange(6)
+    hidden = torch.randn(2, 12, H)
+    weight = torch.randn(Vs, H) * 0.5
+
+    def run(lean: bool):
+        loss = ICLDistLoss(kind="jsd", beta=0.3, temperature=T, ce_weight=0.7, kd_weight=1.2, label_kd_weight=0.8,
+                           vocab_size=V)
+        h = hidden.clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(True)
+        if lean:
+            index, targets = supervised_rows(labels)
+            req = loss.lean_request(index, targets, tg, 9)
+            out = loss.lean_output(req(h, w, None), req)
+        else:
+            out = loss(h @ w.t(), tg, labels, 9)
+        (out.loss * 1.3).backward()
+        return out, loss.take_sums(), h.grad, w.grad
+
+    (a, sa, ha, wa), (b, sb, hb, wb) = run(True), run(False)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+    for x, y in ((a.ce_sum, b.ce_sum), (a.kd_sum, b.kd_sum), (sa["label_kd"], sb["label_kd"]),
+                 (sa["token_kd"], sb["token_kd"])):
+        torch.testing.assert_close(x.double(), y.double(), rtol=1e-5, atol=1e-6)
+    assert float(sb["token_kd"]) > 0 and (classification == "token" or float(sb["label_kd"]) > 0)
+    assert int(a.n_tokens) == int(b.n_tokens)
+    torch.testing.assert_close(ha, hb, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(wa, wb, rtol=1e-4, atol=1e-6)
+    assert torch.count_nonzero(wa[V:]) == 0

@@ -88,16 +88,17 @@ def test_a_head_that_is_not_lm_head_of_the_final_hidden_is_refused(tiny_assets, 
 
 def test_bad_ids_from_a_teacher_backend_are_refused_before_the_loss(tiny_assets, padded_pair, tmp_path):
     from distill.teacher.output import TopKIdError, TopKTeacher
-    from distill.trainer import TEACHER_BACKENDS, ColocatedTeacher, register_teacher_backend
+    from distill.trainer import TEACHER_BACKENDS, ColocatedTeacher, TeacherBackend, register_teacher_backend
 
     @register_teacher_backend("test-bad-ids")
     class BadIds(ColocatedTeacher):
         topk_ids_checked = False
+        rows = TeacherBackend.rows  # the generic one: this backend's __call__ output at the supervised rows
 
         def __call__(self, batch):
             t = super().__call__(batch)
             ids = t.ids.clone()
-            ids[0, -2, 3] = padded_pair["vocab"] + 5  # a padded row: not a token
+            ids[:, :, 3] = padded_pair["vocab"] + 5  # a padded row: not a token
             return TopKTeacher(ids=ids, logprobs=t.logprobs, tail_mass=t.tail_mass, temperature=t.temperature)
 
     try:

@@ -69,16 +69,16 @@ def test_nan_stops_without_poisoned_checkpoint(tiny_assets, tmp_path):
     from distill.trainer import TrainingDiverged
 
     tr = _trainer(tiny_assets, tmp_path / "run", train={"steps": 6, "warmup_steps": 0}, checkpoint={"every": 2})
-    inner = tr.objective
+    inner = tr.objective.lean_output  # the default kd.path=lean builds each micro-batch's LossOutput here
 
-    def poisoned(logits, teacher, labels, norm):
-        out = inner(logits, teacher, labels, norm)
+    def poisoned(loss, request):
+        out = inner(loss, request)
         if tr.step == 3:  # the 4th optimizer step
             out.loss = out.loss * float("nan")
             out.ce_sum = out.ce_sum * float("nan")
         return out
 
-    tr.objective = poisoned
+    tr.objective.lean_output = poisoned
     with pytest.raises(TrainingDiverged, match="at step 4") as e:
         tr.train()
     assert "step_00000002" in str(e.value)

@@ -1,0 +1,189 @@
+"""Sequence packing: a micro-batch's examples laid end to end in as few rows as possible.
+
+``pack_collate(items, pad_id, max_len)`` takes the same items as :func:`distill.data.sft.collate`
+and returns a batch whose forward gives every example exactly its unpacked logits, and whose
+labels give the objective exactly the unpacked targets (same ``count_targets``, same CE/KD sums).
+
+Layout. Rows hold at most ``max(max_len, longest item)`` tokens (first-fit decreasing; an item
+longer than ``max_len`` that is the longest fills a row of its own); the batch is as wide as its
+fullest row. Per row::
+
+    input_ids     a0 a1 a2 b0 b1 | pad pad          (pad tail: pad_id)
+    position_ids   0  1  2  0  1 |   0   1          (restart at 0 at each example AND at the pad tail)
+    labels       -100 .. ..-100 .. | -100 -100      (each example's first label masked)
+
+Labels: HF convention (``labels[t]`` is token t; the objective shifts them left by one). Unpacked,
+nothing predicts an example's first token (it is at position 0, or after padding). Packed, the
+previous example's last hidden state would, so every example's first label is set to -100; the
+shifted targets are then exactly the unpacked ones (``tests/data/test_packing.py`` checks it).
+
+How transformers (5.x, checked on 5.24) keeps packed examples apart, from ``position_ids`` alone:
+
+* sdpa / eager / flex: ``masking_utils._preprocess_mask_arguments`` calls
+  ``find_packed_sequence_indices(position_ids)`` ONLY when ``attention_mask is None`` (and there is
+  no cache). A new sequence starts wherever ``diff(position_ids) != 1``; ``create_causal_mask`` then
+  ANDs the causal mask (remapped onto the position ids, ``remap_positions_for_packed_sequence``)
+  with "same sequence" (``packed_sequence_mask_function``): a block-diagonal causal mask. Any 2-D
+  ``attention_mask``, even all ones, switches the detection off and the examples of a row attend
+  to each other silently. Hence the batch has NO ``attention_mask``; pass
+  ``attention_mask=batch.get("attention_mask")`` (None) or leave it out. "No cache" bites too:
+  ``LlamaModel.forward`` (Qwen2 alike) creates a ``DynamicCache`` when ``use_cache`` is true, and
+  ``use_cache`` defaults to ``config.use_cache`` (True in Llama/Qwen2 configs; forced off only
+  under gradient checkpointing in training), so the forward needs ``use_cache=False``. When no row
+  holds more than one sequence the function returns None and the plain causal mask, then correct
+  too, is used.
+* flash_attention_2/3 (``modeling_flash_attention_utils._flash_attention_forward``): without an
+  attention mask it takes the varlen path from ``position_ids`` only if ``_is_packed_sequence``,
+  which requires ``batch_size == 1``; with several rows it runs plain causal flash attention over
+  each whole row, mixing its examples. So for flash with more than one row, also pass
+  :func:`flash_attn_kwargs` (``cu_seq_lens_q/k``, ``max_length_q/k`` over the flattened
+  ``[R * W]`` layout: the ``is_fa_with_varlen_kwargs`` path, which flattens q/k/v and reshapes the
+  output back to ``[R, W]``). They equal what ``prepare_fa_kwargs_from_position_ids`` derives from
+  the flattened position ids, and sdpa/eager ignore them. The position ids still travel down for
+  RoPE.
+
+The pad tail restarts at 0 (0, 1, 2, ...), making it a sequence of its own under both rules. The
+one harmful choice is a negative value (e.g. -1): flash's position-id path
+(``prepare_fa_kwargs_from_position_ids``) marks sequence starts where ``position_ids ==
+position_ids.min()``, so negative pad positions would make the pad tokens the only starts and merge
+the real examples into one sequence.
+Continuing the last example's count would also be safe (the pad is causally after every real
+token and its labels are -100), but a separate sequence keeps the last example's flash segment
+exactly its own length. Position ids stay below the row width, so a model with learned absolute
+positions needs ``max_position_embeddings >= W`` as it does unpacked.
+
+Consumers (the trainer): pass ``position_ids`` and ``use_cache=False`` to the student AND the
+teacher forward, with no attention mask; take the loss normalizer from
+``count_targets(batch["labels"])`` as before; ``n_tokens`` counts real (input) tokens, for
+throughput. Per-example tensors in the unpacked
+layout (a cached teacher's top-k, say) map onto the packed one with :func:`pack_like`, and back
+with :func:`unpack`; ``pack_index[i] = (row, offset, length)`` of item i.
+"""
+
+from __future__ import annotations
+
+from distill.data.sft import IGNORE_INDEX
+
+
+def plan_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: item indices per row, each row's total length <= ``capacity``.
+
+    Ties keep item order (stable sort), so the plan depends only on the lengths; within a row,
+    items are listed in their original order."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = lengths[i]
+        for r, left in enumerate(free):
+            if n <= left:
+                rows[r].append(i)
+                free[r] -= n
+                break
+        else:
+            rows.append([i])
+            free.append(capacity - n)
+    return [sorted(r) for r in rows]
+
+
+def pack_collate(items: list[dict], pad_id: int, max_len: int) -> dict:
+    """Pack ``items`` (dicts with ``input_ids`` and ``labels`` lists) into rows of at most
+    ``max(max_len, longest item)`` tokens (see the module docstring).
+
+    Returns ``input_ids``, ``labels``, ``position_ids`` LongTensors [R, W] (W: the fullest row),
+    ``n_tokens`` (int, real tokens), ``pack_index`` (per item: (row, offset, length)) and every
+    other key of the items as a list in item order. There is deliberately no ``attention_mask``.
+    """
+    import torch
+
+    if not items:
+        raise ValueError("pack_collate: the micro-batch is empty")
+    if max_len < 1:
+        raise ValueError(f"pack_collate: max_len must be >= 1, got {max_len}")
+    lengths = []
+    for i, it in enumerate(items):
+        n, m = len(it["input_ids"]), len(it["labels"])
+        if n == 0 or n != m:
+            raise ValueError(f"pack_collate: item {i} has {n} input_ids and {m} labels "
+                             "(expected the same, non-zero, number)")
+        lengths.append(n)
+    capacity = max(max_len, max(lengths))
+    plan = plan_rows(lengths, capacity)
+    width = max(sum(lengths[i] for i in row) for row in plan)
+
+    ids = torch.full((len(plan), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(plan), width), IGNORE_INDEX, dtype=torch.long)
+    pos = torch.empty((len(plan), width), dtype=torch.long)
+    index: list[tuple[int, int, int] | None] = [None] * len(items)
+    for r, row in enumerate(plan):
+        off = 0
+        for i in row:
+            n = lengths[i]
+            ids[r, off:off + n] = torch.as_tensor(items[i]["input_ids"], dtype=torch.long)
+            labels[r, off:off + n] = torch.as_tensor(items[i]["labels"], dtype=torch.long)
+            # Nothing predicts an example's first token unpacked; packed, the previous example would.
+            labels[r, off] = IGNORE_INDEX
+            pos[r, off:off + n] = torch.arange(n)
+            index[i] = (r, off, n)
+            off += n
+        pos[r, off:] = torch.arange(width - off)  # the pad tail: a sequence of its own (>= 0)
+
+    batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "n_tokens": sum(lengths),
+             "pack_index": index}
+    for k in items[0]:
+        if k not in batch and k != "attention_mask":  # a mask would switch packing detection off
+            batch[k] = [it.get(k) for it in items]
+    return batch
+
+
+def flash_attn_kwargs(batch: dict) -> dict:
+    """``cu_seq_lens_q/k`` (int32, over the flattened [R * W] tokens; the pad tail of a row is a
+    sequence of its own) and ``max_length_q/k`` (ints) for transformers' flash-attention varlen
+    path; needed there when the batch has more than one row (module docstring)."""
+    import torch
+
+    rows, width = batch["input_ids"].shape
+    starts: list[list[int]] = [[] for _ in range(rows)]
+    for r, off, _ in batch["pack_index"]:
+        starts[r].append(off)
+    cu, longest = [], 0
+    for r in range(rows):
+        used = sum(n for rr, _, n in batch["pack_index"] if rr == r)
+        bounds = sorted(starts[r]) + ([used] if used < width else [])
+        for a, b in zip(bounds, bounds[1:] + [width]):
+            cu.append(r * width + a)
+            longest = max(longest, b - a)
+    cu.append(rows * width)
+    t = torch.tensor(cu, dtype=torch.int32, device=batch["input_ids"].device)
+    return {"cu_seq_lens_q": t, "cu_seq_lens_k": t, "max_length_q": longest, "max_length_k": longest}
+
+
+def unpack(x, pack_index, fill=0):
+    """Packed ``x`` [R, W, ...] -> unpacked [B, L, ...] (collate's right-padded layout, L the
+    longest item), padding with ``fill``."""
+    import torch
+
+    width = max(n for _, _, n in pack_index)
+    out = torch.full((len(pack_index), width, *x.shape[2:]), fill, dtype=x.dtype, device=x.device)
+    for b, (r, off, n) in enumerate(pack_index):
+        out[b, :n] = x[r, off:off + n]
+    return out
+
+
+def pack_like(x, batch: dict, fill=0):
+    """Unpacked ``x`` [B, L, ...] (collate's layout) -> the packed layout [R, W, ...] of ``batch``,
+    ``fill`` on the pad tail. Positions only: labels need :func:`pack_collate`'s first-token mask."""
+    import torch
+
+    rows, width = batch["input_ids"].shape
+    out = torch.full((rows, width, *x.shape[2:]), fill, dtype=x.dtype, device=x.device)
+    for b, (r, off, n) in enumerate(batch["pack_index"]):
+        out[r, off:off + n] = x[b, :n]
+    return out
+
+
+def packing_stats(batch: dict) -> dict:
+    """rows, width, tokens (real) and fill (real tokens / (rows * width)) of a packed batch."""
+    rows, width = batch["input_ids"].shape
+    return {"rows": rows, "width": width, "tokens": batch["n_tokens"],
+            "fill": batch["n_tokens"] / (rows * width)}

@@ -1,0 +1,323 @@
+"""The lean KD step: the student's final hidden states at the supervised positions in, loss out.
+
+Nothing of size [tokens x V] exists on this path, for the student or the teacher:
+
+1. The supervised rows are chosen first, on the host, from the batch's CPU labels
+   (:func:`supervised_rows`: the flat positions whose shifted label is not ``ignore_index``, and
+   their targets). Prompt and padding positions never reach a vocabulary-sized computation.
+2. The student body runs as usual; its lm_head (:class:`LeanHead`, the model's own ``nn.Linear``
+   with the same parameters and state-dict keys) receives the final hidden states ``[B, L, H]``
+   and, while a :class:`LossRequest` is pending, returns the micro-batch's loss instead of logits:
+   it picks the supervised rows ``[N, H]`` and runs :func:`linear_distill` over them, a chunk of
+   rows at a time: ``logits_c = rows_c @ W[:vocab].T`` (input dtype), then CE + KD and the
+   gradient of the chunk in one pass (the same per-chunk math as the full-logits objective,
+   :func:`distill.losses.divergences._chunk`), then ``dL/drows_c = g @ W`` and
+   ``dL/dW += g.T @ rows_c`` (fp32 accumulator). The gradients are formed in the forward; the
+   backward only scales them by the upstream gradient.
+3. The teacher is given at the same rows: a :class:`~distill.teacher.output.TopKTeacher`
+   ``[N, k]``, or a :class:`HiddenTeacher` (its final hidden states ``[N, Ht]`` and a context
+   manager that yields its head), whose logits are computed inside the same chunk loop.
+
+ZeRO-3: the loss runs inside the head module's own forward, so DeepSpeed's module hooks gather the
+partitioned (possibly tied) lm_head before it and release it after; in backward the same hooks
+gather it again, the returned [V, H] gradient reaches the partitioned parameter and ZeRO
+reduce-scatters it as for any layer. No full copy of the weight is kept beyond the op.
+
+CUDA with ``impl`` triton: the chunk loop is :func:`distill_kernels.fused_linear_kd.fused_linear_kd`
+(Triton divergence kernels, CE in the same pass); elsewhere the torch loop below. Both equal the
+full-logits objective on the same rows (tests/losses/test_lean.py, tests/trainer/test_lean_path.py).
+
+Host syncs: the row selection is computed from CPU labels (no device sync); none in the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from distill.losses.divergences import _Cfg, _chunk, _Params, default_chunk_tokens
+from distill.teacher.output import TopKTeacher
+
+
+def supervised_rows(labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index [N] long, targets [N] long)``: flat positions ``b * L + t`` of ``labels [B, L]`` whose
+    next token is supervised (``labels[b, t + 1] != ignore_index``) and those next tokens. Call it on
+    the CPU labels (no device sync), then move both to the device."""
+    nxt = torch.full_like(labels, ignore_index)
+    nxt[:, :-1] = labels[:, 1:]
+    flat = nxt.reshape(-1)
+    index = (flat != ignore_index).nonzero().squeeze(1)
+    return index, flat[index]
+
+
+@dataclass
+class HiddenTeacher:
+    """A full-distribution teacher at the supervised rows: its final hidden states ``[N, Ht]`` and
+    ``head()``, a context manager yielding ``(weight [Vt, Ht], bias or None)`` for the duration of
+    the loss (under ZeRO-3: gathered by ``GatheredParameters`` and released on exit). ``scale``
+    and ``softcap`` reproduce the model's own logit transform (``logits * scale``, then
+    ``cap * tanh(x / cap)``)."""
+
+    hidden: torch.Tensor
+    head: Callable[[], Any]
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def index_rows(self, index: torch.Tensor) -> "HiddenTeacher":
+        return HiddenTeacher(self.hidden.index_select(0, index), self.head, self.scale, self.softcap)
+
+
+def topk_rows(t: TopKTeacher, index: torch.Tensor) -> TopKTeacher:
+    """The rows ``index`` of a top-k teacher ``[B, L, k]`` (flattened positions) as ``[N, k]``."""
+    k = t.k
+    return TopKTeacher(ids=t.ids.reshape(-1, k).index_select(0, index),
+                       logprobs=t.logprobs.reshape(-1, k).index_select(0, index),
+                       tail_mass=None if t.tail_mass is None else t.tail_mass.reshape(-1).index_select(0, index),
+                       temperature=t.temperature)
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        acc.addmm_(a, b)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+class LinearDistillFunction(torch.autograd.Function):
+    """``total = ce_weight * CE_sum + kd_weight * KD_sum`` over the rows, from hidden rows and the head.
+
+    forward(rows [N, H], weight [Vf, H], bias [Vf] or None, teacher, targets [N], cfg, vocab, chunk,
+    scale) returns (total, kd_sum, ce_sum), fp32 scalars; only ``total`` is differentiable. The
+    head's rows ``vocab:`` (padded embedding rows) get zero gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, teacher, targets, cfg, vocab, chunk, scale):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        need = need_h or need_w or need_b
+        n = rows.shape[0]
+        dev = rows.device
+        w = weight[:vocab]
+        b = None if bias is None else bias[:vocab]
+        grad_h = torch.zeros_like(rows) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=dev) if need_b else None
+        kd_sum = torch.zeros((), dtype=torch.float32, device=dev)
+        ce_sum = torch.zeros((), dtype=torch.float32, device=dev)
+        mask_all = torch.ones(min(chunk, max(n, 1)), dtype=torch.bool, device=dev)
+        with contextlib.ExitStack() as stack:
+            t_w = t_b = None
+            if isinstance(teacher, HiddenTeacher):
+                t_w, t_b = stack.enter_context(teacher.head())
+                t_w = t_w[:vocab]
+                t_b = None if t_b is None else t_b[:vocab]
+            for c0 in range(0, n, chunk):
+                c1 = min(n, c0 + chunk)
+                h_c = rows[c0:c1]
+                s = torch.nn.functional.linear(h_c, w, b)
+                if scale != 1.0:
+                    s = s.mul_(scale)
+                t_c = None
+                if isinstance(teacher, HiddenTeacher):
+                    t_c = torch.nn.functional.linear(teacher.hidden[c0:c1], t_w, t_b)
+                    if teacher.scale != 1.0:
+                        t_c = t_c.mul_(teacher.scale)
+                elif isinstance(teacher, TopKTeacher):
+                    t_c = (teacher.ids[c0:c1], teacher.logprobs[c0:c1],
+                           None if teacher.tail_mass is None else teacher.tail_mass[c0:c1])
+                elif teacher is not None:  # teacher logits at the rows [N, Vt]
+                    t_c = teacher[c0:c1, :vocab]
+                kd, ce, g = _chunk(s, t_c, targets[c0:c1], mask_all[:c1 - c0], cfg, need)
+                del s, t_c
+                if kd is not None:
+                    kd_sum += kd.sum()
+                ce_sum += ce.sum()
+                if g is None:
+                    continue
+                if scale != 1.0:
+                    g.mul_(scale)
+                if need_h:
+                    grad_h[c0:c1] = (g if rows.dtype == torch.float32 else g.to(rows.dtype)) @ w
+                if need_w:
+                    _accumulate(grad_w[:vocab], g.t(), h_c)
+                if need_b:
+                    grad_b[:vocab] += g.sum(0)
+                del g
+        total = cfg.ce_weight * ce_sum + cfg.kd_weight * kd_sum
+        ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.w_dtype = weight.dtype
+        ctx.b_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(kd_sum, ce_sum)
+        return total, kd_sum, ce_sum
+
+    @staticmethod
+    def backward(ctx, grad_total, _gk, _gc):
+        if ctx.grads is None:
+            raise RuntimeError("linear_distill: the gradient formed in the forward was consumed by a first "
+                               "backward; retain_graph=True is not supported")
+        grad_h, grad_w, grad_b = ctx.grads
+        ctx.grads = None
+        if grad_h is not None:
+            grad_h = grad_h.mul_(grad_total)
+        if grad_w is not None:
+            grad_w = grad_w.mul_(grad_total).to(ctx.w_dtype)
+        if grad_b is not None:
+            grad_b = grad_b.mul_(grad_total).to(ctx.b_dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
+def linear_distill(
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    teacher,
+    targets: torch.Tensor,
+    *,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    ce_weight: float = 1.0,
+    kd_weight: float = 1.0,
+    vocab_size: int | None = None,
+    scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    chunk_tokens: int | None = None,
+    impl: str = "torch",
+):
+    """``(total, kd_sum, ce_sum)`` over supervised ``rows [N, H]`` with ``targets [N]``.
+
+    ``total = ce_weight * CE_sum + kd_weight * KD_sum`` (the caller passes kd_weight * T^2);
+    ``teacher``: None (CE only), logits ``[N, Vt]``, a :class:`TopKTeacher` ``[N, k]`` at the
+    temperature of use, or a :class:`HiddenTeacher` at the same rows. ``vocab_size``: the tokenizer's real vocabulary (head
+    rows beyond it are padding on both sides). ``scale`` / ``student_softcap``: the student's own
+    logit transform; ``teacher_softcap``: the cap still to apply to teacher logits given as a tensor
+    ``[N, Vt]`` (a HiddenTeacher carries its own). ``impl="triton"`` (CUDA) runs the chunk loop in the fused Triton kernel.
+    """
+    from distill.losses.divergences import _check_teacher, _effective_kind
+
+    vocab = int(vocab_size or weight.shape[0])
+    if weight.dim() != 2 or weight.shape[1] != rows.shape[-1]:
+        raise ValueError(f"lm_head weight {tuple(weight.shape)} must be [V, H] with H = {rows.shape[-1]} "
+                         f"(under ZeRO-3 call it inside the head module's forward, where the weight is gathered)")
+    if vocab > weight.shape[0]:
+        raise ValueError(f"vocab_size={vocab} exceeds the student's {weight.shape[0]} head rows")
+    if rows.dim() != 2 or targets.shape != rows.shape[:1]:
+        raise ValueError(f"rows {tuple(rows.shape)} and targets {tuple(targets.shape)}: expected [N, H] and [N]")
+    if isinstance(teacher, TopKTeacher):
+        _check_teacher(teacher, temperature)
+        if teacher.ids.shape[0] != rows.shape[0]:
+            raise ValueError(f"top-k teacher has {teacher.ids.shape[0]} rows, the student {rows.shape[0]}")
+        if teacher.k > vocab:
+            raise ValueError(f"top-k teacher k={teacher.k} exceeds the vocabulary size {vocab}")
+    elif isinstance(teacher, HiddenTeacher):
+        if teacher.hidden.shape[0] != rows.shape[0]:
+            raise ValueError(f"teacher hidden has {teacher.hidden.shape[0]} rows, the student {rows.shape[0]}")
+        if teacher.hidden.requires_grad:
+            raise ValueError("teacher hidden states require grad: compute them under torch.no_grad()")
+    elif isinstance(teacher, torch.Tensor):
+        _check_teacher(teacher, temperature)
+        if teacher.dim() != 2 or teacher.shape[0] != rows.shape[0] or teacher.shape[1] < vocab:
+            raise ValueError(f"teacher logits {tuple(teacher.shape)} must be [N={rows.shape[0]}, >= {vocab}]")
+    elif teacher is not None:
+        raise TypeError(f"teacher must be None, logits [N, V], a TopKTeacher or a HiddenTeacher, "
+                        f"got {type(teacher).__name__}")
+    if impl == "triton":
+        fast = _triton_linear_distill(rows, weight, bias, teacher, targets, kind=kind, beta=beta, alpha=alpha,
+                                      temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight,
+                                      vocab=vocab, scale=scale, softcap=student_softcap, chunk_tokens=chunk_tokens)
+        if fast is not None:
+            return fast
+    cfg = _Cfg(kind=_effective_kind(kind, beta), prm=_Params(float(beta), float(alpha)),
+               temperature=float(temperature), student_softcap=student_softcap,
+               teacher_softcap=teacher.softcap if isinstance(teacher, HiddenTeacher) else teacher_softcap,
+               kd_weight=float(kd_weight) if teacher is not None else 0.0, ce_weight=float(ce_weight))
+    chunk = int(chunk_tokens or default_chunk_tokens(vocab))
+    return LinearDistillFunction.apply(rows, weight, bias, teacher, targets, cfg, vocab, chunk, float(scale))
+
+
+def _triton_linear_distill(rows, weight, bias, teacher, targets, *, kind, beta, alpha, temperature, ce_weight,
+                           kd_weight, vocab, scale, softcap, chunk_tokens):
+    """The fused Triton op where it applies (no bias, logit scale or softcap on either side, teacher
+    not given as logits); None where it does not, and the torch loop runs."""
+    if bias is not None or scale != 1.0 or softcap is not None or isinstance(teacher, torch.Tensor):
+        return None
+    if isinstance(teacher, HiddenTeacher) and (teacher.scale != 1.0 or teacher.softcap is not None):
+        return None
+    from distill_kernels.fused_linear_kd import fused_linear_kd
+
+    kw = dict(kind=kind, beta=beta, alpha=alpha, temperature=temperature, reduction="sum",
+              chunk_tokens=chunk_tokens, ce_weight=ce_weight, kd_weight=kd_weight if teacher is not None else 0.0,
+              vocab_size=vocab, return_parts=True)
+    if isinstance(teacher, HiddenTeacher):
+        with teacher.head() as (t_w, t_b):
+            if t_b is not None:
+                return None
+            return fused_linear_kd(rows, weight, (teacher.hidden, t_w), targets, **kw)
+    return fused_linear_kd(rows, weight, teacher, targets, **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# The student's head
+
+
+class LossRequest:
+    """One micro-batch's loss, computed by :class:`LeanHead` from the hidden states it receives.
+
+    ``compute(rows, weight, bias) -> (total, kd_sum, ce_sum)`` is called with the supervised rows
+    ``hidden.reshape(-1, H)[index]``; the head returns ``total`` (what the model forward then
+    returns as its ``logits``), and keeps ``kd_sum`` / ``ce_sum`` here."""
+
+    def __init__(self, index: torch.Tensor, compute: Callable):
+        self.index, self.compute = index, compute
+        self.kd_sum = self.ce_sum = None
+
+    def __call__(self, hidden: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.index)
+        total, self.kd_sum, self.ce_sum = self.compute(rows, weight, bias)
+        return total
+
+
+class LeanHead(torch.nn.Linear):
+    """The student's lm_head with the loss folded in. An ``nn.Linear`` (same parameters, names and
+    state dict; generation and evaluation see plain logits); while :meth:`pending` holds a
+    :class:`LossRequest`, the next forward returns that request's loss instead of logits. Running in
+    the module's own forward is what lets ZeRO-3's hooks gather and release the (tied) weight."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear's signature
+        req = self.__dict__.pop("_lean_request", None)
+        if req is None:
+            return super().forward(input)
+        return req(input, self.weight, self.bias)
+
+    @contextlib.contextmanager
+    def pending(self, request: LossRequest):
+        self.__dict__["_lean_request"] = request
+        try:
+            yield request
+        except BaseException:
+            self.__dict__.pop("_lean_request", None)
+            raise
+        if self.__dict__.pop("_lean_request", None) is not None:
+            raise RuntimeError("the model's forward did not call its lm_head on the final hidden states: "
+                               "kd.path=lean cannot serve this architecture; use kd.path=logits")
+
+
+def install_lean_head(model: torch.nn.Module, what: str) -> LeanHead:
+    """Turn the model's output embedding (an ``nn.Linear``) into a :class:`LeanHead` in place: the
+    same module object, parameters and hooks; only its forward gains the pending-request branch.
+    Call it before the DeepSpeed engine is built."""
+    head = model.get_output_embeddings()
+    if isinstance(head, LeanHead):
+        return head
+    if type(head) is not torch.nn.Linear:
+        raise ValueError(f"{what}: kd.path=lean needs an nn.Linear lm_head, this model has "
+                         f"{type(head).__name__}; use kd.path=logits")
+    head.__class__ = LeanHead
+    return head
