@@ -5,19 +5,24 @@ What varies is registered, not copied:
 
 * teacher backends (``register_teacher_backend(name)``): turn a batch into teacher logits
   ``[B, L, V]`` or a :class:`~distill.teacher.output.TopKTeacher` ``[B, L, k]`` aligned with the
-  batch's ``input_ids`` positions. Optional ``prefetch(batch)`` is called exactly once per
-  micro-batch, one micro-batch ahead of its use (async backends start the request there);
-  ``close()`` at the end. Built in: ``colocated`` (the teacher lives in this process, partitioned by
+  batch's ``input_ids`` positions; ``rows(batch, index)`` gives the teacher at the flat supervised
+  positions only (``kd.path=lean``). Optional ``prefetch(batch)`` is called exactly once per
+  micro-batch, ahead of its use (async backends start the request there); ``close()`` at the end. Built in: ``colocated`` (the teacher lives in this process, partitioned by
   an inference-only ZeRO-3 engine of its own under ZeRO-3).
 * datasets (``register_dataset(name)``): ``factory(cfg, tokenizer, ctx)`` returns an object with
   ``__len__`` and ``__getitem__`` -> dict with ``input_ids`` and ``labels`` lists (plus any
   pass-through keys, e.g. ``example_id``) and optionally ``collate(items) -> batch``. Built in:
   ``sft`` (:mod:`distill.data.sft`).
+* a stage's :class:`TrainerHooks` (``Trainer(cfg, hooks=...)``): its objective, prefetch depth and
+  logged device sums (ICLDist).
 
 The step: the rank's ``grad_accum`` micro-batches are drawn first, their response tokens counted
 and all-reduced once (the normaliser N of the whole optimizer step), then each micro-batch runs
-teacher forward (no grad) -> student forward -> ``DistillObjective(...)`` (sum / N) -> backward;
-the engine applies AdamW at the window's end. One more all-reduce carries the logged sums.
+the teacher (no grad) -> the student -> the objective (sum / N) -> backward; the engine applies AdamW
+at the window's end. One more all-reduce carries the logged sums. With ``kd.path=lean`` (default)
+the supervised rows are chosen first and the loss is computed inside the student's lm_head forward
+from their hidden states (:mod:`distill.losses.lean`); ``kd.path=logits`` runs the objective on the
+models' full logits.
 """
 
 from __future__ import annotations
