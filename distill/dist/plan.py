@@ -1,0 +1,556 @@
+"""Memory and traffic planner for the teacher placement (issue 15 item 5): shapes in, per-GPU bytes out.
+
+    python -m distill.dist.plan --teacher Qwen/Qwen2.5-72B-Instruct --student Qwen/Qwen2.5-1.5B-Instruct \\
+        --gpus 16 --gpu-mem 80 [--gpus-per-node 8] [--seq 4096 --micro-batch 1] [--teacher-dtype bf16|int8|int4] [--json]
+
+Reads the two models' shapes (a folder with ``config.json``, or a hub name from ``PUBLISHED`` below:
+there is no hub access here, so the published configs are built in; no weights are read) and, for
+each teacher placement x student ZeRO stage, prints the per-GPU memory, whether it fits
+``--gpu-mem``, the collective traffic per optimizer step and the part of it that crosses nodes,
+then recommends one placement. Units: GB = 1e9 bytes.
+
+Placements:
+  partitioned  the teacher is a ZeRO-3 inference engine over all GPUs (``deepspeed.teacher_zero3``)
+  replicated   a full teacher copy on every GPU (bf16, or int8 / int4 through bitsandbytes)
+  ray          the teacher on its own GPUs as pipeline shards (``distill.teacher.ray_service``
+               layout, one GPU per shard, the fewest shards that fit), serving top-k; the other GPUs
+               train the student
+
+Computed (exact from the shapes): parameter counts; bytes of weights, optimizer states, the fp32
+head-gradient accumulator and the logits chunk; collective bytes. Estimated (a model, not a
+measurement): activations, the inference working set, the fixed reserve; docs/scaling.md has the
+formulas. The planner models memory and communication only, not compute time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+GB = 1e9
+BF16 = 2
+
+# Bytes per parameter of a quantized nn.Linear weight (bitsandbytes; embeddings, norms, biases and
+# lm_head stay bf16: bitsandbytes only replaces nn.Linear and skips lm_head by default).
+# int8 (LLM.int8): 1 byte + per-row fp32 scales + an allowance of ~6% for the fp16 outlier columns
+# (threshold 6.0) and rounding; int4 (NF4, no double quantization): 0.5 byte + one fp32 absmax per
+# block of 64 = 0.5 + 4/64.
+QUANT_BYTES = {"bf16": 2.0, "int8": 1.06, "int4": 0.5625}
+
+# ZeRO paper (Rajbhandari et al. 2020), mixed-precision AdamW: 2 (bf16 weights) + 2 (bf16 grads)
+# + 12 (fp32 master weights, momentum, variance) bytes per parameter.
+W_BYTES, G_BYTES, OPT_BYTES = 2, 2, 12
+
+TOPK_BYTES_PER_ID = 4 + 4  # int32 id + fp32 log-prob (TopKTeacher), per kept id
+TOKEN_ID_BYTES = 8  # int64 input ids sent to the teacher service
+
+# Chunk tensors of [rows x V] fp32 alive at once in the lean step (distill/losses/divergences.py,
+# DEFAULT_CHUNK_BYTES comment): ~5 with a full-distribution teacher, ~3 with a top-k teacher.
+CHUNK_TENSORS_FULL, CHUNK_TENSORS_TOPK = 5, 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The shape of a Llama/Qwen2-style decoder (RMSNorm, GQA attention, SwiGLU MLP)."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool  # lm_head shares the input embedding
+    head_dim: int
+    qkv_bias: bool  # biases on q/k/v projections (Qwen2)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def attn_linear(self) -> int:
+        q = self.heads * self.head_dim
+        return self.hidden * q + 2 * self.hidden * self.kv_dim + q * self.hidden
+
+    def mlp_linear(self) -> int:
+        return 3 * self.hidden * self.intermediate  # gate, up, down
+
+    def layer_small(self) -> int:
+        """Per-layer parameters outside the nn.Linear weights: 2 RMSNorm weights + q/k/v biases."""
+        return 2 * self.hidden + ((self.heads * self.head_dim + 2 * self.kv_dim) if self.qkv_bias else 0)
+
+    def layer_params(self) -> int:
+        return self.attn_linear() + self.mlp_linear() + self.layer_small()
+
+    def embed_params(self) -> int:
+        return self.vocab * self.hidden
+
+    def head_params(self) -> int:
+        """lm_head parameters not shared with the embedding (0 when tied)."""
+        return 0 if self.tied else self.vocab * self.hidden
+
+    @property
+    def params(self) -> int:
+        return self.embed_params() + self.layers * self.layer_params() + self.hidden + self.head_params()
+
+    @property
+    def linear_params(self) -> int:
+        """Parameters in the decoder layers' nn.Linear weights (what bitsandbytes quantizes)."""
+        return self.layers * (self.attn_linear() + self.mlp_linear())
+
+    def weight_bytes(self, dtype: str = "bf16") -> float:
+        return self.linear_params * QUANT_BYTES[dtype] + (self.params - self.linear_params) * BF16
+
+
+def _s(name, hidden, inter, layers, heads, kv, vocab, tied, head_dim=None, qkv_bias=False) -> Shape:
+    return Shape(name, hidden, inter, layers, heads, kv, vocab, tied, head_dim or hidden // heads, qkv_bias)
+
+
+def _published() -> dict[str, Shape]:
+    """Published config.json shapes (huggingface.co/<name>/blob/main/config.json); base and
+    -Instruct share the shape."""
+    table = [
+        ("Qwen/Qwen2.5-0.5B", 896, 4864, 24, 14, 2, 151936, True),
+        ("Qwen/Qwen2.5-1.5B", 1536, 8960, 28, 12, 2, 151936, True),
+        ("Qwen/Qwen2.5-3B", 2048, 11008, 36, 16, 2, 151936, True),
+        ("Qwen/Qwen2.5-7B", 3584, 18944, 28, 28, 4, 152064, False),
+        ("Qwen/Qwen2.5-14B", 5120, 13824, 48, 40, 8, 152064, False),
+        ("Qwen/Qwen2.5-32B", 5120, 27648, 64, 40, 8, 152064, False),
+        ("Qwen/Qwen2.5-72B", 8192, 29568, 80, 64, 8, 152064, False),
+        ("meta-llama/Llama-3.2-1B", 2048, 8192, 16, 32, 8, 128256, True),
+        ("meta-llama/Llama-3.2-3B", 3072, 8192, 28, 24, 8, 128256, True),
+        ("meta-llama/Llama-3.1-8B", 4096, 14336, 32, 32, 8, 128256, False),
+        ("meta-llama/Llama-3.1-70B", 8192, 28672, 80, 64, 8, 128256, False),
+    ]
+    out: dict[str, Shape] = {}
+    for name, *dims in table:
+        for n in (name, name + "-Instruct"):
+            out[n] = _s(n, *dims, qkv_bias=name.startswith("Qwen/"))
+    # Same shapes under the other published names.
+    for alias, src in (("meta-llama/Meta-Llama-3.1-8B", "meta-llama/Llama-3.1-8B"),
+                       ("meta-llama/Meta-Llama-3.1-70B", "meta-llama/Llama-3.1-70B")):
+        for suffix in ("", "-Instruct"):
+            out[alias + suffix] = _s(alias + suffix, *_dims(out[src + suffix]))
+    out["meta-llama/Llama-3.3-70B-Instruct"] = _s("meta-llama/Llama-3.3-70B-Instruct", *_dims(out["meta-llama/Llama-3.1-70B"]))
+    return out
+
+
+def _dims(s: Shape) -> tuple:
+    return (s.hidden, s.intermediate, s.layers, s.heads, s.kv_heads, s.vocab, s.tied, s.head_dim, s.qkv_bias)
+
+
+PUBLISHED = _published()
+
+
+class PlanError(ValueError):
+    """A user error of the planner (unknown model, bad flag); printed as one line."""
+
+
+def _from_config(name: str, cfg) -> Shape:
+    get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+    text = get("text_config")  # multimodal wrappers keep the decoder under text_config
+    if text is not None:
+        cfg = text
+        get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+    try:
+        hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
+        shape = Shape(
+            name=name, hidden=hidden, intermediate=int(get("intermediate_size")),
+            layers=int(get("num_hidden_layers")), heads=heads,
+            kv_heads=int(get("num_key_value_heads") or heads), vocab=int(get("vocab_size")),
+            # PretrainedConfig's default is tied; Llama/Qwen2 configs set it explicitly.
+            tied=bool(get("tie_word_embeddings", True)),
+            head_dim=int(get("head_dim") or hidden // heads),
+            # Qwen2 has q/k/v biases without a config key; Llama-style configs say attention_bias.
+            qkv_bias=bool(get("attention_bias", get("model_type") == "qwen2")),
+        )
+    except (TypeError, ValueError) as e:
+        raise PlanError(f"{name}: config.json lacks a decoder shape key ({e}); need hidden_size, intermediate_size, "
+                        f"num_hidden_layers, num_attention_heads, vocab_size") from None
+    return shape
+
+
+def load_shape(name_or_path: str) -> Shape:
+    """A folder with config.json (read through transformers.AutoConfig, plain JSON if it does not
+    know the model type), else a name of ``PUBLISHED``."""
+    p = Path(name_or_path)
+    if (p / "config.json").is_file():
+        try:
+            from transformers import AutoConfig
+            cfg = AutoConfig.from_pretrained(str(p))
+        except (ImportError, ValueError, KeyError, OSError):
+            cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
+        return _from_config(str(p), cfg)
+    if name_or_path in PUBLISHED:
+        return PUBLISHED[name_or_path]
+    lower = {k.lower(): v for k, v in PUBLISHED.items()}
+    if name_or_path.lower() in lower:
+        return lower[name_or_path.lower()]
+    raise PlanError(f"unknown model {name_or_path!r}: not a folder with config.json and not a built-in shape; "
+                    f"known: {', '.join(PUBLISHED)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory
+# ----------------------------------------------------------------------------------------------
+
+
+def student_states(s: Shape, stage: int, n: int) -> float:
+    """Bytes per GPU of weights + grads + AdamW states at ZeRO ``stage`` over ``n`` ranks (ZeRO paper)."""
+    p = s.params
+    if stage == 0:
+        return p * (W_BYTES + G_BYTES + OPT_BYTES)
+    if stage == 1:
+        return p * (W_BYTES + G_BYTES) + p * OPT_BYTES / n
+    if stage == 2:
+        return p * W_BYTES + p * (G_BYTES + OPT_BYTES) / n
+    return p * (W_BYTES + G_BYTES + OPT_BYTES) / n
+
+
+def train_activations(s: Shape, tokens: int, seq: int, micro: int, ckpt: bool, attn: str) -> float:
+    """Estimated bytes the student keeps for backward (bf16, no dropout), after Korthikanti et al.
+    2022 redone for RMSNorm + GQA + SwiGLU. Per layer ``tokens x (12h + 4*kv_dim + 8i)``: two norm
+    inputs (4h), the q-proj input, q and attention output (6h), k and v (4*kv_dim), the MLP input
+    (2h), gate, up, silu(gate) and their product (8i); eager attention adds ``6 * heads * seq^2 *
+    micro`` (fp32 softmax output + bf16 probabilities). With checkpointing only each layer's input
+    (2h) stays, plus one layer recomputed in backward."""
+    per_layer = tokens * (12 * s.hidden + 4 * s.kv_dim + 8 * s.intermediate)
+    if attn == "eager":
+        per_layer += 6 * s.heads * seq * seq * micro
+    final = tokens * 2 * s.hidden * 2  # final norm input + the hidden states into the lean head
+    if ckpt:
+        return s.layers * tokens * 2 * s.hidden + per_layer + final
+    return s.layers * per_layer + final
+
+
+def infer_working_set(s: Shape, tokens: int) -> float:
+    """Estimated transient bytes of a no-grad forward: one layer's intermediates alive at a time
+    (hidden, normed input, q, attention out: 4h; k, v; gate, up, product: 3i), bf16, plus the final
+    hidden states kept for the loss."""
+    return tokens * BF16 * (4 * s.hidden + 2 * s.kv_dim + 3 * s.intermediate) + tokens * BF16 * s.hidden
+
+
+def chunk_rows(vocab: int) -> int:
+    from distill.losses.divergences import default_chunk_tokens  # the loss's own chunking rule
+    return default_chunk_tokens(vocab)
+
+
+def head_working_set(s: Shape, full_teacher: bool) -> tuple[float, float]:
+    """(fp32 [V x H] head-gradient accumulator, the chunk's fp32 [rows x V] tensors) in bytes."""
+    acc = s.vocab * s.hidden * 4
+    chunk = chunk_rows(s.vocab) * s.vocab * 4 * (CHUNK_TENSORS_FULL if full_teacher else CHUNK_TENSORS_TOPK)
+    return acc, chunk
+
+
+def largest_gather(s: Shape) -> int:
+    """Parameters gathered at once under ZeRO-3: a decoder layer or the (tied) head, whichever is larger."""
+    return max(s.layer_params(), s.vocab * s.hidden)
+
+
+def ray_shards(t: Shape, dtype: str, mem: float, batch_tokens: int, max_shards: int) -> tuple[int, float] | None:
+    """The fewest pipeline shards (one GPU each) whose largest shard fits ``mem`` bytes, and that
+    shard's bytes; None if no count up to ``max_shards`` fits."""
+    from distill.teacher.shard import split_layers  # the service's own split
+    per_layer_bytes = (t.attn_linear() + t.mlp_linear()) * QUANT_BYTES[dtype] + t.layer_small() * BF16
+    head_bytes = t.vocab * t.hidden * BF16
+    for n in range(1, min(max_shards, t.layers) + 1):
+        worst = 0.0
+        for i, (a, b) in enumerate(split_layers(t.layers, n)):
+            w = (b - a) * per_layer_bytes
+            if i == 0:
+                w += t.embed_params() * BF16
+            if i == n - 1:
+                # final norm + lm_head (a tied head is a second copy of the embedding on this stage) + the top-k chunk
+                w += t.hidden * BF16 + head_bytes + chunk_rows(t.vocab) * t.vocab * 4 * CHUNK_TENSORS_TOPK
+            worst = max(worst, w + infer_working_set(t, batch_tokens))
+        if worst <= mem:
+            return n, worst
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Traffic: a flat ring per collective
+# ----------------------------------------------------------------------------------------------
+
+
+def ring_bytes(size: float, n: int) -> float:
+    """Bytes each rank sends in a ring all-gather or reduce-scatter of ``size`` bytes over ``n`` ranks."""
+    return size * (n - 1) / n if n > 1 else 0.0
+
+
+def ring_internode(size: float, n: int, nodes: int) -> float:
+    """Bytes crossing node boundaries, all links together, for one all-gather / reduce-scatter of
+    ``size`` bytes over ``n`` ranks on ``nodes`` nodes: the ring, ordered by node, crosses ``nodes``
+    node boundaries and every ring link carries ``size * (n-1)/n``."""
+    return nodes * ring_bytes(size, n) if nodes > 1 else 0.0
+
+
+def nodes_of(ranks: range, gpn: int) -> int:
+    return len({r // gpn for r in ranks})
+
+
+def student_traffic(s: Shape, stage: int, n: int, nodes: int, accum: int) -> tuple[float, float]:
+    """(per-GPU bytes, inter-node bytes) of the student's collectives per optimizer step (bf16):
+    stage 0 all-reduce of grads at the boundary (= 2 ring passes); stage 1 reduce-scatter of grads
+    at the boundary + all-gather of the updated weights; stage 2 reduce-scatter every micro-batch +
+    the weight all-gather; stage 3 per micro-batch forward all-gather, backward all-gather and
+    gradient reduce-scatter."""
+    size = s.params * BF16
+    passes = {0: 2, 1: 2, 2: accum + 1, 3: 3 * accum}[stage]
+    return passes * ring_bytes(size, n), passes * ring_internode(size, n, nodes)
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    placement: str
+    stage: int
+    student_gpus: int
+    teacher_gpus: int  # GPUs only for the teacher (ray), else 0
+    student_states: float  # computed
+    teacher_weights: float  # computed (per student GPU)
+    gathered: float  # computed: ZeRO-3 gathered weights (largest layer or head, teacher and/or student)
+    head_acc: float  # computed: fp32 [V x H] accumulator
+    head_chunk: float  # computed: fp32 chunk tensors
+    activations: float  # estimate, no checkpointing
+    activations_ckpt: float  # estimate, gradient checkpointing
+    teacher_act: float  # estimate: teacher forward working set on a student GPU
+    reserve: float  # allowance
+    total: float
+    total_ckpt: float
+    fits: str  # yes | ckpt (only with gradient checkpointing) | no | n/a
+    comm_gpu: float  # computed: bytes a student GPU sends per optimizer step
+    internode: float  # computed: bytes over inter-node links per optimizer step, all links
+    flops_gpu: float = 0.0  # estimate: FLOPs per optimizer step on the busiest GPU (2P/token forward, 6P/token train)
+    teacher_shard_mem: float = 0.0  # ray: the largest shard's bytes (weights computed + working set estimate)
+    note: str = ""
+
+
+def _na(placement: str, stage: int, note: str) -> Row:
+    zero = {f.name: 0.0 for f in fields(Row) if f.type == "float"}
+    return Row(placement=placement, stage=stage, student_gpus=0, teacher_gpus=0, fits="n/a", note=note, **zero)
+
+
+def plan(teacher: Shape, student: Shape, *, gpus: int, gpu_mem: float, gpus_per_node: int = 8, seq: int = 4096,
+         micro_batch: int = 1, grad_accum: int = 1, teacher_dtype: str = "bf16", attn: str = "flash",
+         topk: int = 64, teacher_batch_tokens: int = 16384, reserve: float = 6.0) -> dict:
+    """Every placement x stage row and the recommendation, as one JSON-ready dict (bytes, not GB)."""
+    if gpus < 1 or gpus_per_node < 1 or seq < 1 or micro_batch < 1 or grad_accum < 1:
+        raise PlanError(f"--gpus {gpus}, --gpus-per-node {gpus_per_node}, --seq {seq}, --micro-batch {micro_batch}, "
+                        f"--grad-accum {grad_accum} must all be >= 1")
+    if teacher_dtype not in QUANT_BYTES:
+        raise PlanError(f"--teacher-dtype {teacher_dtype!r}: one of {', '.join(QUANT_BYTES)}")
+    mem, res = gpu_mem * GB, reserve * GB
+    tokens = seq * micro_batch
+    gpn = min(gpus_per_node, gpus)
+    nodes = math.ceil(gpus / gpn)
+    act = train_activations(student, tokens, seq, micro_batch, False, attn)
+    act_ck = train_activations(student, tokens, seq, micro_batch, True, attn)
+    rows: list[Row] = []
+
+    def add(placement, stage, n, t_gpus, t_weights, t_gather, t_act, full_teacher, comm_extra, inter_extra, note="",
+            shard_mem=0.0):
+        stu_flops = grad_accum * tokens * 6 * student.params
+        if t_gpus:  # ray: the pipeline shards share the teacher forward of all n student ranks
+            flops = max(stu_flops, grad_accum * tokens * n * 2 * teacher.params / t_gpus)
+        else:
+            flops = stu_flops + grad_accum * tokens * 2 * teacher.params
+        states = student_states(student, stage, n)
+        gathered = t_gather + (largest_gather(student) * BF16 if stage == 3 and n > 1 else 0.0)
+        acc, chunk = head_working_set(student, full_teacher)
+        base = states + t_weights + gathered + acc + chunk + t_act + res
+        total, total_ck = base + act, base + act_ck
+        fits = "yes" if total <= mem else "ckpt" if total_ck <= mem else "no"
+        s_comm, s_inter = student_traffic(student, stage, n, nodes_of(range(n), gpn), grad_accum)
+        rows.append(Row(placement, stage, n, t_gpus, states, t_weights, gathered, acc, chunk, act, act_ck, t_act, res,
+                        total, total_ck, fits, s_comm + comm_extra, s_inter + inter_extra, flops, shard_mem, note))
+
+    # partitioned: ZeRO-3 inference engine over all GPUs; every micro-batch gathers the whole teacher.
+    t_bf16 = teacher.weight_bytes("bf16")
+    for stage in range(4):
+        if teacher_dtype != "bf16":
+            rows.append(_na("partitioned", stage, "ZeRO-3 partitions float weights; no int8/int4"))
+            continue
+        add("partitioned", stage, gpus, 0, t_bf16 / gpus, largest_gather(teacher) * BF16 if gpus > 1 else 0.0,
+            infer_working_set(teacher, tokens), True,
+            grad_accum * ring_bytes(t_bf16, gpus), grad_accum * ring_internode(t_bf16, gpus, nodes))
+    # replicated: a full copy per GPU, no teacher traffic.
+    for stage in range(4):
+        add("replicated", stage, gpus, 0, teacher.weight_bytes(teacher_dtype), 0.0,
+            infer_working_set(teacher, tokens), True, 0.0, 0.0)
+    # ray: the fewest pipeline shards that fit, on the last GPUs; the rest train the student.
+    found = ray_shards(teacher, teacher_dtype, mem - res, teacher_batch_tokens, gpus - 1) if gpus > 1 else None
+    for stage in range(4):
+        if found is None:
+            why = "needs >= 2 GPUs" if gpus < 2 else f"the teacher does not fit {gpus - 1} shard GPUs"
+            rows.append(_na("ray", stage, why))
+            continue
+        t_n, shard_mem = found
+        n = gpus - t_n
+        t_ranks = range(n, gpus)
+        # per micro-batch of every student rank: ids in, hidden states across each stage boundary, top-k back
+        hops = sum(1 for r in t_ranks[:-1] if r // gpn != (r + 1) // gpn)
+        first_node, last_node = t_ranks[0] // gpn, t_ranks[-1] // gpn
+        ids_b, hid_b, topk_b = tokens * TOKEN_ID_BYTES, tokens * teacher.hidden * BF16, tokens * (topk * TOPK_BYTES_PER_ID + 4)
+        remote_in = sum(1 for r in range(n) if r // gpn != first_node)
+        remote_out = sum(1 for r in range(n) if r // gpn != last_node)
+        inter = grad_accum * (remote_in * ids_b + n * hops * hid_b + remote_out * topk_b)
+        add("ray", stage, n, t_n, 0.0, 0.0, 0.0, False, grad_accum * (ids_b + topk_b), inter,
+            note=f"teacher: {t_n} pipeline shard GPU(s), top-{topk}", shard_mem=shard_mem)
+
+    rec = recommend(rows)
+    return {
+        "teacher": {**asdict(teacher), "params": teacher.params, "weight_bytes": teacher.weight_bytes(teacher_dtype),
+                    "dtype": teacher_dtype},
+        "student": {**asdict(student), "params": student.params, "weight_bytes": student.weight_bytes("bf16")},
+        "setup": {"gpus": gpus, "gpus_per_node": gpn, "nodes": nodes, "gpu_mem_gb": gpu_mem, "seq": seq,
+                  "micro_batch": micro_batch, "grad_accum": grad_accum, "attn": attn, "topk": topk,
+                  "teacher_batch_tokens": teacher_batch_tokens, "reserve_gb": reserve},
+        "rows": [asdict(r) for r in rows],
+        "recommendation": rec,
+    }
+
+
+def recommend(rows: list[Row]) -> dict | None:
+    """Among the fitting rows whose busiest GPU does at most 1.1x the least compute per step (an
+    unbalanced split, e.g. a Ray teacher on too few GPUs, idles the rest), the one with the least
+    inter-node traffic; ties: no checkpointing needed, then the least per-GPU traffic, then the
+    least memory."""
+    ok = [r for r in rows if r.fits in ("yes", "ckpt")]
+    if not ok:
+        return None
+    least = min(ok, key=lambda r: r.flops_gpu)
+    balanced = [r for r in ok if r.flops_gpu <= 1.1 * least.flops_gpu]
+    best = min(balanced, key=lambda r: (round(r.internode / GB, 3), r.fits != "yes", round(r.comm_gpu / GB, 3),
+                                        r.total if r.fits == "yes" else r.total_ckpt))
+    ties = [r for r in balanced if round(r.internode / GB, 3) == round(best.internode / GB, 3)]
+    nxt = min((r.internode for r in balanced if round(r.internode / GB, 3) > round(best.internode / GB, 3)), default=None)
+    why = (f"least inter-node traffic ({best.internode / GB:.1f} GB/step"
+           + (f"; next {nxt / GB:.1f} GB" if nxt is not None else "")
+           + f") of the {len(balanced)} fitting options within 1.1x of the least compute on the busiest GPU")
+    if len(ties) > 1:
+        why += f"; of the {len(ties)} tied, no checkpointing, the least per-GPU traffic, then the least memory"
+    if best.fits == "ckpt":
+        why += "; needs gradient checkpointing"
+    skipped = [r for r in ok if r not in balanced and r.internode < best.internode]
+    caution = ""
+    if skipped:
+        r = min(skipped, key=lambda r: r.internode)
+        caution = (f"{r.placement} ZeRO-{r.stage} moves less over the network ({r.internode / GB:.1f} GB/step) but its "
+                   f"busiest GPU does {r.flops_gpu / least.flops_gpu:.1f}x the compute"
+                   + (f" (the teacher forward of {r.student_gpus} ranks on {r.teacher_gpus} GPUs)"
+                      if r.placement == "ray" else ""))
+    return {"placement": best.placement, "stage": best.stage, "why": why, "caution": caution}
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------
+
+
+def _g(x: float) -> str:
+    return f"{x / GB:.1f}"
+
+
+def format_plan(p: dict) -> str:
+    t, s, su = p["teacher"], p["student"], p["setup"]
+    lines = [
+        f"teacher {t['name']}: {t['params'] / 1e9:.2f}B params (computed), {t['dtype']} weights {_g(t['weight_bytes'])} GB",
+        f"student {s['name']}: {s['params'] / 1e9:.2f}B params (computed), bf16 weights {_g(s['weight_bytes'])} GB, "
+        f"AdamW states {_g(s['params'] * (W_BYTES + G_BYTES + OPT_BYTES))} GB unpartitioned",
+        f"{su['gpus']} GPUs x {su['gpu_mem_gb']:g} GB, {su['gpus_per_node']} per node ({su['nodes']} node(s)); "
+        f"seq {su['seq']} x micro-batch {su['micro_batch']}, grad-accum {su['grad_accum']}, attention {su['attn']}; "
+        f"reserve {su['reserve_gb']:g} GB/GPU",
+        "per-GPU GB; [c] computed from shapes, [e] estimate; comm/gpu, inter-node (all links) and PFLOP (busiest GPU) "
+        "per optimizer step; flat ring per collective",
+    ]
+    cols = [("placement", "placement", "s"), ("stage", "zero", "d"), ("student_gpus", "stu gpus", "d"),
+            ("teacher_gpus", "tch gpus", "d"), ("student_states", "states[c]", "g"), ("teacher_weights", "teacher[c]", "g"),
+            ("gathered", "gather[c]", "g"), ("head", "head[c]", "g"), ("activations", "act[e]", "g"),
+            ("activations_ckpt", "act ckpt[e]", "g"), ("teacher_act", "t.act[e]", "g"), ("total", "total", "g"),
+            ("total_ckpt", "tot ckpt", "g"), ("fits", "fits", "s"), ("comm_gpu", "comm/gpu[c]", "g"),
+            ("internode", "inter-node[c]", "g"), ("flops_gpu", "PFLOP[e]", "p"), ("note", "note", "s")]
+    table = []
+    for r in p["rows"]:
+        r = {**r, "head": r["head_acc"] + r["head_chunk"]}
+        na = r["fits"] == "n/a"
+        table.append(["-" if na and (kind in "gp" or key.endswith("_gpus")) else _g(r[key]) if kind == "g"
+                      else f"{r[key] / 1e15:.2f}" if kind == "p" else str(r[key]) for key, _, kind in cols])
+    heads = [h for _, h, _ in cols]
+    width = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(heads)]
+    fmt = lambda row: "  ".join(c.ljust(w) if i in (0, len(heads) - 1) else c.rjust(w)  # noqa: E731
+                                for i, (c, w) in enumerate(zip(row, width))).rstrip()
+    lines += ["", fmt(heads), fmt(["-" * w for w in width])]
+    prev = None
+    for row in table:
+        if prev is not None and row[0] != prev:
+            lines.append("")
+        lines.append(fmt(row))
+        prev = row[0]
+    ray = next((r for r in p["rows"] if r["placement"] == "ray" and r["fits"] != "n/a"), None)
+    if ray:
+        lines.append(f"\nray teacher shard: {_g(ray['teacher_shard_mem'])} GB on the largest of {ray['teacher_gpus']} "
+                     f"shard GPU(s) (weights [c] + {su['teacher_batch_tokens']}-token forward working set [e])")
+    rec = p["recommendation"]
+    lines.append("")
+    lines.append(f"recommended (auto): {rec['placement']} teacher, student ZeRO-{rec['stage']}: {rec['why']}" if rec
+                 else "recommended (auto): none fits; more GPUs, a smaller --micro-batch/--seq, or --teacher-dtype int8/int4")
+    if rec and rec["caution"]:
+        lines.append(f"note: {rec['caution']}")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m distill.dist.plan", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", required=True, help="hub name of a built-in shape, or a folder with config.json")
+    ap.add_argument("--student", required=True, help="hub name of a built-in shape, or a folder with config.json")
+    ap.add_argument("--gpus", type=int, required=True, help="GPUs in the job")
+    ap.add_argument("--gpu-mem", type=float, required=True, help="memory per GPU, GB (1e9 bytes)")
+    ap.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    ap.add_argument("--seq", type=int, default=4096, help="tokens per sequence (default 4096)")
+    ap.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro-batch (default 1)")
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    ap.add_argument("--teacher-dtype", default="bf16", choices=list(QUANT_BYTES), help="teacher weights (default bf16)")
+    ap.add_argument("--attn", default="flash", choices=["flash", "eager"],
+                    help="flash/sdpa keep no [seq x seq] scores; eager does (default flash)")
+    ap.add_argument("--topk", type=int, default=64, help="top-k ids the ray teacher returns per token (default 64)")
+    ap.add_argument("--teacher-batch-tokens", type=int, default=16384,
+                    help="tokens per ray teacher forward (TeacherService max_batch_tokens, default 16384)")
+    ap.add_argument("--reserve", type=float, default=6.0,
+                    help="GB per GPU held back for the CUDA context, NCCL and DeepSpeed buffers, fragmentation (default 6)")
+    ap.add_argument("--json", action="store_true", help="also print the plan as one JSON document, as the last line")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    try:
+        p = plan(load_shape(a.teacher), load_shape(a.student), gpus=a.gpus, gpu_mem=a.gpu_mem,
+                 gpus_per_node=a.gpus_per_node, seq=a.seq, micro_batch=a.micro_batch, grad_accum=a.grad_accum,
+                 teacher_dtype=a.teacher_dtype, attn=a.attn, topk=a.topk, teacher_batch_tokens=a.teacher_batch_tokens,
+                 reserve=a.reserve)
+    except PlanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_plan(p))
+    if a.json:
+        print(json.dumps(p))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
