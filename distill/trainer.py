@@ -549,6 +549,7 @@ class Trainer:
                                            what="tokenizer folder (model.tokenizer)" if cfg.model.tokenizer
                                            else "student folder (model.student)")
         self.vocab_size = cfg.model.vocab_size or len(self.tokenizer)
+        self._check_ranks_agree()
 
         self.ds_config = None
         if use_ds:
@@ -652,6 +653,26 @@ class Trainer:
                f"examples={n} global_batch={self.global_batch} steps={self.total_steps} "
                f"(from step {self.step}) softcaps={caps} objective={self.objective!r}")
         return self
+
+    def _check_ranks_agree(self) -> None:
+        """Before any model is loaded: every rank runs the same code, resolved config, world size and
+        tokenizer, or all stop with one line naming the node and the difference (one gather)."""
+        if not distenv.is_dist():
+            return
+        import hashlib
+        import socket
+        from importlib import metadata
+
+        from distill.icldist.targets import tokenizer_hash
+
+        v = versions()
+        code = v.get("git_sha") or f"distill {metadata.version('distill')}"
+        mine = {"host": socket.gethostname(), "code": code, "world_size": self.env.world_size,
+                "config": hashlib.sha256(json.dumps(to_dict(self.cfg), sort_keys=True, default=str).encode()).hexdigest(),
+                "tokenizer": tokenizer_hash(self.tokenizer)}
+        problem = distenv.ranks_disagree(distenv.all_gather_object(mine))
+        if problem:
+            raise ConfigError(problem)
 
     def _write_run_files(self) -> None:
         if not self.env.is_main:

@@ -158,3 +158,33 @@ def print0(*args, **kwargs) -> None:
     if _ENV.rank == 0:
         kwargs.setdefault("flush", True)
         print(*args, **kwargs)
+
+
+def all_gather_object(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` without a process group)."""
+    if not is_dist():
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+AGREE_FIELDS = {"code": "code version", "config": "resolved-config hash", "world_size": "world size",
+                "tokenizer": "tokenizer fingerprint"}
+
+
+def ranks_disagree(prints: list[dict]) -> str | None:
+    """The first rank whose run fingerprint (``host`` plus :data:`AGREE_FIELDS`) differs from rank
+    0's, as a one-line message naming both nodes and every differing field; None when all agree."""
+    ref = prints[0]
+    for rank, fp in enumerate(prints[1:], start=1):
+        diffs = [f"{label} {fp.get(k)!s:.16} (rank 0: {ref.get(k)!s:.16})" for k, label in AGREE_FIELDS.items()
+                 if fp.get(k) != ref.get(k)]
+        if diffs:
+            return (f"rank {rank} on node {fp.get('host')} does not match rank 0 on node {ref.get('host')}: "
+                    f"{'; '.join(diffs)}. Every node must run the same code, config and tokenizer: sync the "
+                    f"checkout/install and the files on every node, then relaunch")
+    return None
+
