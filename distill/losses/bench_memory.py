@@ -31,16 +31,6 @@ import time
 MIB = 1024 * 1024
 
 
-def _status_kib() -> dict:
-    out = {}
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(("VmHWM:", "VmRSS:")):
-                key, val = line.split(":")
-                out[key] = int(val.split()[0]) * 1024
-    return out
-
-
 def _eager_loss(student, teacher, labels, kind, temperature):
     """KD as commonly written with torch ops (TRL / tutorials): full fp32 log-softmaxes."""
     import torch
@@ -69,6 +59,7 @@ def worker(case: dict) -> dict:
     import torch
 
     from distill.losses.divergences import default_chunk_tokens, divergence
+    from distill_kernels.bench.harness import proc_status_bytes, reset_hwm
 
     torch.set_num_threads(int(case.get("threads", 2)))
     torch.manual_seed(0)
@@ -79,9 +70,8 @@ def worker(case: dict) -> dict:
     labels = torch.randint(0, vocab, (n,))
     labels[::10] = -100
     chunk_tokens = case.get("chunk_tokens") or default_chunk_tokens(vocab)
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    base = _status_kib()["VmRSS"]
+    reset_hwm()
+    base = proc_status_bytes()["VmRSS"]
     t0 = time.perf_counter()
     if case["impl"] == "eager":
         loss = _eager_loss(student, teacher, labels, case["kind"], case.get("temperature", 1.0))
@@ -92,7 +82,7 @@ def worker(case: dict) -> dict:
         )
     (grad,) = torch.autograd.grad(loss, student)
     secs = time.perf_counter() - t0
-    st = _status_kib()
+    st = proc_status_bytes()
     elem = torch.tensor([], dtype=dtype).element_size()
     grad_bytes = 0 if case["impl"] == "chunked_inplace" else n * vocab * elem
     chunk_bytes = 4 * min(chunk_tokens, n) * vocab

@@ -188,15 +188,21 @@ def _softcap_(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x
 
 
-def _chunk(s_raw, teacher, ce_labels, mask, cfg: _Cfg, need_grad: bool):
+def _chunk(s_raw, teacher, ce_labels, mask, cfg: _Cfg, need_grad: bool, *, owned: bool = False,
+           teacher_owned: bool = False):
     """Returns (kd_rows [n] fp32 or None, ce_rows [n] fp32 or None, grad [n, V] fp32 or None).
 
     ``s_raw``: student rows [n, V] (any dtype, any strides); ``teacher``: teacher rows [n, V], a tuple
     (ids [n, k], logprobs [n, k], tail [n] or None), or None; ``ce_labels``: [n] long or None;
-    ``mask``: [n] bool, rows to count. Rows outside the mask give 0 loss and 0 gradient.
+    ``mask``: [n] bool, rows to count (None: every row, as on the lean path's supervised rows). Rows
+    outside the mask give 0 loss and 0 gradient.
+    ``owned`` / ``teacher_owned``: the caller hands over the student / teacher rows (fresh tensors
+    nothing else reads, e.g. a chunk's head GEMM output): fp32 contiguous ones are overwritten in
+    place instead of copied.
     """
     T = cfg.temperature
-    s = _owned_fp32(s_raw)  # the one fp32 chunk this function owns and overwrites
+    # the one fp32 chunk this function owns and overwrites
+    s = s_raw if owned and s_raw.dtype == torch.float32 and s_raw.is_contiguous() else _owned_fp32(s_raw)
     _softcap_(s, cfg.student_softcap)  # s = capped student logits, temperature 1
     grad = None
     kd_rows = ce_rows = None
@@ -208,9 +214,9 @@ def _chunk(s_raw, teacher, ce_labels, mask, cfg: _Cfg, need_grad: bool):
 
     if ce_labels is not None:
         lse1 = torch.logsumexp(s, dim=-1)
-        safe_labels = torch.where(mask, ce_labels, 0).long()
+        safe_labels = (ce_labels if mask is None else torch.where(mask, ce_labels, 0)).long()
         picked = s.gather(-1, safe_labels[:, None]).squeeze(-1)
-        ce_rows = torch.where(mask, lse1 - picked, 0.0)
+        ce_rows = lse1 - picked if mask is None else torch.where(mask, lse1 - picked, 0.0)
         if need_grad and cfg.ce_weight != 0.0:
             grad = (s - lse1[:, None]).exp_()
             grad.scatter_add_(-1, safe_labels[:, None], torch.full_like(picked[:, None], -1.0))
@@ -222,8 +228,9 @@ def _chunk(s_raw, teacher, ce_labels, mask, cfg: _Cfg, need_grad: bool):
         if isinstance(teacher, tuple):
             kd_rows, kd_grad = _topk_terms(s, teacher, cfg, need_grad)
         else:
-            kd_rows, kd_grad = _full_terms(s, teacher, cfg, need_grad)
-        kd_rows = torch.where(mask, kd_rows, 0.0)
+            kd_rows, kd_grad = _full_terms(s, teacher, cfg, need_grad, teacher_owned)
+        if mask is not None:
+            kd_rows = torch.where(mask, kd_rows, 0.0)
         if kd_grad is not None:
             # dL/dlogits = dL/ds / T.
             scale = cfg.kd_weight / T
@@ -237,16 +244,18 @@ def _chunk(s_raw, teacher, ce_labels, mask, cfg: _Cfg, need_grad: bool):
         if cap_factor is not None:
             grad.mul_(cap_factor)
         # masked_fill, not a multiply: a masked row may hold NaN/inf from garbage (padding) logits.
-        grad.masked_fill_(~mask[:, None], 0.0)
+        if mask is not None:
+            grad.masked_fill_(~mask[:, None], 0.0)
     return kd_rows, ce_rows, grad
 
 
-def _full_terms(s, t_raw, cfg: _Cfg, need_grad: bool):
+def _full_terms(s, t_raw, cfg: _Cfg, need_grad: bool, teacher_owned: bool = False):
     """Full-vocabulary teacher. ``s`` = tempered student logits (fp32, owned: overwritten)."""
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
     log_q = s.sub_(lse)
     q = log_q.exp()
-    t = _owned_fp32(t_raw)
+    owned = teacher_owned and t_raw.dtype == torch.float32 and t_raw.is_contiguous()
+    t = t_raw if owned else _owned_fp32(t_raw)
     _softcap_(t, cfg.teacher_softcap)
     if cfg.temperature != 1.0:
         t.div_(cfg.temperature)

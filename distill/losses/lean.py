@@ -109,7 +109,6 @@ class LinearDistillFunction(torch.autograd.Function):
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=dev) if need_b else None
         kd_sum = torch.zeros((), dtype=torch.float32, device=dev)
         ce_sum = torch.zeros((), dtype=torch.float32, device=dev)
-        mask_all = torch.ones(min(chunk, max(n, 1)), dtype=torch.bool, device=dev)
         with contextlib.ExitStack() as stack:
             t_w = t_b = None
             if isinstance(teacher, HiddenTeacher):
@@ -132,7 +131,8 @@ class LinearDistillFunction(torch.autograd.Function):
                            None if teacher.tail_mass is None else teacher.tail_mass[c0:c1])
                 elif teacher is not None:  # teacher logits at the rows [N, Vt]
                     t_c = teacher[c0:c1, :vocab]
-                kd, ce, g = _chunk(s, t_c, targets[c0:c1], mask_all[:c1 - c0], cfg, need)
+                kd, ce, g = _chunk(s, t_c, targets[c0:c1], None, cfg, need, owned=True,
+                                   teacher_owned=isinstance(teacher, HiddenTeacher))
                 del s, t_c
                 if kd is not None:
                     kd_sum += kd.sum()

@@ -107,15 +107,20 @@ def make_env(device: str) -> Env:
 # Measurement
 
 
-def _proc_kib(key: str) -> int:
+def proc_status_bytes() -> dict:
+    """``{"VmRSS": bytes, "VmHWM": bytes}`` of this process (Linux /proc/self/status)."""
+    out = {}
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith(key):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
+            if line.startswith(("VmHWM:", "VmRSS:")):
+                key, val = line.split(":")
+                out[key] = int(val.split()[0]) * 1024
+    return out
 
 
-def _reset_hwm() -> bool:
+def reset_hwm() -> bool:
+    """Reset this process's resident-set high-water mark (VmHWM) to the current RSS; False where
+    the kernel does not allow it."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -150,10 +155,10 @@ def measure(fn: Callable[[], None], env: Env, *, reps: int, warmup: int) -> dict
             fn()
         gc.collect()
         peak = None
-        if _reset_hwm():
-            base = _proc_kib("VmRSS")
+        if reset_hwm():
+            base = proc_status_bytes()["VmRSS"] // 1024
             fn()
-            peak = max(0, _proc_kib("VmHWM") - base) / 1024
+            peak = max(0, proc_status_bytes()["VmHWM"] // 1024 - base) / 1024
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
