@@ -962,6 +962,7 @@ class Trainer:
             own = [p for p in list_checkpoints(self.ckpt_dir) if _checkpoint_step(p) in self.own_steps]
             for old in own[:-self.cfg.checkpoint.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(old.with_name(f"{UNIVERSAL_PREFIX}{old.name}"), ignore_errors=True)  # its universal copy
             print0(f"[trainer] checkpoint {final}")
         distenv.barrier()
         return final
@@ -1007,22 +1008,92 @@ class Trainer:
 
     def _load_checkpoint(self, path: Path) -> str | None:
         """Engine, optimizer and RNG state from ``path``; the reason (naming the file where it can) when
-        any rank fails, None when all loaded. A batch-layout mismatch is an error, not damage."""
+        any rank fails, None when all loaded. A batch-layout mismatch is an error, not damage.
+
+        Another world size with the same global batch resumes exactly: the data order depends only on
+        the global batch and the step (``_build_micro_batches``), and a ZeRO-1/2/3 checkpoint's
+        per-rank optimizer partitions are re-cut by DeepSpeed's universal checkpoint, converted once
+        into a sibling folder (:meth:`_universal_copy`). Rank r < saved world size takes
+        ``rng_rank{r}.pt``; a rank beyond them is seeded with ``train.seed + rank + 1_000_003 * step``."""
         state = json.loads((path / "trainer_state.json").read_text())
-        if state["global_batch"] != self.global_batch:
+        saved_engine = state.get("engine", self.engine.kind)
+        if saved_engine != self.engine.kind:
             raise CheckpointError(
-                f"{path}: saved with global batch {state['global_batch']}, this run has {self.global_batch} "
-                f"(micro_batch x grad_accum x world_size); the data position would not match")
+                f"{path}: written by the {saved_engine} engine, this run uses deepspeed.engine={self.engine.kind}; "
+                f"resume with --deepspeed.engine={saved_engine}")
+        if state["global_batch"] != self.global_batch:
+            raise CheckpointError(_batch_mismatch(path, state, self.global_batch, self.env.world_size,
+                                                  self.cfg.train.micro_batch, self.cfg.train.grad_accum))
+        saved_world = int(state.get("world_size", self.env.world_size))
+        engine_dir, universal = path / "engine", False
+        if saved_world != self.env.world_size and self.engine.kind == "deepspeed" and self.engine.stage > 0:
+            universal = True
+            engine_dir, why = self._universal_copy(path, saved_world)
+            if why:
+                return why
         why = None
         try:
-            self.engine.load(path / "engine")
+            if universal:
+                self.engine.load(engine_dir, universal=True)
+            else:
+                self.engine.load(engine_dir)
             rng = path / f"rng_rank{self.env.rank}.pt"
-            if rng.is_file():
-                _set_rng_state(torch.load(rng, weights_only=False))
+            if self.env.rank < saved_world:
+                if rng.is_file():
+                    _set_rng_state(torch.load(rng, weights_only=False))
+            else:
+                seed_all(self.cfg.train.seed + self.env.rank + 1_000_003 * int(state["step"]))
         except Exception as e:  # noqa: BLE001 - torch.load / safetensors / DeepSpeed: all mean "cannot load"
             msg = (str(e).strip().splitlines() or [""])[0]
-            why = _probe_files(path) or f"{path / 'engine'}: the engine cannot load it ({type(e).__name__}: {msg})"
+            why = _probe_files(path) or f"{engine_dir}: the engine cannot load it ({type(e).__name__}: {msg})"
+        if saved_world != self.env.world_size and why is None:
+            rng_note = (f"; RNG of rank(s) >= {saved_world} seeded from train.seed + rank + 1_000_003 * step"
+                        if self.env.world_size > saved_world else "")
+            print0(f"[trainer] resume: {path.name} was saved by {saved_world} rank(s), this run has "
+                   f"{self.env.world_size} (same global batch {self.global_batch}: the data order continues "
+                   f"exactly){rng_note}")
         return _first_error_all_ranks(why)
+
+    def _universal_copy(self, path: Path, saved_world: int) -> tuple[Path, str | None]:
+        """``(folder to load, None)``, or ``(_, why)`` on failure, the same on every rank (collective).
+
+        Rank 0 converts ``path/engine`` with DeepSpeed's ``ds_to_universal`` into the sibling
+        ``universal-step_N/`` (or, when the checkpoint folder is not writable, into this run's checkpoint
+        folder), building it as ``.tmp-universal-step_N`` and renaming it when complete; ``path`` is only
+        read. A copy made earlier is reused when its ``source.json`` names this checkpoint's
+        trainer_state.json (sha256), so a checkpoint replaced under the same name is converted again."""
+        from distill.dist.engine import to_universal
+
+        out, why = None, None
+        if self.env.is_main:
+            parent = path.parent if os.access(path.parent, os.W_OK) else self.ckpt_dir
+            out = parent / f"{UNIVERSAL_PREFIX}{path.name}"
+            source = {"checkpoint": str(path.resolve()), "trainer_state_sha256": sha256_file(path / "trainer_state.json"),
+                      "saved_world_size": saved_world}
+            try:
+                cached = json.loads((out / "source.json").read_text()) if (out / "source.json").is_file() else None
+                if cached and cached.get("trainer_state_sha256") == source["trainer_state_sha256"]:
+                    print0(f"[trainer] resume: using the universal copy {out} of {path} (converted earlier)")
+                else:
+                    print0(f"[trainer] resume: {path} was saved by {saved_world} rank(s), this run has "
+                           f"{self.env.world_size}: converting its ZeRO-{self.engine.stage} partitions with "
+                           f"deepspeed.checkpoint.ds_to_universal into {out} (the checkpoint itself is not modified)")
+                    t0 = time.time()
+                    tmp = out.with_name(f".tmp-{out.name}")
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    tmp.mkdir(parents=True)
+                    to_universal(path / "engine", tmp)
+                    atomic_write_text(tmp / "source.json", json.dumps(source, indent=2))  # written last: complete
+                    shutil.rmtree(out, ignore_errors=True)
+                    os.replace(tmp, out)
+                    fsync_dir(parent)
+                    print0(f"[trainer] resume: universal copy {out} written in {time.time() - t0:.1f} s")
+            except Exception as e:  # noqa: BLE001 - a failed conversion is reported like a failed load
+                msg = (str(e).strip().splitlines() or [""])[0]
+                why = _probe_files(path) or (f"{path / 'engine'}: DeepSpeed's universal conversion failed "
+                                             f"({type(e).__name__}: {msg})")
+        out, why = distenv.broadcast_object0((out, why))
+        return out, why
 
     # -- export / eval ------------------------------------------------------------------------------
     def gathered_state_dict(self) -> dict | None:
@@ -1122,3 +1193,26 @@ def _truncate_metrics(path: Path, step: int) -> None:
         if rec.get("step", 0) <= step:
             keep.append(line)
     atomic_write_text(path, "".join(k + "\n" for k in keep))
+
+
+UNIVERSAL_PREFIX = "universal-"  # universal-step_N/: DeepSpeed universal copy of step_N for another world size
+
+
+def _batch_mismatch(path: Path, state: dict, global_batch: int, world: int, micro: int, accum: int) -> str:
+    """One line: the checkpoint's global batch differs from this run's, and a layout that keeps it.
+
+    The rule: a run continues only with the global batch it was saved with (micro_batch x grad_accum x
+    world_size). The step counter, the LR schedule and the data order (an epoch permutation cut into
+    global batches) are all counted in global batches, so another global batch would replay or skip
+    examples and stretch the schedule; any world size whose layout keeps the product resumes exactly."""
+    want = int(state["global_batch"])
+    per_rank = want // world if want % world == 0 else None
+    if per_rank is None:
+        hint = f"a world size that divides {want}"
+    elif per_rank % micro == 0:
+        hint = f"--train.micro_batch={micro} --train.grad_accum={per_rank // micro}"
+    else:
+        hint = f"--train.micro_batch={per_rank} --train.grad_accum=1 (or any micro_batch x grad_accum = {per_rank})"
+    return (f"{path}: saved with global batch {want} ({state.get('world_size', '?')} rank(s)), this run has "
+            f"{global_batch} (micro_batch {micro} x grad_accum {accum} x world_size {world}); a run resumes only "
+            f"with its global batch: on {world} rank(s) use {hint}")

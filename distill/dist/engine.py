@@ -191,9 +191,20 @@ class DeepSpeedEngine(Engine):
     def save(self, folder):
         self.engine.save_checkpoint(str(folder), tag="engine", save_latest=False)
 
-    def load(self, folder):
-        path, _ = self.engine.load_checkpoint(str(folder), tag="engine", load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+    def load(self, folder, *, universal: bool = False):
+        """``folder`` as saved (same data-parallel world), or, with ``universal``, the output of
+        :func:`to_universal` (any world size: each rank slices its partition from whole tensors)."""
+        cfg = self.engine._config
+        # 2026-12, DeepSpeed 0.19.8: `checkpoint.load_universal` is read only inside load_checkpoint, so it is set
+        # for this one load instead of in the ds_config: the engine was built before the resume
+        # knew which kind of checkpoint it would get.
+        before = cfg.load_universal_checkpoint
+        cfg.load_universal_checkpoint = universal
+        try:
+            path, _ = self.engine.load_checkpoint(str(folder), tag="engine", load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+        finally:
+            cfg.load_universal_checkpoint = before
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder}")
 
@@ -210,6 +221,25 @@ class DeepSpeedEngine(Engine):
 
     def eval(self):
         self.engine.eval()
+
+
+def to_universal(src: Path, dst: Path) -> None:
+    """DeepSpeed's universal checkpoint (``deepspeed.checkpoint.ds_to_universal``) of the engine
+    folder ``src`` (``save`` output: ``src/engine/*``) written to ``dst/engine/``: per parameter the
+    whole fp32 weight, Adam ``exp_avg`` and ``exp_avg_sq`` (``dst/engine/zero/<name>/*.pt``) merged
+    from every rank's ZeRO partition, plus the step / lr-scheduler / param-group state. ``src`` is only
+    read. One process, no workers (the extraction is I/O-bound and rank 0 converts while the others
+    wait); DeepSpeed's progress lines go to this process's stdout. ``inject_missing_state``: a ZeRO-1/2
+    checkpoint of a model without tensor or pipeline parallelism carries no ``universal_checkpoint_info``
+    (Megatron's models set it), and the version-only record the converter injects is the complete
+    description of a data-parallel-only model; ZeRO-3 checkpoints do not need it."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main
+
+    main(argparse.Namespace(input_folder=str(src / "engine"), output_folder=str(dst / "engine"),
+                            num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                            inject_missing_state=True))
 
 
 class TeacherEngine:
