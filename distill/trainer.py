@@ -475,12 +475,7 @@ def _probe_files(folder: Path) -> str | None:
 
 def _first_error_all_ranks(why: str | None) -> str | None:
     """The first rank's failure (None when every rank succeeded), the same on every rank."""
-    if not distenv.is_dist():
-        return why
-    import torch.distributed as dist
-
-    whys = [None] * dist.get_world_size()
-    dist.all_gather_object(whys, why)
+    whys = distenv.all_gather_object(why)
     return next((w if r == 0 else f"rank {r}: {w}" for r, w in enumerate(whys) if w), None)
 
 

@@ -131,13 +131,16 @@ def _first_difference(field: str, have, want) -> tuple[str, object, object]:
     return field, have, want
 
 
-def _mismatch_message(root: Path, field: str, have, want) -> str:
+def _mismatch(what: str, field: str, have, want, remedy: str) -> str:
+    """``<what> ... with field=have, but this run needs field=want (why). <remedy>``: one line."""
     base = field.split(".")[0]
     why = f" ({_WHY[base]})" if base in _WHY else ""
-    return (
-        f"teacher cache {root} was built with {field}={have!r}, but this run needs {field}={want!r}{why}. "
-        f"Point teacher.cache_dir at another folder (or delete this one) and rerun --stage cache."
-    )
+    return f"{what} with {field}={have!r}, but this run needs {field}={want!r}{why}{remedy}"
+
+
+def _mismatch_message(root: Path, field: str, have, want) -> str:
+    return _mismatch(f"teacher cache {root} was built", field, have, want,
+                     ". Point teacher.cache_dir at another folder (or delete this one) and rerun --stage cache.")
 
 
 def _unfingerprinted_message(root: Path, field: str) -> str:
@@ -150,12 +153,8 @@ def _unfingerprinted_message(root: Path, field: str) -> str:
 
 
 def _answers_mismatch_message(path: Path, field: str, have, want) -> str:
-    base = field.split(".")[0]
-    why = f" ({_WHY[base]})" if base in _WHY else ""
-    return (
-        f"teacher answers {path} were generated with {field}={have!r}, but this run needs {field}={want!r}{why}; "
-        f"delete {path} (the answers are generated again) or use another run.out_dir."
-    )
+    return _mismatch(f"teacher answers {path} were generated", field, have, want,
+                     f"; delete {path} (the answers are generated again) or use another run.out_dir.")
 
 
 def check_answers(path: Path, header: dict | None, want: dict) -> None:

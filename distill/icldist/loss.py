@@ -175,39 +175,36 @@ class ICLDistLoss:
     def lean_request(self, index: torch.Tensor, targets_tok: torch.Tensor, targets: BatchTargets, normalizer):
         """``kd.path=lean``: ``index`` [N] flat supervised positions, ``targets_tok`` [N] their tokens;
         ``targets`` the batch's teacher targets (the ICLDist backend's ``rows`` returns them whole).
-        Inside the head: CE on the N rows, top-k KD on the token-level rows among them, label-level KL
-        from the label words' head rows at the classification positions; no [rows x V] logits."""
+        Inside the head, one pass over the N rows: CE on all, top-k KD on the token-level ones (a row
+        mask); the label-level KL from the label words' head rows at the classification positions; no
+        [rows x V] logits and no host sync."""
         from distill.losses.lean import LossRequest, linear_distill, topk_rows
 
         self._check_temperature(targets)
         dev = index.device
-        n_rows, seq_len = targets.batch_shape
-        # flat position -> its row among the supervised ones; every token-level or label position is a
-        # supervised one by construction (distill.icldist.data.student_example)
-        where = torch.full((n_rows * seq_len,), -1, dtype=torch.long, device=dev)
-        where[index] = torch.arange(index.numel(), device=dev)
-        kd_sel = kd_teacher = None
+        teacher = kd_rows = None
         if targets.topk is not None and self.kd_weight:
-            flat = (targets.kd_rows.to(dev).reshape(-1) != -100).nonzero().squeeze(1)
-            kd_sel = where[flat]
-            kd_teacher = topk_rows(targets.topk.to(dev), flat)
+            # the teacher's rows at every supervised position (filler where KD does not apply) and the
+            # mask of the token-level ones: one pass with CE, no device-side nonzero
+            teacher = topk_rows(targets.topk.to(dev), index)
+            kd_rows = targets.kd_rows.to(dev).reshape(-1).index_select(0, index) != -100
         lab_sel = None
         if targets.label_rows.numel() and self.label_kd_weight:
+            # flat position -> its row among the supervised ones; every label position is a supervised
+            # one by construction (distill.icldist.data.student_example)
+            n_rows, seq_len = targets.batch_shape
+            where = torch.full((n_rows * seq_len,), -1, dtype=torch.long, device=dev)
+            where[index] = torch.arange(index.numel(), device=dev)
             r = targets.label_rows.to(dev)
             lab_sel = where[r[:, 0] * seq_len + r[:, 1]]
         t2 = self.T * self.T
-        kw = dict(kind=self.kind, beta=self.beta, alpha=self.alpha, temperature=self.T, vocab_size=self.vocab_size)
 
         def compute(rows, weight, bias):
-            ce_total, _, ce_sum = linear_distill(rows, weight, bias, None, targets_tok, ce_weight=self.ce_weight,
-                                                 kd_weight=0.0, **kw)
-            total, kd_sum = ce_total, ce_total.new_zeros(())
-            if kd_sel is not None:
-                kd_total, kd_sum, _ = linear_distill(rows.index_select(0, kd_sel), weight, bias, kd_teacher,
-                                                     targets_tok.index_select(0, kd_sel), ce_weight=0.0,
-                                                     kd_weight=self.kd_weight * t2, **kw)
-                total = total + kd_total
-            lkd_sum = ce_total.new_zeros(())
+            total, kd_sum, ce_sum = linear_distill(
+                rows, weight, bias, teacher, targets_tok, kind=self.kind, beta=self.beta, alpha=self.alpha,
+                temperature=self.T, vocab_size=self.vocab_size, ce_weight=self.ce_weight,
+                kd_weight=self.kd_weight * t2, kd_rows=kd_rows)
+            lkd_sum = total.new_zeros(())
             if lab_sel is not None:
                 ids = targets.student_label_ids.to(dev)
                 w_lab = weight[ids.clamp_min(0)]  # [N, Lmax, H]: the label words' head rows only
@@ -219,11 +216,9 @@ class ICLDistLoss:
                                    temperature=self.T, reduction="sum")
                 total = total + self.label_kd_weight * t2 * lkd_sum
             norm = torch.as_tensor(normalizer, dtype=torch.float32, device=dev).clamp_min(1)
-            request.parts = (ce_sum, kd_sum.detach(), lkd_sum.detach())
-            return total / norm, None, None
+            return total / norm, ce_sum, kd_sum, lkd_sum.detach()
 
-        request = LossRequest(index, compute)
-        return request
+        return LossRequest(index, compute)
 
     def lean_output(self, loss, request):
         ce_sum, kd_sum, lkd_sum = request.parts

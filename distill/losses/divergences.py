@@ -189,13 +189,15 @@ def _softcap_(x: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 
 def _chunk(s_raw, teacher, ce_labels, mask, cfg: _Cfg, need_grad: bool, *, owned: bool = False,
-           teacher_owned: bool = False):
+           teacher_owned: bool = False, kd_mask=None):
     """Returns (kd_rows [n] fp32 or None, ce_rows [n] fp32 or None, grad [n, V] fp32 or None).
 
     ``s_raw``: student rows [n, V] (any dtype, any strides); ``teacher``: teacher rows [n, V], a tuple
     (ids [n, k], logprobs [n, k], tail [n] or None), or None; ``ce_labels``: [n] long or None;
     ``mask``: [n] bool, rows to count (None: every row, as on the lean path's supervised rows). Rows
     outside the mask give 0 loss and 0 gradient.
+    ``kd_mask``: [n] bool or None, the rows (among those counted) the KD term applies to; the others
+    get CE only (ICLDist: token-level rows among the answer rows).
     ``owned`` / ``teacher_owned``: the caller hands over the student / teacher rows (fresh tensors
     nothing else reads, e.g. a chunk's head GEMM output): fp32 contiguous ones are overwritten in
     place instead of copied.
@@ -231,6 +233,10 @@ def _chunk(s_raw, teacher, ce_labels, mask, cfg: _Cfg, need_grad: bool, *, owned
             kd_rows, kd_grad = _full_terms(s, teacher, cfg, need_grad, teacher_owned)
         if mask is not None:
             kd_rows = torch.where(mask, kd_rows, 0.0)
+        if kd_mask is not None:
+            kd_rows = torch.where(kd_mask, kd_rows, 0.0)
+            if kd_grad is not None:
+                kd_grad.masked_fill_(~kd_mask[:, None], 0.0)
         if kd_grad is not None:
             # dL/dlogits = dL/ds / T.
             scale = cfg.kd_weight / T

@@ -66,9 +66,6 @@ class HiddenTeacher:
     scale: float = 1.0
     softcap: float | None = None
 
-    def index_rows(self, index: torch.Tensor) -> "HiddenTeacher":
-        return HiddenTeacher(self.hidden.index_select(0, index), self.head, self.scale, self.softcap)
-
 
 def topk_rows(t: TopKTeacher, index: torch.Tensor) -> TopKTeacher:
     """The rows ``index`` of a top-k teacher ``[B, L, k]`` (flattened positions) as ``[N, k]``."""
@@ -90,13 +87,13 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 class LinearDistillFunction(torch.autograd.Function):
     """``total = ce_weight * CE_sum + kd_weight * KD_sum`` over the rows, from hidden rows and the head.
 
-    forward(rows [N, H], weight [Vf, H], bias [Vf] or None, teacher, targets [N], cfg, vocab, chunk,
-    scale) returns (total, kd_sum, ce_sum), fp32 scalars; only ``total`` is differentiable. The
+    forward(rows [N, H], weight [Vf, H], bias [Vf] or None, teacher, targets [N], kd_rows [N] bool or
+    None, cfg, vocab, chunk, scale) returns (total, kd_sum, ce_sum), fp32 scalars; only ``total`` is differentiable. The
     head's rows ``vocab:`` (padded embedding rows) get zero gradient.
     """
 
     @staticmethod
-    def forward(ctx, rows, weight, bias, teacher, targets, cfg, vocab, chunk, scale):
+    def forward(ctx, rows, weight, bias, teacher, targets, kd_rows, cfg, vocab, chunk, scale):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         need = need_h or need_w or need_b
@@ -132,7 +129,8 @@ class LinearDistillFunction(torch.autograd.Function):
                 elif teacher is not None:  # teacher logits at the rows [N, Vt]
                     t_c = teacher[c0:c1, :vocab]
                 kd, ce, g = _chunk(s, t_c, targets[c0:c1], None, cfg, need, owned=True,
-                                   teacher_owned=isinstance(teacher, HiddenTeacher))
+                                   teacher_owned=isinstance(teacher, HiddenTeacher),
+                                   kd_mask=None if kd_rows is None else kd_rows[c0:c1])
                 del s, t_c
                 if kd is not None:
                     kd_sum += kd.sum()
@@ -168,7 +166,7 @@ class LinearDistillFunction(torch.autograd.Function):
             grad_w = grad_w.mul_(grad_total).to(ctx.w_dtype)
         if grad_b is not None:
             grad_b = grad_b.mul_(grad_total).to(ctx.b_dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 def linear_distill(
@@ -188,6 +186,7 @@ def linear_distill(
     scale: float = 1.0,
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
+    kd_rows: torch.Tensor | None = None,
     chunk_tokens: int | None = None,
     impl: str = "torch",
 ):
@@ -198,7 +197,8 @@ def linear_distill(
     temperature of use, or a :class:`HiddenTeacher` at the same rows. ``vocab_size``: the tokenizer's real vocabulary (head
     rows beyond it are padding on both sides). ``scale`` / ``student_softcap``: the student's own
     logit transform; ``teacher_softcap``: the cap still to apply to teacher logits given as a tensor
-    ``[N, Vt]`` (a HiddenTeacher carries its own). ``impl="triton"`` (CUDA) runs the chunk loop in the fused Triton kernel.
+    ``[N, Vt]`` (a HiddenTeacher carries its own). ``kd_rows``: [N] bool, the rows KD applies to
+    (None: all); the others get CE only, in the same pass. ``impl="triton"`` (CUDA) runs the chunk loop in the fused Triton kernel.
     """
     from distill.losses.divergences import _check_teacher, _effective_kind
 
@@ -228,7 +228,9 @@ def linear_distill(
     elif teacher is not None:
         raise TypeError(f"teacher must be None, logits [N, V], a TopKTeacher or a HiddenTeacher, "
                         f"got {type(teacher).__name__}")
-    if impl == "triton":
+    if kd_rows is not None and kd_rows.shape != targets.shape:
+        raise ValueError(f"kd_rows {tuple(kd_rows.shape)} must match targets {tuple(targets.shape)}")
+    if impl == "triton" and kd_rows is None:  # the fused op masks KD and CE by one label set
         fast = _triton_linear_distill(rows, weight, bias, teacher, targets, kind=kind, beta=beta, alpha=alpha,
                                       temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight,
                                       vocab=vocab, scale=scale, softcap=student_softcap, chunk_tokens=chunk_tokens)
@@ -239,7 +241,8 @@ def linear_distill(
                teacher_softcap=teacher.softcap if isinstance(teacher, HiddenTeacher) else teacher_softcap,
                kd_weight=float(kd_weight) if teacher is not None else 0.0, ce_weight=float(ce_weight))
     chunk = int(chunk_tokens or default_chunk_tokens(vocab))
-    return LinearDistillFunction.apply(rows, weight, bias, teacher, targets, cfg, vocab, chunk, float(scale))
+    return LinearDistillFunction.apply(rows, weight, bias, teacher, targets, kd_rows, cfg, vocab, chunk,
+                                       float(scale))
 
 
 def _triton_linear_distill(rows, weight, bias, teacher, targets, *, kind, beta, alpha, temperature, ce_weight,
@@ -270,17 +273,18 @@ def _triton_linear_distill(rows, weight, bias, teacher, targets, *, kind, beta, 
 class LossRequest:
     """One micro-batch's loss, computed by :class:`LeanHead` from the hidden states it receives.
 
-    ``compute(rows, weight, bias) -> (total, kd_sum, ce_sum)`` is called with the supervised rows
+    ``compute(rows, weight, bias) -> (total, *parts)`` is called with the supervised rows
     ``hidden.reshape(-1, H)[index]``; the head returns ``total`` (what the model forward then
-    returns as its ``logits``), and keeps ``kd_sum`` / ``ce_sum`` here."""
+    returns as its ``logits``) and keeps ``parts`` (the detached sums the objective logs) here."""
 
     def __init__(self, index: torch.Tensor, compute: Callable):
         self.index, self.compute = index, compute
-        self.kd_sum = self.ce_sum = None
+        self.parts: tuple = ()
 
     def __call__(self, hidden: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.index)
-        total, self.kd_sum, self.ce_sum = self.compute(rows, weight, bias)
+        total, *parts = self.compute(rows, weight, bias)
+        self.parts = tuple(parts)
         return total
 
 

@@ -76,6 +76,14 @@ def count_targets(labels: torch.Tensor, ignore_index: int = -100) -> int:
     return int((labels[..., 1:] != ignore_index).sum())
 
 
+def _normalizer(normalizer, device):
+    """The step's response-token count as the divisor: a device tensor stays one (no host sync),
+    values < 1 count as 1."""
+    if isinstance(normalizer, torch.Tensor):
+        return normalizer.to(device=device, dtype=torch.float32).clamp_min(1.0)
+    return float(max(normalizer, 1))
+
+
 class DistillObjective:
     """CE + KD objective with global normalisation (see the module docstring).
 
@@ -216,10 +224,7 @@ class DistillObjective:
             )
             total = rows.sum()
             kd_sum = kd_rows.sum()
-        if isinstance(normalizer, torch.Tensor):
-            norm = normalizer.to(device=total.device, dtype=torch.float32).clamp_min(1.0)
-        else:
-            norm = float(max(normalizer, 1))
+        norm = _normalizer(normalizer, total.device)
         return LossOutput(
             loss=total / norm,
             ce_sum=ce_rows.sum().detach(),
@@ -246,11 +251,7 @@ class DistillObjective:
                 kd_weight=self.kd_scale if use_kd else 0.0, vocab_size=self.vocab_size,
                 student_softcap=self.student_softcap, teacher_softcap=self.teacher_softcap,
                 chunk_tokens=self.chunk_tokens, impl=impl)
-            if isinstance(normalizer, torch.Tensor):
-                norm = normalizer.to(device=total.device, dtype=torch.float32).clamp_min(1.0)
-            else:
-                norm = float(max(normalizer, 1))
-            return total / norm, kd_sum, ce_sum
+            return total / _normalizer(normalizer, total.device), ce_sum, kd_sum
 
         return LossRequest(index, compute)
 
@@ -258,7 +259,8 @@ class DistillObjective:
     def lean_output(loss: torch.Tensor, request) -> LossOutput:
         """LossOutput of a lean step: ``loss`` as the model forward returned it (under ZeRO-3 wrapped
         by its backward hooks: that tensor, not the request's own, goes to backward)."""
-        return LossOutput(loss=loss.reshape(()), ce_sum=request.ce_sum, kd_sum=request.kd_sum,
+        ce_sum, kd_sum = request.parts
+        return LossOutput(loss=loss.reshape(()), ce_sum=ce_sum, kd_sum=kd_sum,
                           n_tokens=torch.tensor(request.index.numel(), device=loss.device))
 
     def __repr__(self) -> str:
