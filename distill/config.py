@@ -142,10 +142,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+# Keys that moved: (section class, key) -> what replaces it.
+_MOVED = {("DeepSpeedSection", "teacher_zero3"): "teacher.placement (auto | partitioned | replicated | ray)"}
+
+
 def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     """Build dataclass ``cls`` from a (possibly partial) mapping; unknown keys are errors."""
     types_ = _field_types(cls)
     unknown = sorted(str(k) for k in set(data) - set(types_))
+    for k in unknown:
+        if (cls.__name__, k) in _MOVED:
+            raise ConfigError(f"{where.rstrip(':')}: {k} was replaced by {_MOVED[cls.__name__, k]}")
     if unknown:
         raise ConfigError(f"{where.rstrip(':')}: unknown key(s) {unknown} for section {cls.__name__}; known: {sorted(types_)}")
     defaults = cls()
@@ -512,7 +519,33 @@ class DeepSpeedSection:
     config: str = "ds_configs/zero3.json"  # DeepSpeed JSON with ZeRO settings only (relative paths: from the repo root)
     zero_stage: int = -1  # -1 = the JSON's stage; else injected (a different stage in the JSON is an error)
     dist_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
-    teacher_zero3: bool = True  # under ZeRO-3, partition the teacher too (inference-only engine, no optimizer)
+
+
+TEACHER_PLACEMENTS = ("auto", "partitioned", "replicated", "ray")
+
+
+@dataclasses.dataclass
+class TeacherSection:
+    placement: str = "auto"  # auto (chosen from the memory model, logged) | partitioned (ZeRO-3 inference engine over the ranks) | replicated (a copy per rank) | ray (served by Ray actors on their own GPUs; top-k only)
+    quantization: str = ""  # "" | 8bit | 4bit: bitsandbytes weights for replicated and ray (lm_head stays in teacher_dtype)
+    ray_address: str = ""  # ray: a running cluster (HOST:PORT or auto); "" = a private Ray on ray_node_ip
+    ray_node_ip: str = "127.0.0.2"  # ray: address of the private Ray node when ray_address is ""
+    replicas: int = 1  # ray: teacher copies serving the ranks
+    shards: int = 1  # ray: pipeline stages per copy (one GPU each), for teachers larger than one GPU
+    num_gpus: int = -1  # ray: GPUs per shard actor: -1 = 1 if CUDA is visible else 0 (CPU actors)
+    max_batch_tokens: int = 16384  # ray: padded tokens per teacher forward
+    gpu_mem_gb: float = 0.0  # auto: memory per GPU the plan assumes (0 = this device's total; CPU: RAM / local ranks)
+
+    def validate(self) -> None:
+        _check(self.placement in TEACHER_PLACEMENTS, f"teacher.placement={self.placement!r}: one of {list(TEACHER_PLACEMENTS)}")
+        _check(self.quantization in ("", "8bit", "4bit"), f"teacher.quantization={self.quantization!r}: '' | 8bit | 4bit")
+        _check(not (self.quantization and self.placement == "partitioned"),
+               f"teacher.quantization={self.quantization} with teacher.placement=partitioned: ZeRO-3 partitions float "
+               f"weights only; use replicated or ray for a quantized teacher")
+        for name in ("replicas", "shards", "max_batch_tokens"):
+            _check(getattr(self, name) >= 1, f"teacher.{name}={getattr(self, name)} must be >= 1")
+        _check(self.num_gpus in (-1, 0, 1), f"teacher.num_gpus={self.num_gpus}: -1 (auto), 0 (CPU) or 1 per shard actor")
+        _check(self.gpu_mem_gb >= 0, f"teacher.gpu_mem_gb={self.gpu_mem_gb} must be >= 0 (0 = the device's)")
 
 
 @dataclasses.dataclass
@@ -561,6 +594,7 @@ class RunConfig:
     data: DataSection = dataclasses.field(default_factory=DataSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     kd: KDSection = dataclasses.field(default_factory=KDSection)
+    teacher: TeacherSection = dataclasses.field(default_factory=TeacherSection)
     deepspeed: DeepSpeedSection = dataclasses.field(default_factory=DeepSpeedSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     log: LogSection = dataclasses.field(default_factory=LogSection)
@@ -613,6 +647,9 @@ class RunConfig:
         _check(not (c.overwrite and c.resume), f"checkpoint.overwrite=true and checkpoint.resume={c.resume}: choose one")
         _check(self.log.every >= 1, f"log.every={self.log.every} must be >= 1")
         self.log.validate()
+        self.teacher.validate()
+        _check(not (self.teacher.placement == "ray" and k.topk == 0 and k.kind != "none"),
+               "teacher.placement=ray serves top-k only: set kd.topk (e.g. 64)")
         _check(self.eval.every >= 0 and self.eval.limit >= 0,
                f"eval.every={self.eval.every} and eval.limit={self.eval.limit} must be >= 0")
         _check(self.eval.shots >= 0, f"eval.shots={self.eval.shots} must be >= 0")

@@ -7,8 +7,9 @@ What varies is registered, not copied:
   ``[B, L, V]`` or a :class:`~distill.teacher.output.TopKTeacher` ``[B, L, k]`` aligned with the
   batch's ``input_ids`` positions; ``rows(batch, index)`` gives the teacher at the flat supervised
   positions only (``kd.path=lean``). Optional ``prefetch(batch)`` is called exactly once per
-  micro-batch, ahead of its use (async backends start the request there); ``close()`` at the end. Built in: ``colocated`` (the teacher lives in this process, partitioned by
-  an inference-only ZeRO-3 engine of its own under ZeRO-3).
+  micro-batch, ahead of its use (async backends start the request there); ``close()`` at the end. Built in: ``colocated`` (the teacher lives in this process,
+  partitioned by an inference-only ZeRO-3 engine or replicated per rank: ``teacher.placement``) and
+  ``ray`` (a Ray service shared by all ranks, serving top-k; ``teacher.placement=ray``).
 * datasets (``register_dataset(name)``): ``factory(cfg, tokenizer, ctx)`` returns an object with
   ``__len__`` and ``__getitem__`` -> dict with ``input_ids`` and ``labels`` lists (plus any
   pass-through keys, e.g. ``example_id``) and optionally ``collate(items) -> batch``. Built in:
@@ -28,6 +29,7 @@ models' full logits.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -53,6 +55,8 @@ from distill.teacher.output import TopKTeacher
 
 
 TEACHER_BACKENDS: dict[str, Callable] = {}
+# Built-in backends with heavy imports, registered when a run names them: name -> module.
+LAZY_BACKENDS = {"ray": "distill.teacher.ray_backend", "cache": "distill.knowdist.topk_cache"}
 DATASETS: dict[str, Callable] = {}
 
 
@@ -89,6 +93,7 @@ class BackendContext:
     ds_config: dict | None  # the student's resolved DeepSpeed config (None on the torch engine)
     out_dir: Path  # run folder
     hooks: "TrainerHooks | None" = None  # the stage's plug-ins (Trainer(cfg, hooks=...))
+    teacher_placement: str = "replicated"  # resolved teacher.placement (never auto): partitioned | replicated | ray
 
 
 class TeacherBackend:
@@ -164,8 +169,10 @@ class TrainingDiverged(RuntimeError):
 class ColocatedTeacher(TeacherBackend):
     """The frozen teacher in this process: full logits (or top-k when ``kd.topk`` > 0).
 
-    Under ZeRO-3 it is partitioned across ranks by an inference-only DeepSpeed engine (no
-    optimizer, no gradients); otherwise each rank holds a copy. Forward under ``torch.no_grad()``.
+    ``ctx.teacher_placement`` (``teacher.placement``, resolved by the trainer): ``partitioned``, an
+    inference-only DeepSpeed ZeRO-3 engine over the ranks (no optimizer, no gradients; every
+    micro-batch gathers its layers); ``replicated``, a copy per rank, in ``model.teacher_dtype`` or
+    bitsandbytes 8-bit / 4-bit weights (``teacher.quantization``). Forward under ``torch.no_grad()``.
     Its top-k comes from ``torch.topk`` over the real vocabulary: valid ids by construction.
     """
 
@@ -178,10 +185,17 @@ class ColocatedTeacher(TeacherBackend):
         on_gpu = ctx.device.type == "cuda"
         tdtype = cfg.model.teacher_dtype if cfg.model.teacher_dtype != "auto" else cfg.model.dtype
         zero3 = None
-        if ctx.ds_config is not None and cfg.deepspeed.teacher_zero3 and ctx.ds_config["zero_optimization"]["stage"] == 3:
+        if ctx.teacher_placement == "partitioned":
+            if ctx.ds_config is None:
+                raise ConfigError("teacher.placement=partitioned needs deepspeed.engine=deepspeed (the teacher is a "
+                                  "ZeRO-3 inference engine); use teacher.placement=replicated")
             from distill.dist.ds_config import teacher_ds_config
 
             zero3 = teacher_ds_config(ctx.ds_config, ml.resolve_dtype(tdtype, on_gpu))
+        elif ctx.teacher_placement != "replicated":
+            raise ConfigError(f"the colocated teacher backend holds a partitioned or replicated teacher, not "
+                              f"teacher.placement={ctx.teacher_placement}")
+        self.placement = ctx.teacher_placement
         if ml.has_tokenizer(ctx.teacher_path):
             ttok = ml.load_tokenizer(ctx.teacher_path, trust_remote_code=cfg.model.trust_remote_code,
                                      what="teacher folder (model.teacher)")
@@ -192,7 +206,7 @@ class ColocatedTeacher(TeacherBackend):
         model = ml.load_causal_lm(
             ctx.teacher_path, dtype=ml.resolve_dtype(tdtype, on_gpu), attn=ml.resolve_attn(cfg.model.attn, on_gpu),
             device=str(ctx.device), trust_remote_code=cfg.model.trust_remote_code, zero3_config=zero3,
-            what="teacher folder (model.teacher)")
+            quantization=cfg.teacher.quantization, what="teacher folder (model.teacher)")
         ml.check_embedding_rows(model.config, ctx.vocab_size, f"teacher {ctx.teacher_path}")
         self.config = model.config
         self.softcap = None  # HF forwards apply final_logit_softcapping themselves
@@ -317,6 +331,23 @@ def _sft_dataset(cfg: RunConfig, tokenizer, ctx: BackendContext):
 
 _FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
                  "max_length_k")
+
+
+def _device_memory(device: torch.device) -> float:
+    """Bytes of memory of one rank's device: the GPU's total, or this host's RAM on CPU."""
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _local_world(env) -> int:
+    """Ranks on this node: the launcher's LOCAL_WORLD_SIZE (torchrun, deepspeed), SLURM's tasks per
+    node, else all ranks (one node)."""
+    for var in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        v = os.environ.get(var, "").split("(")[0]
+        if v.isdigit() and int(v) > 0:
+            return min(int(v), env.world_size)
+    return env.world_size
 
 
 def model_inputs(batch: dict) -> dict:
@@ -623,6 +654,14 @@ class Trainer:
 
         if cfg.kd.kind != "none":
             name = cfg.kd.teacher_backend
+            if name == "colocated":  # the core teacher: where it lives is teacher.placement
+                ctx.teacher_placement, why = self._teacher_placement(stage)
+                print0(f"[trainer] teacher placement={ctx.teacher_placement}"
+                       f"{' ' + cfg.teacher.quantization if cfg.teacher.quantization else ''}: {why}")
+                if ctx.teacher_placement == "ray":
+                    name = "ray"
+            if name not in TEACHER_BACKENDS and name in LAZY_BACKENDS:
+                importlib.import_module(LAZY_BACKENDS[name])  # registers it
             if name not in TEACHER_BACKENDS:
                 raise KeyError(f"kd.teacher_backend={name!r} is not registered; known: {sorted(TEACHER_BACKENDS)}")
             self.teacher = TEACHER_BACKENDS[name](cfg, ctx)
@@ -648,6 +687,35 @@ class Trainer:
                f"examples={n} global_batch={self.global_batch} steps={self.total_steps} "
                f"(from step {self.step}) softcaps={caps} objective={self.objective!r}")
         return self
+
+    def _teacher_placement(self, stage: int) -> tuple[str, str]:
+        """``teacher.placement`` resolved, with the reason: ``auto`` is decided on rank 0 from the
+        memory model (:func:`distill.dist.plan.auto_placement`, the two models' config.json shapes)
+        and broadcast, so every rank builds the same teacher."""
+        tc = self.cfg.teacher
+        if tc.placement != "auto":
+            return tc.placement, "teacher.placement"
+        decision = None
+        if self.env.is_main:
+            from distill.dist import plan
+
+            gpu_mem = tc.gpu_mem_gb * plan.GB or _device_memory(self.device) / _local_world(self.env)
+            t = self.cfg.train
+            try:
+                shapes = plan.load_shape(self.teacher_path), plan.load_shape(self.student_path)
+            except plan.PlanError as e:
+                shapes, why = None, f"auto: the shapes are unknown ({e})"
+            if shapes is not None:
+                decision = plan.auto_placement(
+                    *shapes, world=self.env.world_size, gpus_per_node=_local_world(self.env), stage=stage,
+                    gpu_mem=gpu_mem / plan.GB, seq=self.cfg.data.max_len, micro_batch=t.micro_batch,
+                    grad_accum=t.grad_accum, quantization=tc.quantization, topk=self.cfg.kd.topk,
+                    partitioned_ok=self.ds_config is not None)
+                decision = (decision[0], f"auto: {decision[1]}")
+            else:  # no shapes, no model: what the job can hold with certainty is a partitioned teacher
+                decision = ("partitioned" if self.ds_config is not None and not tc.quantization else "replicated",
+                            f"{why}; chose the placement that needs the least memory")
+        return distenv.broadcast_object0(decision)
 
     def _check_ranks_agree(self) -> None:
         """Before any model is loaded: every rank runs the same code, resolved config, world size and

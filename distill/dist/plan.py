@@ -10,7 +10,7 @@ each teacher placement x student ZeRO stage, prints the per-GPU memory, whether 
 then recommends one placement. Units: GB = 1e9 bytes.
 
 Placements:
-  partitioned  the teacher is a ZeRO-3 inference engine over all GPUs (``deepspeed.teacher_zero3``)
+  partitioned  the teacher is a ZeRO-3 inference engine over all GPUs (``teacher.placement=partitioned``)
   replicated   a full teacher copy on every GPU (bf16, or int8 / int4 through bitsandbytes)
   ray          the teacher on its own GPUs as pipeline shards (``distill.teacher.ray_service``
                layout, one GPU per shard, the fewest shards that fit), serving top-k; the other GPUs
@@ -195,6 +195,12 @@ def load_shape(name_or_path: str) -> Shape:
     lower = {k.lower(): v for k, v in PUBLISHED.items()}
     if name_or_path.lower() in lower:
         return lower[name_or_path.lower()]
+    try:  # a hub name in the local HF cache (or reachable hub): its config.json only
+        from transformers import AutoConfig
+
+        return _from_config(name_or_path, AutoConfig.from_pretrained(name_or_path))
+    except (ImportError, ValueError, KeyError, OSError):
+        pass
     raise PlanError(f"unknown model {name_or_path!r}: not a folder with config.json and not a built-in shape; "
                     f"known: {', '.join(PUBLISHED)}")
 
@@ -454,6 +460,32 @@ def recommend(rows: list[Row]) -> dict | None:
                    + (f" (the teacher forward of {r.student_gpus} ranks on {r.teacher_gpus} GPUs)"
                       if r.placement == "ray" else ""))
     return {"placement": best.placement, "stage": best.stage, "why": why, "caution": caution}
+
+
+def auto_placement(teacher: Shape, student: Shape, *, world: int, gpus_per_node: int, stage: int, gpu_mem: float,
+                   seq: int, micro_batch: int, grad_accum: int, quantization: str, topk: int,
+                   partitioned_ok: bool) -> tuple[str, str]:
+    """``teacher.placement=auto`` in the trainer: ``(placement, why)`` for a launched job of ``world``
+    training ranks at ZeRO ``stage`` (``gpu_mem`` GB each). Candidates: ``replicated`` (in the
+    run's quantization) and, where ``partitioned_ok`` (the DeepSpeed engine, a float teacher),
+    ``partitioned``. ``ray`` is never chosen here: its GPUs lie outside the launched job (set it
+    explicitly; ``python -m distill.dist.plan`` sizes it). Among the rows that fit, :func:`recommend`
+    decides; when none fits, the one needing the least memory, said so."""
+    dtype = {"": "bf16", "8bit": "int8", "4bit": "int4"}[quantization]
+    p = plan(teacher, student, gpus=world, gpu_mem=gpu_mem, gpus_per_node=gpus_per_node, seq=seq,
+             micro_batch=micro_batch, grad_accum=grad_accum, teacher_dtype=dtype, topk=topk or 64)
+    allowed = ("replicated", "partitioned") if partitioned_ok and dtype == "bf16" else ("replicated",)
+    rows = [Row(**r) for r in p["rows"] if r["stage"] == stage and r["placement"] in allowed]
+    own = next(r.comm_gpu for r in rows if r.placement == "replicated")  # the student's traffic alone
+    sizes = ", ".join(f"{r.placement} {r.total / GB:.1f} GB/GPU ({r.fits}), teacher traffic "
+                      f"{(r.comm_gpu - own) / GB:.2f} GB/step" for r in rows)
+    rec = recommend(rows)
+    if rec is None:
+        best = min(rows, key=lambda r: r.total_ckpt)
+        return best.placement, (f"nothing fits {gpu_mem:.0f} GB per GPU by the memory model ({sizes}); "
+                                f"{best.placement} needs the least; consider teacher.quantization or "
+                                f"teacher.placement=ray")
+    return rec["placement"], f"{rec['why']} [{sizes}; estimates: python -m distill.dist.plan]"
 
 
 # ----------------------------------------------------------------------------------------------

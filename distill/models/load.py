@@ -255,8 +255,10 @@ def logit_transform(model) -> tuple[float, float | None]:
 
 def load_causal_lm(name: str, *, dtype: torch.dtype, attn: str, device: str = "cpu",
                    trust_remote_code: bool = False, zero3_config: dict | None = None,
-                   grad_checkpointing: bool = False, what: str = "model folder"):
-    """``AutoModelForCausalLM.from_pretrained`` with dtype / attention; partitioned at load under ZeRO-3."""
+                   grad_checkpointing: bool = False, quantization: str = "", what: str = "model folder"):
+    """``AutoModelForCausalLM.from_pretrained`` with dtype / attention; partitioned at load under ZeRO-3;
+    ``quantization`` 8bit (LLM.int8) | 4bit (NF4, compute in ``dtype``): bitsandbytes linear layers
+    placed on ``device`` at load (transformers keeps lm_head and the embeddings in ``dtype``)."""
     from transformers import AutoModelForCausalLM
 
     folder = local_folder(name, what)
@@ -267,9 +269,18 @@ def load_causal_lm(name: str, *, dtype: torch.dtype, attn: str, device: str = "c
         from transformers.integrations import HfDeepSpeedConfig
 
         keep = HfDeepSpeedConfig(zero3_config)  # must stay alive during from_pretrained
+    extra = {}
+    if quantization:
+        if zero3_config is not None:
+            raise UserError(f"{what} {name}: quantization={quantization} cannot be ZeRO-3 partitioned")
+        from transformers import BitsAndBytesConfig
+
+        q = (BitsAndBytesConfig(load_in_8bit=True) if quantization == "8bit" else
+             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype))
+        extra = {"quantization_config": q, "device_map": {"": device}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(folder or name), dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code)
+            str(folder or name), dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code, **extra)
     except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
         if isinstance(e, torch.OutOfMemoryError):
             raise
@@ -285,7 +296,7 @@ def load_causal_lm(name: str, *, dtype: torch.dtype, attn: str, device: str = "c
 
             unset_hf_deepspeed_config()
             del keep
-    if zero3_config is None:
+    if zero3_config is None and not quantization:  # quantized weights were placed at load
         model.to(device)
     if grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

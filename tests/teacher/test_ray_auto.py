@@ -19,11 +19,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 DRIVER = textwrap.dedent("""
     import sys, ray
-    from distill.icldist import online
+    from distill.teacher.connect import ray_init
     from distill.teacher.ray_service import stop_ray
-    online.RAY_TEMP_DIR = sys.argv[1]
     tcfg = type("T", (), dict(ray_address="auto", replicas=1, shards=1, ray_node_ip="127.0.0.2"))()
-    started = online._ray_init(tcfg)
+    started = ray_init(tcfg, temp_dir=sys.argv[1], namespace="distill-icldist")
     ips = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
     print("RESULT", started, ips, ray.get_runtime_context().namespace, flush=True)
     stop_ray()
@@ -64,7 +63,7 @@ def test_unreachable_explicit_address_is_a_config_error_naming_it(form, monkeypa
 
     from distill.config import ConfigError
     from distill.errors import UserError, one_line
-    from distill.icldist import online
+    from distill.teacher.connect import ray_init
     from distill.teacher.ray_service import connect_ray
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -75,7 +74,7 @@ def test_unreachable_explicit_address_is_a_config_error_naming_it(form, monkeypa
     assert address in str(ei.value) and one_line(str(ei.value)) == str(ei.value)
     tcfg = SimpleNamespace(ray_address=address, replicas=1, shards=1, ray_node_ip="127.0.0.2")
     with pytest.raises(UserError, match=address.replace(".", r"\.")):
-        online._ray_init(tcfg)
+        ray_init(tcfg, temp_dir="/tmp/ray_icldist", namespace="distill-icldist")
     assert time.monotonic() - t0 < 30
 
 

@@ -33,7 +33,8 @@ def test_zero3_two_ranks_match_single_process(tiny_assets, tmp_path):
     ds_dir = tmp_path / "zero3"
     ds_cfg = tiny_cfg_dict(tiny_assets, ds_dir, **common)
     ds_cfg["train"].update(micro_batch=4, grad_accum=1)
-    ds_cfg["deepspeed"] = {"engine": "deepspeed", "config": str(ds_json), "teacher_zero3": True}
+    ds_cfg["deepspeed"] = {"engine": "deepspeed", "config": str(ds_json)}
+    ds_cfg["teacher"] = {"placement": "partitioned"}
     out = run_child({"cfg": ds_cfg}, tmp_path, world=2)
     assert "zero_stage=3 world=2" in out[0]
 

@@ -95,7 +95,8 @@ def test_lean_zero3_two_ranks_tied_student_matches_one_rank_logits(tiny_assets, 
               "kd": {"kind": "forward_kl", "temperature": 2.0}}
     ds_cfg = tiny_cfg_dict(tiny_assets, tmp_path / "zero3", **common)
     ds_cfg["train"].update(micro_batch=2, grad_accum=2)
-    ds_cfg["deepspeed"] = {"engine": "deepspeed", "config": str(ds_json), "teacher_zero3": True}
+    ds_cfg["deepspeed"] = {"engine": "deepspeed", "config": str(ds_json)}
+    ds_cfg["teacher"] = {"placement": "partitioned"}
     ds_cfg["kd"]["path"] = "lean"
     out = run_child({"cfg": ds_cfg}, tmp_path, world=2)
     assert "zero_stage=3 world=2" in out[0]

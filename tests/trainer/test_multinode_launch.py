@@ -104,7 +104,8 @@ def reference(tiny_assets, tmp_path_factory):
     cfg = tiny_cfg_dict(tiny_assets, tmp / "ref", train={"steps": STEPS, "warmup_steps": 1, "grad_clip": 1.0,
                                                          "micro_batch": 4, "grad_accum": 1},
                         checkpoint={"every": 0, "export": False})
-    cfg["deepspeed"] = {"engine": "deepspeed", "config": str(ds_json), "teacher_zero3": True}
+    cfg["deepspeed"] = {"engine": "deepspeed", "config": str(ds_json)}
+    cfg["teacher"] = {"placement": "partitioned"}
     out = run_child({"cfg": cfg}, tmp, world=2, timeout=300)
     assert "zero_stage=3 world=2" in out[0]
     # Every field written out: the launcher's own defaults (KnowDistConfig) differ from RunConfig's.

@@ -42,7 +42,8 @@ def test_zero3_teacher_in_teacher_dtype(tiny_assets, tmp_path, student, teacher)
     cfg = tiny_cfg_dict(tiny_assets, tmp_path / "run", model={"dtype": student, "teacher_dtype": teacher},
                         train={"steps": 1, "micro_batch": 4, "grad_accum": 1, "warmup_steps": 0},
                         checkpoint={"export": False})
-    cfg["deepspeed"] = {"engine": "deepspeed", "config": str(ds_json), "teacher_zero3": True}
+    cfg["deepspeed"] = {"engine": "deepspeed", "config": str(ds_json)}
+    cfg["teacher"] = {"placement": "partitioned"}
     (tmp_path / "spec.json").write_text(json.dumps(cfg))
     (tmp_path / "child.py").write_text(CHILD)
     env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")

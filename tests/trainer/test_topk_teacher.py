@@ -120,7 +120,7 @@ def _launch(padded_pair, tiny_assets, out_dir: Path, temperature: float, *, worl
     if ds_json is None:
         args.append("--deepspeed.engine=torch")
     else:
-        args += ["--deepspeed.engine=deepspeed", f"--deepspeed.config={ds_json}", "--deepspeed.teacher_zero3=true"]
+        args += ["--deepspeed.engine=deepspeed", f"--deepspeed.config={ds_json}", "--teacher.placement=partitioned"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
