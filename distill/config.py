@@ -511,6 +511,7 @@ class KDSection:
     teacher_backend: str = "colocated"  # teacher backend registry name (colocated = full logits from a teacher in this process)
     topk: int = 0  # k for top-k teacher backends (0 = full logits)
     path: str = "lean"  # lean (final hidden states of the supervised positions in, loss out: logits a chunk at a time) | logits (the models' full [B, L, V] logits; for comparison and debugging)
+    cache_dir: str = ""  # kd.teacher_backend=cache: the offline top-k folder (python -m distill.knowdist.topk_cache) ("" = <run.out_dir>/teacher_topk)
 
 
 @dataclasses.dataclass
@@ -630,6 +631,7 @@ class RunConfig:
         _check(k.impl in ("auto", "torch", "triton"), f"kd.impl={k.impl!r}: auto | torch | triton")
         _check(k.path in ("lean", "logits"), f"kd.path={k.path!r}: lean | logits")
         _check(k.chunk_tokens >= 0 and k.topk >= 0, f"kd.chunk_tokens={k.chunk_tokens}, kd.topk={k.topk} must be >= 0")
+        _check(k.teacher_backend != "cache" or k.topk > 0, "kd.teacher_backend=cache reads a top-k cache: set kd.topk (the k it was built with)")
         _check(k.kind == "none" or m.teacher != "", "kd.kind needs a teacher: model.teacher is empty (set kd.kind=none for SFT)")
         for name in ("dtype", "teacher_dtype"):
             v = getattr(m, name)

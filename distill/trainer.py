@@ -94,6 +94,7 @@ class BackendContext:
     out_dir: Path  # run folder
     hooks: "TrainerHooks | None" = None  # the stage's plug-ins (Trainer(cfg, hooks=...))
     teacher_placement: str = "replicated"  # resolved teacher.placement (never auto): partitioned | replicated | ray
+    dataset: Any = None  # the run's training dataset, once built (teacher backends are built after it)
 
 
 class TeacherBackend:
@@ -592,6 +593,7 @@ class Trainer:
         if cfg.data.name not in DATASETS:
             raise KeyError(f"data.name={cfg.data.name!r} is not registered; known: {sorted(DATASETS)}")
         self.dataset = DATASETS[cfg.data.name](cfg, self.tokenizer, ctx)
+        ctx.dataset = self.dataset
         self.collate_fn = getattr(self.dataset, "collate", None)
         pad = self.tokenizer.pad_token_id
         if cfg.data.packing:

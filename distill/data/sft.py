@@ -234,13 +234,15 @@ def _read_file(p: Path, kind: str, prompt_field: str, response_field: str) -> li
 
 
 class SFTDataset:
-    """Tokenised (prompt, response) examples: ``ds[i]`` -> dict of input_ids, labels, example_id."""
+    """Tokenised (prompt, response) examples: ``ds[i]`` -> dict of input_ids, labels, example_id and
+    example_index (``i``: batches say which examples they hold, e.g. for an offline teacher cache)."""
 
     def __init__(self, records: list[Record], tokenizer, max_len: int, add_eos: bool = True):
         if not records:
             raise DataError("the dataset is empty")
         self.records = records
-        self.items = [self._encode(r, tokenizer, max_len, add_eos) for r in records]
+        self.items = [self._encode(r, tokenizer, max_len, add_eos) | {"example_index": i}
+                      for i, r in enumerate(records)]
 
     @staticmethod
     def _encode(r: Record, tok, max_len: int, add_eos: bool) -> dict:
@@ -269,7 +271,7 @@ class SFTDataset:
 
 def collate(items: list[dict], pad_id: int) -> dict:
     """Right-pad to the longest item. Tensors: input_ids, attention_mask, labels [B, L]; every other
-    key is passed through as a list (e.g. ``example_id``)."""
+    key is passed through as a list (e.g. ``example_id``, ``example_index``)."""
     import torch
 
     width = max(len(it["input_ids"]) for it in items)
