@@ -545,27 +545,99 @@ def format_plan(p: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None) -> argparse.Namespace:  # noqa: C901 - flat flag handling
     ap = argparse.ArgumentParser(prog="python -m distill.dist.plan", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher", required=True, help="hub name of a built-in shape, or a folder with config.json")
-    ap.add_argument("--student", required=True, help="hub name of a built-in shape, or a folder with config.json")
+    ap.add_argument("--config", default="", help="a run config (KnowDist or ICLDist YAML): its teacher, student, sequence "
+                    "length, micro-batch, grad-accum, teacher quantization, top-k and ZeRO stage are the defaults, "
+                    "and the plan ends with that run's row")
+    ap.add_argument("--teacher", default=None, help="hub name of a built-in shape, or a folder with config.json")
+    ap.add_argument("--student", default=None, help="hub name of a built-in shape, or a folder with config.json")
     ap.add_argument("--gpus", type=int, required=True, help="GPUs in the job")
     ap.add_argument("--gpu-mem", type=float, required=True, help="memory per GPU, GB (1e9 bytes)")
     ap.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
-    ap.add_argument("--seq", type=int, default=4096, help="tokens per sequence (default 4096)")
-    ap.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro-batch (default 1)")
-    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    ap.add_argument("--teacher-dtype", default="bf16", choices=list(QUANT_BYTES), help="teacher weights (default bf16)")
+    ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 4096)")
+    ap.add_argument("--micro-batch", type=int, default=None, help="sequences per GPU per micro-batch (default 1)")
+    ap.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default 1)")
+    ap.add_argument("--teacher-dtype", default=None, choices=list(QUANT_BYTES), help="teacher weights (default bf16)")
     ap.add_argument("--attn", default="flash", choices=["flash", "eager"],
                     help="flash/sdpa keep no [seq x seq] scores; eager does (default flash)")
-    ap.add_argument("--topk", type=int, default=64, help="top-k ids the ray teacher returns per token (default 64)")
+    ap.add_argument("--topk", type=int, default=None, help="top-k ids the ray teacher returns per token (default 64)")
     ap.add_argument("--teacher-batch-tokens", type=int, default=16384,
                     help="tokens per ray teacher forward (TeacherService max_batch_tokens, default 16384)")
     ap.add_argument("--reserve", type=float, default=6.0,
                     help="GB per GPU held back for the CUDA context, NCCL and DeepSpeed buffers, fragmentation (default 6)")
     ap.add_argument("--json", action="store_true", help="also print the plan as one JSON document, as the last line")
-    return ap.parse_args(argv)
+    a = ap.parse_args(argv)
+    run = run_settings(a.config) if a.config else {}
+    for key, default in (("teacher", None), ("student", None), ("seq", 4096), ("micro_batch", 1), ("grad_accum", 1),
+                         ("teacher_dtype", "bf16"), ("topk", 64)):
+        if getattr(a, key) is None:
+            setattr(a, key, run.get(key, default))
+    for key in ("teacher", "student"):
+        if not getattr(a, key):
+            ap.error(f"--{key} is required (or --config with model.{key})")
+    a.run = run
+    return a
+
+
+def run_settings(path: str) -> dict:
+    """The planner's inputs from a KnowDist / ICLDist run config (plain YAML; no schema needed):
+    models, sequence length, batch, teacher quantization, top-k, ZeRO stage and placement."""
+    import yaml
+
+    try:
+        d = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise SystemExit(f"error: --config {path}: {str(e).splitlines()[0]}") from None
+    sec = lambda name: d.get(name) or {}  # noqa: E731
+    model, train, kd, teacher, ds = sec("model"), sec("train"), sec("kd"), sec("teacher"), sec("deepspeed")
+    out = {"teacher": model.get("teacher"), "student": model.get("student")}
+    seq = sec("icl").get("max_len") or sec("data").get("max_len")
+    for key, v in (("seq", seq), ("micro_batch", train.get("micro_batch")), ("grad_accum", train.get("grad_accum")),
+                   ("topk", kd.get("topk") or teacher.get("k"))):
+        if v:
+            out[key] = int(v)
+    q = teacher.get("quantization") or ""
+    out["teacher_dtype"] = {"": "bf16", "8bit": "int8", "4bit": "int4"}.get(q, "bf16")
+    out["placement"] = teacher.get("placement", "auto")
+    if "source" in teacher:  # ICLDist: the teacher is a Ray service, or a cache read with no teacher running
+        out["placement"] = "ray"
+        out["how"] = ("ICLDist teacher.source=cache: the Ray teacher builds the cache, training reads it"
+                      if teacher["source"] == "cache" else "ICLDist teacher.source=online: a Ray service")
+    ds_json = Path(ds.get("config") or "ds_configs/zero3.json")
+    if not ds_json.is_absolute():
+        ds_json = Path(__file__).resolve().parents[2] / ds_json
+    stage = ds.get("zero_stage", -1)
+    if stage in (-1, None):
+        try:
+            stage = json.loads(ds_json.read_text(encoding="utf-8"))["zero_optimization"]["stage"]
+        except (OSError, KeyError, ValueError):
+            stage = 3
+    out["stage"] = int(stage)
+    return out
+
+
+def run_line(p: dict, run: dict, config: str) -> str:
+    """The row of the run a ``--config`` describes: its placement (``auto`` resolved as the trainer
+    resolves it) at its ZeRO stage."""
+    su = p["setup"]
+    place = run.get("placement", "auto")
+    how = run.get("how", "teacher.placement")
+    if place == "auto":
+        t, s = _shape(p["teacher"]), _shape(p["student"])
+        q = {"bf16": "", "int8": "8bit", "int4": "4bit"}[p["teacher"]["dtype"]]
+        place, why = auto_placement(t, s, world=su["gpus"], gpus_per_node=su["gpus_per_node"], stage=run["stage"],
+                                    gpu_mem=su["gpu_mem_gb"], seq=su["seq"], micro_batch=su["micro_batch"],
+                                    grad_accum=su["grad_accum"], quantization=q, topk=su["topk"], partitioned_ok=True)
+        how = "auto: " + why.split(" [")[0]
+    row = next(r for r in p["rows"] if r["placement"] == place and r["stage"] == run["stage"])
+    return (f"config {config}: teacher {place} ({how}), student ZeRO-{run['stage']} on {row['student_gpus']} GPU(s): "
+            f"{_g(row['total'])} GB/GPU, {_g(row['total_ckpt'])} with checkpointing [e], fits: {row['fits']}")
+
+
+def _shape(d: dict) -> Shape:
+    return Shape(**{f.name: d[f.name] for f in fields(Shape)})
 
 
 def main(argv=None) -> int:
@@ -579,6 +651,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_plan(p))
+    if a.run:
+        print(run_line(p, a.run, a.config))
     if a.json:
         print(json.dumps(p))
     return 0
