@@ -121,3 +121,34 @@ def test_ray_served_teacher_matches_the_colocated_topk(tiny_assets, tmp_path, pa
     assert [r["step"] for r in got] == [1, 2, 3]
     for key in ("loss", "ce", "kd"):
         assert [r[key] for r in got] == pytest.approx([r[key] for r in want], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_two_ranks_share_one_ray_teacher(tiny_assets, tmp_path):
+    """2 DeepSpeed ranks (gloo, loopback): rank 0 starts the service, rank 1 attaches to the same
+    one, and the run's losses equal the single-process co-located top-k run with the same global
+    batch (ZeRO-2: 2 ranks x micro 4; torch: micro 4 x accum 2)."""
+    pytest.importorskip("ray")
+    pytest.importorskip("deepspeed")
+    import json
+
+    from .conftest import run_child
+
+    ds_json = tmp_path / "zero2.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    common = {"train": {"steps": 3, "micro_batch": 4}, "kd": {"topk": 8}}
+    ref = tiny_cfg_dict(tiny_assets, tmp_path / "ref", **common)
+    ref["train"]["grad_accum"] = 2
+    _train(ref)
+    d = tiny_cfg_dict(tiny_assets, tmp_path / "ray2", **common)
+    d["train"]["grad_accum"] = 1
+    d["deepspeed"] = {"engine": "deepspeed", "config": str(ds_json)}
+    d["teacher"] = {"placement": "ray", "num_gpus": 0, "ray_node_ip": "127.0.0.2"}
+    outs = run_child({"cfg": d}, tmp_path, world=2, timeout=400,
+                     env_extra={"RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""})
+    assert "teacher placement=ray" in outs[0]
+    got, want = read_metrics(tmp_path / "ray2"), read_metrics(tmp_path / "ref")
+    assert [r["step"] for r in got] == [1, 2, 3]
+    for key in ("loss", "ce", "kd"):
+        assert [r[key] for r in got] == pytest.approx([r[key] for r in want], rel=2e-4, abs=1e-6), key
