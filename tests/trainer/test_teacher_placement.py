@@ -62,7 +62,6 @@ def test_auto_on_the_tiny_run_is_logged(tiny_assets, tmp_path, capsys):
 
 @pytest.mark.parametrize("quant", ["8bit", "4bit"])
 def test_quantized_replicated_teacher_trains_close_to_the_float_one(tiny_assets, tmp_path, quant):
-    pytest.importorskip("bitsandbytes")
     import bitsandbytes as bnb
 
     common = {"train": {"steps": 3}}
