@@ -188,7 +188,10 @@ def load_shape(name_or_path: str) -> Shape:
             from transformers import AutoConfig
             cfg = AutoConfig.from_pretrained(str(p))
         except (ImportError, ValueError, KeyError, OSError):
-            cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
+            try:
+                cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise PlanError(f"{p / 'config.json'}: not readable as JSON ({e})") from None
         return _from_config(str(p), cfg)
     if name_or_path in PUBLISHED:
         return PUBLISHED[name_or_path]
