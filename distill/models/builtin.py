@@ -82,7 +82,7 @@ def _cap(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 
-def _response(task: str, r: dict) -> tuple[str, str] | None:
+def perspective_response(task: str, r: dict) -> tuple[str, str] | None:
     """(perspective, response) from one SentiBench training record, or None when unusable."""
     label = str(r.get("label", "")).strip().lower()
     if task.startswith("sc/"):
@@ -161,7 +161,7 @@ def builtin_pairs(records: dict[str, list[dict]], per_task: int, seed: int = 0) 
         n = 0
         for r in recs:
             text = r.get("sentence") or r.get("text")
-            got = _response(task, r)
+            got = perspective_response(task, r)
             if not text or got is None:
                 continue
             perspective, response = got

@@ -1,0 +1,37 @@
+"""launchers/study.py --quick end to end: every arm completes with finite numbers and the files exist.
+
+This checks that the study runs, not its claims (those are measured by the full study, docs/results.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+ARMS = ("teacher", "sft_gold", "sft_text", "knowdist", "full", "full_topk16")
+FIELDS = ("basic", "multifaceted", "fine_grained", "average", "params", "seconds")
+
+
+@pytest.mark.slow
+def test_quick_study_writes_every_arm(tmp_path, launcher):
+    out = tmp_path / "study"
+    proc = launcher.run("study.py", "--quick", "--seed", "3", "--out", str(out), timeout=1500)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["seed"] == 3
+    for arm in ARMS:
+        assert arm in res["arms"], f"arm {arm} missing: {sorted(res['arms'])}"
+        r = res["arms"][arm]
+        for f in FIELDS:
+            assert isinstance(r[f], (int, float)) and math.isfinite(r[f]), f"{arm}.{f} = {r.get(f)!r}"
+        assert r["params"] > 0 and r["seconds"] >= 0
+    # the students share one size, about a quarter of the teacher's
+    ratio = res["arms"]["sft_gold"]["params"] / res["arms"]["teacher"]["params"]
+    assert 0.15 < ratio < 0.35, ratio
+    assert len({res["arms"][a]["params"] for a in ARMS[1:]}) == 1
+    md = (out / "results.md").read_text()
+    for arm in ARMS:
+        assert f"| {arm} |" in md
+    assert (out / "results.png").stat().st_size > 0
