@@ -585,6 +585,8 @@ class EvalSection:
     batch_size: int = 8  # sequences per evaluation forward
 
 
+from distill.multiteacher.config import MultiTeacherSection  # noqa: E402 - after ConfigError, which it raises
+
 _KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "none")
 
 
@@ -600,6 +602,7 @@ class RunConfig:
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     log: LogSection = dataclasses.field(default_factory=LogSection)
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+    multiteacher: MultiTeacherSection = dataclasses.field(default_factory=MultiTeacherSection)  # several teachers with learned weights (distill.multiteacher)
 
     def validate(self) -> None:
         """Cross-field checks; runs before any process group exists. Messages print the numbers."""
@@ -649,6 +652,7 @@ class RunConfig:
         _check(not (c.overwrite and c.resume), f"checkpoint.overwrite=true and checkpoint.resume={c.resume}: choose one")
         _check(self.log.every >= 1, f"log.every={self.log.every} must be >= 1")
         self.log.validate()
+        self.multiteacher.validate(self)
         self.teacher.validate()
         _check(not (self.teacher.placement == "ray" and k.topk == 0 and k.kind != "none"),
                "teacher.placement=ray serves top-k only: set kd.topk (e.g. 64)")

@@ -140,10 +140,32 @@ class TrainerHooks:
     * ``prefetch_depth``: micro-batches the teacher backend's ``prefetch`` runs ahead (0: none).
     * ``step_sums()``: named device scalars the hooks accumulated during the step; they ride the
       step's one all-reduce (no extra host sync) and come back summed over ranks to
-      ``end_step(record, sums)``, which adds logged values to the step's record.
+      ``end_step(record, sums)``, which adds logged values to the step's record; ``line_extra(record)``
+      is appended to the step's progress line.
+    * ``prepare_student(trainer, model)``: called once the student is loaded, before its engine is
+      built: modules attached to it here (distill.multiteacher's gate) are optimised, partitioned and
+      checkpointed with it; ``student_state_dict(sd)`` then turns the gathered state dict into the
+      exported / evaluated model's (e.g. drops those modules' keys).
+    * ``state_dict()`` / ``load_state_dict(state)``: the hooks' own state (same on every rank), saved
+      by rank 0 in each checkpoint (``hooks_state.pt``, when not empty) and loaded on resume.
     """
 
     prefetch_depth: int = 1
+
+    def prepare_student(self, trainer: "Trainer", model: torch.nn.Module) -> None:
+        pass
+
+    def student_state_dict(self, sd: dict) -> dict:
+        return sd
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def line_extra(self, record: dict) -> str:
+        return ""
 
     def objective(self, trainer: "Trainer"):
         return None
@@ -642,6 +664,7 @@ class Trainer:
                     f"{scale:g}, softcap {cap}); kd.path=lean computes the loss inside lm_head: use kd.path=logits")
             # before the engine is built: ZeRO-3 registers its gather/release hooks on this same module
             self.student_head = install_lean_head(model, f"student {student_path} (kd.path=lean)")
+        self.hooks.prepare_student(self, model)  # before the engine: what it attaches is trained
         self.model_config = model.config
         self.generation_config = getattr(model, "generation_config", None)
         student_cap = None  # HF forwards apply final_logit_softcapping themselves
@@ -771,7 +794,7 @@ class Trainer:
             out.append(self.collate_fn([self.dataset[i] for i in idx[lo:lo + t.micro_batch]]))
         return out
 
-    def _to_device(self, batch: dict) -> dict:
+    def to_device(self, batch: dict) -> dict:
         return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
     def _prefetch(self, step: int, m: int, batch: dict | None = None) -> None:
@@ -806,7 +829,7 @@ class Trainer:
                 for d in range(1, depth + 1):
                     s, mm = divmod(step * ga + m + d, ga)
                     self._prefetch(s, mm, micro[mm] if s == step else None)
-            batch = self._to_device(cpu_batch)
+            batch = self.to_device(cpu_batch)
             out = self._lean_loss(cpu_batch, batch, norm) if self.lean else self._logits_loss(batch, norm)
             self.engine.backward(out.loss)
             self.engine.step()
@@ -906,7 +929,8 @@ class Trainer:
                 if self.env.is_main and (self.step % cfg.log.every == 0 or self.step == self.total_steps):
                     line = (f"step {self.step}/{self.total_steps} | loss {rec['loss']:.4f} | ce {rec['ce']:.4f} | "
                             f"kd {rec['kd']:.4f} | lr {lr:.2e} | gnorm {gn if gn is None else f'{gn:.3f}'} | "
-                            f"tok/s {rec['tok_per_s']:.0f} | eta {_fmt_eta(rec['eta_s'])}")
+                            f"tok/s {rec['tok_per_s']:.0f} | eta {_fmt_eta(rec['eta_s'])}"
+                            f"{self.hooks.line_extra(rec)}")
                     (bar.write if bar else print)(line)
                     with open(metrics_path, "a") as fh:
                         fh.write(json.dumps(rec) + "\n")
@@ -1007,6 +1031,9 @@ class Trainer:
             if self.ds_config is not None:
                 (tmp / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
             (tmp / "versions.json").write_text(json.dumps(getattr(self, "versions", None) or versions(), indent=2))
+            hooks_state = self.hooks.state_dict()
+            if hooks_state:
+                torch.save(hooks_state, tmp / "hooks_state.pt")
             state = {"step": self.step, "total_steps": self.total_steps, "world_size": self.env.world_size,
                      "global_batch": self.global_batch, "steps_per_epoch": self.steps_per_epoch,
                      "data_position": {"epoch": self.step // self.steps_per_epoch,
@@ -1102,6 +1129,8 @@ class Trainer:
                 self.engine.load(engine_dir, universal=True)
             else:
                 self.engine.load(engine_dir)
+            if (path / "hooks_state.pt").is_file():
+                self.hooks.load_state_dict(torch.load(path / "hooks_state.pt", weights_only=False))
             rng = path / f"rng_rank{self.env.rank}.pt"
             if self.env.rank < saved_world:
                 if rng.is_file():
@@ -1162,7 +1191,8 @@ class Trainer:
 
     # -- export / eval ------------------------------------------------------------------------------
     def gathered_state_dict(self) -> dict | None:
-        return self.engine.gather_state_dict()
+        sd = self.engine.gather_state_dict()
+        return sd if sd is None else self.hooks.student_state_dict(sd)
 
     def export(self, out: str | Path | None = None) -> Path:
         from distill.models.export import card_metadata, export_hf

@@ -43,7 +43,7 @@ class Record:
     where: str  # "file:line" for error messages
 
 
-def _lines(path: Path):
+def iter_lines(path: Path):
     """The file's lines as bytes, streamed (gunzipped for ``*.gz``); a read failure is a DataError."""
     n = 0
     try:
@@ -58,7 +58,7 @@ def _lines(path: Path):
 
 
 def _read_bytes(path: Path) -> bytes:
-    return b"".join(_lines(path))
+    return b"".join(iter_lines(path))
 
 
 def _decode(data: bytes, path: Path, line: int = 0, base: int = 0) -> str:
@@ -91,7 +91,7 @@ def _check_record(obj, where: str, prompt_field: str, response_field: str) -> tu
 def _read_jsonl(path: Path, pf: str, rf: str) -> list[Record]:
     recs = []
     offset = 0
-    for i, raw in enumerate(_lines(path), 1):
+    for i, raw in enumerate(iter_lines(path), 1):
         line = _decode(raw, path, i, offset)
         offset += len(raw)
         if i == 1:
@@ -137,7 +137,7 @@ def _read_rows(rows, name: str, pf: str, rf: str) -> list[Record]:
     return recs
 
 
-def _files_in(folder: Path) -> list[Path]:
+def files_in(folder: Path) -> list[Path]:
     pats = ("*.jsonl", "*.jsonl.gz", "*.json", "*.parquet")
     files = sorted({f for p in pats for f in folder.glob(p) if not f.name.startswith(".")})
     # A manifest describes shards; it is not a shard.
@@ -189,7 +189,7 @@ def read_records(path: str, fmt: str = "auto", *, prompt_field: str = "prompt", 
     elif p.is_dir():
         files = _corpus_files(p, allow_partial)
         if files is None:
-            files = _files_in(p)
+            files = files_in(p)
             if not files:
                 raise DataError(f"data.path: folder {p} holds no *.jsonl, *.jsonl.gz, *.json or *.parquet files; "
                                 "point data.path at a data file or a folder of them")

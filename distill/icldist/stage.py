@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from distill.icldist.config import STAGES, ICLDistConfig
+from distill.trainer import TrainerHooks
 
 # ---------------------------------------------------------------------------------------------------
 # Run state: held by the run's ICLDistHooks, which the registered factories reach as ctx.hooks
@@ -312,7 +313,7 @@ def _register() -> None:
         return ICLDistBackend(_require_hooks(ctx).run)
 
 
-class ICLDistHooks:
+class ICLDistHooks(TrainerHooks):
     """ICLDist's plug-ins to the core trainer (distill.trainer.TrainerHooks): the run state for the
     registered ``icldist`` dataset and backend, the :class:`~distill.icldist.loss.ICLDistLoss`
     objective, the teacher's prefetch depth, and the logged split of the KD term (label-level /

@@ -203,7 +203,12 @@ def run(cfg: KnowDistConfig, argv: list[str] | None = None) -> int:
     cfg.model.student, cfg.model.teacher = student, teacher
     cfg.data.path = prepare_corpus(cfg, teacher_is_builtin)
 
-    trainer = Trainer(cfg, argv=argv).setup()
+    if cfg.multiteacher.teachers:  # several teachers with learned weights (distill.multiteacher)
+        from distill.multiteacher.stage import make_trainer
+
+        trainer = make_trainer(cfg, argv=argv).setup()
+    else:
+        trainer = Trainer(cfg, argv=argv).setup()
     result = trainer.train()
     line = summary_line(trainer, result, t0, teacher, cfg.data.path) if env.rank == 0 else None
     if line:

@@ -130,7 +130,7 @@ _TASKS = (
 )
 
 
-def _records_by_task(data_dir: str | os.PathLike | None = None) -> tuple[dict[str, list[dict]], str]:
+def records_by_task(data_dir: str | os.PathLike | None = None) -> tuple[dict[str, list[dict]], str]:
     """{task: raw train records} and a description of the source (for the recipe hash).
 
     Reads SentiBench through :mod:`distill.data.sentibench` (the data folder, or the package sample
@@ -232,7 +232,7 @@ def ensure_builtin_tokenizer(workdir: str | os.PathLike, recipe: BuiltinRecipe =
                              data_dir=None, verbose: bool = True) -> Path:
     """Tokenizer folder trained on SentiBench text (cached)."""
     workdir = Path(workdir)
-    records, source = _records_by_task(data_dir)
+    records, source = records_by_task(data_dir)
     key = _recipe_key(BuiltinRecipe(vocab_size=recipe.vocab_size, version=recipe.version), source, "tokenizer")
     final = workdir / f"tokenizer-{key}"
     with FileLock(workdir / ".builtin.lock"):
@@ -256,7 +256,7 @@ def ensure_builtin_teacher(workdir: str | os.PathLike, recipe: BuiltinRecipe = B
                            data_dir=None, verbose: bool = True) -> Path:
     """HF folder of the built-in small teacher (trained once, then cached under ``workdir``)."""
     workdir = Path(workdir)
-    records, source = _records_by_task(data_dir)
+    records, source = records_by_task(data_dir)
     tok_dir = ensure_builtin_tokenizer(workdir, recipe, data_dir=data_dir, verbose=verbose)
     key = _recipe_key(recipe, source, "teacher")
     final = workdir / f"teacher-{key}"
@@ -282,7 +282,7 @@ def ensure_builtin_student(workdir: str | os.PathLike, recipe: BuiltinRecipe = B
                            data_dir=None, seed: int | None = None, verbose: bool = True) -> Path:
     """HF folder of the randomly initialised smaller student, sharing the teacher's tokenizer."""
     workdir = Path(workdir)
-    _, source = _records_by_task(data_dir)
+    _, source = records_by_task(data_dir)
     tok_dir = ensure_builtin_tokenizer(workdir, recipe, data_dir=data_dir, verbose=verbose)
     seed = recipe.seed + 1 if seed is None else seed
     key = _recipe_key(recipe, source, f"student-seed{seed}")

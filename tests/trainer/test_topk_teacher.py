@@ -64,7 +64,7 @@ def test_colocated_topk_on_supervised_rows_equals_topk_of_full_logits(tiny_asset
     from distill_kernels.ref import topk_of_logits_ref
 
     tr = _setup(tiny_assets, padded_pair, tmp_path / "r", temperature=2.0, chunk_tokens=5)
-    batch = tr._to_device(tr.micro_batches(0)[0])
+    batch = tr.to_device(tr.micro_batches(0)[0])
     got = tr.teacher(batch)
     assert got.temperature == 2.0 and got.ids.shape == (*batch["labels"].shape, 8)
     full = tr.teacher.engine.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -83,7 +83,7 @@ def test_a_head_that_is_not_lm_head_of_the_final_hidden_is_refused(tiny_assets, 
     tr = _setup(tiny_assets, padded_pair, tmp_path / "r")
     tr.teacher.scale = 1.5  # as if the architecture scaled its logits in a way we did not reproduce
     with pytest.raises(RuntimeError, match="differ from lm_head"):
-        tr.teacher(tr._to_device(tr.micro_batches(0)[0]))
+        tr.teacher(tr.to_device(tr.micro_batches(0)[0]))
 
 
 def test_bad_ids_from_a_teacher_backend_are_refused_before_the_loss(tiny_assets, padded_pair, tmp_path):
