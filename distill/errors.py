@@ -37,6 +37,15 @@ def one_line(msg: str) -> str:
     return f"{lines[0]} (+{len(lines) - 1} more lines; rerun with --debug to see them)"
 
 
+def _close_process_group() -> None:
+    """Tear down this rank's process group (if one was started) before exiting on an error: left to
+    interpreter shutdown, its communication threads can abort the process ("terminate called without
+    an active exception", exit -6) instead of letting it exit 2."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def run_cli(main: Callable[[list[str]], int | None], prog: str, argv: Sequence[str] | None = None) -> int:
     """``main(argv)`` with user errors as one line on stderr and exit status 2.
 
@@ -53,5 +62,6 @@ def run_cli(main: Callable[[list[str]], int | None], prog: str, argv: Sequence[s
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
         where = f" [rank {os.environ.get('RANK', '0')}]" if world > 1 else ""
         print(f"{prog}{where}: error: {one_line(e)}", file=sys.stderr, flush=True)
+        _close_process_group()
         return EXIT_USER_ERROR
     return 0 if rc is None else int(rc)
