@@ -219,13 +219,8 @@ class ColocatedTeacher(TeacherBackend):
             raise ConfigError(f"the colocated teacher backend holds a partitioned or replicated teacher, not "
                               f"teacher.placement={ctx.teacher_placement}")
         self.placement = ctx.teacher_placement
-        if ml.has_tokenizer(ctx.teacher_path):
-            ttok = ml.load_tokenizer(ctx.teacher_path, trust_remote_code=cfg.model.trust_remote_code,
-                                     what="teacher folder (model.teacher)")
-            ml.check_shared_tokenizer(ctx.tokenizer, ttok, student_name=ctx.student_path, teacher_name=ctx.teacher_path)
-        else:
-            ml.check_teacher_without_tokenizer(ctx.teacher_path, ctx.tokenizer, student_name=ctx.student_path,
-                                               trust_remote_code=cfg.model.trust_remote_code)
+        ml.check_teacher_tokenizer(ctx.teacher_path, ctx.tokenizer, student_name=ctx.student_path,
+                                   trust_remote_code=cfg.model.trust_remote_code)
         model = ml.load_causal_lm(
             ctx.teacher_path, dtype=ml.resolve_dtype(tdtype, on_gpu), attn=ml.resolve_attn(cfg.model.attn, on_gpu),
             device=str(ctx.device), trust_remote_code=cfg.model.trust_remote_code, zero3_config=zero3,

@@ -84,6 +84,24 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a.float(), b.float())
 
 
+def forward_grads(ctx, grad_total: torch.Tensor, what: str) -> tuple:
+    """The backward of a loss whose gradients were formed in its forward (``ctx.grads`` = (hidden,
+    weight, bias), ``ctx.w_dtype`` / ``ctx.b_dtype``): each scaled in place by the upstream
+    gradient, once (a second backward is an error)."""
+    if ctx.grads is None:
+        raise RuntimeError(f"{what}: the gradient formed in the forward was consumed by a first "
+                           "backward; retain_graph=True is not supported")
+    grad_h, grad_w, grad_b = ctx.grads
+    ctx.grads = None
+    if grad_h is not None:
+        grad_h = grad_h.mul_(grad_total)
+    if grad_w is not None:
+        grad_w = grad_w.mul_(grad_total).to(ctx.w_dtype)
+    if grad_b is not None:
+        grad_b = grad_b.mul_(grad_total).to(ctx.b_dtype)
+    return grad_h, grad_w, grad_b
+
+
 class LinearDistillFunction(torch.autograd.Function):
     """``total = ce_weight * CE_sum + kd_weight * KD_sum`` over the rows, from hidden rows and the head.
 
@@ -155,18 +173,7 @@ class LinearDistillFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _gk, _gc):
-        if ctx.grads is None:
-            raise RuntimeError("linear_distill: the gradient formed in the forward was consumed by a first "
-                               "backward; retain_graph=True is not supported")
-        grad_h, grad_w, grad_b = ctx.grads
-        ctx.grads = None
-        if grad_h is not None:
-            grad_h = grad_h.mul_(grad_total)
-        if grad_w is not None:
-            grad_w = grad_w.mul_(grad_total).to(ctx.w_dtype)
-        if grad_b is not None:
-            grad_b = grad_b.mul_(grad_total).to(ctx.b_dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+        return (*forward_grads(ctx, grad_total, "linear_distill"), None, None, None, None, None, None, None)
 
 
 def linear_distill(

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distill.losses.divergences import _Cfg, _chunk, _effective_kind, _Params
-from distill.losses.lean import HiddenTeacher, _accumulate
+from distill.losses.lean import HiddenTeacher, _accumulate, forward_grads
 from distill.losses.objective import LossOutput, _normalizer
 from distill.teacher.output import TopKTeacher
 
@@ -250,18 +250,7 @@ class MultiLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
-        if ctx.grads is None:
-            raise RuntimeError("multiteacher loss: the gradient formed in the forward was consumed by a first "
-                               "backward; retain_graph=True is not supported")
-        grad_h, grad_w, grad_b = ctx.grads
-        ctx.grads = None
-        if grad_h is not None:
-            grad_h = grad_h.mul_(grad_total)
-        if grad_w is not None:
-            grad_w = grad_w.mul_(grad_total).to(ctx.w_dtype)
-        if grad_b is not None:
-            grad_b = grad_b.mul_(grad_total).to(ctx.b_dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+        return (*forward_grads(ctx, grad_total, "multiteacher loss"), None, None, None, None, None, None)
 
 
 class MultiRowsFunction(torch.autograd.Function):

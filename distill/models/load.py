@@ -221,6 +221,18 @@ def check_teacher_without_tokenizer(teacher_path: str, student_tok, *, student_n
            f"of {n} tokens ({student_name}; the teacher has {rows or 'an unknown number of'} embedding rows)")
 
 
+def check_teacher_tokenizer(teacher_path: str, student_tok, *, student_name: str, trust_remote_code: bool = False,
+                            what: str = "teacher folder (model.teacher)") -> None:
+    """Token-level KD needs one vocabulary: the teacher's tokenizer (or, without one, its config's
+    vocabulary) must be the student's; every teacher backend calls this before loading weights."""
+    if has_tokenizer(teacher_path):
+        ttok = load_tokenizer(teacher_path, trust_remote_code=trust_remote_code, what=what)
+        check_shared_tokenizer(student_tok, ttok, student_name=student_name, teacher_name=teacher_path)
+    else:
+        check_teacher_without_tokenizer(teacher_path, student_tok, student_name=student_name,
+                                        trust_remote_code=trust_remote_code)
+
+
 def check_embedding_rows(model_config, real_vocab: int, name: str) -> int:
     """The model's logit width; it may exceed the tokenizer (padding rows) but never fall short."""
     rows = int(getattr(model_config, "vocab_size", 0) or 0)

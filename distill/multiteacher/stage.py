@@ -6,8 +6,8 @@ the run sets ``kd.teacher_backend=multiteacher`` and lists ``multiteacher.teache
 * the ``multiteacher`` teacher backend (:class:`MultiTeacherBackend`): builds each listed teacher
   through the registry, ``TEACHER_BACKENDS[b](cfg_i, replace(ctx, teacher_path=path_i))`` with
   ``cfg_i`` a copy whose ``kd.temperature`` / ``kd.topk`` / ``kd.teacher_backend`` are the
-  teacher's own (so a colocated teacher checks its tokenizer against the student's as in a
-  single-teacher run; another backend's teacher folder is checked here when it has a tokenizer), and
+  teacher's own (so each backend checks the vocabulary against the student's as in a
+  single-teacher run), and
   returns a :class:`~distill.losses.multiteacher.TeacherSet` per batch.
 * the ``sft_routed`` dataset: the ``sft`` dataset plus each record's ``multiteacher.route.column``
   (weighting=route).
@@ -79,10 +79,6 @@ class MultiTeacherBackend(TeacherBackend):
             if entry.backend not in TEACHER_BACKENDS:
                 raise KeyError(f"multiteacher.teachers ({entry.name}): backend={entry.backend!r} is not registered; "
                                f"known: {sorted(set(TEACHER_BACKENDS) - {BACKEND_NAME})}")
-            if entry.backend != "colocated" and ml.has_tokenizer(path):  # colocated checks it itself
-                ttok = ml.load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code,
-                                         what=f"teacher folder of {entry.name}")
-                ml.check_shared_tokenizer(ctx.tokenizer, ttok, student_name=ctx.student_path, teacher_name=path)
             cfg_i = copy.deepcopy(cfg)
             cfg_i.kd.temperature, cfg_i.kd.topk, cfg_i.kd.teacher_backend = entry.temperature, entry.topk, entry.backend
             cfg_i.model.teacher = entry.path

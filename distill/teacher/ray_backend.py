@@ -96,13 +96,8 @@ class RayTeacher(TeacherBackend):
 
         if cfg.kd.topk < 1:
             raise ConfigError("teacher.placement=ray serves top-k only: set kd.topk (e.g. 64)")
-        if ml.has_tokenizer(ctx.teacher_path):
-            ttok = ml.load_tokenizer(ctx.teacher_path, trust_remote_code=cfg.model.trust_remote_code,
-                                     what="teacher folder (model.teacher)")
-            ml.check_shared_tokenizer(ctx.tokenizer, ttok, student_name=ctx.student_path, teacher_name=ctx.teacher_path)
-        else:
-            ml.check_teacher_without_tokenizer(ctx.teacher_path, ctx.tokenizer, student_name=ctx.student_path,
-                                               trust_remote_code=cfg.model.trust_remote_code)
+        ml.check_teacher_tokenizer(ctx.teacher_path, ctx.tokenizer, student_name=ctx.student_path,
+                                   trust_remote_code=cfg.model.trust_remote_code)
         dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(cfg.model.teacher_dtype,
                                                                                  cfg.model.teacher_dtype)
         run_id = broadcast_object0(f"{os.getpid()}-{int(time.time() * 1000)}")
