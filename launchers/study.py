@@ -54,19 +54,27 @@ SHAPES = {
 }
 
 SETTINGS = {
-    # vocab: tokenizer size; teacher_per_task: train records per task for the teacher (each gives an
-    # evaluation-format pair and a perspective pair); student_per_task: the students' train texts per
-    # task (GOLD_FRACTION of them labelled, at least 5); teacher_steps / kd_steps / icl_steps: optimizer
-    # steps (every student arm trains kd_steps + icl_steps); micro_batch: sequences per step; max_len:
-    # training tokens per sequence (prompts cut from the left); icl_per_task: ICLDist prompts per task;
-    # eval_limit: SentiBench test sentences per task; eval_seeds: demonstration seeds; harvest_tokens:
-    # new tokens per teacher analysis
-    "quick": dict(vocab=1024, teacher_per_task=40, student_per_task=30, teacher_steps=30, kd_steps=15,
-                  icl_steps=10, micro_batch=16, max_len=80, icl_per_task=8, lr=3e-3, teacher_lr=3e-3,
-                  eval_limit=4, eval_seeds=(42,), harvest_tokens=12),
-    "full": dict(vocab=1536, teacher_per_task=400, student_per_task=300, teacher_steps=200, kd_steps=100,
-                 icl_steps=50, micro_batch=16, max_len=128, icl_per_task=48, lr=3e-3, teacher_lr=2e-3,
-                 eval_limit=16, eval_seeds=(42, 52, 62), harvest_tokens=24),
+    # vocab: tokenizer size. Teacher data per task: teacher_per_task train records of a classification
+    # task (teacher_fine_per_task of a fine-grained one) as zero-shot evaluation-format pairs (the
+    # protocol's instruction and sentence, gold answer), the first
+    # teacher_fewshot_per_task of them also as 4-shot pairs and teacher_persp_per_task as KnowDist
+    # perspective pairs; pair_chars: characters kept of each text in evaluation-format training pairs.
+    # teacher_steps / teacher_micro_batch / teacher_max_len / teacher_lr: its training (packed rows).
+    # student_per_task: the students' train texts per task (GOLD_FRACTION of them labelled, at least 5);
+    # kd_steps / icl_steps: optimizer steps (every student arm trains kd_steps + icl_steps);
+    # micro_batch: sequences per step; max_len: training tokens per sequence (prompts cut from the left);
+    # icl_per_task: ICLDist prompts per task; eval_limit: SentiBench test sentences per task;
+    # eval_seeds: demonstration seeds; harvest_tokens: new tokens per teacher analysis
+    "quick": dict(vocab=1024, teacher_per_task=40, teacher_fine_per_task=20, teacher_fewshot_per_task=10,
+                  teacher_persp_per_task=20, pair_chars=400, teacher_steps=30, teacher_micro_batch=16,
+                  teacher_max_len=128, teacher_lr=1e-3, student_per_task=30, kd_steps=15, icl_steps=10,
+                  micro_batch=16, max_len=80, icl_per_task=8, lr=1e-3, eval_limit=4, eval_seeds=(42,),
+                  harvest_tokens=12),
+    "full": dict(vocab=1536, teacher_per_task=1500, teacher_fine_per_task=200, teacher_fewshot_per_task=100,
+                 teacher_persp_per_task=150, pair_chars=400, teacher_steps=1200, teacher_micro_batch=48,
+                 teacher_max_len=256, teacher_lr=1e-3, student_per_task=300, kd_steps=300, icl_steps=150,
+                 micro_batch=32, max_len=128, icl_per_task=128, lr=1e-3, eval_limit=32, eval_seeds=(42, 52, 62),
+                 harvest_tokens=24),
 }
 
 
@@ -101,11 +109,12 @@ def _train_split(task: str):
     return sb.load_task(task, "train"), sb.read_raw(sb.task_file(task, "train"))
 
 
-def _eval_pairs(task: str, records, pool, seed: int) -> list[dict]:
-    """Evaluation-format (prompt, gold answer) pairs: the protocol's prompts, demonstrations from ``pool``."""
+def _eval_pairs(task: str, records, pool, seed: int, shots: int = 4) -> list[dict]:
+    """Evaluation-format (prompt, gold answer) pairs: the protocol's prompts with ``shots`` demonstrations
+    from ``pool`` (0: the instruction and the sentence only)."""
     from distill.eval.protocol import answer_text, build_prompts
 
-    shots = min(4, len(pool) - 1)
+    shots = min(shots, len(pool) - 1)
     prompts, _ = build_prompts(task, records, pool, shots, seed)
     return [{"prompt": p, "response": " " + answer_text(task, r), "task": task, "kind": "eval"}
             for p, r in zip(prompts, records)]
@@ -147,7 +156,8 @@ def split_students(s: dict, seed: int) -> dict:
 
 
 def _train(name: str, out: Path, *, student: str, teacher: str, data: str, steps: int, s: dict, seed: int,
-           kind: str = "none", backend: str = "colocated", topk: int = 0, lr: float | None = None) -> dict:
+           kind: str = "none", backend: str = "colocated", topk: int = 0, lr: float | None = None,
+           micro_batch: int | None = None, max_len: int | None = None, packing: bool = False) -> dict:
     """One core-trainer run (plain torch engine); returns {export, seconds}."""
     from distill.config import RunConfig, from_dict
     from distill.trainer import Trainer
@@ -156,8 +166,8 @@ def _train(name: str, out: Path, *, student: str, teacher: str, data: str, steps
     d = {
         "run": {"out_dir": str(run_dir)},
         "model": {"student": student, "teacher": teacher if kind != "none" else ""},
-        "data": {"name": "sft", "path": data, "max_len": s["max_len"]},
-        "train": {"steps": steps, "micro_batch": s["micro_batch"], "grad_accum": 1, "lr": lr or s["lr"],
+        "data": {"name": "sft", "path": data, "max_len": max_len or s["max_len"], "packing": packing},
+        "train": {"steps": steps, "micro_batch": micro_batch or s["micro_batch"], "grad_accum": 1, "lr": lr or s["lr"],
                   "warmup_steps": max(1, steps // 20), "seed": seed},
         "kd": {"kind": kind, "teacher_backend": backend, "topk": topk,
                "cache_dir": str(run_dir / "teacher_topk") if backend == "cache" else ""},
@@ -214,6 +224,7 @@ def _check_verbalizers(tok) -> None:
 def build_teacher(out: Path, s: dict, mode: str, seed: int) -> dict:
     """Tokenizer, the trained teacher and the students' init (reused when ``out/assets/DONE.json`` exists)."""
     from distill.data.sentibench import TASKS
+    from distill.eval.protocol import LABEL_WORDS
     from distill.models.tiny import TinySize, build_tiny_causal_lm, train_tokenizer
 
     a = out / "assets"
@@ -226,10 +237,13 @@ def build_teacher(out: Path, s: dict, mode: str, seed: int) -> dict:
     for task in TASKS:
         recs, raw = _train_split(task)
         rng = random.Random(f"teacher-{seed}-{task}")
-        pick = sorted(rng.sample(range(len(recs)), min(s["teacher_per_task"], len(recs))))
-        chosen = [recs[i] for i in pick]
-        rows += _eval_pairs(task, chosen, recs, seed)
-        rows += [p for p in (_perspective_pair(task, raw[r.index]) for r in chosen) if p]
+        n = s["teacher_per_task"] if task in LABEL_WORDS else s["teacher_fine_per_task"]
+        pick = sorted(rng.sample(range(len(recs)), min(n, len(recs))))
+        chosen = [_cut(recs[i], s["pair_chars"]) for i in pick]
+        pool = [_cut(r, s["pair_chars"]) for r in recs]
+        rows += _eval_pairs(task, chosen, pool, seed, shots=0)
+        rows += _eval_pairs(task, chosen[: s["teacher_fewshot_per_task"]], pool, seed)
+        rows += [p for p in (_perspective_pair(task, raw[r.index]) for r in chosen[: s["teacher_persp_per_task"]]) if p]
         texts += [r.text for r in recs]
     random.Random(seed).shuffle(rows)
     # The teacher's training text itself (the evaluation's instructions, label words) is in the corpus so
@@ -249,7 +263,8 @@ def build_teacher(out: Path, s: dict, mode: str, seed: int) -> dict:
     _log(f"teacher data: {len(rows)} pairs ({sum(r['kind'] == 'eval' for r in rows)} evaluation-format); "
          f"tokenizer {len(tok)}; params teacher {_params(init['teacher'])}, student {_params(init['student'])}")
     res = _train("teacher", out, student=init["teacher"], teacher="", data=str(data), steps=s["teacher_steps"],
-                 s=s, seed=seed, lr=s["teacher_lr"])
+                 s=s, seed=seed, lr=s["teacher_lr"], micro_batch=s["teacher_micro_batch"],
+                 max_len=s["teacher_max_len"], packing=True)
     info = {"teacher": res["export"], "student_init": init["student"], "teacher_train_s": res["seconds"],
             "teacher_loss": [res["loss_first"], res["loss_last"]], "seconds": round(time.time() - t0, 1)}
     done.write_text(json.dumps(info, indent=2))
@@ -292,7 +307,9 @@ def build_student_data(out: Path, s: dict, assets: dict, split: dict, seed: int)
         recs, raw = _train_split(task)
         gold = [recs[i] for i in split[task]["gold"]]
         unl = [recs[i] for i in split[task]["unlabeled"]]
-        gold_rows += _eval_pairs(task, gold, gold, seed)
+        gold_cut = [_cut(r, s["pair_chars"]) for r in gold]
+        gold_rows += _eval_pairs(task, gold_cut, gold_cut, seed, shots=0)
+        gold_rows += _eval_pairs(task, gold_cut, gold_cut, seed)
         gold_rows += [p for p in (_perspective_pair(task, raw[r.index]) for r in gold) if p]
         for r in unl:
             p = _perspective_pair(task, raw[r.index])  # its prompt only: the gold response is not used
