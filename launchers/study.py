@@ -2,7 +2,7 @@
 
     # 1 process (CPU; tiny models built here). --quick: the CI smoke run (under 10 minutes on 2 cores)
     python launchers/study.py --quick --out runs/study_quick
-    # the study (designed for under 90 minutes on 2 CPU cores), its results go to docs/
+    # the study (2,278 s on 2 CPU cores, 2026-12-01), its results go to docs/
     python launchers/study.py --seed 0 --out runs/study
 
 One process only: every arm is a small run on the plain torch engine, one after another (the same
@@ -10,9 +10,10 @@ trainer, KnowDist and ICLDist code run under DeepSpeed on GPUs; see docs/recipes
 
 Setting (issue 13). Per task a fixed sample of SentiBench train texts is the students' data; a
 fixed 10% of them (by ``--seed``) keep their gold labels, the rest are unlabeled. The teacher is a
-6-layer Llama (quick: 4) trained on the full train splits (up to ``teacher_per_task`` records per
-task) in the evaluation's own prompt format (:func:`distill.eval.protocol.build_prompts`, k = 4) plus
-the KnowDist perspectives (:func:`distill.models.builtin.builtin_pairs`). Students: one init at
+6-layer Llama (quick: 4) trained on train records (``teacher_per_task`` per classification task,
+``teacher_fine_per_task`` per fine-grained one) in the evaluation's own prompt format
+(:func:`distill.eval.protocol.build_prompts`: k = 0 for every record, k = 4 for some) plus the KnowDist
+perspectives (:func:`distill.models.builtin.perspective_response`). Students: one init at
 about a quarter of the teacher's parameters, the same total optimizer steps, data order seed and
 learning rate in every arm:
 
