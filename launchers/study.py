@@ -121,6 +121,14 @@ def _eval_pairs(task: str, records, pool, seed: int, shots: int = 4) -> list[dic
             for p, r in zip(prompts, records)]
 
 
+def _label_pairs(task: str, records, pool, seed: int, chars: int, fewshot: int) -> list[dict]:
+    """Every record (texts cut to ``chars``) as a zero-shot evaluation-format pair, and the first
+    ``fewshot`` of them also as 4-shot pairs with demonstrations from ``pool``."""
+    records = [_cut(r, chars) for r in records]
+    pool = [_cut(r, chars) for r in pool]
+    return _eval_pairs(task, records, pool, seed, shots=0) + _eval_pairs(task, records[:fewshot], pool, seed)
+
+
 def _cut(record, chars: int):
     import dataclasses
 
@@ -240,10 +248,8 @@ def build_teacher(out: Path, s: dict, mode: str, seed: int) -> dict:
         rng = random.Random(f"teacher-{seed}-{task}")
         n = s["teacher_per_task"] if task in LABEL_WORDS else s["teacher_fine_per_task"]
         pick = sorted(rng.sample(range(len(recs)), min(n, len(recs))))
-        chosen = [_cut(recs[i], s["pair_chars"]) for i in pick]
-        pool = [_cut(r, s["pair_chars"]) for r in recs]
-        rows += _eval_pairs(task, chosen, pool, seed, shots=0)
-        rows += _eval_pairs(task, chosen[: s["teacher_fewshot_per_task"]], pool, seed)
+        chosen = [recs[i] for i in pick]
+        rows += _label_pairs(task, chosen, recs, seed, s["pair_chars"], s["teacher_fewshot_per_task"])
         rows += [p for p in (_perspective_pair(task, raw[r.index]) for r in chosen[: s["teacher_persp_per_task"]]) if p]
         texts += [r.text for r in recs]
     random.Random(seed).shuffle(rows)
@@ -308,9 +314,7 @@ def build_student_data(out: Path, s: dict, assets: dict, split: dict, seed: int)
         recs, raw = _train_split(task)
         gold = [recs[i] for i in split[task]["gold"]]
         unl = [recs[i] for i in split[task]["unlabeled"]]
-        gold_cut = [_cut(r, s["pair_chars"]) for r in gold]
-        gold_rows += _eval_pairs(task, gold_cut, gold_cut, seed, shots=0)
-        gold_rows += _eval_pairs(task, gold_cut, gold_cut, seed)
+        gold_rows += _label_pairs(task, gold, gold, seed, s["pair_chars"], len(gold))
         gold_rows += [p for p in (_perspective_pair(task, raw[r.index]) for r in gold) if p]
         for r in unl:
             p = _perspective_pair(task, raw[r.index])  # its prompt only: the gold response is not used
