@@ -72,11 +72,18 @@ SETTINGS = {
                   micro_batch=16, max_len=80, icl_per_task=8, lr=1e-3, eval_limit=4, eval_seeds=(42,),
                   harvest_tokens=12),
     "full": dict(vocab=1536, teacher_per_task=1500, teacher_fine_per_task=200, teacher_fewshot_per_task=100,
-                 teacher_persp_per_task=150, pair_chars=400, teacher_steps=1200, teacher_micro_batch=48,
+                 teacher_persp_per_task=150, pair_chars=400, teacher_steps=2400, teacher_micro_batch=48,
                  teacher_max_len=256, teacher_lr=1e-3, student_per_task=300, kd_steps=300, icl_steps=150,
-                 micro_batch=32, max_len=128, icl_per_task=128, lr=1e-3, eval_limit=32, eval_seeds=(42, 52, 62),
+                 micro_batch=32, max_len=128, icl_per_task=128, lr=1e-3, eval_limit=96, eval_seeds=(42, 52, 62),
                  harvest_tokens=24),
 }
+
+
+# The settings that make the teacher and its tokenizer: assets/DONE.json records them and a rerun into the
+# same --out must match them.
+TEACHER_KEYS = ("vocab", "teacher_per_task", "teacher_fine_per_task", "teacher_fewshot_per_task",
+                "teacher_persp_per_task", "pair_chars", "teacher_steps", "teacher_micro_batch", "teacher_max_len",
+                "teacher_lr")
 
 
 def _log(msg: str) -> None:
@@ -222,6 +229,23 @@ def _icldist(name: str, out: Path, *, student: str, teacher: str, data_dir: Path
 # ---------------------------------------------------------------------------------------- assets
 
 
+def _reuse(done: Path, made_with: dict) -> dict:
+    """The finished stage recorded in ``done``, if it was made with these settings (else a UserError: the
+    files there are kept, the user picks another --out)."""
+    from distill.errors import UserError
+
+    try:
+        info = json.loads(done.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{done}: unreadable ({e}); use another --out") from None
+    had = info.get("made_with") if isinstance(info, dict) else None
+    if had != made_with:
+        diff = sorted(k for k in made_with if not isinstance(had, dict) or had.get(k) != made_with[k])
+        raise UserError(f"{done}: field made_with differs from this run's settings in {diff}; use another --out "
+                        f"(what is there is kept)")
+    return info
+
+
 def _check_verbalizers(tok) -> None:
     from distill.eval.protocol import LABEL_WORDS
     from distill.eval.runner import verbalizer_ids
@@ -238,8 +262,10 @@ def build_teacher(out: Path, s: dict, mode: str, seed: int) -> dict:
 
     a = out / "assets"
     done = a / "DONE.json"
+    made_with = {"mode": mode, "seed": seed, "shapes": SHAPES[mode],
+                 **{k: v for k, v in s.items() if k in TEACHER_KEYS}}
     if done.is_file():
-        return json.loads(done.read_text())
+        return _reuse(done, made_with)
     a.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     rows, texts = [], []
@@ -272,7 +298,8 @@ def build_teacher(out: Path, s: dict, mode: str, seed: int) -> dict:
     res = _train("teacher", out, student=init["teacher"], teacher="", data=str(data), steps=s["teacher_steps"],
                  s=s, seed=seed, lr=s["teacher_lr"], micro_batch=s["teacher_micro_batch"],
                  max_len=s["teacher_max_len"], packing=True)
-    info = {"teacher": res["export"], "student_init": init["student"], "teacher_train_s": res["seconds"],
+    info = {"made_with": made_with, "teacher": res["export"], "student_init": init["student"],
+            "teacher_train_s": res["seconds"],
             "teacher_loss": [res["loss_first"], res["loss_last"]], "seconds": round(time.time() - t0, 1)}
     done.write_text(json.dumps(info, indent=2))
     _log(f"teacher trained in {res['seconds']:.0f}s (loss {res['loss_first']:.2f} -> {res['loss_last']:.2f})")
@@ -302,8 +329,10 @@ def build_student_data(out: Path, s: dict, assets: dict, split: dict, seed: int)
 
     a = out / "assets"
     done = a / "DATA_DONE.json"
+    made_with = {"teacher": assets["made_with"], "split": split, "student_per_task": s["student_per_task"],
+                 "harvest_tokens": s["harvest_tokens"]}
     if done.is_file():
-        return json.loads(done.read_text())
+        return _reuse(done, made_with)
     t0 = time.time()
     tok = AutoTokenizer.from_pretrained(assets["teacher"])
     teacher = AutoModelForCausalLM.from_pretrained(assets["teacher"]).eval()
@@ -360,7 +389,7 @@ def build_student_data(out: Path, s: dict, assets: dict, split: dict, seed: int)
     rng.shuffle(gold_rows)
     mixed = gold_rows + teacher_rows
     rng.shuffle(mixed)
-    info = {"gold": str(_write_jsonl(a / "students_gold.jsonl", gold_rows)),
+    info = {"made_with": made_with, "gold": str(_write_jsonl(a / "students_gold.jsonl", gold_rows)),
             "teacher_text": str(_write_jsonl(a / "students_teacher_text.jsonl", mixed)),
             "icl_data_dir": str(icl_root), "n_gold_rows": len(gold_rows), "n_teacher_rows": len(teacher_rows),
             "pseudo_label_agreement": agree / max(n_pseudo, 1), "seconds": round(time.time() - t0, 1)}
@@ -537,4 +566,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from distill.errors import run_cli
+
+    sys.exit(run_cli(main, "study.py"))

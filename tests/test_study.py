@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -35,3 +36,13 @@ def test_quick_study_writes_every_arm(tmp_path, launcher):
     for arm in ARMS:
         assert f"| {arm} |" in md
     assert (out / "results.png").stat().st_size > 0
+
+    # A rerun into the same folder reuses the teacher only if it was made with the same settings; else it
+    # stops with one line naming the file and the setting, and the trained teacher stays.
+    done = out / "assets" / "DONE.json"
+    info = json.loads(done.read_text())
+    info["made_with"]["teacher_steps"] += 1
+    done.write_text(json.dumps(info))
+    proc = launcher.run("study.py", "--quick", "--seed", "3", "--out", str(out), timeout=300)
+    launcher.assert_user_error(proc, "DONE.json", "made_with", "teacher_steps")
+    assert (Path(info["teacher"]) / "model.safetensors").is_file()
