@@ -432,6 +432,45 @@ def chance(s: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------ report
 
+PAIRS = (("full", "sft_gold"), ("full", "sft_text"), ("full", "knowdist"), ("full_topk16", "full"),
+         ("knowdist", "sft_text"), ("sft_text", "sft_gold"))
+
+
+def resample(out: Path, s: dict, arms, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Paired bootstrap over the test sentences of the basic+multifaceted mean, from the saved predictions
+    (``DIR/eval/<arm>/predictions``): each resample draws every task's sentences with replacement, the same
+    draw for every arm and demonstration seed, and rescores them with the official scorer. Returns each
+    arm's standard error and, per pair in ``PAIRS``, the difference's 95% percentile interval."""
+    import numpy as np
+
+    from distill.data.sentibench import CATEGORIES, load_task
+    from distill.eval.scoring import score_task
+    from distill.eval.sentibench import read_predictions
+
+    rng = np.random.default_rng(seed)
+    cats = ("basic", "multifaceted")
+    boot = {a: np.zeros(n_boot) for a in arms}
+    for cat in cats:
+        for task in CATEGORIES[cat]:
+            recs = load_task(task, "test")[: s["eval_limit"]]
+            draws = rng.integers(0, len(recs), size=(n_boot, len(recs)))
+            for a in arms:
+                preds = [read_predictions(out / "eval" / a / "predictions" / f"{task.replace('/', '-')}.seed{sd}.jsonl",
+                                          len(recs)) for sd in s["eval_seeds"]]
+                for b, idx in enumerate(draws):
+                    rs = [recs[i] for i in idx]
+                    f1 = [score_task(task, rs, [p[i] for i in idx])["f1"] for p in preds]
+                    boot[a][b] += 100 * sum(f1) / len(f1) / len(CATEGORIES[cat]) / len(cats)
+    res = {"n_boot": n_boot, "seed": seed, "se": {a: round(float(boot[a].std(ddof=1)), 2) for a in arms}, "pairs": {}}
+    for x, y in PAIRS:
+        if x in boot and y in boot:
+            d = boot[x] - boot[y]
+            lo, hi = np.percentile(d, [2.5, 97.5])
+            res["pairs"][f"{x} - {y}"] = {"lo": round(float(lo), 2), "hi": round(float(hi), 2),
+                                          "p_le_0": round(float((d <= 0).mean()), 3)}
+    return res
+
+
 
 def _fmt(x) -> str:
     return "-" if x is None else f"{x:.2f}"
@@ -466,6 +505,15 @@ def findings(results: dict) -> list[str]:
         f"icldist_only -> full {bm('full') - bm('icldist_only'):+.2f}.",
         f"- ablation, what ICLDist adds: knowdist -> full {bm('full') - bm('knowdist'):+.2f} (same total steps).",
     ]
+    boot = results.get("bootstrap")
+    if boot:
+        se = ", ".join(f"{a} {v:.2f}" for a, v in boot["se"].items())
+        lines.append(f"- paired bootstrap over test sentences ({boot['n_boot']} resamples), standard error of the "
+                     f"basic+multi mean: {se}.")
+        for pair, v in boot["pairs"].items():
+            x, y = pair.split(" - ")
+            lines.append(f"- {pair} = {bm(x) - bm(y):+.2f}, 95% interval [{v['lo']:+.2f}, {v['hi']:+.2f}] "
+                         f"(share of resamples <= 0: {v['p_le_0']:.3f}).")
     return lines
 
 
@@ -510,6 +558,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="gold share, inits, data order")
     ap.add_argument("--out", default=None, help="output folder (default runs/study or runs/study_quick)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--report", action="store_true",
+                    help="train nothing: rebuild the bootstrap, table and plot from DIR/results.json and "
+                         "DIR/eval/*/predictions")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None)
     args = ap.parse_args(argv)
     import torch
@@ -518,6 +569,8 @@ def main(argv=None) -> int:
     mode = "quick" if args.quick else "full"
     s = SETTINGS[mode]
     out = Path(args.out or ("runs/study_quick" if args.quick else "runs/study"))
+    if args.report:
+        return report_only(out)
     out.mkdir(parents=True, exist_ok=True)
     seed = args.seed
     t0 = time.time()
@@ -556,13 +609,37 @@ def main(argv=None) -> int:
         _log(f"{name}: basic {ev['basic']:.2f} multi {ev['multifaceted']:.2f} fine {ev['fine_grained']:.2f} "
              f"avg {ev['average']:.2f} (train {r['seconds']:.0f}s, eval {ev['eval_seconds']:.0f}s)")
         (out / "results.partial.json").write_text(json.dumps(results, indent=2))  # what a cut-short run has
+    t1 = time.time()
+    results["bootstrap"] = resample(out, s, ARMS)
+    results["bootstrap"]["seconds"] = round(time.time() - t1, 1)
     results["seconds"] = round(time.time() - t0, 1)
+    return _finish(out, results)
+
+
+def _finish(out: Path, results: dict) -> int:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     write_report(out, results)
     print(table(results), flush=True)
     print("\n".join(findings(results)), flush=True)
     _log(f"done in {results['seconds']:.0f}s -> {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
     return 0
+
+
+def report_only(out: Path) -> int:
+    """``--report``: the bootstrap, table and plot again from a finished run's files (its timings kept)."""
+    from distill.errors import UserError
+
+    path = out / "results.json"
+    try:
+        results = json.loads(path.read_text())
+        arms, ran = list(results["arms"]), results["settings"]  # the run's own eval_limit and eval_seeds
+        ran = {"eval_limit": ran["eval_limit"], "eval_seeds": ran["eval_seeds"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a finished study's results ({type(e).__name__}: {e}); run the study first") from None
+    t1 = time.time()
+    results["bootstrap"] = resample(out, ran, arms)
+    results["bootstrap"]["seconds"] = round(time.time() - t1, 1)
+    return _finish(out, results)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,21 @@ def test_quick_study_writes_every_arm(tmp_path, launcher):
     for arm in ARMS:
         assert f"| {arm} |" in md
     assert (out / "results.png").stat().st_size > 0
+    boot = res["bootstrap"]
+    assert set(boot["se"]) == set(res["arms"]) and all(v >= 0 for v in boot["se"].values())
+    for pair in ("full - sft_gold", "full - sft_text", "full_topk16 - full"):
+        assert boot["pairs"][pair]["lo"] <= boot["pairs"][pair]["hi"], boot["pairs"][pair]
+    assert "95% interval" in md
+
+    # --report rebuilds the bootstrap and the table from the saved predictions, training nothing: with one
+    # arm's predictions changed, the other arms get the same figures (the same draws) and the timings stay
+    pred = out / "eval" / "full" / "predictions" / "sc-sst2.seed42.jsonl"
+    pred.write_text("".join(json.dumps({"index": i, "prediction": "positive"}) + "\n" for i in range(4)))
+    proc = launcher.run("study.py", "--report", "--out", str(out), timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    again = json.loads((out / "results.json").read_text())
+    assert again["seconds"] == res["seconds"] and "[trainer]" not in proc.stdout + proc.stderr
+    assert again["bootstrap"]["se"]["sft_gold"] == boot["se"]["sft_gold"]  # same draws for the others
 
     # A rerun into the same folder reuses the teacher only if it was made with the same settings; else it
     # stops with one line naming the file and the setting, and the trained teacher stays.
