@@ -2,8 +2,10 @@
 
     # 1 process (CPU; tiny models built here). --quick: the CI smoke run (under 10 minutes on 2 cores)
     python launchers/study.py --quick --out runs/study_quick
-    # the study (2,278 s on 2 CPU cores, 2026-12-01), its results go to docs/
+    # the study (4,389 s on 2 CPU cores, 2026-12-01/02), its results go to docs/
     python launchers/study.py --seed 0 --out runs/study
+    # the bootstrap, table and plot again from its saved files (trains nothing)
+    python launchers/study.py --report --out runs/study
 
 One process only: every arm is a small run on the plain torch engine, one after another (the same
 trainer, KnowDist and ICLDist code run under DeepSpeed on GPUs; see docs/recipes.md).
@@ -28,7 +30,8 @@ learning rate in every arm:
 Every model is scored with the official protocol (:func:`distill.eval.sentibench.evaluate`, k = 4,
 seeds 42/52/62 in the full study, 42 in ``--quick``), all 12 datasets, the first ``eval_limit`` test
 sentences each. Writes ``DIR/results.json`` (``{"seed", "arms": {arm: {basic, multifaceted,
-fine_grained, average, params, seconds, ...}}, ...}``), ``DIR/results.md`` and ``DIR/results.png``.
+fine_grained, average, params, seconds, ...}}, "bootstrap": ..., ...}``), ``DIR/results.md`` and
+``DIR/results.png``; ``bootstrap`` is a paired bootstrap over the test sentences (:func:`resample`).
 """
 
 from __future__ import annotations
