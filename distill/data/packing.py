@@ -55,9 +55,9 @@ positions needs ``max_position_embeddings >= W`` as it does unpacked.
 Consumers (the trainer): pass ``position_ids`` and ``use_cache=False`` to the student AND the
 teacher forward, with no attention mask; take the loss normalizer from
 ``count_targets(batch["labels"])`` as before; ``n_tokens`` counts real (input) tokens, for
-throughput. Per-example tensors in the unpacked
-layout (a cached teacher's top-k, say) map onto the packed one with :func:`pack_like`, and back
-with :func:`unpack`; ``pack_index[i] = (row, offset, length)`` of item i.
+throughput. ``pack_index[i] = (row, offset, length)`` of item i: what maps per-example data onto
+the packed layout (the top-k cache orders its rows by it,
+:func:`distill.knowdist.topk_cache.batch_examples`).
 """
 
 from __future__ import annotations
@@ -156,30 +156,6 @@ def flash_attn_kwargs(batch: dict) -> dict:
     cu.append(rows * width)
     t = torch.tensor(cu, dtype=torch.int32, device=batch["input_ids"].device)
     return {"cu_seq_lens_q": t, "cu_seq_lens_k": t, "max_length_q": longest, "max_length_k": longest}
-
-
-def unpack(x, pack_index, fill=0):
-    """Packed ``x`` [R, W, ...] -> unpacked [B, L, ...] (collate's right-padded layout, L the
-    longest item), padding with ``fill``."""
-    import torch
-
-    width = max(n for _, _, n in pack_index)
-    out = torch.full((len(pack_index), width, *x.shape[2:]), fill, dtype=x.dtype, device=x.device)
-    for b, (r, off, n) in enumerate(pack_index):
-        out[b, :n] = x[r, off:off + n]
-    return out
-
-
-def pack_like(x, batch: dict, fill=0):
-    """Unpacked ``x`` [B, L, ...] (collate's layout) -> the packed layout [R, W, ...] of ``batch``,
-    ``fill`` on the pad tail. Positions only: labels need :func:`pack_collate`'s first-token mask."""
-    import torch
-
-    rows, width = batch["input_ids"].shape
-    out = torch.full((rows, width, *x.shape[2:]), fill, dtype=x.dtype, device=x.device)
-    for b, (r, off, n) in enumerate(batch["pack_index"]):
-        out[r, off:off + n] = x[b, :n]
-    return out
 
 
 def packing_stats(batch: dict) -> dict:
