@@ -332,8 +332,9 @@ def build_student_data(out: Path, s: dict, assets: dict, split: dict, seed: int)
 
     a = out / "assets"
     done = a / "DATA_DONE.json"
-    made_with = {"teacher": assets["made_with"], "split": split, "student_per_task": s["student_per_task"],
-                 "harvest_tokens": s["harvest_tokens"]}
+    # the split follows from the teacher's seed, student_per_task and GOLD_FRACTION (split_students)
+    made_with = {"teacher": assets["made_with"], "student_per_task": s["student_per_task"],
+                 "gold_fraction": GOLD_FRACTION, "harvest_tokens": s["harvest_tokens"]}
     if done.is_file():
         return _reuse(done, made_with)
     t0 = time.time()
@@ -448,22 +449,22 @@ def resample(out: Path, s: dict, arms, n_boot: int = 1000, seed: int = 0) -> dic
 
     from distill.data.sentibench import CATEGORIES, load_task
     from distill.eval.scoring import score_task
-    from distill.eval.sentibench import read_predictions
+    from distill.eval.sentibench import predictions_file, read_predictions
 
+    t0 = time.time()
     rng = np.random.default_rng(seed)
     cats = ("basic", "multifaceted")
     boot = {a: np.zeros(n_boot) for a in arms}
     for cat in cats:
         for task in CATEGORIES[cat]:
             recs = load_task(task, "test")[: s["eval_limit"]]
-            draws = rng.integers(0, len(recs), size=(n_boot, len(recs)))
-            for a in arms:
-                preds = [read_predictions(out / "eval" / a / "predictions" / f"{task.replace('/', '-')}.seed{sd}.jsonl",
-                                          len(recs)) for sd in s["eval_seeds"]]
-                for b, idx in enumerate(draws):
-                    rs = [recs[i] for i in idx]
-                    f1 = [score_task(task, rs, [p[i] for i in idx])["f1"] for p in preds]
-                    boot[a][b] += 100 * sum(f1) / len(f1) / len(CATEGORIES[cat]) / len(cats)
+            preds = {a: [read_predictions(predictions_file(out / "eval" / a / "predictions", task, sd), len(recs))
+                         for sd in s["eval_seeds"]] for a in arms}
+            weight = 100 / len(s["eval_seeds"]) / len(CATEGORIES[cat]) / len(cats)
+            for b, idx in enumerate(rng.integers(0, len(recs), size=(n_boot, len(recs)))):
+                rs = [recs[i] for i in idx]
+                for a in arms:
+                    boot[a][b] += weight * sum(score_task(task, rs, [p[i] for i in idx])["f1"] for p in preds[a])
     res = {"n_boot": n_boot, "seed": seed, "se": {a: round(float(boot[a].std(ddof=1)), 2) for a in arms}, "pairs": {}}
     for x, y in PAIRS:
         if x in boot and y in boot:
@@ -471,6 +472,7 @@ def resample(out: Path, s: dict, arms, n_boot: int = 1000, seed: int = 0) -> dic
             lo, hi = np.percentile(d, [2.5, 97.5])
             res["pairs"][f"{x} - {y}"] = {"lo": round(float(lo), 2), "hi": round(float(hi), 2),
                                           "p_le_0": round(float((d <= 0).mean()), 3)}
+    res["seconds"] = round(time.time() - t0, 1)
     return res
 
 
@@ -612,9 +614,7 @@ def main(argv=None) -> int:
         _log(f"{name}: basic {ev['basic']:.2f} multi {ev['multifaceted']:.2f} fine {ev['fine_grained']:.2f} "
              f"avg {ev['average']:.2f} (train {r['seconds']:.0f}s, eval {ev['eval_seconds']:.0f}s)")
         (out / "results.partial.json").write_text(json.dumps(results, indent=2))  # what a cut-short run has
-    t1 = time.time()
     results["bootstrap"] = resample(out, s, ARMS)
-    results["bootstrap"]["seconds"] = round(time.time() - t1, 1)
     results["seconds"] = round(time.time() - t0, 1)
     return _finish(out, results)
 
@@ -635,13 +635,11 @@ def report_only(out: Path) -> int:
     path = out / "results.json"
     try:
         results = json.loads(path.read_text())
-        arms, ran = list(results["arms"]), results["settings"]  # the run's own eval_limit and eval_seeds
-        ran = {"eval_limit": ran["eval_limit"], "eval_seeds": ran["eval_seeds"]}
+        ran = {k: results["settings"][k] for k in ("eval_limit", "eval_seeds")}  # the run's own
+        arms = list(results["arms"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: not a finished study's results ({type(e).__name__}: {e}); run the study first") from None
-    t1 = time.time()
     results["bootstrap"] = resample(out, ran, arms)
-    results["bootstrap"]["seconds"] = round(time.time() - t1, 1)
     return _finish(out, results)
 
 

@@ -196,7 +196,7 @@ def evaluate(
             if predictions_dir is not None and rank == 0:
                 out = Path(predictions_dir)
                 out.mkdir(parents=True, exist_ok=True)
-                with open(out / f"{task.replace('/', '-')}.seed{seed}.jsonl", "w", encoding="utf-8") as fh:
+                with open(predictions_file(out, task, seed), "w", encoding="utf-8") as fh:
                     for r, p in zip(tests, preds):
                         fh.write(json.dumps({"index": r.index, "prediction": p}, ensure_ascii=False) + "\n")
     finally:
@@ -259,6 +259,11 @@ def summary_line(results: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------- score
+
+
+def predictions_file(predictions_dir: str | os.PathLike, task: str, seed: int) -> Path:
+    """Where :func:`evaluate` writes a task's predictions for one demonstration seed."""
+    return Path(predictions_dir) / f"{task.replace('/', '-')}.seed{seed}.jsonl"
 
 
 def read_predictions(path: str | os.PathLike, n: int) -> list:
