@@ -67,17 +67,18 @@ SETTINGS = {
     # student_per_task: the students' train texts per task (GOLD_FRACTION of them labelled, at least 5);
     # kd_steps / icl_steps: optimizer steps (every student arm trains kd_steps + icl_steps);
     # micro_batch: sequences per step; max_len: training tokens per sequence (prompts cut from the left);
+    # icl_max_len: the same for ICLDist's few-shot prompts (most are 130-300 tokens in the full study);
     # icl_per_task: ICLDist prompts per task; eval_limit: SentiBench test sentences per task;
     # eval_seeds: demonstration seeds; harvest_tokens: new tokens per teacher analysis
     "quick": dict(vocab=1024, teacher_per_task=40, teacher_fine_per_task=20, teacher_fewshot_per_task=10,
                   teacher_persp_per_task=20, pair_chars=400, teacher_steps=30, teacher_micro_batch=16,
                   teacher_max_len=128, teacher_lr=1e-3, student_per_task=30, kd_steps=15, icl_steps=10,
-                  micro_batch=16, max_len=80, icl_per_task=8, lr=1e-3, eval_limit=4, eval_seeds=(42,),
+                  micro_batch=16, max_len=80, icl_max_len=80, icl_per_task=8, lr=1e-3, eval_limit=4, eval_seeds=(42,),
                   harvest_tokens=12),
     "full": dict(vocab=1536, teacher_per_task=1500, teacher_fine_per_task=200, teacher_fewshot_per_task=100,
                  teacher_persp_per_task=150, pair_chars=400, teacher_steps=2400, teacher_micro_batch=48,
-                 teacher_max_len=256, teacher_lr=1e-3, student_per_task=300, kd_steps=300, icl_steps=150,
-                 micro_batch=32, max_len=128, icl_per_task=128, lr=1e-3, eval_limit=96, eval_seeds=(42, 52, 62),
+                 teacher_max_len=256, teacher_lr=1e-3, student_per_task=300, kd_steps=600, icl_steps=300,
+                 micro_batch=32, max_len=128, icl_max_len=256, icl_per_task=128, lr=1e-3, eval_limit=96, eval_seeds=(42, 52, 62),
                  harvest_tokens=24),
 }
 
@@ -156,6 +157,40 @@ def _perspective_pair(task: str, raw: dict) -> dict | None:
             "perspective": got[0]}
 
 
+def align_labels(scores: list[list[float]], gold_counts: list[int], iters: int = 50) -> list[int]:
+    """The teacher's labels for unlabeled texts, in the gold share's class proportions.
+
+    ``p`` = softmax of each text's label scores. First distribution alignment (as in ReMixMatch,
+    Berthelot et al. 2020, over the whole unlabeled set at once): with ``pi`` the gold share's class
+    frequencies (add-one smoothed), ``q <- q * pi / mean(q)``, renormalised per text, ``iters`` times
+    (iterative proportional fitting: the mean of ``q`` converges to ``pi``). Matching the mean is not
+    matching the argmax counts (a teacher that gives its majority class 0.7 for every text keeps
+    answering it), so the labels are then assigned to quotas: class c gets ``round(pi_c * n)`` texts
+    (largest remainders), the (text, class) pairs taken in decreasing ``q``, each text once. A teacher
+    that says one class for most texts keeps its ranking of texts within each class, but its majority
+    class no longer takes the texts it is least sure of."""
+    import torch
+
+    p = torch.tensor(scores, dtype=torch.float64).softmax(-1)
+    n, k = p.shape
+    pi = torch.tensor(gold_counts, dtype=torch.float64) + 1.0
+    pi = pi / pi.sum()
+    q = p
+    for _ in range(iters):
+        q = q * (pi / q.mean(0))
+        q = q / q.sum(-1, keepdim=True)
+    quota = (pi * n).floor().long()
+    for c in (pi * n - quota).argsort(descending=True)[: n - int(quota.sum())].tolist():
+        quota[c] += 1
+    label = [-1] * n
+    for flat in q.flatten().argsort(descending=True, stable=True).tolist():
+        i, c = divmod(flat, k)
+        if label[i] < 0 and quota[c] > 0:
+            label[i] = c
+            quota[c] -= 1
+    return label
+
+
 def split_students(s: dict, seed: int) -> dict:
     """{task: {"gold": [index...], "unlabeled": [index...]}}: the students' texts, fixed by ``seed``."""
     from distill.data.sentibench import TASKS
@@ -219,7 +254,7 @@ def _icldist(name: str, out: Path, *, student: str, teacher: str, data_dir: Path
         "--teacher.ray_address=local", f"--teacher.k={k}", f"--teacher.source={'cache' if cached else 'online'}",
         f"--prompts.data_dir={data_dir}", "--prompts.held_out=[]", f"--prompts.per_task={s['icl_per_task']}",
         f"--prompts.seed={seed}", "--prompts.max_shots=4", "--prompts.max_prompt_chars=1200",
-        f"--icl.max_len={s['max_len']}", f"--train.steps={steps}", f"--train.micro_batch={s['micro_batch']}",
+        f"--icl.max_len={s['icl_max_len']}", f"--train.steps={steps}", f"--train.micro_batch={s['micro_batch']}",
         f"--train.lr={s['lr']}", f"--train.warmup_steps={max(1, steps // 20)}", f"--train.seed={seed}",
         "--deepspeed.engine=torch", "--report.enabled=false", "--log.progress_bar=false",
         f"--log.every={max(1, steps // 5)}", "--checkpoint.overwrite=true",
@@ -334,7 +369,7 @@ def build_student_data(out: Path, s: dict, assets: dict, split: dict, seed: int)
     done = a / "DATA_DONE.json"
     # the split follows from the teacher's seed, student_per_task and GOLD_FRACTION (split_students)
     made_with = {"teacher": assets["made_with"], "student_per_task": s["student_per_task"],
-                 "gold_fraction": GOLD_FRACTION, "harvest_tokens": s["harvest_tokens"]}
+                 "gold_fraction": GOLD_FRACTION, "harvest_tokens": s["harvest_tokens"], "pseudo_labels": "aligned"}
     if done.is_file():
         return _reuse(done, made_with)
     t0 = time.time()
@@ -343,6 +378,7 @@ def build_student_data(out: Path, s: dict, assets: dict, split: dict, seed: int)
     gold_rows, harvest_jobs = [], []
     icl_root = a / "icl_sentibench"
     n_pseudo = agree = 0
+    counts: dict[str, dict] = {}  # per classification task: label counts of gold share, teacher argmax, aligned
     for task in sb.TASKS:
         recs, raw = _train_split(task)
         gold = [recs[i] for i in split[task]["gold"]]
@@ -361,9 +397,15 @@ def build_student_data(out: Path, s: dict, assets: dict, split: dict, seed: int)
             prompts, _ = build_prompts(task, [_cut(r, 600) for r in unl], [_cut(r, 300) for r in gold],
                                        min(4, len(gold)), seed)
             runner = Runner(teacher, tok, batch_size=32)
-            pred = runner.classify(runner.tokenize(prompts), verbalizer_ids(tok, task))
+            scores = runner.label_scores(runner.tokenize(prompts), verbalizer_ids(tok, task))
             words = [w.strip() for w in LABEL_WORDS[task]]
             raw_label = {str(x["label"]).lower(): x["label"] for x in raw}
+            gold_counts = [sum(str(r.label).lower() == w for r in gold) for w in words]
+            pred = align_labels(scores, gold_counts)
+            argmax = [max(range(len(row)), key=row.__getitem__) for row in scores]
+            counts[task] = {"gold": dict(zip(words, gold_counts)),
+                            "teacher": {w: argmax.count(i) for i, w in enumerate(words)},
+                            "aligned": {w: pred.count(i) for i, w in enumerate(words)}}
             for r, k in zip(unl, pred):
                 row = dict(raw[r.index])
                 row["label"] = raw_label.get(words[k], words[k])
@@ -396,7 +438,8 @@ def build_student_data(out: Path, s: dict, assets: dict, split: dict, seed: int)
     info = {"made_with": made_with, "gold": str(_write_jsonl(a / "students_gold.jsonl", gold_rows)),
             "teacher_text": str(_write_jsonl(a / "students_teacher_text.jsonl", mixed)),
             "icl_data_dir": str(icl_root), "n_gold_rows": len(gold_rows), "n_teacher_rows": len(teacher_rows),
-            "pseudo_label_agreement": agree / max(n_pseudo, 1), "seconds": round(time.time() - t0, 1)}
+            "pseudo_label_agreement": agree / max(n_pseudo, 1), "pseudo_label_counts": counts,
+            "seconds": round(time.time() - t0, 1)}
     del teacher
     done.write_text(json.dumps(info, indent=2))
     return info

@@ -61,3 +61,45 @@ def test_quick_study_writes_every_arm(tmp_path, launcher):
     proc = launcher.run("study.py", "--quick", "--seed", "3", "--out", str(out), timeout=300)
     launcher.assert_user_error(proc, "DONE.json", "made_with", "teacher_steps")
     assert (Path(info["teacher"]) / "model.safetensors").is_file()
+
+
+def _study_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "launchers" / "study.py"
+    spec = importlib.util.spec_from_file_location("_study_launcher", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_align_labels_matches_the_gold_shares_and_keeps_confident_labels():
+    import torch
+
+    align = _study_module().align_labels
+    g = torch.Generator().manual_seed(0)
+    # A teacher that favours class 0: +1.5 on its score for every text; the true class gets +2.
+    truth = torch.arange(300) % 3
+    scores = torch.randn(300, 3, generator=g) + 2.0 * torch.nn.functional.one_hot(truth, 3)
+    scores[:, 0] += 1.5
+    before = scores.argmax(-1)
+    assert (before == 0).sum() > 150  # skewed: half, not a third
+    got = torch.tensor(align(scores.tolist(), [10, 10, 10]))
+    counts = torch.bincount(got, minlength=3)
+    assert counts.tolist() == [100, 100, 100]  # the gold share's 1:1:1
+    assert (got == truth).float().mean() > (before == truth).float().mean()  # the skew was the error
+    # a text the teacher is sure of keeps its label
+    sure = scores.softmax(-1).max(-1).values > 0.97
+    assert sure.sum() > 10 and (got[sure] == before[sure]).all()
+    # other target shares are followed too: 22:10 true classes (gold 21 and 9 of 30, add-one smoothed
+    # 22:10), a teacher skewed to the minority class
+    truth = (torch.arange(320) % 32 >= 22).long()
+    scores = torch.randn(320, 2, generator=g) + 2.0 * torch.nn.functional.one_hot(truth, 2)
+    scores[:, 1] += 1.5
+    assert (scores.argmax(-1) == 1).sum() > 150
+    two = torch.tensor(align(scores.tolist(), [21, 9]))
+    assert torch.bincount(two).tolist() == [220, 100]
+    assert (two == truth).float().mean() > 0.8
+    # uneven quotas round by largest remainders and every text gets one label
+    three = align(torch.randn(10, 3, generator=g).tolist(), [0, 0, 1])  # pi = 1:1:2 -> 2.5, 2.5, 5
+    assert sorted(torch.bincount(torch.tensor(three), minlength=3).tolist()) == [2, 3, 5]

@@ -187,12 +187,19 @@ class Runner:
     @torch.inference_mode()
     def classify(self, encoded: Sequence[Sequence[int]], label_ids: Sequence[int]) -> list[int]:
         """Index (into ``label_ids``) of the best label for each prompt."""
+        scores = self.label_scores(encoded, label_ids)
+        return torch.tensor(scores).argmax(-1).tolist() if scores else []
+
+    @torch.inference_mode()
+    def label_scores(self, encoded: Sequence[Sequence[int]], label_ids: Sequence[int]) -> list[list[float]]:
+        """Each prompt's first-answer-token scores (fp32 logits after the generation config's processors)
+        at ``label_ids``, in that order; :meth:`classify` is their argmax."""
         mine = self._shard([len(e) for e in encoded])
         batches = plan_batches([len(encoded[i]) for i in mine], self.batch_size, self.max_batch_tokens)
         batches = [[mine[j] for j in b] for b in batches]
         cols = torch.as_tensor(list(label_ids), dtype=torch.long, device=self.device)
         synced = self.world > 1 and _zero3()
-        out: dict[int, int] = {}
+        out: dict[int, list[float]] = {}
         last = batches[-1] if batches else None
         for b in self._synced_batches(batches):
             rows = b if b is not None else (last or [0])
@@ -211,9 +218,9 @@ class Runner:
                 pad_token_id=self.pad_id,
                 synced_gpus=synced,
             )
-            choice = gen.scores[0].index_select(-1, cols).float().argmax(-1).tolist()
+            scores = gen.scores[0].index_select(-1, cols).float().tolist()
             if b is not None:
-                out.update(zip(b, choice))
+                out.update(zip(b, scores))
                 self.on_batch(1)
         return self._gather(out, len(encoded))
 

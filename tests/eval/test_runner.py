@@ -67,6 +67,9 @@ def test_batched_classification_matches_single_and_generate_scores(tiny_lm, tiny
     out = tiny_lm.generate(**batch, max_new_tokens=1, do_sample=False, output_scores=True,
                            return_dict_in_generate=True, pad_token_id=tiny_tokenizer.pad_token_id)
     assert out.scores[0][:, ids].argmax(-1).tolist() == batched
+    # label_scores: the same scores (fp32, verbalizer order), per prompt in the input order
+    got = torch.tensor(runner.label_scores(enc, ids))
+    torch.testing.assert_close(got, out.scores[0][:, ids].float(), rtol=1e-5, atol=1e-5)
 
 
 def test_classification_applies_the_generation_config_processors(tiny_lm, tiny_tokenizer):
