@@ -2,7 +2,7 @@
 
     # 1 process (CPU; tiny models built here). --quick: the CI smoke run (under 10 minutes on 2 cores)
     python launchers/study.py --quick --out runs/study_quick
-    # the study (4,389 s on 2 CPU cores, 2026-12-01/02), its results go to docs/
+    # the study (2 CPU cores: 2,848 s with the teacher reused, about 78-83 min from scratch), results in docs/
     python launchers/study.py --seed 0 --out runs/study
     # the bootstrap, table and plot again from its saved files (trains nothing)
     python launchers/study.py --report --out runs/study
@@ -23,7 +23,8 @@ learning rate in every arm:
 - ``sft_text``: SFT on the gold share + the teacher's analyses of the unlabeled texts (no KL).
 - ``knowdist``: the same corpus, CE + online token-level forward KL to the full-logit teacher.
 - ``full``: KnowDist for ``kd_steps``, then ICLDist for ``icl_steps`` (in-process teacher) on
-  few-shot prompts whose labels are the gold share plus the teacher's labels of the unlabeled texts.
+  few-shot prompts whose labels are the gold share plus the teacher's labels of the unlabeled texts
+  (in the gold share's class proportions, :func:`align_labels`).
 - ``full_topk16``: ``full`` with a top-16 teacher from the offline caches in both stages.
 - ``icldist_only`` (ablation): ICLDist from the init for all the steps.
 
