@@ -167,9 +167,9 @@ def align_labels(scores: list[list[float]], gold_counts: list[int], iters: int =
     (iterative proportional fitting: the mean of ``q`` converges to ``pi``). Matching the mean is not
     matching the argmax counts (a teacher that gives its majority class 0.7 for every text keeps
     answering it), so the labels are then assigned to quotas: class c gets ``round(pi_c * n)`` texts
-    (largest remainders), the (text, class) pairs taken in decreasing ``q``, each text once. A teacher
-    that says one class for most texts keeps its ranking of texts within each class, but its majority
-    class no longer takes the texts it is least sure of."""
+    (largest remainders), the (text, class) pairs taken in decreasing ``q``, each text once: a class
+    gets the texts of its highest aligned probability that no class took first, so a teacher that
+    says its majority class for most texts no longer gives it the texts it is least sure of."""
     import torch
 
     p = torch.tensor(scores, dtype=torch.float64).softmax(-1)
