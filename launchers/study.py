@@ -364,7 +364,7 @@ def build_student_data(out: Path, s: dict, assets: dict, split: dict, seed: int)
 
     from distill.data import sentibench as sb
     from distill.eval.protocol import LABEL_WORDS, build_prompts
-    from distill.eval.runner import Runner, verbalizer_ids
+    from distill.eval.runner import Runner, best_labels, verbalizer_ids
 
     a = out / "assets"
     done = a / "DATA_DONE.json"
@@ -401,9 +401,9 @@ def build_student_data(out: Path, s: dict, assets: dict, split: dict, seed: int)
             scores = runner.label_scores(runner.tokenize(prompts), verbalizer_ids(tok, task))
             words = [w.strip() for w in LABEL_WORDS[task]]
             raw_label = {str(x["label"]).lower(): x["label"] for x in raw}
-            gold_counts = [sum(str(r.label).lower() == w for r in gold) for w in words]
+            gold_counts = [sum(r.label_word == w for r in gold) for w in words]
             pred = align_labels(scores, gold_counts)
-            argmax = [max(range(len(row)), key=row.__getitem__) for row in scores]
+            argmax = best_labels(scores)
             counts[task] = {"gold": dict(zip(words, gold_counts)),
                             "teacher": {w: argmax.count(i) for i, w in enumerate(words)},
                             "aligned": {w: pred.count(i) for i, w in enumerate(words)}}

@@ -67,6 +67,18 @@ def run_launcher(script: str, *args: str, env: dict | None = None, timeout: int 
     return subprocess.run(cmd + list(args), env=e, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
+def load_launcher(script: str):
+    """``launchers/<script>`` imported as a module (registered in ``sys.modules``, which dataclasses
+    need to resolve annotations), to call its functions in-process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_launcher_{Path(script).stem}", REPO / "launchers" / script)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def assert_user_error(proc, *needles: str) -> str:
     """rc 2, no traceback, and the last stderr line (the error) contains every needle; returns it."""
     out = proc.stdout + proc.stderr
@@ -81,6 +93,7 @@ def assert_user_error(proc, *needles: str) -> str:
 
 class _Launchers:
     run = staticmethod(run_launcher)
+    load = staticmethod(load_launcher)
     assert_user_error = staticmethod(assert_user_error)
 
 

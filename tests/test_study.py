@@ -63,20 +63,10 @@ def test_quick_study_writes_every_arm(tmp_path, launcher):
     assert (Path(info["teacher"]) / "model.safetensors").is_file()
 
 
-def _study_module():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "launchers" / "study.py"
-    spec = importlib.util.spec_from_file_location("_study_launcher", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_align_labels_matches_the_gold_shares_and_keeps_confident_labels():
+def test_align_labels_matches_the_gold_shares_and_keeps_confident_labels(launcher):
     import torch
 
-    align = _study_module().align_labels
+    align = launcher.load("study.py").align_labels
     g = torch.Generator().manual_seed(0)
     # A teacher that favours class 0: +1.5 on its score for every text; the true class gets +2.
     truth = torch.arange(300) % 3

@@ -54,6 +54,11 @@ def verbalizer_ids(tokenizer, task: str) -> list[int]:
     return ids
 
 
+def best_labels(scores: Sequence[Sequence[float]]) -> list[int]:
+    """Each row's argmax (the first on ties): :meth:`Runner.classify` of :meth:`Runner.label_scores`."""
+    return torch.tensor(scores).argmax(-1).tolist() if len(scores) else []
+
+
 def dist_info() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -187,8 +192,7 @@ class Runner:
     @torch.inference_mode()
     def classify(self, encoded: Sequence[Sequence[int]], label_ids: Sequence[int]) -> list[int]:
         """Index (into ``label_ids``) of the best label for each prompt."""
-        scores = self.label_scores(encoded, label_ids)
-        return torch.tensor(scores).argmax(-1).tolist() if scores else []
+        return best_labels(self.label_scores(encoded, label_ids))
 
     @torch.inference_mode()
     def label_scores(self, encoded: Sequence[Sequence[int]], label_ids: Sequence[int]) -> list[list[float]]:

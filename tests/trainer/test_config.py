@@ -117,14 +117,9 @@ def test_shipped_configs_load():
         cfg = from_dict(RunConfig, {"deepspeed": {"config": str(repo / "ds_configs" / name)}})
         ds = build_ds_config(cfg, world_size=8, on_gpu=True)
         assert ds["zero_optimization"]["stage"] in (2, 3)
-    import importlib.util
+    from ..conftest import load_launcher
 
-    spec = importlib.util.spec_from_file_location("knowdist_launcher", repo / "launchers" / "knowdist.py")
-    mod = importlib.util.module_from_spec(spec)
-    import sys
-
-    sys.modules[spec.name] = mod  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)
+    mod = load_launcher("knowdist.py")
     ymls = sorted((repo / "launchers" / "configs").glob("*_knowdist.yaml"))
     assert len(ymls) >= 2
     for y in ymls:

@@ -4,7 +4,6 @@ distill.config.load_config; and every schema field has the one-line comment the 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import re
 import typing
 
@@ -13,7 +12,7 @@ import yaml
 
 from distill.config import RunConfig, config_help, field_comments, load_config
 
-from ..conftest import REPO
+from ..conftest import load_launcher
 
 LAUNCHERS = ["knowdist.py", "harvest.py", "icldist.py"]
 
@@ -22,10 +21,7 @@ def _schemas():
     from distill.icldist.config import ICLDistConfig
     from distill.knowdist.harvest import HarvestConfig
 
-    spec = importlib.util.spec_from_file_location("_knowdist_launcher", REPO / "launchers" / "knowdist.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return [RunConfig, mod.KnowDistConfig, HarvestConfig, ICLDistConfig]
+    return [RunConfig, load_launcher("knowdist.py").KnowDistConfig, HarvestConfig, ICLDistConfig]
 
 
 def _leaf_fields(cls, prefix=""):
