@@ -58,10 +58,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if find_spec("distill") is None:  # a source checkout runs what is installed, never its own tree
+    sys.exit("launchers/bench_step.py: the distill package is not installed; run `pip install -e .` in the repository root")
 
 MIB = 2**20
 PATHS = ("lean", "logits", "peer")

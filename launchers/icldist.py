@@ -42,6 +42,7 @@ batches' top-k requests to that service. The report is written by rank 0 after t
 from __future__ import annotations
 
 import sys
+from importlib.util import find_spec
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,9 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a source checkout works without install
+    if find_spec("distill") is None:  # a source checkout runs what is installed, never its own tree
+        sys.exit("launchers/icldist.py: the distill package is not installed; run `pip install -e .` in the repository root")
     from distill.errors import run_cli
 
     sys.exit(run_cli(main, "icldist.py"))

@@ -30,9 +30,10 @@ teacher's and the untrained student's, and the path to a plot (distill.knowdist.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+from importlib.util import find_spec
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a source checkout works without install
+if find_spec("distill") is None:  # a source checkout runs what is installed, never its own tree
+    sys.exit("launchers/knowdist.py: the distill package is not installed; run `pip install -e .` in the repository root")
 
 from distill.config import ConfigError, load_config  # noqa: E402
 from distill.knowdist.stage import KnowDistConfig, run  # noqa: E402

@@ -43,9 +43,11 @@ import math
 import random
 import sys
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a source checkout works without install
+if find_spec("distill") is None:  # a source checkout runs what is installed, never its own tree
+    sys.exit("launchers/study.py: the distill package is not installed; run `pip install -e .` in the repository root")
 
 ARMS = ("teacher", "sft_gold", "sft_text", "knowdist", "full", "full_topk16", "icldist_only")
 GOLD_FRACTION = 0.10  # share of the students' train texts that keep their gold labels

@@ -27,9 +27,11 @@ import json
 import random
 import sys
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a source checkout works without install
+if find_spec("distill") is None:  # a source checkout runs what is installed, never its own tree
+    sys.exit("launchers/study_multiteacher.py: the distill package is not installed; run `pip install -e .` in the repository root")
 
 GROUPS = {"polarity": ("sc/sst2", "sc/twitter"), "irony_stance": ("multifaced/irony18", "multifaced/pstance")}
 EVAL_TASKS = "sc/sst2,multifaced/irony18,multifaced/pstance"

@@ -61,7 +61,7 @@ REPO = Path(__file__).resolve().parents[1]
 def run_launcher(script: str, *args: str, env: dict | None = None, timeout: int = 300, cwd=None):
     """``python launchers/<script> args...`` (or ``-m module`` when ``script`` starts with ``-m``)."""
     cmd = [sys.executable] + (script.split() if script.startswith("-m ") else [str(REPO / "launchers" / script)])
-    e = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    e = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     e.pop("DISTILL_DEBUG", None)
     e.update(env or {})
     return subprocess.run(cmd + list(args), env=e, capture_output=True, text=True, timeout=timeout, cwd=cwd)

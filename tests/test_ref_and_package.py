@@ -1,4 +1,4 @@
-"""The reference (kernels/ref.py), the tolerance helper and the distill_kernels package itself."""
+"""The reference (kernels/distill_kernels/ref.py), the tolerance helper and the distill_kernels package itself."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 ``from distill.losses import forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd, divergence``;
 ``from distill.losses.objective import DistillObjective, LossOutput, count_targets``.
-Definitions: kernels/ref.py. User guide: docs/losses.md. Imports torch only (no triton until an
+Definitions: kernels/distill_kernels/ref.py. User guide: docs/losses.md. Imports torch only (no triton until an
 ``impl="triton"`` call).
 """
 

@@ -1,6 +1,6 @@
 """Distillation divergences in torch, chunked over tokens, with the gradient computed in forward.
 
-What is computed is defined once in ``distill_kernels.ref`` (kernels/ref.py): forward KL(p || q),
+What is computed is defined once in ``distill_kernels.ref`` (kernels/distill_kernels/ref.py): forward KL(p || q),
 reverse KL, generalized JSD (TRL convention, beta=0 -> forward, beta=1 -> reverse), skew KL and
 skew reverse KL (DistiLLM, alpha), TVD; ``p`` the teacher, ``q`` the student, both at temperature T;
 no T^2 factor here. A teacher is either full logits ``[..., V]`` or a
@@ -282,7 +282,7 @@ def _topk_terms(s, teacher, cfg: _Cfg, need_grad: bool):
     ids, logprobs, tail = teacher
     ids = ids.long()
     k = ids.shape[-1]
-    # Teacher: its k + 1 buckets at the temperature of use, as given (kernels/ref.py).
+    # Teacher: its k + 1 buckets at the temperature of use, as given (kernels/distill_kernels/ref.py).
     lp = logprobs.float()
     if tail is None:
         tail = (1.0 - lp.exp().sum(-1)).clamp(0.0, 1.0)
@@ -619,7 +619,7 @@ def divergence(
     teacher_softcap: float | None = None,
     grad_inplace: bool = False,
 ) -> torch.Tensor:
-    """Divergence ``kind`` between the student and a teacher, per kernels/ref.py.
+    """Divergence ``kind`` between the student and a teacher, per kernels/distill_kernels/ref.py.
 
     student_logits: ``[..., V]`` (bf16/fp16/fp32; any strides, e.g. a vocab-sliced view).
     teacher:        logits ``[..., V]`` (frozen, no grad) or a ``TopKTeacher`` ``[..., k]``.

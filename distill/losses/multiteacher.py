@@ -3,7 +3,7 @@
     loss = (ce_weight * CE_sum + kd_weight * sum_rows sum_t w_t(row) * T_t^2 * KD_t(row)) / N
 
 * ``KD_t``: the divergence ``kd.kind`` between the student and teacher t at teacher t's own
-  temperature ``T_t`` (kernels/ref.py conventions), scaled by ``T_t^2``; ``w_t(row)`` the weights
+  temperature ``T_t`` (kernels/distill_kernels/ref.py conventions), scaled by ``T_t^2``; ``w_t(row)`` the weights
   of the strategy (:mod:`distill.multiteacher.weighting`), summing to 1 over the teachers at each row.
 * ``N``: the step's response-token normaliser, as for the single-teacher objective.
 

@@ -3,7 +3,7 @@
     loss = (ce_weight * CE_sum + kd_weight * T^2 * KD_sum) / normalizer
 
 * ``CE_sum``: summed token cross-entropy of the student (temperature 1) on the response tokens.
-* ``KD_sum``: summed per-token divergence (``kind``, at temperature T, see kernels/ref.py) on the
+* ``KD_sum``: summed per-token divergence (``kind``, at temperature T, see kernels/distill_kernels/ref.py) on the
   same tokens. The ``T^2`` factor (Hinton et al.) keeps the KD gradient's scale independent of
   T; ``scale_kd_by_t2=False`` drops it.
 * ``normalizer``: the number of response tokens of the WHOLE optimiser step, over every
@@ -87,7 +87,7 @@ def _normalizer(normalizer, device):
 class DistillObjective:
     """CE + KD objective with global normalisation (see the module docstring).
 
-    kind, beta, alpha, temperature: the divergence (kernels/ref.py conventions).
+    kind, beta, alpha, temperature: the divergence (kernels/distill_kernels/ref.py conventions).
     ce_weight, kd_weight: weights of the two terms; KD is also scaled by T^2 when
         ``scale_kd_by_t2`` (default True).
     impl: "auto" | "torch" | "triton" (auto = triton for CUDA logits when triton imports).

@@ -159,7 +159,7 @@ def test_cli_run_writes_the_three_files(tiny_lm_dir, tmp_path, capsys):
     proc = subprocess.run(
         [sys.executable, "-m", "distill.eval.sentibench", "score", "--task", "absa/atsa_rest16", "--limit", "5",
          "--data-dir", "sample", "--predictions", str(out / "predictions" / "absa-atsa_rest16.seed42.jsonl")],
-        capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300,
+        capture_output=True, text=True, cwd=REPO, env=dict(os.environ), timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     rescored = json.loads(proc.stdout.strip().splitlines()[-1])

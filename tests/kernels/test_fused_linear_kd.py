@@ -1,8 +1,8 @@
-"""fused_linear_kd vs kernels/ref.py fused_linear_kd_ref: loss, hidden and lm_head gradients,
+"""fused_linear_kd vs kernels/distill_kernels/ref.py fused_linear_kd_ref: loss, hidden and lm_head gradients,
 for the divergence alone and for the lean KD step's objective (ce_weight * CE + kd_weight * KD over
 the first vocab_size rows of padded heads, with its parts).
 
-A top-k teacher is taken at the temperature it is used at (kernels/ref.py, "Top-k teacher at
+A top-k teacher is taken at the temperature it is used at (kernels/distill_kernels/ref.py, "Top-k teacher at
 temperature T").
 """
 
@@ -100,11 +100,11 @@ def _check(lead, hidden, vocab, kind, beta, dtype, *, teacher="full", k=8, chunk
     # The same computation in the dtype, to set the tolerance: logits from a dtype matmul, the
     # reference's per-row terms on them, and the gradient staged the way fused_linear_kd stages
     # it: d loss / d logits at a unit upstream rounded to the dtype once (with CE the KD part
-    # is rounded first, then added to the fp32 CE part: kernels/fused_linear_kd.py, step 3);
+    # is rounded first, then added to the fp32 CE part: kernels/distill_kernels/fused_linear_kd.py, step 3);
     # d hidden = g @ lm_head in the dtype, times the upstream in the dtype (as conftest.py
     # ref_pair); d lm_head = g.T @ hidden accumulated in fp32, times the upstream in fp32, rounded
     # once (the fp32 accumulator). With fp32 inputs this run must equal the reference (checked
-    # below), so its composition of the terms cannot drift from kernels/ref.py.
+    # below), so its composition of the terms cannot drift from kernels/distill_kernels/ref.py.
     logits = (h @ w[:vocab].t()).float().requires_grad_(True)
     kd_in = _RoundGrad.apply(logits, dtype) if ce_weight != 0.0 else logits
     rows = dict(kw, reduction="none")

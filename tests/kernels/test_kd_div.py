@@ -1,4 +1,4 @@
-"""kd_div vs kernels/ref.py kd_div_ref: outputs and student-logit gradients, flash-attention rule."""
+"""kd_div vs kernels/distill_kernels/ref.py kd_div_ref: outputs and student-logit gradients, flash-attention rule."""
 
 from __future__ import annotations
 

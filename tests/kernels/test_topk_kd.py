@@ -1,6 +1,6 @@
-"""topk_kd vs kernels/ref.py topk_kd_ref (tail as the reference defines it).
+"""topk_kd vs kernels/distill_kernels/ref.py topk_kd_ref (tail as the reference defines it).
 
-Every teacher top-k here is taken at the temperature it is used at (kernels/ref.py, "Top-k teacher
+Every teacher top-k here is taken at the temperature it is used at (kernels/distill_kernels/ref.py, "Top-k teacher
 at temperature T"): the ops' ``temperature`` tempers the student only.
 """
 
@@ -20,7 +20,7 @@ from .conftest import (
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 # The relative error of the gradient on the non-top tokens when the student's tail mass is tiny
-# (test_topk_tail_gradient_matches_fp64_when_tail_is_tiny; quoted in kernels/topk_kd.py's header).
+# (test_topk_tail_gradient_matches_fp64_when_tail_is_tiny; quoted in kernels/distill_kernels/topk_kd.py's header).
 TAIL_RTOL = 2e-5
 
 KINDS = [
@@ -207,7 +207,7 @@ def test_topk_tail_gradient_matches_fp64_when_tail_is_tiny(small_blocks, tempera
     evaluation of the reference's definition on the same fp32 logits to TAIL_RTOL relative, for
     q_tail = 1e-6, 1e-12 and 1e-20 and every kind (observed <= 7.1e-6). A single fp64 sum per
     block gave up to 2.6e-4 at 1e-12 and 77-280% for forward KL at 1e-16. What remains is the fp32
-    exp2 of arguments of size |x - max| / T ~ 50-100, not the tail sum. kernels/topk_kd.py's
+    exp2 of arguments of size |x - max| / T ~ 50-100, not the tail sum. kernels/distill_kernels/topk_kd.py's
     header quotes this bound."""
     from distill_kernels.ref import _divergence_from_logprobs  # the definitions, run here in fp64
     from distill_kernels.topk_kd import topk_kd

@@ -1,4 +1,4 @@
-"""The chunked torch divergences against kernels/ref.py over the STYLE.md case matrix."""
+"""The chunked torch divergences against kernels/distill_kernels/ref.py over the STYLE.md case matrix."""
 
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def test_full_teacher_power_of_two_and_sum(kind, beta, alpha):
 
 
 def _ref_fp64(kind, labels, beta, alpha, temperature):
-    """kernels/ref.py's definition evaluated in fp64 (its log-prob -> divergence code, fed fp64
+    """kernels/distill_kernels/ref.py's definition evaluated in fp64 (its log-prob -> divergence code, fed fp64
     log-probs). At V = 151,936 the fp32 reference itself is off by ~1e-4 relative (torch's CPU
     fp32 log_softmax accumulates 152k terms), more than our chunked path (which agrees with fp64
     to ~1e-6), so here fp64 plays the role of ``ref_fp32`` and the fp32 reference's own error

@@ -1,6 +1,6 @@
 """The lean objective (distill.losses.lean) equals the full-logits objective on the same batch.
 
-The reference is the chunked full-logits ``DistillObjective`` (itself tested against kernels/ref.py):
+The reference is the chunked full-logits ``DistillObjective`` (itself tested against kernels/distill_kernels/ref.py):
 logits = hidden @ W.T over every position, loss over the supervised ones. The lean path sees only
 the supervised rows and the head; loss, its CE / KD parts and the gradients of the hidden states and
 of the head must be the same, for padded heads of different sizes on both sides.

@@ -205,7 +205,7 @@ def test_pinned_seeded_values():
 
 
 # Generated 2026-11-23 with torch 2.13 (CPU); forward_kl and jsd cross-checked against
-# kernels/ref.py + F.cross_entropy (test_matches_explicit_ce_plus_t2_kd covers the rest).
+# kernels/distill_kernels/ref.py + F.cross_entropy (test_matches_explicit_ce_plus_t2_kd covers the rest).
 PINNED = {
     "forward_kl": 4.65484,
     "reverse_kl": 4.27833,

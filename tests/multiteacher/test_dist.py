@@ -27,7 +27,7 @@ def _spawn(cfg: dict, tmp: Path, world: int) -> list[str]:
         port = s.getsockname()[1]
     procs = []
     for r in range(world):
-        env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
                    RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
         procs.append(subprocess.Popen([sys.executable, str(HERE / "_child.py"), str(spec)], env=env,

@@ -40,7 +40,7 @@ def test_auto_without_cluster_starts_a_private_local_ray():
     pytest.importorskip("ray")
     temp = f"/tmp/rauto_{os.getpid()}"  # short: Ray's socket paths must stay under 108 bytes
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0")
+    env.update(RAY_USAGE_STATS_ENABLED="0")
     try:
         out = subprocess.run([sys.executable, "-c", DRIVER, temp], capture_output=True, text=True, env=env,
                              timeout=240)

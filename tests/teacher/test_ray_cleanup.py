@@ -40,7 +40,7 @@ def test_killed_run_leaves_no_ray_process_after_cleanup(tmp_path):
     from distill.teacher.ray_service import cleanup_local_ray, session_pids
 
     temp = f"/tmp/ray_clean_{os.getpid()}"  # short: Ray's socket paths must stay under 108 bytes
-    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0")
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     driver = subprocess.Popen([sys.executable, "-c", DRIVER, temp], stdout=subprocess.PIPE, text=True, env=env)
     try:
         record = Path(driver.stdout.readline().strip())

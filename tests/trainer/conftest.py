@@ -92,7 +92,7 @@ def run_child(spec: dict, tmp: Path, *, env_extra: dict | None = None, world: in
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     for r in range(world):
-        env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
         if world > 1:
             env.update(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
                        MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")

@@ -53,7 +53,7 @@ def _cli(name: str, module: str) -> list[str]:
 
 
 def _node_env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
                GLOO_SOCKET_IFNAME="lo")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)  # the launchers set these; a value from the calling shell would shadow them

@@ -158,7 +158,7 @@ def test_used_folder_refused_on_every_rank(tiny_assets, run_dir, launcher):
     args += ["--deepspeed.engine=deepspeed", "--train.grad_accum=1"]
     procs = []
     for r in range(2):
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), RANK=str(r), WORLD_SIZE="2",
+        env = dict(os.environ, RANK=str(r), WORLD_SIZE="2",
                    LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
                    OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
         env.pop("DISTILL_DEBUG", None)

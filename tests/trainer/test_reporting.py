@@ -51,7 +51,7 @@ def test_import_distill_stays_light():
     code = ("import sys, distill, distill.config, distill.trainer, distill.reporting; "
             "print([m for m in ('tensorboard', 'torch.utils.tensorboard', 'wandb', 'mlflow') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
-                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+                         env={"PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
 

@@ -46,7 +46,7 @@ def test_zero3_teacher_in_teacher_dtype(tiny_assets, tmp_path, student, teacher)
     cfg["teacher"] = {"placement": "partitioned"}
     (tmp_path / "spec.json").write_text(json.dumps(cfg))
     (tmp_path / "child.py").write_text(CHILD)
-    env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, str(tmp_path / "child.py"), str(tmp_path / "spec.json")], env=env,
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
     lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]

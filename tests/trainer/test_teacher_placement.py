@@ -111,7 +111,7 @@ def test_ray_served_teacher_matches_the_colocated_topk(tiny_assets, tmp_path, pa
     d = tiny_cfg_dict(tiny_assets, tmp_path / "ray", **common)
     d["teacher"] = {"placement": "ray", "num_gpus": 0, "ray_node_ip": "127.0.0.2"}
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false")
+    env.update(RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false")
     out = subprocess.run([sys.executable, "-c", RAY_RUN, json.dumps(d)], capture_output=True, text=True,
                          env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

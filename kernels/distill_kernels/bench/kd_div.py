@@ -1,7 +1,7 @@
 """Benchmark kd_div: ``python -m distill_kernels.bench.kd_div [--kind jsd] [--device cpu --small]``.
 
 Providers: torch (eager: log_softmax both sides in fp32, then the divergence as TRL writes it),
-ref (kernels/ref.py kd_div_ref), triton (distill_kernels.kd_div), liger (log_softmax both sides,
+ref (kernels/distill_kernels/ref.py kd_div_ref), triton (distill_kernels.kd_div), liger (log_softmax both sides,
 then LigerJSD; JSD kinds only, when liger-kernel is installed). "fwd" is the training forward
 (inputs require grad: the fused kernels form the gradient there), "fwd+bwd" adds backward.
 Minimal traffic used for GB/s: read student + teacher once (fwd); + write the gradient (fwd+bwd).

@@ -1,7 +1,7 @@
 """kd_div: divergence between student and teacher logits over the full vocabulary, with its
 gradient computed in the same kernel.
 
-Math (definitions in kernels/ref.py, ``kd_div_ref``): per row, ``a = x_student / T``,
+Math (definitions in kernels/distill_kernels/ref.py, ``kd_div_ref``): per row, ``a = x_student / T``,
 ``b = x_teacher / T``, ``q = softmax(a)``, ``p = softmax(b)``; the loss is forward KL ``KL(p||q)``,
 reverse KL ``KL(q||p)``, generalized JSD(beta) (TRL convention; beta 0 / 1 are forward / reverse
 KL), skew KL, skew reverse KL or TVD. No T^2 factor (the objective applies it). The gradient

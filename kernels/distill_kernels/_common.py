@@ -1,7 +1,7 @@
 """Shared pieces of the distillation kernels: kind codes, launch heuristics, the per-element
 divergence terms (one Triton definition used by kd_div and topk_kd) and host-side argument checks.
 
-Notation used by every kernel (see kernels/ref.py for the definitions):
+Notation used by every kernel (see kernels/distill_kernels/ref.py for the definitions):
 ``q`` student probabilities, ``p`` teacher probabilities, both at temperature T. For a divergence
 ``L(q)`` the gradient w.r.t. the tempered student logits ``a = x / T`` is the softmax Jacobian
 applied to ``G = dL/dq``::
@@ -38,7 +38,7 @@ NEG_BIG: tl.constexpr = tl.constexpr(-1.0e38)
 
 
 def resolve_kind(kind: str, beta: float) -> int:
-    """Kind code, with JSD's ends mapped as kernels/ref.py defines them (beta 0 -> forward KL,
+    """Kind code, with JSD's ends mapped as kernels/distill_kernels/ref.py defines them (beta 0 -> forward KL,
     beta 1 -> reverse KL). Unknown kinds raise NotImplementedError so callers can fall back."""
     if kind not in KIND_CODES:
         raise NotImplementedError(f"divergence kind {kind!r} has no Triton kernel; "

@@ -1,7 +1,7 @@
 """Shared microbenchmark harness: timing, peak memory, bandwidth / MFU, table and JSON.
 
 Every provider of one op runs in the same process on the same inputs (STYLE.md "Benchmarks"):
-``torch`` (eager, plain torch ops as a user writes them), ``ref`` (kernels/ref.py), ``triton``
+``torch`` (eager, plain torch ops as a user writes them), ``ref`` (kernels/distill_kernels/ref.py), ``triton``
 (our kernel) and ``liger`` (Liger-Kernel, when installed). Each row reports
 
 * ms p50 with p20-p80 over ``--reps`` runs (CUDA events on a GPU, perf_counter on CPU);

@@ -1,7 +1,7 @@
 """Benchmark topk_kd: ``python -m distill_kernels.bench.topk_kd [--kind forward_kl] [--k 64]``.
 
 Providers: torch (eager, as users write top-k KD: fp32 log_softmax of the student, gather the k
-ids, plus the tail bucket of kernels/ref.py's definition; forward KL only), ref (kernels/ref.py topk_kd_ref,
+ids, plus the tail bucket of kernels/distill_kernels/ref.py's definition; forward KL only), ref (kernels/distill_kernels/ref.py topk_kd_ref,
 every kind), triton (distill_kernels.topk_kd). Liger-Kernel has no top-k op. "fwd" is the
 training forward (student requires grad), "fwd+bwd" adds backward.
 Minimal traffic used for GB/s: read the student logits once (fwd); + write the gradient

@@ -1,7 +1,7 @@
 """Benchmark fused_linear_kd: ``python -m distill_kernels.bench.fused_linear_kd [--teacher full]``.
 
 Providers: torch (eager: student and teacher logits from bf16 GEMMs, fp32 log-softmaxes, JSD as
-TRL writes it, autograd), ref (kernels/ref.py fused_linear_kd_ref: fp32 GEMMs; large),
+TRL writes it, autograd), ref (kernels/distill_kernels/ref.py fused_linear_kd_ref: fp32 GEMMs; large),
 triton (distill_kernels.fused_linear_kd: chunked lm_head + Triton divergence, no full logits),
 liger (LigerFusedLinearJSD, full teacher and JSD only, when liger-kernel is installed).
 Default GPU shapes: the issue's 8k tokens x hidden 4096 x vocab 128256, and 1k tokens.

@@ -6,7 +6,7 @@
 
 Stages, highest priority first (each one a subprocess killed with its process group at its cap):
 
-1. ``gpu_tests``: ``pytest -m gpu tests/kernels -x -q`` (every kernel against kernels/ref.py at
+1. ``gpu_tests``: ``pytest -m gpu tests/kernels -x -q`` (every kernel against kernels/distill_kernels/ref.py at
    real vocabularies 32000 / 128256 / 152064, bf16 and fp32);
 2. one run of every kernel benchmark at its defaults: ``kd_div`` (jsd), ``topk_kd`` (forward KL,
    k=64), ``fused_linear_kd`` (full teacher, jsd);
@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]  # kernels/bench/suite.py -> the repository root
+REPO = Path(__file__).resolve().parents[3]  # kernels/distill_kernels/bench/suite.py -> the repository root
 NO_CUDA_EXIT = 2
 
 

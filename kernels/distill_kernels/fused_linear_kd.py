@@ -1,7 +1,7 @@
 """fused_linear_kd: the student's lm_head folded into the distillation objective, chunked over
 tokens, so the full [tokens x vocab] student (and teacher) logits never exist.
 
-Math (reference: kernels/ref.py ``fused_linear_kd_ref``): with ``V = vocab_size`` (default: the
+Math (reference: kernels/distill_kernels/ref.py ``fused_linear_kd_ref``): with ``V = vocab_size`` (default: the
 student head's row count), ``s = hidden @ lm_head[:V].T`` and, per non-ignored row,
 
     loss = ce_weight * CE + kd_weight * KD,   CE = -log softmax(s)[label]   (T = 1, untempered)
@@ -262,7 +262,7 @@ def fused_linear_kd(
     either ``(teacher_hidden [..., Ht], teacher_lm_head [Vt, Ht])`` (``Vt == Vs`` without
     ``vocab_size``, ``Vt >= V`` with it), a top-k teacher object (``.ids``/``.logprobs``
     ``[..., k]`` with ids in ``[0, V)``, ``.tail_mass`` ``[...]`` or None) computed at the
-    temperature of use ``T`` (``temperature`` tempers the student only; kernels/ref.py), or None
+    temperature of use ``T`` (``temperature`` tempers the student only; kernels/distill_kernels/ref.py), or None
     when ``kd_weight == 0`` and ``ce_weight > 0`` (CE only). KD is the divergence at ``T`` (no
     ``T^2``: pass it in ``kd_weight``); CE is the student's token cross-entropy at T = 1 on
     ``labels`` (required when ``ce_weight > 0``; targets in ``[0, V)`` on non-ignored rows).

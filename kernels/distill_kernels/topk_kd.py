@@ -1,7 +1,7 @@
 """topk_kd: divergence between the student's full-vocabulary logits and a top-k teacher, with
 its gradient computed in the same kernel.
 
-Math (definitions and the tail treatment in kernels/ref.py, ``topk_kd_ref``; one definition):
+Math (definitions and the tail treatment in kernels/distill_kernels/ref.py, ``topk_kd_ref``; one definition):
 the teacher is its k ids with log-probs plus its fp32 tail mass (mass outside the k ids), all
 given AT THE TEMPERATURE OF USE T, i.e. a distribution over k + 1 outcomes used as given
 (renormalised over the k + 1 buckets, the identity for exact values; ``temperature`` does not
