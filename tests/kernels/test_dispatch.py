@@ -88,9 +88,8 @@ def test_tiny_model_loss_curve_torch_vs_triton(kernel_calls, teacher_kind, kind)
     for impl in ("torch", "triton"):
         student = build_tiny_causal_lm(vocab, "micro", seed=0)
         # SGD, not AdamW: the weights are then linear in the gradients, so they compare what the two
-        # impls compute. AdamW divides each coordinate by its own |g| + eps and turns fp32 rounding
-        # on a ~1e-8 gradient into a ~1e-6 weight difference (measured: 2.6e-6 on 1 of 39,072
-        # weights for top-k forward KL, with every step's gradients equal to 2e-7 of 0.19).
+        # impls compute. AdamW divides each coordinate by its own |g| + eps and would amplify fp32
+        # rounding on tiny gradients into weight differences.
         opt = torch.optim.SGD(student.parameters(), lr=0.5)
         obj = DistillObjective(kind=kind, beta=0.5, temperature=2.0, impl=impl)
         curve = []
@@ -106,7 +105,11 @@ def test_tiny_model_loss_curve_torch_vs_triton(kernel_calls, teacher_kind, kind)
     assert kernel_calls["kd_div" if teacher_kind == "logits" else "topk_kd"] == 4
     assert curves["torch"][-1] < curves["torch"][0]  # it trains
     torch.testing.assert_close(curves["triton"], curves["torch"], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(finals["triton"], finals["torch"], rtol=1e-4, atol=1e-6)
+    # Compare what the two impls moved the weights by (SGD: linear in the summed gradients). fp32
+    # rounding fed back through 4 steps leaves 2.6e-6 on one weight whose update is 0.023 (1.1e-4 of
+    # it; torch 2.13, transformers 5.25), far inside rtol=1e-3; a wrong gradient is off by O(1).
+    init = torch.cat([p.detach().flatten() for p in build_tiny_causal_lm(vocab, "micro", seed=0).parameters()])
+    torch.testing.assert_close(finals["triton"] - init, finals["torch"] - init, rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])

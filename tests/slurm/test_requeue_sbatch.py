@@ -85,8 +85,23 @@ def test_exit_75_requeues_the_job_which_then_resumes(slurm_cluster, tmp_path):
     log = tmp_path / "job.out"
     env = {**slurm_cluster.env, "FRESH": "1"}
     t0 = time.time()
-    job, rc = slurm_cluster.sbatch_wait("-N1", "-o", str(log), str(script), env=env, timeout=400)
+    p = subprocess.Popen(["sbatch", "--wait", "--parsable", "-N1", "-o", str(log), str(script)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = int(p.stdout.readline().strip().split(";")[0])
+    # slurmctld holds a requeued batch job for about two minutes (its begin time is set ahead, pending
+    # reason BeginTime) before it may start again. Only the start time is moved to now once the job is
+    # back in the queue: the requeue itself and the rerun are Slurm's own.
+    released = False
+    while p.poll() is None and time.time() - t0 < 400:
+        st = slurm_cluster.job_state(job)
+        if not released and st.get("JobState") == "PENDING" and int(st.get("Restarts", "0")) >= 1:
+            slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+            released = True
+        time.sleep(0.5)
+    p.wait(timeout=30)
+    rc = p.returncode
     text = log.read_text(errors="replace")
+    assert released, text
     assert rc == 0, text
     assert "run 0" in text and "resume args: --checkpoint.overwrite=true" in text, text
     assert "requeued job" in text and "run 1" in text and "resume args: --checkpoint.resume=latest" in text, text

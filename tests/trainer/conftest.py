@@ -37,7 +37,7 @@ def synthetic_pairs(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def _save_model(tok, size, seed, folder: Path, **overrides) -> Path:
+def save_tiny_model(tok, size, seed, folder: Path, **overrides) -> Path:
     from distill.models.tiny import build_tiny_causal_lm
 
     model = build_tiny_causal_lm(len(tok), size, seed=seed, **overrides)
@@ -55,9 +55,9 @@ def tiny_assets(tmp_path_factory):
     pairs = synthetic_pairs(96)
     texts = [p["prompt"] + p["response"] for p in pairs] * 3
     tok = train_tokenizer(texts, vocab_size=384)
-    teacher = _save_model(tok, TinySize(hidden=48, layers=2, heads=4, kv_heads=2, intermediate=96), 1, root / "teacher",
+    teacher = save_tiny_model(tok, TinySize(hidden=48, layers=2, heads=4, kv_heads=2, intermediate=96), 1, root / "teacher",
                           initializer_range=0.3)  # a peaked (confident) random teacher: KD well above 0
-    student = _save_model(tok, "micro", 2, root / "student")
+    student = save_tiny_model(tok, "micro", 2, root / "student")
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     return {"tokenizer": tok, "student": str(student), "teacher": str(teacher), "data": str(data), "root": root}

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from .conftest import _save_model, read_metrics, run_child, tiny_cfg_dict
+from .conftest import read_metrics, run_child, save_tiny_model, tiny_cfg_dict
 
 
 def _run(cfg_dict):
@@ -81,7 +81,7 @@ def test_lean_zero3_two_ranks_tied_student_matches_one_rank_logits(tiny_assets, 
     pytest.importorskip("deepspeed")
     from distill.models.tiny import TinySize
 
-    tied = _save_model(tiny_assets["tokenizer"], TinySize(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64),
+    tied = save_tiny_model(tiny_assets["tokenizer"], TinySize(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64),
                        5, tmp_path / "tied_student", tie_word_embeddings=True)
     from transformers import AutoModelForCausalLM
 

@@ -64,9 +64,19 @@ def test_auto_on_the_tiny_run_is_logged(tiny_assets, tmp_path, capsys):
 def test_quantized_replicated_teacher_trains_close_to_the_float_one(tiny_assets, tmp_path, quant):
     import bitsandbytes as bnb
 
+    from distill.models.tiny import TinySize
+
+    from .conftest import save_tiny_model
+
+    # bitsandbytes' CPU 4-bit kernel packs weights in blocks of 32 output rows (0.50.2 with transformers
+    # 5.25: "N must be divisible by block_n"), so this teacher's every projection is a multiple of 32
+    # (the shared one has 48- and 24-row projections). Real models' are.
+    teacher = save_tiny_model(tiny_assets["tokenizer"], TinySize(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128),
+                          1, tmp_path / "teacher64", initializer_range=0.3)
+    assets = {**tiny_assets, "teacher": str(teacher)}
     common = {"train": {"steps": 3}}
-    ref = _train(tiny_cfg_dict(tiny_assets, tmp_path / "fp32", **common))
-    d = tiny_cfg_dict(tiny_assets, tmp_path / quant, **common)
+    ref = _train(tiny_cfg_dict(assets, tmp_path / "fp32", **common))
+    d = tiny_cfg_dict(assets, tmp_path / quant, **common)
     d["teacher"] = {"placement": "replicated", "quantization": quant}
     tr = _train(d)
     kinds = {type(m) for m in tr.teacher.engine.module.modules()}
