@@ -1206,7 +1206,11 @@ class Trainer:
         return out
 
     def evaluate(self) -> dict | None:
-        """SentiBench on a held-out slice (test split, ``eval.limit`` per task) with the gathered student."""
+        """SentiBench on a held-out slice (test split, ``eval.limit`` per task) with the gathered student.
+
+        Rank 0 holds the gathered weights and scores every prompt alone (``local=True``: its runner
+        calls no collective, so it cannot wait on ranks that are not evaluating); the other ranks wait
+        at the barrier. Scores under N ranks equal 1 rank's (tests/trainer/test_eval_ranks.py)."""
         sd = self.gathered_state_dict()
         result = None
         if self.env.is_main:
@@ -1219,7 +1223,7 @@ class Trainer:
             load_state_dict_strict(model, sd, what=f"the gathered student of {self.student_path}")
             model.to(self.device).eval()
             result = evaluate(model, self.tokenizer, tasks=e.tasks, shots=e.shots, seeds=(42,),
-                              limit=e.limit or None, batch_size=e.batch_size)
+                              limit=e.limit or None, batch_size=e.batch_size, local=True)
             with open(self.out_dir / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps({"step": self.step, "eval": result}, default=str) + "\n")
             self.reporter.log_eval(result, self.step)

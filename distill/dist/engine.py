@@ -140,7 +140,10 @@ class TorchEngine(Engine):
         st = torch.load(folder / "optim.pt", map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
-        self._micro = st["micro"]
+        # A checkpoint is written between optimizer steps, so the next micro-batch starts a new step
+        # whatever the saved count was: taking it modulo another grad_accum (a resume with another
+        # micro_batch x grad_accum split of the same global batch) would step mid-batch.
+        self._micro = 0
 
     def gather_state_dict(self):
         return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}

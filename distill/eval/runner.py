@@ -136,7 +136,9 @@ class Runner:
 
     def __init__(self, model, tokenizer, *, batch_size: int = 8, max_batch_tokens: int | None = None,
                  max_new_tokens: int = MAX_NEW_TOKENS, early_stop: bool = True,
-                 on_batch: Callable[[int], None] | None = None):
+                 on_batch: Callable[[int], None] | None = None, local: bool = False):
+        """``local``: this process scores every prompt itself and calls no collective, even under
+        torch.distributed (a rank-0-only evaluation while the other ranks wait)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
@@ -148,7 +150,7 @@ class Runner:
         self.on_batch = on_batch or (lambda n: None)
         self.pad_id = _pad_id(tokenizer)
         self.device = _model_device(model)
-        self.rank, self.world = dist_info()
+        self.rank, self.world = (0, 1) if local else dist_info()
 
     # ------------------------------------------------------------------ sharding and synchronisation
 

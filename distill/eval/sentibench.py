@@ -140,11 +140,13 @@ def evaluate(
     progress: bool = True,
     model_name: str | None = None,
     predictions_dir: str | os.PathLike | None = None,
+    local: bool = False,
 ) -> dict:
     """Evaluate ``model`` on SentiBench; returns the results.json structure (scores x100).
 
-    Callable from a training loop (every rank must call it under torch.distributed); the model is put
-    in eval mode and restored. ``split="val"`` evaluates on a held-out slice where a task has one.
+    Callable from a training loop: under torch.distributed every rank must call it (each scores its
+    share), unless ``local`` (this process scores everything and calls no collective, so one rank may
+    call it alone). The model is put in eval mode and restored. ``split="val"`` evaluates on a held-out slice where a task has one.
     ``limit`` keeps the first N examples (their demonstrations are those of the full run).
     """
     from distill.eval.runner import Runner, dist_info, verbalizer_ids
@@ -165,10 +167,10 @@ def evaluate(
             prompts, repairs = build_prompts(task, tests, pool, shots, seed)
             plans.append((task, seed, tests, prompts, repairs))
 
-    rank, world = dist_info()
+    rank, world = (0, 1) if local else dist_info()
     bar = None
     runner = Runner(model, tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-                    max_new_tokens=max_new_tokens, early_stop=early_stop)
+                    max_new_tokens=max_new_tokens, early_stop=early_stop, local=local)
     encoded = [runner.tokenize(p[3]) for p in plans]
     if progress and rank == 0:
         from tqdm.auto import tqdm

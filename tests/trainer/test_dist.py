@@ -29,7 +29,11 @@ def test_zero3_two_ranks_match_single_process(tiny_assets, tmp_path):
         "stage": 3, "stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 1000,
         "reduce_bucket_size": 1000, "stage3_gather_16bit_weights_on_model_save": True}}))
     steps = 4
-    common = {"train": {"steps": steps, "warmup_steps": 1, "grad_clip": 1.0}, "checkpoint": {"every": 2, "keep_last": 3}}
+    # SentiBench mid-run and at the end: under 2 ranks rank 0 evaluates alone while rank 1 waits (a
+    # runner sharding over the process group would wait for rank 1 forever); scores equal 1 rank's.
+    common = {"train": {"steps": steps, "warmup_steps": 1, "grad_clip": 1.0}, "checkpoint": {"every": 2, "keep_last": 3},
+              "eval": {"tasks": "sc/sst2,absa/atsa_rest16", "limit": 3, "shots": 1, "batch_size": 2, "every": 2,
+                       "at_end": True}}
     ds_dir = tmp_path / "zero3"
     ds_cfg = tiny_cfg_dict(tiny_assets, ds_dir, **common)
     ds_cfg["train"].update(micro_batch=4, grad_accum=1)
@@ -48,6 +52,17 @@ def test_zero3_two_ranks_match_single_process(tiny_assets, tmp_path):
     for key in ("loss", "ce", "kd", "grad_norm"):
         assert [r[key] for r in got] == pytest.approx([r[key] for r in ref], rel=2e-4, abs=1e-6), key
     assert got[-1]["loss"] < got[0]["loss"]
+
+    def evals(run):
+        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+        return [(r["step"], {t: (v["n"], v["score"]) for t, v in r["eval"]["tasks"].items()}) for r in recs]
+
+    got_eval, ref_eval = evals(ds_dir), evals(ref_dir)
+    assert [s for s, _ in got_eval] == [2, 4, 4] and len(got_eval[0][1]) == 2, got_eval  # every=2, at_end
+    for (s1, a), (s2, b) in zip(got_eval, ref_eval, strict=True):
+        assert s1 == s2 and a.keys() == b.keys()
+        for t in a:
+            assert a[t][0] == b[t][0] == 3 and a[t][1] == pytest.approx(b[t][1], abs=1e-9), (s1, t, a[t], b[t])
 
     # The ZeRO-3 export (gathered from the shards) loads and equals the plain run's export.
     from transformers import AutoModelForCausalLM

@@ -47,3 +47,29 @@ def test_resume_after_kill9_matches_uninterrupted(tiny_assets, tmp_path):
     assert [r["lr"] for r in got] == pytest.approx([r["lr"] for r in ref], rel=1e-9)
     names = sorted(x.name for x in (cut_dir / "checkpoints").iterdir())
     assert names == ["step_00000006", "step_00000008"]  # keep_last=2, no temporary folders left
+
+
+@pytest.mark.parametrize("engine", ["torch", "deepspeed"])
+def test_resume_with_another_split_of_the_global_batch_matches_uninterrupted(tiny_assets, tmp_path, engine):
+    """6 steps at micro_batch 2 x grad_accum 2, resumed from the step-3 checkpoint as 1 x 4 (the same
+    global batch): steps 4-6 cover the same examples, so losses and learning rates equal the run that
+    never stopped (before the fix the torch engine kept 6 saved micro-steps, 6 % 4 = 2, and stepped
+    after 2 of the 4 micro-batches)."""
+    ds = {}
+    if engine == "deepspeed":
+        pytest.importorskip("deepspeed")
+        ds_json = tmp_path / "zero2.json"
+        ds_json.write_text('{"zero_optimization": {"stage": 2}}')
+        ds = {"deepspeed": {"engine": "deepspeed", "config": str(ds_json)}}
+    sec = {"train": {"steps": 6, "warmup_steps": 2, "micro_batch": 2, "grad_accum": 2},
+           "checkpoint": {"every": 3, "keep_last": 2, "export": False}, **ds}
+    ref_dir, res_dir = tmp_path / "ref", tmp_path / "resumed"
+    run_child({"cfg": tiny_cfg_dict(tiny_assets, ref_dir, **sec)}, tmp_path)
+    res = tiny_cfg_dict(tiny_assets, res_dir, **sec)
+    res["train"].update(micro_batch=1, grad_accum=4)
+    res["checkpoint"] = {"every": 0, "export": False, "resume": str(ref_dir / "checkpoints" / "step_00000003")}
+    run_child({"cfg": res}, tmp_path)
+    ref, got = read_metrics(ref_dir), read_metrics(res_dir)
+    assert [r["step"] for r in got] == [4, 5, 6]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in ref[3:]], rel=1e-5)
+    assert [r["lr"] for r in got] == pytest.approx([r["lr"] for r in ref[3:]], rel=1e-9)
