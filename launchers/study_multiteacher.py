@@ -2,6 +2,7 @@
 
     # 1 process (CPU, tiny models built here; --quick: under 10 minutes on 2 cores):
     python launchers/study_multiteacher.py --quick --out runs/study_multiteacher
+    python launchers/study_multiteacher.py --smoke --out /tmp/mt_smoke    # the pipeline only, about a minute
     python launchers/study_multiteacher.py --out runs/study_multiteacher_full
 
 One process only: the study trains many small runs one after another on the plain torch engine
@@ -41,6 +42,9 @@ SETTINGS = {
     # optimizer steps; vocab: tokenizer size; eval_limit: SentiBench test sentences per task
     "quick": dict(per_task=240, held=60, vocab=1024, teacher_steps=250, student_steps=300, micro_batch=8,
                   max_len=64, eval_limit=60, meta_every=5),
+    # smoke: every strategy end to end in about a minute; it checks the pipeline, its numbers mean nothing
+    "smoke": dict(per_task=32, held=12, vocab=512, teacher_steps=15, student_steps=12, micro_batch=8,
+                  max_len=64, eval_limit=4, meta_every=3),
     "full": dict(per_task=600, held=100, vocab=2048, teacher_steps=400, student_steps=400, micro_batch=8,
                  max_len=96, eval_limit=200, meta_every=10),
 }
@@ -232,11 +236,13 @@ def write_report(out: Path, results: dict, names: list[str]) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="launchers/study_multiteacher.py")
-    ap.add_argument("--quick", action="store_true", help="small settings (under 10 minutes on 2 CPU cores)")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small settings (under 10 minutes on 2 CPU cores)")
+    size.add_argument("--smoke", action="store_true", help="tiny settings: checks the pipeline, numbers mean nothing")
     ap.add_argument("--out", default="runs/study_multiteacher", help="output folder")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None)
     args = ap.parse_args(argv)
-    s = SETTINGS["quick" if args.quick else "full"]
+    s = SETTINGS["quick" if args.quick else "smoke" if args.smoke else "full"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -24,6 +24,9 @@ if not _HAS_CUDA:
 # Keep every socket a test opens on loopback (gloo, DeepSpeed), and keep tokenizers quiet in forks.
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No model hub is reachable from the tests (models are built in-process): a hub name fails at once
+# instead of after the hub client's connection retries (about 20 s each, inherited by subprocesses).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 

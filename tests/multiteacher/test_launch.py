@@ -30,9 +30,10 @@ def test_knowdist_launcher_runs_several_teachers(mt_assets, tmp_path, launcher):
 
 
 @pytest.mark.slow
-def test_quick_study_writes_every_strategy(tmp_path, launcher):
+def test_smoke_study_writes_every_strategy(tmp_path, launcher):
+    """--smoke: the --quick pipeline (same code, every strategy) on tiny settings."""
     out = tmp_path / "study"
-    proc = launcher.run("study_multiteacher.py", "--quick", "--out", str(out), timeout=1500)
+    proc = launcher.run("study_multiteacher.py", "--smoke", "--out", str(out), timeout=1500)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     res = json.loads((out / "results.json").read_text())
     assert "noise" in " ".join(res["teachers"])

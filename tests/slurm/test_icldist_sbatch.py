@@ -65,7 +65,10 @@ def _read(p: Path) -> str:
 @pytest.mark.slow
 def test_icldist_builtin_default_end_to_end(slurm_cluster, tmp_path):
     _need_launcher()
-    env = _job_env(slurm_cluster, tmp_path)
+    # The built-in default with fewer steps and a 2-task report (a classification and a generation
+    # task): what this test shows is the script's Ray + teacher service + DeepSpeed + report path.
+    env = _job_env(slurm_cluster, tmp_path,
+                   EXTRA_ARGS="--train.steps=6 --report.tasks=sc/sst2,absa/atsa_rest16 --report.limit=4")
     log = tmp_path / "job.out"
     job, rc = slurm_cluster.sbatch_wait("-N1", "-o", str(log), str(SCRIPT), env=env, timeout=900)
     text = _read(log)
@@ -108,7 +111,10 @@ def test_icldist_scancel_tears_ray_down(slurm_cluster, tmp_path):
     import time
 
     _need_launcher()
-    env = _job_env(slurm_cluster, tmp_path)
+    # The built-in default with fewer steps and a 2-task report (a classification and a generation
+    # task): what this test shows is the script's Ray + teacher service + DeepSpeed + report path.
+    env = _job_env(slurm_cluster, tmp_path,
+                   EXTRA_ARGS="--train.steps=6 --report.tasks=sc/sst2,absa/atsa_rest16 --report.limit=4")
     log = tmp_path / "job.out"
     p = subprocess.run(["sbatch", "--parsable", "-N1", "-o", str(log), str(SCRIPT)], env=env,
                        capture_output=True, text=True, check=True, cwd=REPO)
