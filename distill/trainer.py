@@ -351,13 +351,6 @@ _FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q",
                  "max_length_k")
 
 
-def _device_memory(device: torch.device) -> float:
-    """Bytes of memory of one rank's device: the GPU's total, or this host's RAM on CPU."""
-    if device.type == "cuda":
-        return float(torch.cuda.get_device_properties(device).total_memory)
-    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-
-
 def _local_world(env) -> int:
     """Ranks on this node: the launcher's LOCAL_WORLD_SIZE (torchrun, deepspeed), SLURM's tasks per
     node, else all ranks (one node)."""
@@ -719,7 +712,7 @@ class Trainer:
         if self.env.is_main:
             from distill.dist import plan
 
-            gpu_mem = tc.gpu_mem_gb * plan.GB or _device_memory(self.device) / _local_world(self.env)
+            gpu_mem = tc.gpu_mem_gb * plan.GB or plan.rank_memory(self.device, _local_world(self.env))
             t = self.cfg.train
             try:
                 shapes = plan.load_shape(self.teacher_path), plan.load_shape(self.student_path)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -463,6 +464,16 @@ def recommend(rows: list[Row]) -> dict | None:
                    + (f" (the teacher forward of {r.student_gpus} ranks on {r.teacher_gpus} GPUs)"
                       if r.placement == "ray" else ""))
     return {"placement": best.placement, "stage": best.stage, "why": why, "caution": caution}
+
+
+def rank_memory(device, local_ranks: int) -> float:
+    """Bytes one training rank may plan with: its own GPU's total on CUDA (one GPU per rank, however
+    many ranks share the node), this host's RAM split between its ``local_ranks`` on CPU."""
+    if getattr(device, "type", str(device)) == "cuda":
+        import torch
+
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / max(1, local_ranks)
 
 
 def auto_placement(teacher: Shape, student: Shape, *, world: int, gpus_per_node: int, stage: int, gpu_mem: float,

@@ -5,6 +5,7 @@ traffic formula of the partitioned teacher, and the CLI (table, --json, unknown 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -120,3 +121,27 @@ def test_cli_table_and_json_last_line():
     assert len(doc["rows"]) == 12 and doc["recommendation"]["placement"] in ("partitioned", "replicated", "ray")
     assert any(line.startswith("recommended (auto):") for line in lines)
     assert "72.71B params (computed)" in out.stdout and "act[e]" in out.stdout
+
+
+def test_auto_placement_plans_with_each_gpus_own_memory(monkeypatch):
+    """8 ranks on one node of 8 x 80 GB: each rank plans with its GPU's 80 GB (the bug divided one GPU's
+    memory by the 8 local ranks, 10 GB, and partitioned a 7B teacher that fits replicated). On CPU the
+    host's RAM is what the local ranks share."""
+    import torch
+
+    class Props:
+        total_memory = 80 * P.GB
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    gpu = torch.device("cuda", 3)
+    assert P.rank_memory(gpu, 8) == 80 * P.GB
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert P.rank_memory(torch.device("cpu"), 2) == pytest.approx(ram / 2)
+
+    t, s = P.load_shape("Qwen/Qwen2.5-7B-Instruct"), P.load_shape("Qwen/Qwen2.5-0.5B")
+    kw = dict(world=8, gpus_per_node=8, stage=3, seq=2048, micro_batch=4, grad_accum=1, quantization="", topk=0,
+              partitioned_ok=True)
+    placement, why = P.auto_placement(t, s, gpu_mem=P.rank_memory(gpu, 8) / P.GB, **kw)
+    assert placement == "replicated", why
+    # What the old division planned with: 10 GB per GPU, where the replicated 7B teacher does not fit.
+    assert P.auto_placement(t, s, gpu_mem=80 / 8, **kw)[0] == "partitioned"
