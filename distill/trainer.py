@@ -806,7 +806,6 @@ class Trainer:
         # ce, kd, response tokens, tokens, and whether this rank was asked to stop (SIGUSR1/SIGTERM):
         # all ranks learn it from the same all-reduce, so they stop at the same step with no extra sync.
         sums = torch.zeros(5, dtype=torch.float64, device=self.device)
-        sums[4] = float(bool(self._stop_signals))
         self.hooks.begin_step()
         depth = self.hooks.prefetch_depth
         self.engine.train()
@@ -827,6 +826,9 @@ class Trainer:
         extra = self.hooks.step_sums()
         if extra:
             sums = torch.cat([sums, torch.stack([v.to(self.device, torch.float64).reshape(()) for v in extra.values()])])
+        # Read just before the reduce: a signal that came during this step's micro-batches stops the run
+        # after this step (only one during the step's last lines waits for the next step).
+        sums[4] = float(bool(self._stop_signals))
         distenv.all_reduce_sum(sums)
         ce, kd, ntok, tokens, stop, *rest = sums.tolist()  # the step's one host sync (logging, NaN check, stop)
         k = self.cfg.kd

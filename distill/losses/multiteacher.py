@@ -224,8 +224,8 @@ class MultiLinearFunction(torch.autograd.Function):
                 if spec.scale != 1.0:
                     s = s.mul_(spec.scale)
                 meta_p = None
-                if meta_g is not None:
-                    meta_p = h_c.float() @ meta_g.t()
+                if meta_g is not None:  # [V_head, H], rows past the real vocabulary zero: keep the real ones
+                    meta_p = h_c.float() @ meta_g[:vocab].t()
                     if spec.scale != 1.0:
                         meta_p.mul_(spec.scale)
                 ce, kd, conf, wc, g, dots = multi_chunk(

@@ -184,3 +184,39 @@ def test_mixed_backends_cache_teacher_equals_colocated_topk(mt_assets, tmp_path)
                            teachers=[{"name": "good", "path": mt_assets["good"]}, noise | extra]))
     _assert_same_metrics(read_metrics(tmp_path / "cache"), read_metrics(tmp_path / "coloc"),
                          keys=("loss", "ce", "kd", "grad_norm", "w_good", "w_noise", "kd_noise"))
+
+
+@pytest.fixture(scope="module")
+def padded_student(mt_assets):
+    """The fixtures' student with 13 extra head and embedding rows (random) past the tokenizer's
+    vocabulary, as Qwen2.5 pads 151,665 tokens to 151,936 rows; the first rows are the student's."""
+    from transformers import AutoModelForCausalLM
+
+    src = AutoModelForCausalLM.from_pretrained(mt_assets["student"])
+    n = src.config.vocab_size
+    g = torch.Generator().manual_seed(11)
+    src.resize_token_embeddings(n + 13, mean_resizing=False)
+    with torch.no_grad():
+        for w in (src.get_input_embeddings().weight, src.get_output_embeddings().weight):
+            w[n:] = torch.randn(w[n:].shape, generator=g) * 0.5
+    folder = mt_assets["root"] / "student_padded"
+    src.save_pretrained(folder)
+    mt_assets["tokenizer"].save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("weighting", ["fixed", "confidence", "attention", "meta"])
+def test_padded_student_head_equals_the_unpadded_run(mt_assets, padded_student, tmp_path, weighting):
+    """Head rows past the real vocabulary take no part: a padded student trains exactly as the same
+    student without them, for every weighting (meta's held-out head gradient used to keep the padding
+    rows and meet the teachers' [n, V] rows with [n, V_padded])."""
+    knobs = {"meta": {"every": 1, "heldout_path": mt_assets["heldout"], "heldout_batch": 4}}
+    for name, student in (("plain", mt_assets["student"]), ("padded", padded_student)):
+        d = mt_cfg_dict(mt_assets, tmp_path / name, weighting, train={"steps": 3}, multiteacher=knobs,
+                        checkpoint={"export": False})
+        d["model"]["student"] = student
+        _train(d)
+    a, b = read_metrics(tmp_path / "padded"), read_metrics(tmp_path / "plain")
+    _assert_same_metrics(a, b, keys=("loss", "ce", "kd", "w_good"), rel=1e-5)
+    if weighting == "meta":
+        assert all("meta_update" in r for r in a)

@@ -75,3 +75,28 @@ def test_signal_to_one_rank_stops_both_at_one_step(tiny_assets, tmp_path):
     ckpts = sorted((out_dir / "checkpoints").glob("step_*"))
     assert len(ckpts) == 1 and (ckpts[0] / "trainer_state.json").is_file(), ckpts
     assert "a signal to another rank: checkpoint at step" in outs[0]
+
+
+def test_signal_during_a_step_checkpoints_at_that_step(tiny_assets, tmp_path):
+    """SIGUSR1 arriving in step 3's first micro-batch: the run checkpoints at step 3 and exits for requeue
+    (the flag used to be read at the start of a step, so the run trained step 4 before stopping)."""
+    from distill.config import RunConfig, from_dict
+    from distill.trainer import Trainer
+
+    out_dir = tmp_path / "run"
+    sec = {"train": {"steps": STEPS, "warmup_steps": 2, "grad_accum": 2}, "checkpoint": {"every": 0, "keep_last": 2}}
+    tr = Trainer(from_dict(RunConfig, tiny_cfg_dict(tiny_assets, out_dir, **sec))).setup()
+    backward, calls = tr.engine.backward, []
+
+    def signalling_backward(loss):
+        calls.append(1)
+        if len(calls) == 5:  # step 3, micro-batch 1 of 2
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return backward(loss)
+
+    tr.engine.backward = signalling_backward
+    with pytest.raises(SystemExit) as e:
+        tr.train()
+    assert e.value.code == Trainer.REQUEUE_EXIT
+    assert [p.name for p in sorted((out_dir / "checkpoints").glob("step_*"))] == ["step_00000003"]
+    assert max(r["step"] for r in read_metrics(out_dir)) == 3 and len(calls) == 6
