@@ -178,6 +178,7 @@ class ICLDistLoss:
         Inside the head, one pass over the N rows: CE on all, top-k KD on the token-level ones (a row
         mask); the label-level KL from the label words' head rows at the classification positions; no
         [rows x V] logits and no host sync."""
+        from distill.losses.divergences import resolve_impl
         from distill.losses.lean import LossRequest, linear_distill, topk_rows
 
         self._check_temperature(targets)
@@ -203,7 +204,8 @@ class ICLDistLoss:
             total, kd_sum, ce_sum = linear_distill(
                 rows, weight, bias, teacher, targets_tok, kind=self.kind, beta=self.beta, alpha=self.alpha,
                 temperature=self.T, vocab_size=self.vocab_size, ce_weight=self.ce_weight,
-                kd_weight=self.kd_weight * t2, kd_rows=kd_rows)
+                kd_weight=self.kd_weight * t2, kd_rows=kd_rows,
+                impl="triton" if resolve_impl(self.impl, rows) == "triton" else "torch", requested=self.impl)
             lkd_sum = total.new_zeros(())
             if lab_sel is not None:
                 ids = targets.student_label_ids.to(dev)

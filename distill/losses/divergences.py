@@ -554,6 +554,19 @@ def _warn_once(key, msg: str) -> None:
         warnings.warn(msg, stacklevel=3)
 
 
+class KernelUnavailable(ValueError):
+    """``impl="triton"`` was asked for and the kernel cannot serve this call (one line, with the reason)."""
+
+
+def kernel_fallback(requested: str, what: str, reason: str) -> None:
+    """A kernel cannot serve a call: with ``impl="triton"`` asked for explicitly that is an error;
+    with ``"auto"`` the caller runs the torch path, and this says why once per process."""
+    if requested == "triton":
+        raise KernelUnavailable(f"impl='triton': {what} cannot run this call ({reason}); use impl='auto' (the torch "
+                                f"path where a kernel cannot run, with a warning) or impl='torch'")
+    _warn_once((what, reason), f"{what}: {reason}; using the torch path")
+
+
 def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
 
@@ -568,15 +581,16 @@ def resolve_impl(impl: str, student_logits: torch.Tensor) -> str:
 
 
 def triton_divergence(kind, student_logits, teacher, labels, *, beta, alpha, temperature,
-                      ignore_index, reduction, grad_inplace=False):
+                      ignore_index, reduction, grad_inplace=False, requested="auto"):
     """``distill_kernels.kd_div`` / ``topk_kd`` (imported here, lazily), or None when the kernels
-    cannot serve the call (not importable, or NotImplementedError for this kind / input): the
-    caller then uses the torch path. Each reason is warned about once per process."""
+    cannot serve the call (not importable, or NotImplementedError for this kind / input) and
+    ``requested`` is ``"auto"``: the caller then uses the torch path, warned once per reason. With
+    ``requested="triton"`` that is a :class:`KernelUnavailable` error instead."""
     name = "topk_kd" if isinstance(teacher, TopKTeacher) else "kd_div"
     try:
         op = getattr(importlib.import_module(f"distill_kernels.{name}"), name)
-    except Exception as exc:  # noqa: BLE001 - any import failure means: use torch
-        _warn_once(("import", name), f"distill_kernels.{name} unavailable ({exc!r}); using the torch path")
+    except Exception as exc:  # noqa: BLE001 - any import failure: the kernel cannot run
+        kernel_fallback(requested, f"distill_kernels.{name}", f"not importable: {exc!r}")
         return None
     _check_teacher(teacher, temperature)
     kw = dict(kind=kind, beta=beta, alpha=alpha, temperature=temperature,
@@ -589,7 +603,7 @@ def triton_divergence(kind, student_logits, teacher, labels, *, beta, alpha, tem
         else:
             out = op(student_logits, teacher, labels, **kw)
     except NotImplementedError as exc:
-        _warn_once((name, kind), f"distill_kernels.{name}: {exc}; using the torch path")
+        kernel_fallback(requested, f"distill_kernels.{name}", str(exc))
         return None
     if reduction == "none":
         out = out.reshape(student_logits.shape[:-1])
@@ -625,9 +639,10 @@ def divergence(
     teacher:        logits ``[..., V]`` (frozen, no grad) or a ``TopKTeacher`` ``[..., k]``.
     labels:         ``[...]`` aligned with the rows; a mask only (rows == ignore_index count 0).
     reduction:      "mean" (sum over vocab, mean over counted rows, 0 if none), "sum", "none".
-    impl:           "torch" (chunked, this module), "triton" (distill_kernels; kinds or options
-                    the kernels lack fall back to torch with a one-time warning), "auto" (triton
-                    for CUDA logits when triton imports, torch otherwise).
+    impl:           "torch" (chunked, this module), "triton" (distill_kernels; a kind, option or
+                    input the kernels lack is a KernelUnavailable error), "auto" (triton for CUDA
+                    logits when triton imports, torch otherwise and where the kernels cannot serve
+                    the call, with a one-time warning saying why).
     chunk_tokens:   rows per chunk of the torch path (default: ~32 MiB of fp32 per [chunk x V]).
     vocab_size:     compare only the first vocab_size columns of both sides (padded vocabularies).
     student_softcap / teacher_softcap: Gemma-2 final-logit softcap per side, before the temperature.
@@ -641,12 +656,12 @@ def divergence(
     if resolve_impl(impl, student_logits) == "triton":
         extras = vocab_size is not None or student_softcap is not None or teacher_softcap is not None
         if extras:
-            _warn_once(("extras", kind), "vocab_size/softcap are handled by the torch path only; using it")
+            kernel_fallback(impl, "distill_kernels", "vocab_size and softcaps are handled by the torch path only")
         else:
             out = triton_divergence(
                 kind, student_logits, teacher, labels, beta=beta, alpha=alpha,
                 temperature=temperature, ignore_index=ignore_index, reduction=reduction,
-                grad_inplace=grad_inplace,
+                grad_inplace=grad_inplace, requested=impl,
             )
             if out is not None:
                 return out

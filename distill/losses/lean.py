@@ -196,6 +196,7 @@ def linear_distill(
     kd_rows: torch.Tensor | None = None,
     chunk_tokens: int | None = None,
     impl: str = "torch",
+    requested: str | None = None,
 ):
     """``(total, kd_sum, ce_sum)`` over supervised ``rows [N, H]`` with ``targets [N]``.
 
@@ -206,8 +207,10 @@ def linear_distill(
     logit transform; ``teacher_softcap``: the cap still to apply to teacher logits given as a tensor
     ``[N, Vt]`` (a HiddenTeacher carries its own). ``kd_rows``: [N] bool, the rows KD applies to
     (None: all); the others get CE only, in the same pass. ``impl="triton"`` (CUDA) runs the chunk loop in the fused Triton kernel.
+    ``requested``: the impl the user asked for (default ``impl``): where the kernel cannot serve the call,
+    ``"triton"`` is a one-line error and ``"auto"`` runs the torch loop, warning once why.
     """
-    from distill.losses.divergences import _check_teacher, _effective_kind
+    from distill.losses.divergences import _check_teacher, _effective_kind, kernel_fallback
 
     vocab = int(vocab_size or weight.shape[0])
     if weight.dim() != 2 or weight.shape[1] != rows.shape[-1]:
@@ -237,12 +240,20 @@ def linear_distill(
                         f"got {type(teacher).__name__}")
     if kd_rows is not None and kd_rows.shape != targets.shape:
         raise ValueError(f"kd_rows {tuple(kd_rows.shape)} must match targets {tuple(targets.shape)}")
-    if impl == "triton" and kd_rows is None:  # the fused op masks KD and CE by one label set
-        fast = _triton_linear_distill(rows, weight, bias, teacher, targets, kind=kind, beta=beta, alpha=alpha,
-                                      temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight,
-                                      vocab=vocab, scale=scale, softcap=student_softcap, chunk_tokens=chunk_tokens)
+    if impl == "triton":
+        requested = requested or impl
+        fast, why = None, "KD on a subset of the rows (the fused op masks KD and CE by one label set)"
+        if kd_rows is None:
+            try:
+                fast, why = _triton_linear_distill(
+                    rows, weight, bias, teacher, targets, kind=kind, beta=beta, alpha=alpha, temperature=temperature,
+                    ce_weight=ce_weight, kd_weight=kd_weight, vocab=vocab, scale=scale, softcap=student_softcap,
+                    teacher_softcap=teacher_softcap, chunk_tokens=chunk_tokens)
+            except NotImplementedError as exc:  # a kind, k or input the kernel lacks
+                why = str(exc)
         if fast is not None:
             return fast
+        kernel_fallback(requested, "distill_kernels.fused_linear_kd", why)
     cfg = _Cfg(kind=_effective_kind(kind, beta), prm=_Params(float(beta), float(alpha)),
                temperature=float(temperature), student_softcap=student_softcap,
                teacher_softcap=teacher.softcap if isinstance(teacher, HiddenTeacher) else teacher_softcap,
@@ -253,14 +264,19 @@ def linear_distill(
 
 
 def _triton_linear_distill(rows, weight, bias, teacher, targets, *, kind, beta, alpha, temperature, ce_weight,
-                           kd_weight, vocab, scale, softcap, chunk_tokens):
-    """The fused Triton op where it applies (no bias, logit scale or softcap on either side, teacher
-    not given as logits); None where it does not, and the torch loop runs."""
-    if bias is not None or scale != 1.0 or softcap is not None or isinstance(teacher, torch.Tensor):
-        return None
+                           kd_weight, vocab, scale, softcap, teacher_softcap, chunk_tokens):
+    """``(result, None)`` from the fused Triton op where it applies (no bias, logit scale or softcap on
+    either side, teacher not given as logits); ``(None, why)`` where it does not."""
+    if bias is not None or scale != 1.0 or softcap is not None or teacher_softcap is not None:
+        return None, "a head bias, logit scale or softcap (the fused op has none)"
+    if isinstance(teacher, torch.Tensor):
+        return None, "a teacher given as logits (the fused op takes top-k or hidden states)"
     if isinstance(teacher, HiddenTeacher) and (teacher.scale != 1.0 or teacher.softcap is not None):
-        return None
-    from distill_kernels.fused_linear_kd import fused_linear_kd
+        return None, "a teacher logit scale or softcap (the fused op has none)"
+    try:
+        from distill_kernels.fused_linear_kd import fused_linear_kd
+    except Exception as exc:  # noqa: BLE001 - any import failure: the kernel cannot run
+        return None, f"not importable: {exc!r}"
 
     kw = dict(kind=kind, beta=beta, alpha=alpha, temperature=temperature, reduction="sum",
               chunk_tokens=chunk_tokens, ce_weight=ce_weight, kd_weight=kd_weight if teacher is not None else 0.0,
@@ -268,9 +284,9 @@ def _triton_linear_distill(rows, weight, bias, teacher, targets, *, kind, beta, 
     if isinstance(teacher, HiddenTeacher):
         with teacher.head() as (t_w, t_b):
             if t_b is not None:
-                return None
-            return fused_linear_kd(rows, weight, (teacher.hidden, t_w), targets, **kw)
-    return fused_linear_kd(rows, weight, teacher, targets, **kw)
+                return None, "a teacher head bias (the fused op has none)"
+            return fused_linear_kd(rows, weight, (teacher.hidden, t_w), targets, **kw), None
+    return fused_linear_kd(rows, weight, teacher, targets, **kw), None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from distill.losses.divergences import (
     IMPLS,
     _effective_kind,
     chunked_rows,
+    kernel_fallback,
     resolve_impl,
     triton_divergence,
 )
@@ -192,18 +193,16 @@ class DistillObjective:
         kd_scale = self.kd_scale if use_kd else 0.0
 
         kd_fast = None
-        if (
-            use_kd
-            and resolve_impl(self.impl, student_logits) == "triton"
-            and self.student_softcap is None
-            and self.teacher_softcap is None
-        ):
-            t_in = teacher if isinstance(teacher, TopKTeacher) else teacher[..., :vocab]
-            kd_fast = triton_divergence(
-                self.kind, student_logits[..., :vocab], t_in, targets, beta=self.beta,
-                alpha=self.alpha, temperature=self.temperature, ignore_index=self.ignore_index,
-                reduction="sum",
-            )
+        if use_kd and resolve_impl(self.impl, student_logits) == "triton":
+            if self.student_softcap is not None or self.teacher_softcap is not None:
+                kernel_fallback(self.impl, "distill_kernels", "softcaps are handled by the torch path only")
+            else:
+                t_in = teacher if isinstance(teacher, TopKTeacher) else teacher[..., :vocab]
+                kd_fast = triton_divergence(
+                    self.kind, student_logits[..., :vocab], t_in, targets, beta=self.beta,
+                    alpha=self.alpha, temperature=self.temperature, ignore_index=self.ignore_index,
+                    reduction="sum", requested=self.impl,
+                )
         if kd_fast is not None:
             # KD from the kernel; CE from the chunked torch path (a second, CE-only pass).
             ce_rows_w, _, ce_rows = chunked_rows(
@@ -250,7 +249,7 @@ class DistillObjective:
                 temperature=self.temperature, ce_weight=self.ce_weight,
                 kd_weight=self.kd_scale if use_kd else 0.0, vocab_size=self.vocab_size,
                 student_softcap=self.student_softcap, teacher_softcap=self.teacher_softcap,
-                chunk_tokens=self.chunk_tokens, impl=impl)
+                chunk_tokens=self.chunk_tokens, impl=impl, requested=self.impl)
             return total / _normalizer(normalizer, total.device), ce_sum, kd_sum
 
         return LossRequest(index, compute)

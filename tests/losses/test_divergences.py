@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -350,7 +348,9 @@ def test_bad_arguments_are_clear_errors():
         forward_kl(s, TopKTeacher.from_logits(t, 4), teacher_softcap=30.0)
 
 
-def test_impl_auto_is_torch_on_cpu_and_triton_falls_back_with_one_warning(monkeypatch):
+def test_impl_auto_is_torch_on_cpu_and_explicit_triton_never_falls_back(monkeypatch):
+    """Explicit impl="triton" without its kernels: one line, no torch result (the auto fallback and its
+    one warning: tests/losses/test_impl_choice.py)."""
     s, t, labels = _inputs((2, 5), 64, seed=15)
     assert D.resolve_impl("auto", s) == "torch"
     real_import = D.importlib.import_module
@@ -362,26 +362,28 @@ def test_impl_auto_is_torch_on_cpu_and_triton_falls_back_with_one_warning(monkey
 
     monkeypatch.setattr(D.importlib, "import_module", broken)
     monkeypatch.setattr(D, "_warned", set())
+    with pytest.raises(D.KernelUnavailable, match=r"impl='triton': distill_kernels.kd_div cannot run .*no kernels here"):
+        tvd(s, t, labels, impl="triton")
     ref = kd_div_ref(s, t, labels, kind="tvd")
-    with pytest.warns(UserWarning, match="using the torch path"):
-        out = tvd(s, t, labels, impl="triton")
-    assert_close_to_ref(out, ref, ref)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        tvd(s, t, labels, impl="triton")  # second call: no second warning
+    assert_close_to_ref(tvd(s, t, labels, impl="auto"), ref, ref)  # CPU logits: torch, no kernel asked for
 
 
 @pytest.mark.triton_interp
 @pytest.mark.parametrize("form", ["full", "topk"])
-def test_impl_triton_matches_torch(form):
+def test_impl_triton_matches_torch(form, monkeypatch):
     pytest.importorskip("triton")
     s, t, labels = _inputs((2, 6), 300, seed=16)
+    import importlib
+
     teacher = t if form == "full" else TopKTeacher.from_logits(t, 8, temperature=2.0)
     up = torch.tensor(0.7)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the kernel may not exist yet: then it falls back
-        out_tr, g_tr = _run(lambda x, tt, **k: jsd(x, tt, labels, impl="triton", **k), s, teacher,
-                            upstream=up, beta=0.5, temperature=2.0)
+    name = "kd_div" if form == "full" else "topk_kd"
+    mod = importlib.import_module(f"distill_kernels.{name}")
+    real, calls = getattr(mod, name), []
+    monkeypatch.setattr(mod, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    out_tr, g_tr = _run(lambda x, tt, **k: jsd(x, tt, labels, impl="triton", **k), s, teacher,
+                        upstream=up, beta=0.5, temperature=2.0)
+    assert calls, f"distill_kernels.{name} did not run"  # else this compares torch with torch
     out_t, g_t = _run(lambda x, tt, **k: jsd(x, tt, labels, impl="torch", **k), s, teacher,
                       upstream=up, beta=0.5, temperature=2.0)
     assert_close_to_ref(out_tr, out_t, out_t, name="triton vs torch loss")
