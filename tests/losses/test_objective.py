@@ -189,8 +189,10 @@ def test_all_ignored_micro_batch():
 
 
 def test_pinned_seeded_values():
-    # A tiny seeded case, pinned: an unnoticed change to the objective (masking, shift,
-    # normalisation, T^2, a divergence) fails here. Regenerate only for an intended change.
+    """A change detector, not a reference: the values are this code's output on a tiny seeded case, so
+    an unnoticed change to the objective (masking, shift, normalisation, T^2, a divergence) fails here;
+    regenerate only for an intended change. The reference for each kind is
+    test_matches_explicit_ce_plus_t2_kd (kernels/distill_kernels/ref.py + F.cross_entropy)."""
     s, t, labels = _batch(b=2, length=6, vocab=11, seed=1234, prompt=(2, 3))
     n = count_targets(labels)
     got = {}
