@@ -2,8 +2,12 @@
 
 ``train_teacher`` fits a tiny causal LM (CE on the responses) to a list of (prompt, response) pairs,
 from scratch or from an existing folder, and saves an HF folder with the tokenizer;
-``noise_teacher`` saves a random-init model of the same tokenizer (a teacher that knows nothing);
-``heldout_loss`` is a model's mean response-token CE on a (prompt, response) set.
+``noise_teacher`` saves a random-init model of the same tokenizer (a teacher that knows nothing; with a
+large ``initializer_range`` its distributions are still diffuse, about 4 nats of entropy);
+``mismatched_pairs`` gives every prompt another example's response, on which ``train_teacher`` makes a
+confidently wrong teacher (fluent, low entropy, wrong about the text in front of it);
+``heldout_loss`` is a model's mean response-token CE on a (prompt, response) set and
+``response_entropy`` a model's mean next-token entropy over the responses (how confident it is).
 """
 
 from __future__ import annotations
@@ -98,5 +102,42 @@ def heldout_loss(model_dir: str | Path, pairs, *, max_len: int = 96, batch_size:
         mask = tgt != -100
         ce = torch.nn.functional.cross_entropy(logits[mask], tgt[mask], reduction="sum")
         total += float(ce)
+        n += int(mask.sum())
+    return total / max(n, 1)
+
+
+def mismatched_pairs(pairs, seed: int = 0) -> list[tuple[str, str]]:
+    """Each prompt with the response of another pair whose response differs (a shuffled assignment,
+    repaired so no pair keeps a response equal to its own): the data of a confidently wrong teacher."""
+    import random
+
+    rng = random.Random(seed)
+    order = list(range(len(pairs)))
+    rng.shuffle(order)
+    out = []
+    for i, (prompt, response) in enumerate(pairs):
+        j = order[i]
+        tries = 0
+        while pairs[j][1] == response and tries < len(pairs):
+            j, tries = (j + 1) % len(pairs), tries + 1
+        out.append((prompt, pairs[j][1]))
+    return out
+
+
+@torch.no_grad()
+def response_entropy(model_dir: str | Path, pairs, *, max_len: int = 96, batch_size: int = 32) -> float:
+    """Mean entropy (nats) of the model's next-token distribution over the response tokens of ``pairs``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    seqs = _encode(tok, pairs, max_len)
+    total, n = 0.0, 0
+    for i in range(0, len(seqs), batch_size):
+        ids, att, labels = _batch(seqs[i:i + batch_size], tok.pad_token_id)
+        logp = model(input_ids=ids, attention_mask=att).logits[:, :-1].float().log_softmax(-1)
+        mask = labels[:, 1:] != -100
+        ent = -(logp.exp() * logp).sum(-1)
+        total += float(ent[mask].sum())
         n += int(mask.sum())
     return total / max(n, 1)
