@@ -11,13 +11,16 @@ DeepSpeed run's config).
 
 Teachers of different strengths per task, all with one tokenizer trained here on SentiBench text:
 ``polarity`` (trained mostly on sc/sst2 + sc/twitter), ``irony_stance`` (mostly on
-multifaced/irony18 + multifaced/pstance) and ``noise`` (random init: a confident teacher that knows
-nothing). The student trains on a mix of both task groups (the teacher's ``Text:/Perspective:``
-format, responses from the gold labels) with each strategy: fixed equal weights, fixed equal over
-the two real teachers (the best fixed average a user who knows which teacher is noise would pick),
-route (each example to its group's teacher), confidence, attention and meta. Reported per strategy:
-the final mean weights, the held-out loss (response-token CE on held-out pairs, overall and per task
-group) and SentiBench slices of the exported student. Writes ``DIR/results.json``,
+multifaced/irony18 + multifaced/pstance), ``noise`` (random init: a teacher that knows nothing, with
+diffuse distributions) and ``wrong`` (trained as long on every pair with another pair's response: a
+confident teacher that is wrong about the text). The student trains on a mix of both task groups (the
+teacher's ``Text:/Perspective:`` format, responses from the gold labels) with each strategy: fixed
+equal weights, fixed equal over the two real teachers (the best fixed average a user who knows which
+teachers are bad would pick), route (each example to its group's teacher), confidence, attention and
+meta. The held-out pairs are split in two disjoint halves: meta tunes on one, every strategy is scored
+on the other. Reported: each teacher's CE and entropy on the scored half; per strategy the final mean
+weights, the held-out loss (response-token CE, overall and per task group) and SentiBench slices of
+the exported student. Writes ``DIR/results.json``,
 ``DIR/results.md`` (the table) and ``DIR/weights.png`` (the weight trajectories).
 """
 
@@ -90,7 +93,7 @@ def build_assets(out: Path, s: dict, seed: int = 0) -> dict:
     """Tokenizer, teachers, student init and data files under ``out/assets`` (reused when present)."""
     from distill.models.builtin import records_by_task
     from distill.models.tiny import build_tiny_causal_lm, train_tokenizer
-    from distill.multiteacher.study import noise_teacher, train_teacher
+    from distill.multiteacher.study import mismatched_pairs, noise_teacher, train_teacher
 
     a = out / "assets"
     done = a / "DONE.json"
@@ -112,6 +115,13 @@ def build_assets(out: Path, s: dict, seed: int = 0) -> dict:
                                            max_len=s["max_len"], seed=seed))
         print(f"[study] teacher {name}: {len(data)} pairs, {s['teacher_steps']} steps, {time.time() - t1:.0f}s", flush=True)
     teachers["noise"] = str(noise_teacher(tok, a / "noise", size="student", initializer_range=0.3))
+    # Confidently wrong: as long a training as the real teachers, on every pair of both groups with another
+    # pair's response (fluent and sure of itself, wrong about the text in front of it).
+    t1 = time.time()
+    teachers["wrong"] = str(train_teacher(tok, mismatched_pairs(pol + iro, seed=seed + 1), a / "wrong", size="student",
+                                          steps=s["teacher_steps"], max_len=s["max_len"], seed=seed))
+    print(f"[study] teacher wrong: {len(pol + iro)} mismatched pairs, {s['teacher_steps']} steps, "
+          f"{time.time() - t1:.0f}s", flush=True)
     student = a / "student"
     build_tiny_causal_lm(len(tok), "micro", seed=seed + 2).save_pretrained(student)
     tok.save_pretrained(student)
@@ -119,8 +129,12 @@ def build_assets(out: Path, s: dict, seed: int = 0) -> dict:
             for g, (tr, _) in groups.items() for i, (p, r) in enumerate(tr)]
     held = [{"id": f"{g}-h{i}", "prompt": p, "response": r, "group": g}
             for g, (_, he) in groups.items() for i, (p, r) in enumerate(he)]
+    # Two disjoint halves of the held-out pairs: meta tunes its weights on one (heldout_tune) and every
+    # strategy is scored on the other (heldout), so no strategy is scored on what it was tuned on.
+    tune, score = held[0::2], held[1::2]
     info = {"teachers": teachers, "student": str(student), "data": str(_write_jsonl(a / "train.jsonl", rows)),
-            "heldout": str(_write_jsonl(a / "heldout.jsonl", held)), "source": source,
+            "heldout": str(_write_jsonl(a / "heldout.jsonl", score)),
+            "heldout_tune": str(_write_jsonl(a / "heldout_tune.jsonl", tune)), "source": source,
             "seconds": round(time.time() - t0, 1)}
     done.write_text(json.dumps(info, indent=2))
     return info
@@ -128,7 +142,8 @@ def build_assets(out: Path, s: dict, seed: int = 0) -> dict:
 
 STRATEGIES = {
     "fixed_equal": {"weighting": "fixed"},
-    "fixed_real_only": {"weighting": "fixed", "weights": {"polarity": 1.0, "irony_stance": 1.0, "noise": 0.0}},
+    "fixed_real_only": {"weighting": "fixed", "weights": {"polarity": 1.0, "irony_stance": 1.0, "noise": 0.0,
+                                                           "wrong": 0.0}},
     "route": {"weighting": "route"},
     "confidence": {"weighting": "confidence"},
     "attention": {"weighting": "attention"},
@@ -154,7 +169,7 @@ def run_strategy(name: str, spec: dict, assets: dict, out: Path, s: dict, seed: 
         "checkpoint": {"every": 0, "overwrite": True},
         "log": {"progress_bar": False, "every": 10},
         "multiteacher": {"teachers": teachers, "weighting": spec["weighting"],
-                         "meta": {"every": s["meta_every"], "heldout_path": assets["heldout"]}},
+                         "meta": {"every": s["meta_every"], "heldout_path": assets["heldout_tune"]}},
     }
     cfg = from_dict(RunConfig, d)
     cfg.validate()
@@ -175,6 +190,18 @@ def run_strategy(name: str, spec: dict, assets: dict, out: Path, s: dict, seed: 
                 "meta_step_s": sum(meta_steps) / len(meta_steps), "other_step_s": sum(other) / max(len(other), 1)}
     return {"run_dir": str(out / "runs" / name), "final_weights": final, "trajectory": traj, "train_s": round(secs, 1),
             "step_s": sorted(r["step_time_s"] for r in hist)[len(hist) // 2], "meta_cost": cost}
+
+
+def teacher_stats(assets: dict, s: dict) -> dict:
+    """Each teacher's response-token CE (how right) and mean entropy (how confident) on the scored
+    held-out pairs."""
+    from distill.multiteacher.study import heldout_loss, response_entropy
+
+    held = [json.loads(x) for x in Path(assets["heldout"]).read_text().splitlines()]
+    pairs = [(h["prompt"], h["response"]) for h in held]
+    return {n: {"ce": round(heldout_loss(p, pairs, max_len=s["max_len"]), 4),
+                "entropy": round(response_entropy(p, pairs, max_len=s["max_len"]), 4)}
+            for n, p in assets["teachers"].items()}
 
 
 def evaluate_run(res: dict, assets: dict, s: dict) -> None:
@@ -248,7 +275,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     assets = build_assets(out, s)
     names = list(assets["teachers"])
-    results = {"teachers": names, "settings": s, "strategies": {}}
+    results = {"teachers": names, "settings": s, "strategies": {}, "teacher_stats": teacher_stats(assets, s)}
+    print(f"[study] teachers on the scored held-out pairs: {results['teacher_stats']}", flush=True)
     for name, spec in STRATEGIES.items():
         res = run_strategy(name, spec, assets, out, s)
         evaluate_run(res, assets, s)

@@ -36,7 +36,10 @@ def test_smoke_study_writes_every_strategy(tmp_path, launcher):
     proc = launcher.run("study_multiteacher.py", "--smoke", "--out", str(out), timeout=1500)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     res = json.loads((out / "results.json").read_text())
-    assert "noise" in " ".join(res["teachers"])
+    assert {"noise", "wrong"} <= set(res["teachers"]) and set(res["teacher_stats"]) == set(res["teachers"])
+    tune = [json.loads(x)["id"] for x in (out / "assets" / "heldout_tune.jsonl").read_text().splitlines()]
+    scored = [json.loads(x)["id"] for x in (out / "assets" / "heldout.jsonl").read_text().splitlines()]
+    assert tune and scored and not set(tune) & set(scored)  # meta never tunes on what is scored
     for name in ("fixed", "route", "confidence", "attention", "meta"):
         assert any(s.startswith(name) for s in res["strategies"]), f"{name} missing: {sorted(res['strategies'])}"
     for name, r in res["strategies"].items():

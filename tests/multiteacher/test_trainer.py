@@ -220,3 +220,55 @@ def test_padded_student_head_equals_the_unpadded_run(mt_assets, padded_student, 
     _assert_same_metrics(a, b, keys=("loss", "ce", "kd", "w_good"), rel=1e-5)
     if weighting == "meta":
         assert all("meta_update" in r for r in a)
+
+
+def _flip_label(response: str) -> str:
+    return response.replace("positive", "@").replace("negative", "positive").replace("@", "negative")
+
+
+@pytest.fixture(scope="module")
+def confident_pair(mt_assets):
+    """Two equally trained teachers (400 steps): ``right`` on the training pairs, ``wrong`` on the same
+    pairs with the label word flipped. Both are confident (low entropy); ``wrong`` is confidently wrong
+    about the one token that matters, the noise teacher of the fixtures only diffuse."""
+    from distill.multiteacher.study import train_teacher
+
+    pairs = [(p["prompt"], p["response"]) for p in (json.loads(x) for x in open(mt_assets["data"]))]
+    root, tok = mt_assets["root"], mt_assets["tokenizer"]
+    right = train_teacher(tok, pairs, root / "right400", size="micro", steps=400)
+    wrong = train_teacher(tok, [(p, _flip_label(r)) for p, r in pairs], root / "wrong400", size="micro", steps=400)
+    return {"right": str(right), "wrong": str(wrong), "pairs": pairs}
+
+
+@pytest.mark.slow
+def test_confidently_wrong_teacher_what_each_strategy_does(mt_assets, confident_pair, tmp_path, capsys):
+    """A confidently wrong teacher beside an equally confident right one (the failure case of
+    confidence weighting that the diffuse noise teacher never tests). Asserted, as it follows from the
+    construction: negative-entropy confidence cannot tell them apart (it sees confidence, not
+    correctness: equal weights within 0.1), and gold_prob confidence, which scores the reference token,
+    gives the right teacher more weight than neg_entropy does. Printed, not asserted: attention and
+    meta, whose outcome here moved between runs (meta 0.33-0.87 on the right teacher; see
+    docs/multiteacher.md)."""
+    from distill.multiteacher.study import heldout_loss, response_entropy
+
+    pairs = confident_pair["pairs"]
+    ent = {n: response_entropy(confident_pair[n], pairs) for n in ("right", "wrong")}
+    ent["noise"] = response_entropy(mt_assets["noise"], pairs)
+    ce = {n: heldout_loss(confident_pair[n], pairs) for n in ("right", "wrong")}
+    assert ent["wrong"] < 2 * ent["right"] and ent["wrong"] < 0.25 * ent["noise"], ent  # confident
+    assert ce["wrong"] > 10 * ce["right"], ce  # and wrong
+    teachers = [{"name": "good", "path": confident_pair["right"]}, {"name": "noise", "path": confident_pair["wrong"]}]
+    common = dict(train={"steps": 100, "grad_accum": 1, "warmup_steps": 5}, log={"every": 5},
+                  checkpoint={"export": False})
+    w_good = {}
+    for name, w, extra in (("neg_entropy", "confidence", {"confidence": {"signal": "neg_entropy"}}),
+                           ("gold_prob", "confidence", {"confidence": {"signal": "gold_prob"}}),
+                           ("attention", "attention", {}),
+                           ("meta", "meta", {"meta": {"every": 5, "heldout_path": mt_assets["heldout"]}})):
+        _train(mt_cfg_dict(mt_assets, tmp_path / name, w, teachers=teachers, multiteacher=extra, **common))
+        recs = read_metrics(tmp_path / name)
+        w_good[name] = sum(r["w_good"] for r in recs[-3:]) / 3
+    with capsys.disabled():
+        print(f"\nconfidently wrong teacher: entropy {ent}, CE {ce}, weight on the right teacher {w_good}")
+    assert abs(w_good["neg_entropy"] - 0.5) < 0.1, w_good
+    assert w_good["gold_prob"] > w_good["neg_entropy"], w_good

@@ -111,10 +111,7 @@ def test_icldist_scancel_tears_ray_down(slurm_cluster, tmp_path):
     import time
 
     _need_launcher()
-    # The built-in default with fewer steps and a 2-task report (a classification and a generation
-    # task): what this test shows is the script's Ray + teacher service + DeepSpeed + report path.
-    env = _job_env(slurm_cluster, tmp_path,
-                   EXTRA_ARGS="--train.steps=6 --report.tasks=sc/sst2,absa/atsa_rest16 --report.limit=4")
+    env = _job_env(slurm_cluster, tmp_path)
     log = tmp_path / "job.out"
     p = subprocess.run(["sbatch", "--parsable", "-N1", "-o", str(log), str(SCRIPT)], env=env,
                        capture_output=True, text=True, check=True, cwd=REPO)
