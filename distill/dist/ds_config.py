@@ -49,7 +49,107 @@ def load_json(path: str) -> tuple[dict, Path]:
     if not isinstance(data, dict):
         raise ConfigError(f"deepspeed.config: {p}: top level must be an object {{...}}, got a {type(data).__name__}")
     check_json(data, p)
+    check_known_keys(data, p)
     return data, p
+
+
+# Modules whose upper-case string constants name DeepSpeed config keys (a generous list: a key read
+# by the installed DeepSpeed must never be refused; the probe in _deepspeed_top_keys adds the rest).
+_KEY_MODULES = ("deepspeed.runtime.constants", "deepspeed.runtime.zero.config",
+                "deepspeed.runtime.activation_checkpointing.config", "deepspeed.profiling.constants",
+                "deepspeed.autotuning.constants", "deepspeed.runtime.swap_tensor.constants",
+                "deepspeed.runtime.data_pipeline.constants", "deepspeed.checkpoint.constants",
+                "deepspeed.comm.constants", "deepspeed.monitor.config", "deepspeed.runtime.config")
+
+
+def _deepspeed_top_keys() -> set[str]:
+    """The top-level keys the installed DeepSpeed knows: every key its config parser looks up (a
+    recording dict handed to ``DeepSpeedConfig``) plus the key constants of its config modules."""
+    import importlib
+
+    seen: set[str] = set()
+
+    class _Recorder(dict):
+        def get(self, k, default=None):
+            seen.add(k)
+            return super().get(k, default)
+
+        def __getitem__(self, k):
+            seen.add(k)
+            return super().__getitem__(k)
+
+        def __contains__(self, k):
+            seen.add(k)
+            return super().__contains__(k)
+
+    try:
+        from deepspeed.runtime.config import DeepSpeedConfig
+
+        DeepSpeedConfig(_Recorder(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=1))
+    except Exception:  # noqa: BLE001 - a partial probe only narrows nothing: the constants below still count
+        pass
+    for name in _KEY_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        seen |= {v for k, v in vars(mod).items() if k.isupper() and isinstance(v, str) and v.isidentifier()}
+    return seen
+
+
+def _model_keys(model) -> dict[str, object]:
+    """{accepted key: its pydantic field} of a DeepSpeed config model (field names and their aliases)."""
+    out = {}
+    for name, f in model.model_fields.items():
+        out[name] = f
+        if f.alias:
+            out[f.alias] = f
+    return out
+
+
+def _sub_model(field):
+    """The DeepSpeed config model a field holds (also inside Optional[...]), or None."""
+    import typing
+
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    for t in (field.annotation, *typing.get_args(field.annotation)):
+        if isinstance(t, type) and issubclass(t, DeepSpeedConfigModel):
+            return t
+    return None
+
+
+def _unknown(key: str, known, where: str, src: Path) -> ConfigError:
+    import difflib
+
+    near = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    hint = f"; did you mean '{near[0]}'?" if near else ""
+    return ConfigError(f"{src}: '{where}{key}' is not a DeepSpeed setting{hint} (DeepSpeed would ignore it "
+                       f"or stop with a traceback)")
+
+
+def check_known_keys(data: dict, src: Path) -> None:
+    """Every top-level key is one the installed DeepSpeed reads, and every key under
+    ``zero_optimization`` (offload blocks included) is a field of its ZeRO config model: a misspelt
+    key (``zero_optimisation``) would otherwise run another algorithm (ZeRO stage 0) without a word."""
+    top = _deepspeed_top_keys()
+    for key in data:
+        if key not in top:
+            raise _unknown(key, top, "", src)
+    z = data.get("zero_optimization")
+    if isinstance(z, dict):
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+        def walk(node: dict, model, where: str) -> None:
+            fields = _model_keys(model)
+            for key, v in node.items():
+                if key not in fields:
+                    raise _unknown(key, fields, where, src)
+                sub = _sub_model(fields[key])
+                if sub is not None and isinstance(v, dict):
+                    walk(v, sub, f"{where}{key}.")
+
+        walk(z, DeepSpeedZeroConfig, "zero_optimization.")
 
 
 # Keys the project reads or injects, with the JSON types they must have (DeepSpeed checks the rest).

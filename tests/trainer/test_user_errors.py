@@ -75,9 +75,38 @@ def _run_ds(tmp_path, launcher, tiny_assets, ds_text: str | None):
     ('{"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": "1e5"}}',
      ["ds.json", "zero_optimization.stage3_param_persistence_threshold", "'1e5'", "a number"]),
     ('{"bf16": true}', ["ds.json", "'bf16'", "must be an object"]),
+    # a misspelt block used to run ZeRO stage 0 with exit 0; a misspelt ZeRO key was a pydantic traceback
+    ('{"zero_optimisation": {"stage": 3}}', ["ds.json", "'zero_optimisation' is not a DeepSpeed setting",
+                                             "did you mean 'zero_optimization'"]),
+    ('{"zero_optimization": {"stage": 3, "offload_optimizer": {"devce": "cpu"}}}',
+     ["ds.json", "'zero_optimization.offload_optimizer.devce'", "did you mean 'device'"]),
 ])
 def test_bad_ds_json(tmp_path, launcher, tiny_assets, text, needles):
     launcher.assert_user_error(_run_ds(tmp_path, launcher, tiny_assets, text), *needles)
+
+
+def test_ds_key_check_accepts_every_shipped_config_and_deepspeeds_own_keys(tmp_path):
+    """The key check refuses only what the installed DeepSpeed does not read: the shipped JSON files
+    and blocks DeepSpeed documents (optimizer profiling, activation checkpointing, monitors, aio,
+    ZeRO's nested offload settings and its aliases) pass; a near miss names the nearest key."""
+    import json
+
+    from distill.config import ConfigError
+    from distill.dist.ds_config import REPO_ROOT, check_known_keys
+
+    shipped = sorted((REPO_ROOT / "ds_configs").glob("*.json"))
+    assert shipped
+    for f in shipped:
+        check_known_keys(json.loads(f.read_text()), f)
+    ok = {"flops_profiler": {"enabled": False}, "activation_checkpointing": {"partition_activations": False},
+          "tensorboard": {"enabled": False}, "wandb": {"enabled": False}, "aio": {"block_size": 1048576},
+          "communication_data_type": "fp32", "zero_allow_untested_optimizer": True,
+          "zero_optimization": {"stage": 3, "stage3_max_live_parameters": 1e9, "offload_param": {"device": "cpu",
+                                                                                                  "pin_memory": True}}}
+    check_known_keys(ok, tmp_path / "ok.json")
+    with pytest.raises(ConfigError, match=r"'wall_clock_breakdwn' is not a DeepSpeed setting; did you mean "
+                                          r"'wall_clock_breakdown'"):
+        check_known_keys({"wall_clock_breakdwn": True}, tmp_path / "bad.json")
 
 
 # -- model folders -------------------------------------------------------------------------------
