@@ -558,6 +558,7 @@ class CheckpointSection:
     export: bool = True  # write the final student as an HF folder (<out_dir>/export)
     overwrite: bool = False  # fresh run in a folder with checkpoints: move the earlier run to <out_dir>/previous-<time>/
     sha256: bool = False  # also hash every checkpoint file at save and check it on resume (sizes are always checked)
+    allow_config_change: bool = False  # resume although the data order or objective settings differ from the checkpoint's (each segment's config is kept as config.step_N.yaml)
 
 
 REPORTERS = ("tensorboard", "wandb", "mlflow")  # log.report_to names (distill/reporting.py)

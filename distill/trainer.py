@@ -551,6 +551,19 @@ class Trainer:
 
     # -- setup ------------------------------------------------------------------------------------
     def setup(self) -> "Trainer":
+        """Builds the run (:meth:`_setup`); a setup that fails lets go of the run folder's lock."""
+        try:
+            return self._setup()
+        except BaseException:
+            self._release_folder()
+            raise
+
+    def _release_folder(self) -> None:
+        lock = getattr(self, "_folder_lock", None)
+        if lock is not None:
+            lock.release()
+
+    def _setup(self) -> "Trainer":
         import warnings
 
         # 2026-11: DeepSpeed 0.19 calls torch.distributed's all_gather_into_tensor/reduce_scatter_tensor,
@@ -870,6 +883,13 @@ class Trainer:
     REQUEUE_EXIT = 75  # exit status of a run stopped by SIGUSR1/SIGTERM after its checkpoint (EX_TEMPFAIL)
 
     def train(self) -> dict:
+        """The training loop (:meth:`_train`); the run folder's lock is released when it ends, however."""
+        try:
+            return self._train()
+        finally:
+            self._release_folder()
+
+    def _train(self) -> dict:
         cfg = self.cfg
         metrics_path = self.out_dir / "metrics.jsonl"
         # Preemption (SLURM --signal=B:USR1@N forwarded by slurm/*.sh, scancel, the time limit): SIGUSR1 or
@@ -969,14 +989,24 @@ class Trainer:
         save's ``.tmp-step_*`` removed, the earlier run moved to ``previous-<time>/``
         (``checkpoint.overwrite``), a log that no checkpoint continues kept beside. Nothing is deleted
         that a run finished."""
+        from distill.dist.lock import FolderLock
+
         c = self.cfg.checkpoint
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._folder_lock = FolderLock(self.out_dir)  # released when train() ends, or by the kernel on any exit
+        held = self._folder_lock.acquire()
+        if held:
+            return held
         metrics = self.out_dir / "metrics.jsonl"
         used = _checkpoint_dirs(self.ckpt_dir)
         if used and not c.resume and not c.overwrite:
             return (f"run folder {self.out_dir} already holds checkpoints of an earlier run ({self.ckpt_dir}, newest "
                     f"{used[-1].name}): continue it with --resume, or start over with --checkpoint.overwrite=true "
                     f"(moves the earlier run to {self.out_dir / 'previous-<time>'}), or pick another --run.out_dir")
+        if c.resume:
+            changed = self._config_changes0()
+            if changed:
+                return changed
         for tmp in sorted(self.ckpt_dir.glob(f".tmp-{CKPT_PREFIX}*")) if self.ckpt_dir.is_dir() else ():
             print0(f"[trainer] removing {tmp}: an unfinished checkpoint save (the run was killed while saving)")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -1000,6 +1030,62 @@ class Trainer:
             # No checkpoint continues this log (a fresh run, or --resume before the first save):
             # keep it beside and start a clean one, so no step is logged twice.
             os.replace(metrics, _aside(self.out_dir / f"metrics.{stamp}.jsonl"))
+        return None
+
+    # Settings a resumed run may change freely: how it logs, evaluates, saves and lays out the same
+    # global batch, and how long it runs. Everything else defines the data order or the objective.
+    HARMLESS_CHANGES = ("run.", "log.", "eval.", "report.", "checkpoint.", "train.steps", "train.epochs",
+                        "train.micro_batch", "train.grad_accum")
+
+    def _config_changes0(self) -> str | None:
+        """Rank 0, before anything is written: the resolved config against the config saved in the
+        checkpoint to resume. A change to a setting that defines the data order or the objective is
+        refused (one line naming the keys) unless ``checkpoint.allow_config_change``, which keeps the
+        earlier segment's config as ``config.step_N.yaml``; harmless changes are listed in one line."""
+        import yaml
+
+        c = self.cfg.checkpoint
+        if c.resume in _RESUME_LATEST:
+            found = list_checkpoints(self.ckpt_dir)
+            if not found:
+                return None
+            path = found[-1]
+        else:
+            path = Path(c.resume)
+        saved_file = path / "config.yaml"
+        if not saved_file.is_file():
+            return None
+        try:
+            saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            return None  # a damaged checkpoint is named by the resume itself
+
+        def flat(d, prefix=""):
+            out = {}
+            for k, v in (d or {}).items():
+                if isinstance(v, dict):
+                    out.update(flat(v, f"{prefix}{k}."))
+                else:
+                    out[f"{prefix}{k}"] = v
+            return out
+
+        old, new = flat(saved), flat(json.loads(json.dumps(to_dict(self.cfg), default=str)))
+        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k != "checkpoint.resume")
+        harmless = [k for k in diff if k.startswith(self.HARMLESS_CHANGES)]
+        serious = [k for k in diff if k not in harmless]
+        shown = lambda keys: ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys)  # noqa: E731
+        if serious and not c.allow_config_change:
+            return (f"resume from {path}: this run changes what defines the data order or the objective "
+                    f"({shown(serious)}); resume with the checkpoint's settings, or pass "
+                    f"--checkpoint.allow_config_change=true to continue with the new ones (the earlier config is "
+                    f"kept as config.step_N.yaml), or start another --run.out_dir")
+        if serious:
+            keep = self.out_dir / f"config.step_{_checkpoint_step(path)}.yaml"
+            shutil.copyfile(saved_file, keep)
+            print0(f"[trainer] resume with changed settings (checkpoint.allow_config_change): {shown(serious)}; "
+                   f"the earlier segment's config is {keep}")
+        if harmless:
+            print0(f"[trainer] resume: settings changed since {path.name}: {shown(harmless)}")
         return None
 
     def save_checkpoint(self) -> Path:

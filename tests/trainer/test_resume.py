@@ -73,3 +73,71 @@ def test_resume_with_another_split_of_the_global_batch_matches_uninterrupted(tin
     assert [r["step"] for r in got] == [4, 5, 6]
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in ref[3:]], rel=1e-5)
     assert [r["lr"] for r in got] == pytest.approx([r["lr"] for r in ref[3:]], rel=1e-9)
+
+
+def test_second_run_in_a_busy_folder_is_refused_and_a_dead_holder_blocks_nothing(tiny_assets, tmp_path):
+    """Two runs at once in one run folder: the second stops in one line naming the holder's pid and
+    host (it used to interleave metrics.jsonl and checkpoints); once the holder is killed (-9, no
+    cleanup) the folder is free again."""
+    import socket
+
+    from distill.config import ConfigError, RunConfig, from_dict
+    from distill.trainer import Trainer
+
+    run = tmp_path / "run"
+    sec = {"train": {"steps": 40, "warmup_steps": 2}, "checkpoint": {"every": 0, "export": False}}
+    procs = run_child({"cfg": tiny_cfg_dict(tiny_assets, run, **sec), "sleep_per_step": 0.5}, tmp_path, wait=False)
+    p = procs[0]
+    deadline = time.time() + 240
+    while not (run / "metrics.jsonl").is_file():
+        assert p.poll() is None, p.stdout.read()[-3000:]
+        assert time.time() < deadline, "the first run did not start within 240 s"
+        time.sleep(0.2)
+    second = tiny_cfg_dict(tiny_assets, run, train={"steps": 2, "warmup_steps": 0},
+                           checkpoint={"every": 0, "export": False, "overwrite": True})
+    with pytest.raises(ConfigError) as e:
+        Trainer(from_dict(RunConfig, second)).setup()
+    msg = str(e.value)
+    assert "\n" not in msg and f"in use by another run (pid {p.pid} on host {socket.gethostname()}" in msg, msg
+    assert p.poll() is None  # the first run goes on
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    p.stdout.close()
+    Trainer(from_dict(RunConfig, second)).setup().train()  # the dead holder's lock file blocks nothing
+    assert [r["step"] for r in read_metrics(run)] == [1, 2]
+
+
+def test_resume_with_changed_settings_is_refused_unless_allowed(tiny_assets, tmp_path, capsys):
+    """--resume with another train.lr / kd.kind: one line naming the keys, nothing written; with
+    checkpoint.allow_config_change the earlier segment's config is kept as config.step_N.yaml.
+    Extending train.steps or changing the log cadence passes with one line listing them."""
+    from distill.config import ConfigError, RunConfig, from_dict
+    from distill.trainer import Trainer
+
+    run = tmp_path / "run"
+    sec = {"train": {"steps": 2, "warmup_steps": 1}, "checkpoint": {"every": 0, "keep_last": 3, "export": False}}
+    Trainer(from_dict(RunConfig, tiny_cfg_dict(tiny_assets, run, **sec))).setup().train()
+    before = (run / "config.yaml").read_text()
+
+    def resumed(**changes):
+        d = tiny_cfg_dict(tiny_assets, run, **sec)
+        d["checkpoint"] = {**d["checkpoint"], "resume": "latest"}
+        for sec_name, vals in changes.items():
+            d[sec_name] = {**d.get(sec_name, {}), **vals}
+        return Trainer(from_dict(RunConfig, d))
+
+    with pytest.raises(ConfigError) as e:
+        resumed(train={"steps": 3, "lr": 1e-2}, kd={"kind": "reverse_kl"}).setup()
+    msg = str(e.value)
+    assert "\n" not in msg and "kd.kind 'forward_kl' -> 'reverse_kl'" in msg and "train.lr 0.003 -> 0.01" in msg, msg
+    assert "train.steps" not in msg  # harmless, not listed among the refused
+    assert (run / "config.yaml").read_text() == before and not list(run.glob("config.step_*.yaml"))
+
+    capsys.readouterr()
+    resumed(train={"steps": 3}, log={"every": 2}).setup().train()
+    out = capsys.readouterr().out
+    assert "settings changed since step_00000002: log.every 1 -> 2, train.steps 2 -> 3" in out, out
+    resumed(train={"steps": 4, "lr": 1e-2}, checkpoint={"allow_config_change": True}).setup().train()
+    kept = run / "config.step_3.yaml"
+    assert kept.is_file() and "lr: 0.003" in kept.read_text()
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
