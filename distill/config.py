@@ -211,10 +211,16 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict, list[str]]:
             if arg == "--config":
                 if i + 1 >= len(argv):
                     raise ConfigError("--config needs a file path")
+                if config_path is not None:
+                    raise ConfigError(f"--config given twice ({config_path}, {argv[i + 1]}): give one file and put "
+                                      f"further changes as --section.key=value")
                 config_path = argv[i + 1]
                 i += 2
                 continue
             if arg.startswith("--config="):
+                if config_path is not None:
+                    raise ConfigError(f"--config given twice ({config_path}, {arg.split('=', 1)[1]}): give one "
+                                      f"file and put further changes as --section.key=value")
                 config_path = arg.split("=", 1)[1]
                 i += 1
                 continue
@@ -608,6 +614,7 @@ class RunConfig:
     def validate(self) -> None:
         """Cross-field checks; runs before any process group exists. Messages print the numbers."""
         t, k, m, d, ds, c = self.train, self.kd, self.model, self.data, self.deepspeed, self.checkpoint
+        _check(self.run.out_dir.strip() != "", "run.out_dir is empty: give the run's folder (e.g. runs/my_run)")
         _check(t.micro_batch >= 1, f"train.micro_batch={t.micro_batch} must be >= 1")
         _check(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")
         _check(t.steps >= 0, f"train.steps={t.steps} must be >= 0 (0 = epochs x steps per epoch)")
@@ -621,15 +628,16 @@ class RunConfig:
         _check(t.schedule in ("cosine", "constant"), f"train.schedule={t.schedule!r}: cosine | constant")
         _check(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas),
                f"train.adam_betas={t.adam_betas} must be two numbers in [0, 1)")
-        _check(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 = off)")
-        _check(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
-        _check(t.adam_eps > 0, f"train.adam_eps={t.adam_eps} must be > 0")
+        _check(t.grad_clip >= 0 and math.isfinite(t.grad_clip), f"train.grad_clip={t.grad_clip} must be a finite number >= 0 (0 = off)")
+        _check(t.weight_decay >= 0 and math.isfinite(t.weight_decay),
+               f"train.weight_decay={t.weight_decay} must be a finite number >= 0")
+        _check(t.adam_eps > 0 and math.isfinite(t.adam_eps), f"train.adam_eps={t.adam_eps} must be a finite number > 0")
         _check(k.kind in _KD_KINDS, f"kd.kind={k.kind!r}: one of {list(_KD_KINDS)}")
         _check(k.temperature > 0 and math.isfinite(k.temperature), f"kd.temperature={k.temperature} must be > 0")
         _check(0.0 <= k.beta <= 1.0, f"kd.beta={k.beta} must be in [0, 1]")
         _check(0.0 <= k.alpha <= 1.0, f"kd.alpha={k.alpha} must be in [0, 1]")
-        _check(k.ce_weight >= 0 and k.kd_weight >= 0,
-               f"kd.ce_weight={k.ce_weight} and kd.kd_weight={k.kd_weight} must be >= 0")
+        _check(k.ce_weight >= 0 and k.kd_weight >= 0 and math.isfinite(k.ce_weight) and math.isfinite(k.kd_weight),
+               f"kd.ce_weight={k.ce_weight} and kd.kd_weight={k.kd_weight} must be finite numbers >= 0")
         _check(k.ce_weight > 0 or (k.kind != "none" and k.kd_weight > 0),
                f"nothing to train: kd.ce_weight={k.ce_weight}, kd.kind={k.kind!r}, kd.kd_weight={k.kd_weight}")
         _check(k.impl in ("auto", "torch", "triton"), f"kd.impl={k.impl!r}: auto | torch | triton")

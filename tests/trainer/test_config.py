@@ -43,6 +43,12 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
     (["--train.micro_batch=0"], "micro_batch=0"),
     (["--kd.kind=none", "--kd.ce_weight=0"], "nothing to train"),
     (["--checkpoint.keep_last=0"], "keep_last=0"),
+    # accepted before, though no one can mean them
+    (["--run.out_dir="], "run.out_dir is empty"),
+    (["--train.adam_eps=inf"], "train.adam_eps=inf must be a finite number > 0"),
+    (["--train.grad_clip=nan"], "train.grad_clip=nan must be a finite number"),
+    (["--kd.kd_weight=inf"], "must be finite numbers >= 0"),
+    (["--config", "a.yaml", "--config=b.yaml"], "--config given twice (a.yaml, b.yaml)"),
 ])
 def test_validate_prints_numbers(argv, msg):
     with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)")):
