@@ -175,6 +175,17 @@ def to_dict(cfg: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` of a nested dict (e.g. :func:`to_dict` of a config): one key per leaf."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _deep_merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
@@ -207,23 +218,18 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict, list[str]]:
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg.startswith("--config"):
+        if arg == "--config" or arg.startswith("--config="):
             if arg == "--config":
                 if i + 1 >= len(argv):
                     raise ConfigError("--config needs a file path")
-                if config_path is not None:
-                    raise ConfigError(f"--config given twice ({config_path}, {argv[i + 1]}): give one file and put "
-                                      f"further changes as --section.key=value")
-                config_path = argv[i + 1]
-                i += 2
-                continue
-            if arg.startswith("--config="):
-                if config_path is not None:
-                    raise ConfigError(f"--config given twice ({config_path}, {arg.split('=', 1)[1]}): give one "
-                                      f"file and put further changes as --section.key=value")
-                config_path = arg.split("=", 1)[1]
-                i += 1
-                continue
+                path, i = argv[i + 1], i + 2
+            else:
+                path, i = arg.split("=", 1)[1], i + 1
+            if config_path is not None:
+                raise ConfigError(f"--config given twice ({config_path}, {path}): give one file and put further "
+                                  f"changes as --section.key=value")
+            config_path = path
+            continue
         if arg.startswith("--") and "." in arg.split("=", 1)[0]:
             key = arg[2:]
             if "=" in key:

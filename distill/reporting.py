@@ -47,14 +47,11 @@ def eval_scalars(result: Any) -> dict[str, float]:
     return out
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
+def _flat(tree: dict) -> dict[str, Any]:
+    """:func:`distill.config.flatten` with every non-scalar leaf as its string (what trackers take)."""
+    from distill.config import flatten
+
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(tree).items()}
 
 
 def _import(name: str, module: str):

@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 import torch
 
-from distill.config import ConfigError, RunConfig, dump_yaml, to_dict
+from distill.config import ConfigError, RunConfig, dump_yaml, flatten, to_dict
 from distill.dist import env as distenv
 from distill.dist.env import print0
 from distill.errors import UserError
@@ -1060,16 +1060,7 @@ class Trainer:
         except (OSError, yaml.YAMLError):
             return None  # a damaged checkpoint is named by the resume itself
 
-        def flat(d, prefix=""):
-            out = {}
-            for k, v in (d or {}).items():
-                if isinstance(v, dict):
-                    out.update(flat(v, f"{prefix}{k}."))
-                else:
-                    out[f"{prefix}{k}"] = v
-            return out
-
-        old, new = flat(saved), flat(json.loads(json.dumps(to_dict(self.cfg), default=str)))
+        old, new = flatten(saved if isinstance(saved, dict) else {}), flatten(to_dict(self.cfg))
         diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k != "checkpoint.resume")
         harmless = [k for k in diff if k.startswith(self.HARMLESS_CHANGES)]
         serious = [k for k in diff if k not in harmless]
@@ -1291,7 +1282,8 @@ class Trainer:
 
         Rank 0 holds the gathered weights and scores every prompt alone (``local=True``: its runner
         calls no collective, so it cannot wait on ranks that are not evaluating); the other ranks wait
-        at the barrier. Scores under N ranks equal 1 rank's (tests/trainer/test_eval_ranks.py)."""
+        at the barrier. Scores under N ranks equal 1 rank's
+        (tests/trainer/test_dist.py::test_zero3_two_ranks_match_single_process)."""
         sd = self.gathered_state_dict()
         result = None
         if self.env.is_main:

@@ -130,8 +130,8 @@ class TorchEngine(Engine):
 
         # save_model stores tied parameters (lm_head tied to embed_tokens) once; save_file refuses them
         save_model(self.module, str(folder / "model.safetensors"))
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "micro": self._micro}, folder / "optim.pt")
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   folder / "optim.pt")
 
     def load(self, folder):
         from safetensors.torch import load_model

@@ -2,8 +2,9 @@
 
 The lock is ``flock`` on an open file, so the kernel releases it on any exit, ``kill -9`` included: a
 lock file left by a dead process never blocks the next run (nothing to clean up). The file records the
-holder (pid, host, start time) for the refusal message of a second run. On NFS, Linux clients carry
-``flock`` as a POSIX lock to the server, so two nodes sharing the folder also exclude each other.
+holder (pid, host, start time) for the refusal message of a second run. Tested with two processes
+on one host; across nodes it rests on the shared file system honouring ``flock`` (Linux NFS clients
+emulate it with POSIX locks), which the tests here do not cover.
 """
 
 from __future__ import annotations

@@ -469,7 +469,7 @@ def recommend(rows: list[Row]) -> dict | None:
 def rank_memory(device, local_ranks: int) -> float:
     """Bytes one training rank may plan with: its own GPU's total on CUDA (one GPU per rank, however
     many ranks share the node), this host's RAM split between its ``local_ranks`` on CPU."""
-    if getattr(device, "type", str(device)) == "cuda":
+    if device.type == "cuda":
         import torch
 
         return float(torch.cuda.get_device_properties(device).total_memory)

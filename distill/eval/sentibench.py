@@ -149,7 +149,7 @@ def evaluate(
     call it alone). The model is put in eval mode and restored. ``split="val"`` evaluates on a held-out slice where a task has one.
     ``limit`` keeps the first N examples (their demonstrations are those of the full run).
     """
-    from distill.eval.runner import Runner, dist_info, verbalizer_ids
+    from distill.eval.runner import Runner, verbalizer_ids
 
     task_list = resolve_tasks(tasks)
     seeds = tuple(int(s) for s in seeds)
@@ -167,10 +167,10 @@ def evaluate(
             prompts, repairs = build_prompts(task, tests, pool, shots, seed)
             plans.append((task, seed, tests, prompts, repairs))
 
-    rank, world = (0, 1) if local else dist_info()
     bar = None
     runner = Runner(model, tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
                     max_new_tokens=max_new_tokens, early_stop=early_stop, local=local)
+    rank, world = runner.rank, runner.world
     encoded = [runner.tokenize(p[3]) for p in plans]
     if progress and rank == 0:
         from tqdm.auto import tqdm

@@ -199,13 +199,14 @@ class ICLDistLoss:
             r = targets.label_rows.to(dev)
             lab_sel = where[r[:, 0] * seq_len + r[:, 1]]
         t2 = self.T * self.T
+        impl = "triton" if resolve_impl(self.impl, index) == "triton" else "torch"  # as DistillObjective.lean_request
 
         def compute(rows, weight, bias):
             total, kd_sum, ce_sum = linear_distill(
                 rows, weight, bias, teacher, targets_tok, kind=self.kind, beta=self.beta, alpha=self.alpha,
                 temperature=self.T, vocab_size=self.vocab_size, ce_weight=self.ce_weight,
                 kd_weight=self.kd_weight * t2, kd_rows=kd_rows,
-                impl="triton" if resolve_impl(self.impl, rows) == "triton" else "torch", requested=self.impl)
+                impl=impl, requested=self.impl)
             lkd_sum = total.new_zeros(())
             if lab_sel is not None:
                 ids = targets.student_label_ids.to(dev)

@@ -224,8 +224,8 @@ class MultiLinearFunction(torch.autograd.Function):
                 if spec.scale != 1.0:
                     s = s.mul_(spec.scale)
                 meta_p = None
-                if meta_g is not None:  # [V_head, H], rows past the real vocabulary zero: keep the real ones
-                    meta_p = h_c.float() @ meta_g[:vocab].t()
+                if meta_g is not None:  # [vocab, H]: the real vocabulary's rows (heldout_head_grad)
+                    meta_p = h_c.float() @ meta_g.t()
                     if spec.scale != 1.0:
                         meta_p.mul_(spec.scale)
                 ce, kd, conf, wc, g, dots = multi_chunk(
@@ -279,11 +279,12 @@ class MultiRowsFunction(torch.autograd.Function):
 
 def heldout_head_grad(rows, weight, bias, targets, *, vocab: int, chunk: int, scale: float = 1.0,
                       softcap: float | None = None):
-    """``(G [V, H] fp32, ce_sum)``: the gradient of the summed CE of ``rows`` w.r.t. the head weight
-    (columns beyond ``vocab`` zero), a chunk at a time; the meta strategy's held-out direction."""
+    """``(G [vocab, H] fp32, ce_sum)``: the gradient of the summed CE of ``rows`` w.r.t. the head
+    weight's rows of the real vocabulary (a padded head's extra rows take no part), a chunk at a time;
+    the meta strategy's held-out direction."""
     cfg = _Cfg(kind="forward_kl", prm=_Params(0.5, 0.1), temperature=1.0, student_softcap=softcap,
                teacher_softcap=None, kd_weight=0.0, ce_weight=1.0)
-    G = torch.zeros(weight.shape, dtype=torch.float32, device=rows.device)
+    G = torch.zeros((vocab, weight.shape[1]), dtype=torch.float32, device=rows.device)
     ce_sum = torch.zeros((), dtype=torch.float32, device=rows.device)
     w, b = weight[:vocab], None if bias is None else bias[:vocab]
     for c0 in range(0, rows.shape[0], chunk):
@@ -295,7 +296,7 @@ def heldout_head_grad(rows, weight, bias, targets, *, vocab: int, chunk: int, sc
         ce_sum += ce.sum()
         if scale != 1.0:
             g.mul_(scale)
-        _accumulate(G[:vocab], g.t(), h_c)
+        _accumulate(G, g.t(), h_c)
     return G, ce_sum
 
 

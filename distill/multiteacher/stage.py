@@ -303,7 +303,7 @@ class MultiTeacherHooks(TrainerHooks):
         self._meta_info = {"lr": self.trainer.engine.lr(), **self._heldout_direction()}
 
     def _heldout_direction(self) -> dict:
-        """The mean held-out CE gradient of the student's head, ``G_val [V, H]`` (fp32), set as the
+        """The mean held-out CE gradient of the student's head, ``G_val [vocab, H]`` (fp32), set as the
         strategy's direction for this step; the same examples on every rank (seeded by the update)."""
         from distill.data.sft import collate
         from distill.losses.divergences import default_chunk_tokens

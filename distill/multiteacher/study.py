@@ -87,8 +87,9 @@ def noise_teacher(tok, out: str | Path, *, size="student", seed: int = 99, **ove
 
 
 @torch.no_grad()
-def heldout_loss(model_dir: str | Path, pairs, *, max_len: int = 96, batch_size: int = 32) -> float:
-    """Mean response-token CE (nats) of the model in ``model_dir`` on ``pairs``."""
+def _response_mean(model_dir: str | Path, pairs, per_batch, *, max_len: int, batch_size: int) -> float:
+    """``per_batch(logits [n, V] fp32, targets [n])`` summed over the response tokens of ``pairs`` (the
+    model in ``model_dir``, batches of ``batch_size``), divided by their number."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -100,10 +101,18 @@ def heldout_loss(model_dir: str | Path, pairs, *, max_len: int = 96, batch_size:
         logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()
         tgt = labels[:, 1:]
         mask = tgt != -100
-        ce = torch.nn.functional.cross_entropy(logits[mask], tgt[mask], reduction="sum")
-        total += float(ce)
+        total += float(per_batch(logits[mask], tgt[mask]))
         n += int(mask.sum())
     return total / max(n, 1)
+
+
+def heldout_loss(model_dir: str | Path, pairs, *, max_len: int = 96, batch_size: int = 32) -> float:
+    """Mean response-token CE (nats) of the model in ``model_dir`` on ``pairs``."""
+
+    def ce_sum(logits, targets):
+        return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+    return _response_mean(model_dir, pairs, ce_sum, max_len=max_len, batch_size=batch_size)
 
 
 def mismatched_pairs(pairs, seed: int = 0) -> list[tuple[str, str]]:
@@ -124,20 +133,11 @@ def mismatched_pairs(pairs, seed: int = 0) -> list[tuple[str, str]]:
     return out
 
 
-@torch.no_grad()
 def response_entropy(model_dir: str | Path, pairs, *, max_len: int = 96, batch_size: int = 32) -> float:
     """Mean entropy (nats) of the model's next-token distribution over the response tokens of ``pairs``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    seqs = _encode(tok, pairs, max_len)
-    total, n = 0.0, 0
-    for i in range(0, len(seqs), batch_size):
-        ids, att, labels = _batch(seqs[i:i + batch_size], tok.pad_token_id)
-        logp = model(input_ids=ids, attention_mask=att).logits[:, :-1].float().log_softmax(-1)
-        mask = labels[:, 1:] != -100
-        ent = -(logp.exp() * logp).sum(-1)
-        total += float(ent[mask].sum())
-        n += int(mask.sum())
-    return total / max(n, 1)
+    def entropy_sum(logits, targets):
+        logp = logits.log_softmax(-1)
+        return -(logp.exp() * logp).sum()
+
+    return _response_mean(model_dir, pairs, entropy_sum, max_len=max_len, batch_size=batch_size)

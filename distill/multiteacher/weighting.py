@@ -138,7 +138,7 @@ class MetaWeights(Fixed):  # Fixed's row_weights, with the weights property belo
 
     ``lambda = m + (1 - n m) softmax(a)`` (so each weight stays in ``[m, 1 - (n-1) m]``), ``a`` clipped
     to ``[-max_logit, max_logit]``. At an update step the hooks set :attr:`direction`, the mean
-    held-out CE gradient of the head ``G_val [V, H]``; the loss loop then sums, over the step's
+    held-out CE gradient of the head ``G_val [vocab, H]`` (the real vocabulary's rows); the loss loop then sums, over the step's
     micro-batches, ``<G_val, dL_t/dW>`` with ``L_t = kd_weight T_t^2 KD_t`` teacher t's unweighted
     KD term (all ranks: it rides the step's all-reduce). The first-order meta-gradient of the
     held-out loss after this step's update ``W' = W - eta dL/dW``, through the head only, is

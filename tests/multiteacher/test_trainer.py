@@ -207,8 +207,8 @@ def padded_student(mt_assets):
 
 @pytest.mark.parametrize("weighting", ["fixed", "confidence", "attention", "meta"])
 def test_padded_student_head_equals_the_unpadded_run(mt_assets, padded_student, tmp_path, weighting):
-    """Head rows past the real vocabulary take no part: a padded student trains exactly as the same
-    student without them, for every weighting (meta's held-out head gradient used to keep the padding
+    """Head rows past the real vocabulary take no part: a padded student logs the losses of the same
+    student without them (rel 1e-5), for every weighting (meta's held-out head gradient used to keep the padding
     rows and meet the teachers' [n, V] rows with [n, V_padded])."""
     knobs = {"meta": {"every": 1, "heldout_path": mt_assets["heldout"], "heldout_batch": 4}}
     for name, student in (("plain", mt_assets["student"]), ("padded", padded_student)):
