@@ -15,6 +15,8 @@ import inspect
 import io
 import json
 import math
+import os
+import sys
 import textwrap
 import tokenize
 import types
@@ -337,6 +339,7 @@ def load_config(cls: type[T], argv: list[str] | None = None, *, config_path: str
     if overrides:
         merged = _deep_merge(to_dict(cfg), overrides)
         cfg = from_dict(cls, merged, where="command line:")
+    _apply_steps_rule(cfg, data, overrides)
     if hasattr(cfg, "validate"):
         cfg.validate()
     if print_config:
@@ -345,6 +348,25 @@ def load_config(cls: type[T], argv: list[str] | None = None, *, config_path: str
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="", flush=True)
         raise SystemExit(0)
     return cfg, rest
+
+
+def _apply_steps_rule(cfg: Any, data: dict, overrides: dict) -> None:
+    """One rule for every stage: ``train.epochs`` given (YAML or flag) without ``train.steps`` trains
+    by epochs, whatever step count the stage's built-in default has; both given with steps > 0: steps
+    wins, said in one line (rank 0)."""
+    train = getattr(cfg, "train", None)
+    if not isinstance(train, TrainSection):
+        return
+    given = set()
+    for src in (data, overrides):
+        sec = src.get("train") if isinstance(src, dict) else None
+        if isinstance(sec, dict):
+            given |= set(sec)
+    if "epochs" in given and "steps" not in given:
+        train.steps = 0
+    elif "epochs" in given and train.steps > 0 and os.environ.get("RANK", "0") in ("", "0"):
+        print(f"[config] train.steps={train.steps} and train.epochs={train.epochs:g} are both set: steps wins "
+              f"(set train.steps=0 to train for {train.epochs:g} epochs)", file=sys.stderr, flush=True)
 
 
 # -- help generated from the schema: a field's default and its trailing `# comment` -----------------
@@ -495,7 +517,7 @@ class DataSection:
 
 @dataclasses.dataclass
 class TrainSection:
-    steps: int = 0  # optimizer steps (0 = epochs x steps per epoch)
+    steps: int = 0  # optimizer steps (0 = epochs x steps per epoch; a config giving epochs but not steps trains by epochs)
     epochs: float = 1.0  # passes over the data when steps is 0
     micro_batch: int = 8  # sequences per rank per forward/backward
     grad_accum: int = 1  # micro-batches per optimizer step (per rank)
@@ -508,6 +530,13 @@ class TrainSection:
     adam_eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
     seed: int = 0  # data order, dropout, RNG of every rank (rank r uses seed + r for its local RNG)
+
+    def schedule_for(self, n_examples: int, world_size: int) -> tuple[int, int, int]:
+        """(global batch, optimizer steps per epoch, total optimizer steps) for ``n_examples`` on
+        ``world_size`` ranks: ``steps`` when > 0, else ``epochs`` x steps per epoch (at least 1)."""
+        global_batch = self.micro_batch * self.grad_accum * world_size
+        per_epoch = n_examples // global_batch
+        return global_batch, per_epoch, self.steps or max(1, int(self.epochs * per_epoch))
 
 
 @dataclasses.dataclass

@@ -639,14 +639,12 @@ class Trainer:
 
             self.collate_fn = lambda items: collate(items, pad)
         t = cfg.train
-        self.global_batch = t.micro_batch * t.grad_accum * self.env.world_size
         n = len(self.dataset)
+        self.global_batch, self.steps_per_epoch, self.total_steps = t.schedule_for(n, self.env.world_size)
         if n < self.global_batch:
             raise ValueError(
                 f"the dataset has {n} examples, fewer than one optimizer step needs: micro_batch={t.micro_batch} "
                 f"x grad_accum={t.grad_accum} x world_size={self.env.world_size} = {self.global_batch}")
-        self.steps_per_epoch = n // self.global_batch
-        self.total_steps = t.steps or max(1, int(t.epochs * self.steps_per_epoch))
 
         model = ml.load_causal_lm(
             student_path, dtype=ml.resolve_dtype(cfg.model.dtype, on_gpu), attn=ml.resolve_attn(cfg.model.attn, on_gpu),

@@ -132,3 +132,44 @@ def test_shipped_configs_load():
         cfg, _ = load_config(mod.KnowDistConfig, ["--config", str(y)])
         assert cfg.model.teacher != "builtin" and cfg.model.student != "builtin"
         assert cfg.model.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("kind", ["knowdist", "icldist"])
+def test_every_shipped_config_trains_for_its_epochs(kind, capsys):
+    """A shipped config that gives ``epochs`` trains epochs x examples / global batch steps, not the
+    stage's built-in step count (all five KnowDist configs trained 60 steps with ``epochs: 3``)."""
+    from pathlib import Path
+
+    from distill.config import load_config
+
+    repo = Path(__file__).resolve().parents[2]
+    if kind == "knowdist":
+        from distill.knowdist.stage import KnowDistConfig as cls
+    else:
+        from distill.icldist.stage import ICLDistConfig as cls
+    ymls = sorted((repo / "launchers" / "configs").glob(f"*_{kind}.yaml"))
+    assert len(ymls) >= 3
+    for y in ymls:
+        cfg, _ = load_config(cls, ["--config", str(y)])
+        t = cfg.train
+        assert t.epochs > 0 and t.steps == 0, f"{y.name}: steps={t.steps}, epochs={t.epochs}"
+        n, world = 100_000, 8
+        gb = t.micro_batch * t.grad_accum * world
+        assert t.schedule_for(n, world) == (gb, n // gb, int(t.epochs * (n // gb))), y.name
+        assert t.warmup_steps < t.schedule_for(n, world)[2], f"{y.name}: warm-up longer than the run"
+    assert "both set" not in capsys.readouterr().err
+
+
+def test_epochs_given_trains_by_epochs_and_steps_given_wins_in_one_line(capsys):
+    from distill.config import load_config
+    from distill.knowdist.stage import KnowDistConfig
+
+    default, _ = load_config(KnowDistConfig, [])
+    assert default.train.steps > 0  # the built-in run's own step count
+    cfg, _ = load_config(KnowDistConfig, ["--train.epochs=2"])
+    assert (cfg.train.steps, cfg.train.epochs) == (0, 2.0)
+    assert capsys.readouterr().err == ""
+    cfg, _ = load_config(KnowDistConfig, ["--train.epochs=2", "--train.steps=7"])
+    assert (cfg.train.steps, cfg.train.epochs) == (7, 2.0)
+    err = capsys.readouterr().err
+    assert "train.steps=7 and train.epochs=2 are both set: steps wins" in err and err.count("\n") == 1
