@@ -46,6 +46,35 @@ def find_checkpoint(path: str | Path) -> Path:
     raise ExportError(f"--checkpoint {p}: not a complete checkpoint (no trainer_state.json) and no step_N checkpoint inside")
 
 
+# The stages' config schemas, for checkpoints written before trainer_state.json named its class:
+# a top-level section only that stage has identifies it.
+_STAGE_SECTIONS = {"harvest": "distill.knowdist.stage:KnowDistConfig", "icl": "distill.icldist.stage:ICLDistConfig"}
+
+
+def config_class(state: dict, raw: dict, cfg_file: Path) -> type:
+    """The schema a checkpoint's ``config.yaml`` was written with: the class the trainer recorded in
+    ``trainer_state.json`` (``module:Class``, a ``distill`` module), else the stage a stage-only section
+    names, else the base :class:`~distill.config.RunConfig`."""
+    import importlib
+
+    from distill.config import RunConfig
+
+    name = state.get("config_class") or next((c for sec, c in _STAGE_SECTIONS.items() if sec in raw), None)
+    if not name:
+        return RunConfig
+    module, _, qual = str(name).partition(":")
+    if module.split(".")[0] != "distill" or not qual:
+        raise ExportError(f"{cfg_file.parent / 'trainer_state.json'}: config_class {name!r} is not a distill config class")
+    try:
+        cls = getattr(importlib.import_module(module), qual)
+    except (ImportError, AttributeError) as e:
+        raise ExportError(f"{cfg_file.parent / 'trainer_state.json'}: config_class {name!r} cannot be imported "
+                          f"({type(e).__name__}: {e}); export with the distill version that wrote the checkpoint") from None
+    if not (isinstance(cls, type) and issubclass(cls, RunConfig)):
+        raise ExportError(f"{cfg_file.parent / 'trainer_state.json'}: config_class {name!r} is not a run config")
+    return cls
+
+
 def read_state_dict(ckpt: Path, engine: str) -> dict:
     """The student's full state dict (CPU) from a checkpoint's ``engine/`` folder."""
     eng = ckpt / "engine"
@@ -105,7 +134,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, student: str |
     import torch
     from transformers import AutoConfig, GenerationConfig
 
-    from distill.config import RunConfig, from_dict, load_yaml, to_dict
+    from distill.config import from_dict, load_yaml, to_dict
     from distill.models import load as ml
     from distill.models.export import card_metadata, export_hf
 
@@ -113,11 +142,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, student: str |
     cfg_file = ckpt / "config.yaml"
     if not cfg_file.is_file():
         raise ExportError(f"{cfg_file}: missing (every trainer checkpoint holds its resolved config)")
-    cfg = from_dict(RunConfig, load_yaml(cfg_file), where=str(cfg_file))
     try:
         state = json.loads((ckpt / "trainer_state.json").read_text())
     except (OSError, ValueError) as e:
         raise ExportError(f"{ckpt / 'trainer_state.json'}: unreadable ({type(e).__name__})") from None
+    raw = load_yaml(cfg_file)
+    cfg = from_dict(config_class(state, raw, cfg_file), raw, where=str(cfg_file))
     step = int(state.get("step", 0))
     sd = read_state_dict(ckpt, str(state.get("engine", "")))
     if dtype != "keep":

@@ -1104,7 +1104,8 @@ class Trainer:
                      "data_position": {"epoch": self.step // self.steps_per_epoch,
                                        "batch_in_epoch": self.step % self.steps_per_epoch,
                                        "examples_seen": self.step * self.global_batch},
-                     "engine": self.engine.kind, "last_metrics": self.history[-1] if self.history else None,
+                     "engine": self.engine.kind, "config_class": f"{type(self.cfg).__module__}:{type(self.cfg).__qualname__}",
+                     "last_metrics": self.history[-1] if self.history else None,
                      "files": _manifest(tmp, sha256=self.cfg.checkpoint.sha256)}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))  # written last: marks complete
             if final.exists():

@@ -94,6 +94,32 @@ def assert_user_error(proc, *needles: str) -> str:
     return line
 
 
+def assert_checkpoint_exports(run_dir: Path, out: Path, stage_class: str) -> None:
+    """``python -m distill.export`` on the newest checkpoint of ``run_dir``: it reads the checkpoint's
+    config with the stage's schema (``stage_class`` recorded in trainer_state.json), the folder loads in
+    plain transformers, and its weights equal the run's own end-of-run export where there is one."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from distill.errors import run_cli
+    from distill.export import find_checkpoint, main
+
+    ckpt = find_checkpoint(run_dir)
+    assert json.loads((ckpt / "trainer_state.json").read_text())["config_class"] == stage_class
+    assert run_cli(main, "distill-export", ["--checkpoint", str(run_dir), "--out", str(out)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    own = run_dir / "export" / "model.safetensors"
+    if own.is_file():
+        ref = load_file(str(own))
+        sd = model.state_dict()
+        assert ref.keys() <= sd.keys()
+        for k, v in ref.items():
+            torch.testing.assert_close(sd[k], v, rtol=0, atol=0, msg=k)
+
+
 class _Launchers:
     run = staticmethod(run_launcher)
     load = staticmethod(load_launcher)

@@ -7,6 +7,8 @@ import shutil
 
 import pytest
 
+from ..conftest import assert_checkpoint_exports
+
 
 @pytest.fixture(scope="module")
 def micro_student_dir(tiny_tokenizer, tmp_path_factory):
@@ -65,6 +67,7 @@ def test_online_train_then_report(tmp_path, micro_teacher_dir, micro_student_dir
     assert "multifaced/irony18" not in res["icldist"]["trained_on"]
     assert (out / "export" / "results.png").is_file()
     assert "held out of training" in (out / "export" / "results.md").read_text()
+    assert_checkpoint_exports(out, tmp_path / "exported", "distill.config:RunConfig")  # ICLDist trains a RunConfig
 
 
 def test_cache_stage_then_train_without_teacher(tmp_path, micro_teacher_dir, micro_student_dir, monkeypatch,

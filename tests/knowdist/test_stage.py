@@ -10,6 +10,8 @@ import pytest
 import yaml
 
 from distill.config import ConfigError, load_config
+
+from ..conftest import assert_checkpoint_exports
 from distill.knowdist.harvest import HarvestConfig, load_corpus
 from distill.knowdist.stage import HarvestSection, KnowDistConfig, chat_harvest_config, prepare_corpus
 
@@ -81,6 +83,7 @@ def test_launcher_harvests_real_teacher_with_chat_template_then_trains(launcher,
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     _check_chat_prompts(load_corpus(run / "corpus"))
     assert f"corpus {run / 'corpus'}" in proc.stdout
+    assert_checkpoint_exports(run, tmp_path / "exported", "distill.knowdist.stage:KnowDistConfig")
 
 
 def test_every_shipped_knowdist_config_reads_a_shipped_harvest_output():

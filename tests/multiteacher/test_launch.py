@@ -9,6 +9,7 @@ import math
 
 import pytest
 
+from ..conftest import assert_checkpoint_exports
 from .conftest import read_metrics
 
 
@@ -27,6 +28,7 @@ def test_knowdist_launcher_runs_several_teachers(mt_assets, tmp_path, launcher):
     for r in recs:
         assert r["w_good"] + r["w_noise"] == pytest.approx(1.0, abs=1e-4)
     assert "| w good=" in proc.stdout + proc.stderr
+    assert_checkpoint_exports(out, tmp_path / "exported", "distill.knowdist.stage:KnowDistConfig")
 
 
 @pytest.mark.slow

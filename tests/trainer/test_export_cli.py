@@ -141,3 +141,19 @@ def test_zero3_checkpoint_exports_like_the_run(tiny_assets, tmp_path, capsys):
     assert rc == 0, err
     _assert_same(_weights(exp), _weights(run / "export"), rtol=1e-6, atol=1e-7)
     _assert_card(exp, steps=2, assets=tiny_assets)
+
+
+def test_schema_of_a_checkpoint_without_recorded_class(tmp_path):
+    """Checkpoints written before trainer_state.json named the config class: a stage-only section picks
+    the stage's schema (KnowDist's ``harvest``); a class outside distill is refused, not imported."""
+    from pathlib import Path
+
+    from distill.config import RunConfig
+    from distill.export import ExportError, config_class
+    from distill.knowdist.stage import KnowDistConfig
+
+    f = Path(tmp_path / "config.yaml")
+    assert config_class({}, {"run": {}, "harvest": {}}, f) is KnowDistConfig
+    assert config_class({}, {"run": {}, "kd": {}}, f) is RunConfig
+    with pytest.raises(ExportError, match="not a distill config class"):
+        config_class({"config_class": "os:system"}, {}, f)
