@@ -973,11 +973,11 @@ class Trainer:
                 self.reporter.close()
             raise SystemExit(self.REQUEUE_EXIT)
         result = {"steps": self.step, "last": last, "out_dir": str(self.out_dir)}
+        if cfg.eval.at_end:  # before the export, whose model card shows these scores
+            result["eval"] = self.evaluate(final=True)
+            self.reporter.close()
         if cfg.checkpoint.export:
             result["export"] = str(self.export())
-        if cfg.eval.at_end:
-            result["eval"] = self.evaluate()
-            self.reporter.close()
         return result
 
     # -- checkpoints --------------------------------------------------------------------------------
@@ -1276,8 +1276,11 @@ class Trainer:
         distenv.barrier()
         return out
 
-    def evaluate(self) -> dict | None:
-        """SentiBench on a held-out slice (test split, ``eval.limit`` per task) with the gathered student.
+    def evaluate(self, final: bool = False) -> dict | None:
+        """SentiBench (``eval.limit`` examples per task) with the gathered student: during training on
+        each task's validation split where it has one (its test split otherwise), at the end
+        (``final``) on the test split, then also written as ``<out_dir>/sentibench/results.json``
+        (+ ``.md``, ``.png``; what ``sentibench plot`` reads).
 
         Rank 0 holds the gathered weights and scores every prompt alone (``local=True``: its runner
         calls no collective, so it cannot wait on ranks that are not evaluating); the other ranks wait
@@ -1288,19 +1291,29 @@ class Trainer:
         if self.env.is_main:
             from transformers import AutoModelForCausalLM
 
-            from distill.eval.sentibench import evaluate
+            from distill.data.sentibench import resolve_tasks, task_file
+            from distill.eval.sentibench import evaluate, write_results
 
             e = self.cfg.eval
+            tasks = resolve_tasks(e.tasks)
+            split = "test" if final else {t: "val" if task_file(t, "val").is_file() else "test" for t in tasks}
             model = AutoModelForCausalLM.from_config(self.model_config)
             load_state_dict_strict(model, sd, what=f"the gathered student of {self.student_path}")
             model.to(self.device).eval()
-            result = evaluate(model, self.tokenizer, tasks=e.tasks, shots=e.shots, seeds=(42,),
-                              limit=e.limit or None, batch_size=e.batch_size, local=True)
+            run_name = self.cfg.run.name or self.out_dir.name
+            result = evaluate(model, self.tokenizer, tasks=tasks, shots=e.shots, seeds=(42,), split=split,
+                              limit=e.limit or None, batch_size=e.batch_size, local=True,
+                              model_name=f"{run_name} (step {self.step})")
             with open(self.out_dir / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps({"step": self.step, "eval": result}, default=str) + "\n")
             self.reporter.log_eval(result, self.step)
-            scores = {t: v.get("score") for t, v in (result.get("tasks") or {}).items()} if isinstance(result, dict) else result
-            print0(f"[trainer] eval at step {self.step}: {scores}")
+            scores = {t: None if v.get("score") is None else round(float(v["score"]), 2)
+                      for t, v in (result.get("tasks") or {}).items()}
+            where = result["split"] if isinstance(result["split"], str) else "val where present, else test"
+            print0(f"[trainer] eval at step {self.step} ({where} split): {scores}")
+            if final:
+                paths = write_results(result, self.out_dir / "sentibench")
+                print0(f"[trainer] SentiBench results: {paths['json']} (sentibench plot {paths['json']} draws them)")
             del model
         distenv.barrier()
         return result

@@ -20,6 +20,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -133,7 +134,7 @@ def evaluate(
     limit: int | None = None,
     batch_size: int = 8,
     data_dir: str | os.PathLike | None = None,
-    split: str = "test",
+    split: str | Mapping[str, str] = "test",
     max_new_tokens: int = MAX_NEW_TOKENS,
     max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
     early_stop: bool = True,
@@ -146,7 +147,8 @@ def evaluate(
 
     Callable from a training loop: under torch.distributed every rank must call it (each scores its
     share), unless ``local`` (this process scores everything and calls no collective, so one rank may
-    call it alone). The model is put in eval mode and restored. ``split="val"`` evaluates on a held-out slice where a task has one.
+    call it alone). The model is put in eval mode and restored. ``split="val"`` evaluates on a held-out slice where a task has one;
+    a mapping ``{task: split}`` picks each task's split (recorded as ``results["split"]`` when they differ).
     ``limit`` keeps the first N examples (their demonstrations are those of the full run).
     """
     from distill.eval.runner import Runner, verbalizer_ids
@@ -160,8 +162,9 @@ def evaluate(
     # Fail before any model call: colliding label words, missing files.
     verbalizers = {t: verbalizer_ids(tokenizer, t) for t in task_list if t in LABEL_WORDS}
     plans = []  # (task, seed, records, prompts, repairs)
+    splits = {t: (split.get(t, "test") if isinstance(split, Mapping) else split) for t in task_list}
     for task in task_list:
-        tests = load_task(task, split, data_dir)[:limit]
+        tests = load_task(task, splits[task], data_dir)[:limit]
         pool = load_task(task, "train", data_dir)
         for seed in seeds:
             prompts, repairs = build_prompts(task, tests, pool, shots, seed)
@@ -215,7 +218,7 @@ def evaluate(
         "shots": shots,
         "seeds": list(seeds),
         "limit": limit,
-        "split": split,
+        "split": next(iter(set(splits.values()))) if len(set(splits.values())) == 1 else splits,
         "data": data_source(data_dir),
         "sample": is_sample(data_dir),
         "data_source": data_provenance(data_dir),  # {"source": "full" | "sample", "path": ...}

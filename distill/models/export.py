@@ -37,7 +37,7 @@ def sentibench_scores(metrics_path: str | Path | None) -> dict | None:
     tasks = {t: v.get("score") for t, v in (ev.get("tasks") or {}).items() if isinstance(v, dict)}
     overall = (ev.get("overall") or {}).get("score") if isinstance(ev.get("overall"), dict) else None
     return {"step": last.get("step"), "overall": overall, "tasks": tasks, "sample": ev.get("sample"),
-            "limit": ev.get("limit"), "shots": ev.get("shots")}
+            "limit": ev.get("limit"), "shots": ev.get("shots"), "split": ev.get("split")}
 
 
 def card_metadata(cfg, *, step: int | None, student: str | None = None, teacher: str | None = None,
@@ -96,7 +96,9 @@ def model_card(meta: dict | None) -> str:
     lines += ["", "## SentiBench", ""]
     if sb:
         note = " (packaged sample, not comparable with the paper)" if sb.get("sample") else ""
-        lim = f", first {sb['limit']} test examples per task" if sb.get("limit") else ""
+        split = sb.get("split") or "test"
+        split = split if isinstance(split, str) else "validation where present, else test"
+        lim = f", first {sb['limit']} {split} examples per task" if sb.get("limit") else f", {split} split"
         lines.append(f"Scores x100 at step {sb.get('step')}{lim}{note}:")
         lines += ["", "| task | score |", "|---|---|"]
         for task, score in (sb.get("tasks") or {}).items():

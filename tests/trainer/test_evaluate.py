@@ -21,7 +21,7 @@ def trainer(tiny_assets, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("eval_run")
     cfg = from_dict(RunConfig, tiny_cfg_dict(tiny_assets, out, train={"steps": 2, "warmup_steps": 0},
-                                             checkpoint={"export": False}, eval={**EVAL, "at_end": True}))
+                                             checkpoint={"export": True}, eval={**EVAL, "every": 1, "at_end": True}))
     cfg.validate()
     return Trainer(cfg).setup()
 
@@ -45,8 +45,21 @@ def test_evaluate_loads_trained_student_and_logs(trainer, monkeypatch):
         torch.testing.assert_close(seen["sd"][k], v.detach().cpu(), rtol=0, atol=0, msg=k)
     recs = [json.loads(x) for x in (trainer.out_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in recs if "eval" in r]
-    assert len(evals) == 1 and evals[0]["step"] == 2
-    assert evals[0]["eval"]["tasks"]["sc/sst2"]["score"] == pytest.approx(result["eval"]["tasks"]["sc/sst2"]["score"])
+    # during training on the validation split (sst2 has one), at the end on the test split
+    assert [(r["step"], r["eval"]["split"]) for r in evals] == [(1, "val"), (2, "val"), (2, "test")]
+    assert evals[-1]["eval"]["tasks"]["sc/sst2"]["score"] == pytest.approx(result["eval"]["tasks"]["sc/sst2"]["score"])
+    assert evals[-1]["eval"]["model"] == f"{trainer.out_dir.name} (step 2)"
+    # the final scores as a SentiBench results.json that `sentibench plot` reads
+    from distill.errors import run_cli
+    from distill.eval.sentibench import main as sentibench_main
+
+    res = trainer.out_dir / "sentibench" / "results.json"
+    assert json.loads(res.read_text())["split"] == "test"
+    png = trainer.out_dir / "plot.png"
+    assert run_cli(sentibench_main, "sentibench", ["plot", str(res), "-o", str(png)]) == 0 and png.is_file()
+    # the export comes after the final evaluation: its model card shows the test scores
+    card = (trainer.out_dir / "export" / "README.md").read_text()
+    assert "Not evaluated" not in card and "Scores x100 at step 2, first 2 test examples per task" in card
 
 
 @pytest.mark.parametrize("change", ["missing", "unexpected"])
