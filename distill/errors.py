@@ -51,6 +51,9 @@ def run_cli(main: Callable[[list[str]], int | None], prog: str, argv: Sequence[s
 
     ``prog`` prefixes the line (e.g. ``knowdist.py``); under several ranks the rank is named too.
     """
+    from distill.startup import quiet_third_party
+
+    quiet_third_party()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_enabled(argv)
     argv = [a for a in argv if a != "--debug"]

@@ -48,6 +48,7 @@ from distill.dist import env as distenv
 from distill.dist.env import print0
 from distill.errors import UserError
 from distill.fileio import atomic_write_text, fsync_dir, sha256_file
+from distill.progress import is_terminal
 from distill.teacher.output import TopKTeacher
 
 # ------------------------------------------------------------------------------------------------
@@ -534,6 +535,32 @@ def _aside(path: Path) -> Path:
 # The trainer
 
 
+def _ckpt_dir(cfg) -> Path:
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run.out_dir) / "checkpoints"
+
+
+def _used_folder_refusal(cfg) -> str | None:
+    """The refusal of a fresh run in a run folder that holds an earlier run's checkpoints, else None."""
+    c, out_dir, ckpt_dir = cfg.checkpoint, Path(cfg.run.out_dir), _ckpt_dir(cfg)
+    used = _checkpoint_dirs(ckpt_dir)
+    if used and not c.resume and not c.overwrite:
+        return (f"run folder {out_dir} already holds checkpoints of an earlier run ({ckpt_dir}, newest "
+                f"{used[-1].name}): continue it with --resume, or start over with --checkpoint.overwrite=true "
+                f"(moves the earlier run to {out_dir / 'previous-<time>'}), or pick another --run.out_dir")
+    return None
+
+
+def check_run_folder(cfg) -> None:
+    """A stage calls this first, before building or loading any model (rank 0 looks; every rank gets
+    the answer from the files): a fresh run in a used folder, or a folder a live run holds, is refused
+    at once rather than after minutes of preparation. The Trainer checks again when it takes the lock."""
+    from distill.dist.lock import FolderLock
+
+    refused = _used_folder_refusal(cfg) or FolderLock(cfg.run.out_dir).holder()
+    if refused:
+        raise ConfigError(refused)
+
+
 class Trainer:
     """``Trainer(cfg).setup()`` then ``.train()``; ``.export()`` writes the HF folder."""
 
@@ -543,7 +570,7 @@ class Trainer:
         self.hooks = hooks or TrainerHooks()
         self.step = 0  # optimizer steps done
         self.out_dir = Path(cfg.run.out_dir)
-        self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.out_dir / "checkpoints"
+        self.ckpt_dir = _ckpt_dir(cfg)
         self.teacher: TeacherBackend | None = None
         self._prefetched: set[tuple[int, int]] = set()
         self.history: list[dict] = []
@@ -903,7 +930,7 @@ class Trainer:
                 old_handlers[sig] = signal.signal(sig, lambda num, _frame: stop_sigs.append(num))
         stopped = False
         bar = None
-        if self.env.is_main and cfg.log.progress_bar:
+        if self.env.is_main and cfg.log.progress_bar and is_terminal():  # a redirected log gets the step lines only
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True, mininterval=1.0,
@@ -997,10 +1024,9 @@ class Trainer:
             return held
         metrics = self.out_dir / "metrics.jsonl"
         used = _checkpoint_dirs(self.ckpt_dir)
-        if used and not c.resume and not c.overwrite:
-            return (f"run folder {self.out_dir} already holds checkpoints of an earlier run ({self.ckpt_dir}, newest "
-                    f"{used[-1].name}): continue it with --resume, or start over with --checkpoint.overwrite=true "
-                    f"(moves the earlier run to {self.out_dir / 'previous-<time>'}), or pick another --run.out_dir")
+        refused = _used_folder_refusal(self.cfg)
+        if refused:
+            return refused
         if c.resume:
             changed = self._config_changes0()
             if changed:

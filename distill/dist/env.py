@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from pathlib import Path
 from dataclasses import dataclass
 
 
@@ -77,6 +78,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _say_if_building_cpu_op() -> None:
+    """DeepSpeed JIT-builds its CPU communication op on first use, silently: say so, so that the
+    pause before step 1 has a reason."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")  # torch's own rule: this folder as is, else a per-Python one
+    root = Path(root) if root else Path(get_default_build_root()) / f"py{sys.version_info.major}{sys.version_info.minor}_cpu"
+    built = root / "deepspeed_shm_comm" / "deepspeed_shm_comm.so"
+    if not built.is_file():
+        print(f"[dist] DeepSpeed builds its CPU communication op once (C++ compile; kept in {built.parent}, "
+              f"TORCH_EXTENSIONS_DIR moves it)", flush=True)
+
+
 def init_distributed(backend: str = "auto", *, use_deepspeed: bool = True, argv: list[str] | None = None) -> DistEnv:
     """Create the process group (deepspeed.init_distributed) and pick this rank's device.
 
@@ -103,6 +117,8 @@ def init_distributed(backend: str = "auto", *, use_deepspeed: bool = True, argv:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         if use_deepspeed:
+            if not cuda and env.rank == 0:
+                _say_if_building_cpu_op()
             import deepspeed
 
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)

@@ -34,15 +34,9 @@ class FolderLock:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            fh.seek(0)
-            try:
-                info = json.loads(fh.read() or "{}")
-            except ValueError:
-                info = {}
+            msg = self._held_by(fh)
             fh.close()
-            return (f"run folder {self.folder} is in use by another run (pid {info.get('pid', '?')} on host "
-                    f"{info.get('host', '?')}, started {info.get('started', '?')}): wait for it to end or stop it, "
-                    f"or pick another --run.out_dir")
+            return msg
         fh.seek(0)
         fh.truncate()
         fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
@@ -50,6 +44,30 @@ class FolderLock:
         fh.flush()
         self._fh = fh
         return None
+
+    def holder(self) -> str | None:
+        """Without taking the lock: one line naming the live run that holds it, else None."""
+        import fcntl
+
+        if not self.path.is_file():
+            return None
+        with open(self.path, encoding="utf-8") as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return self._held_by(fh)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        return None
+
+    def _held_by(self, fh) -> str:
+        fh.seek(0)
+        try:
+            info = json.loads(fh.read() or "{}")
+        except ValueError:
+            info = {}
+        return (f"run folder {self.folder} is in use by another run (pid {info.get('pid', '?')} on host "
+                f"{info.get('host', '?')}, started {info.get('started', '?')}): wait for it to end or stop it, "
+                f"or pick another --run.out_dir")
 
     def release(self) -> None:
         if self._fh is not None:

@@ -176,10 +176,10 @@ def evaluate(
     rank, world = runner.rank, runner.world
     encoded = [runner.tokenize(p[3]) for p in plans]
     if progress and rank == 0:
-        from tqdm.auto import tqdm
+        from distill.progress import progress
 
         total = sum(runner.count_batches([len(e) for e in enc], p[0] in FINE_GRAINED) for p, enc in zip(plans, encoded))
-        bar = tqdm(total=total, desc="sentibench", unit="batch", dynamic_ncols=True)
+        bar = progress(total, "sentibench", unit="batch", dynamic_ncols=True)
         runner.on_batch = bar.update
 
     was_training = model.training

@@ -97,9 +97,9 @@ def generate_answers(client, prompts: Sequence[Prompt], path: str | os.PathLike,
         return done
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
                               stop_token_ids=newline_token_ids(tokenizer))
-    from tqdm import tqdm
+    from distill.progress import progress as progress_bar
 
-    bar = tqdm(total=len(todo), desc="teacher answers", disable=not progress)
+    bar = progress_bar(len(todo), "teacher answers", disable=not progress)
     with open(path, "a", encoding="utf-8") as fh:
         if fh.tell() and not path.read_bytes().endswith(b"\n"):
             fh.write("\n")
@@ -236,15 +236,15 @@ def build_cache(client, requests: Sequence[TeacherRequest], answers: Sequence[li
     The top-k is requested at ``manifest["temperature"]`` over ``manifest["vocab_size"]`` tokens, and
     each reply is checked (:func:`check_reply`) before its shard is written.
     """
-    from tqdm import tqdm
+    from distill.progress import progress as progress_bar
 
     writer = CacheWriter(root, manifest)
     k = manifest["k"]
     temperature, vocab = float(manifest["temperature"]), int(manifest["vocab_size"])
     done = writer.done_shards()
     todo = [s for s in range(writer.n_shards) if s not in done]
-    bar = tqdm(total=writer.n_shards, initial=writer.n_shards - len(todo), desc="teacher cache", unit="shard",
-               disable=not progress)
+    bar = progress_bar(writer.n_shards, "teacher cache", initial=writer.n_shards - len(todo), unit="shard",
+                       disable=not progress)
 
     def submit(s):
         start, end = writer.shard_range(s)

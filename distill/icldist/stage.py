@@ -469,6 +469,9 @@ def run_from_argv(argv: list[str]) -> int:
         write_report(run, export, teacher_path=run.teacher_path if cfg.report.teacher else None)
         return 0
 
+    from distill.trainer import check_run_folder
+
+    check_run_folder(cfg.trainer_config())  # before any model or teacher service starts
     trainer = make_trainer(run, argv=rest)
     try:
         trainer.setup()

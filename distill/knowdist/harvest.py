@@ -393,10 +393,10 @@ def harvest(cfg: HarvestConfig, *, teacher=None, model_name: str | None = None) 
     try:
         if todo:
             tok = getattr(teacher, "tokenizer", None)
-            from tqdm.auto import tqdm
+            from distill.progress import progress
 
-            bar = tqdm(total=len(jobs), initial=len(jobs) - sum(min(cfg.output.shard_size, len(jobs) - i * cfg.output.shard_size) for i in todo),
-                       desc="harvest", unit="prompt", disable=not cfg.output.progress, mininterval=1.0)
+            bar = progress(len(jobs), "harvest", initial=len(jobs) - sum(min(cfg.output.shard_size, len(jobs) - i * cfg.output.shard_size) for i in todo),
+                           unit="prompt", disable=not cfg.output.progress, mininterval=1.0)
             window = cfg.output.inflight_shards or 2 * max(1, cfg.teacher.replicas)
             pending: list = []
 

@@ -159,7 +159,7 @@ def _quick_score(folder: str | Path, *, cache: bool, label: str) -> dict:
     path = folder / f"sentibench-quick-{key}.json"
     if cache and path.is_file():
         return json.loads(path.read_text())
-    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(folder)
     res = evaluate(model, tok, tasks=list(QUICK_EVAL["tasks"]), shots=QUICK_EVAL["shots"], seeds=QUICK_EVAL["seeds"],
                    limit=QUICK_EVAL["limit"], progress=False, model_name=label)
@@ -193,9 +193,10 @@ def run(cfg: KnowDistConfig, argv: list[str] | None = None) -> int:
     t0 = time.time()
     from distill.dist.env import print0, read_env
     from distill.models.load import resolve_builtin
-    from distill.trainer import Trainer
+    from distill.trainer import Trainer, check_run_folder
 
     env = read_env(argv)
+    check_run_folder(cfg)  # a used or busy run folder is refused before the teacher is built or the corpus harvested
     teacher_is_builtin = cfg.model.teacher == "builtin"
     builtin_default = teacher_is_builtin and cfg.model.student == "builtin"
     # Teacher/student first (cached; several ranks wait on one lock), then the corpus.

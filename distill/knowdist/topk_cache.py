@@ -231,11 +231,10 @@ def build_topk_cache(cfg: RunConfig, out: str | Path | None = None, *, batch_siz
         pad = tokenizer.pad_token_id
         bar = None
         if cfg.log.progress_bar and env.rank == 0:
-            from tqdm.auto import tqdm
+            from distill.progress import progress
 
             total = sum(min(n, (s + 1) * shard_examples) - s * shard_examples for s in mine)
-            bar = tqdm(total=total, desc="teacher top-k", unit="ex", dynamic_ncols=True, mininterval=1.0,
-                       file=sys.stderr)
+            bar = progress(total, "teacher top-k", unit="ex", dynamic_ncols=True, mininterval=1.0)
         t0 = time.time()
         for s in mine:
             lo, hi = s * shard_examples, min(n, (s + 1) * shard_examples)

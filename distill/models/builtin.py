@@ -219,6 +219,10 @@ class FileLock:
         self.fh.close()
 
 
+# How long the teacher's training took on the project's 2-core CPU machine (README quick start).
+TEACHER_TIME_NOTE = "about 30 s on a 2-core CPU, less on a GPU"
+
+
 def _log(msg: str, verbose: bool) -> None:
     if verbose:
         print(f"[builtin] {msg}", flush=True)
@@ -264,6 +268,8 @@ def ensure_builtin_teacher(workdir: str | os.PathLike, recipe: BuiltinRecipe = B
         if _done(final):
             _log(f"teacher: cached {final}", verbose)
             return final
+        _log(f"teacher: first run, training the built-in teacher once ({recipe.steps} steps; {TEACHER_TIME_NOTE}); "
+             f"later runs with this run folder or model.builtin_dir reuse it", verbose)
         t0 = time.time()
         model, tok, stats = _train_teacher(tok_dir, records, recipe, verbose)
         tmp = workdir / f".tmp-teacher-{key}-{os.getpid()}"
@@ -332,10 +338,10 @@ def _train_teacher(tok_dir: Path, records, recipe: BuiltinRecipe, verbose: bool)
         opt, lambda s: min(1.0, (s + 1) / recipe.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, recipe.steps) / recipe.steps))))
     g = torch.Generator().manual_seed(recipe.seed)
     losses = []
-    from tqdm.auto import tqdm
+    from distill.progress import progress
 
-    bar = tqdm(range(recipe.steps), desc="builtin teacher", disable=not verbose, mininterval=2)
-    for step in bar:
+    bar = progress(recipe.steps, "builtin teacher", unit="step", disable=not verbose, mininterval=2)
+    for step in range(recipe.steps):
         idx = torch.randint(len(seqs), (recipe.batch_size,), generator=g).tolist()
         batch = [seqs[i] for i in idx]
         width = max(len(p) + len(r) for p, r in batch)
@@ -355,6 +361,8 @@ def _train_teacher(tok_dir: Path, records, recipe: BuiltinRecipe, verbose: bool)
         opt.zero_grad(set_to_none=True)
         losses.append(out.loss.detach().item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.update(1)
+    bar.close()
     model.eval()
     k = max(1, len(losses) // 10)
     stats = {"first_loss": sum(losses[:k]) / k, "last_loss": sum(losses[-k:]) / k, "pairs": len(pairs)}

@@ -13,7 +13,7 @@ files (through ``model.safetensors.index.json`` so untouched files are never ope
 name never downloaded). A stage of a 70B teacher on 4 GPUs therefore reads ~1/4 of the weights.
 
 Works with Llama-style decoders as laid out in transformers 5.x (``model.embed_tokens``,
-``model.layers[i](hidden, attention_mask=, position_ids=, past_key_values=, use_cache=,
+``model.layers[i](hidden, attention_mask=, position_ids=, cache= (past_key_values= before 5.2x), use_cache=,
 position_embeddings=(cos, sin))``, ``model.norm``, ``model.rotary_emb``, ``lm_head``): Llama,
 Qwen2/Qwen2.5, Qwen3, Mistral. Layers of type ``sliding_attention`` (``config.layer_types``) get the
 sliding-window mask, as in the unsharded model.
@@ -25,6 +25,8 @@ prefix.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 import os
@@ -38,6 +40,13 @@ from torch import nn
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(fn) -> str:
+    """The KV-cache keyword of a transformers mask function or decoder layer: ``cache`` in the
+    releases that renamed it (``past_key_values`` then warns it is deprecated), else ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
 
 
 def split_layers(num_layers: int, shards: int) -> list[tuple[int, int]]:
@@ -212,9 +221,9 @@ class TeacherStage(nn.Module):
                 config=self.config,
                 inputs_embeds=hidden,
                 attention_mask=attention_mask,
-                past_key_values=cache,
                 position_ids=position_ids,
                 layer_idx=layer_idx if cache is not None else None,
+                **{_cache_kwarg(fn): cache},
             )
         return masks
 
@@ -243,9 +252,9 @@ class TeacherStage(nn.Module):
                 hidden,
                 attention_mask=masks[t],
                 position_ids=position_ids,
-                past_key_values=cache,
                 use_cache=cache is not None,
                 position_embeddings=cos_sin,
+                **{_cache_kwarg(type(layer).forward): cache},
             )
         return hidden
 

@@ -5,6 +5,7 @@ skipped, and ``--resume`` before the first checkpoint logs no step twice."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -172,3 +173,32 @@ def test_used_folder_refused_on_every_rank(tiny_assets, run_dir, launcher):
         proc = subprocess.CompletedProcess(p.args, p.returncode, out, err)
         line = launcher.assert_user_error(proc, f"[rank {r}]", str(run_dir), "--resume")
         assert "already holds checkpoints" in line
+
+
+def test_used_or_busy_folder_refused_before_any_model_is_built(tmp_path, monkeypatch):
+    """The built-in default in a used folder (or one a live run holds) is refused at once, before the
+    built-in teacher is trained or a corpus harvested (it was refused after those minutes)."""
+    from distill.config import ConfigError, load_config
+    from distill.dist.lock import FolderLock
+    from distill.knowdist import stage
+
+    def no_models(*a, **k):
+        raise AssertionError("a model was built before the run folder was checked")
+
+    monkeypatch.setattr("distill.models.load.resolve_builtin", no_models)
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step_00000002").mkdir(parents=True)
+    cfg, _ = load_config(stage.KnowDistConfig, [f"--run.out_dir={out}"])
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        stage.run(cfg)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    holder = FolderLock(busy)
+    assert holder.acquire() is None
+    try:
+        cfg, _ = load_config(stage.KnowDistConfig, [f"--run.out_dir={busy}"])
+        with pytest.raises(ConfigError, match=f"in use by another run \\(pid {os.getpid()}"):
+            stage.run(cfg)
+    finally:
+        holder.release()
+    assert FolderLock(busy).holder() is None  # released: no stale refusal
