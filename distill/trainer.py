@@ -46,6 +46,7 @@ import torch
 from distill.config import ConfigError, RunConfig, dump_yaml, flatten, to_dict
 from distill.dist import env as distenv
 from distill.dist.env import print0
+from distill.dist.stop import launcher_chain, watch_for_stop
 from distill.errors import UserError
 from distill.fileio import atomic_write_text, fsync_dir, sha256_file
 from distill.teacher.output import TopKTeacher
@@ -548,6 +549,7 @@ class Trainer:
         self._prefetched: set[tuple[int, int]] = set()
         self.history: list[dict] = []
         self._stop_signals: list[str] = []  # why train() was asked to stop: a signal's name, a launcher gone
+        self._launchers = launcher_chain()  # deepspeed's launch.py and CLI above this rank (if any): watched by train()
 
     # -- setup ------------------------------------------------------------------------------------
     def setup(self) -> "Trainer":
@@ -880,7 +882,7 @@ class Trainer:
         return self.objective(logits, teacher_out, batch["labels"], norm)
 
     # -- loop ---------------------------------------------------------------------------------------
-    REQUEUE_EXIT = 75  # exit status of a run stopped by a signal or its launcher gone, after its checkpoint (EX_TEMPFAIL)
+    REQUEUE_EXIT = 75  # exit status of a run stopped (signal, launcher gone) after its checkpoint (EX_TEMPFAIL)
 
     def train(self) -> dict:
         """The training loop (:meth:`_train`); the run folder's lock is released when it ends, however."""
@@ -896,10 +898,8 @@ class Trainer:
         # the deepspeed launcher gone (distill.dist.stop): SIGUSR1, SIGTERM, SIGINT or the launcher watch
         # only sets a flag, read after each optimizer step; the run then checkpoints and exits with
         # REQUEUE_EXIT, and a resumed run continues from that step.
-        from distill.dist.stop import watch_for_stop
-
         stop_sigs = self._stop_signals
-        unwatch = watch_for_stop(stop_sigs, announce=self.env.local_rank == 0)
+        unwatch = watch_for_stop(stop_sigs, self._launchers, announce=self.env.local_rank == 0)
         stopped = False
         bar = None
         if self.env.is_main and cfg.log.progress_bar:

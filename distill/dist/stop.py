@@ -94,11 +94,12 @@ def _gone(proc) -> bool:
         return True
 
 
-def watch_for_stop(reasons: list[str], *, announce: bool = True) -> Callable[[], None]:
-    """Append a reason to ``reasons`` on SIGUSR1 / SIGTERM / SIGINT and, on a rank started by
-    deepspeed's launcher, when that launcher is gone. Returns the function that puts the previous
-    handlers back and stops the watcher. Signal handlers are installed from the main thread only.
-    ``announce``: this process prints the one-line notices (one process per node: local rank 0)."""
+def watch_for_stop(reasons: list[str], launchers: list | None = None, *, announce: bool = True) -> Callable[[], None]:
+    """Append a reason to ``reasons`` on SIGUSR1 / SIGTERM / SIGINT and when one of ``launchers``
+    (:func:`launcher_chain`, taken when the process started: a launcher that is gone by now is still
+    noticed, at once) is gone. Returns the function that puts the previous handlers back and stops
+    the watcher. Signal handlers are installed from the main thread only. ``announce``: this process
+    prints the one-line notices (one process per node: local rank 0)."""
     old: dict[int, object] = {}
 
     def on_signal(num, frame):
@@ -123,10 +124,10 @@ def watch_for_stop(reasons: list[str], *, announce: bool = True) -> Callable[[],
             old[sig] = signal.signal(sig, on_signal)
 
     done = threading.Event()
-    chain = launcher_chain()
+    chain = list(launchers or ())
 
     def watch():
-        while not done.wait(POLL_S):
+        while True:
             for proc, name in chain:
                 if _gone(proc):
                     reasons.append(f"{name} is gone")
@@ -134,6 +135,8 @@ def watch_for_stop(reasons: list[str], *, announce: bool = True) -> Callable[[],
                         print(f"[trainer] {name} is gone: stopping after this optimizer step with a checkpoint "
                               f"(exit 75)", flush=True)
                     return
+            if done.wait(POLL_S):
+                return
 
     watcher = None
     if chain:

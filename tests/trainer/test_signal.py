@@ -119,7 +119,8 @@ def test_second_sigint_interrupts_at_once(tiny_assets, tmp_path):
     from distill.trainer import Trainer
 
     out_dir = tmp_path / "run"
-    tr = Trainer(from_dict(RunConfig, tiny_cfg_dict(tiny_assets, out_dir, train={"steps": STEPS, "warmup_steps": 2}))).setup()
+    cfg = tiny_cfg_dict(tiny_assets, out_dir, train={"steps": STEPS, "warmup_steps": 2})
+    tr = Trainer(from_dict(RunConfig, cfg)).setup()
     backward, calls = tr.engine.backward, []
 
     def signalling_backward(loss):
@@ -133,3 +134,33 @@ def test_second_sigint_interrupts_at_once(tiny_assets, tmp_path):
         tr.train()
     assert len(calls) == 4 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert not list((out_dir / "checkpoints").glob("step_*"))
+
+
+def test_launcher_watch_stops_when_a_launcher_is_gone_and_only_then():
+    """The watch behind SIGTERM to the ``deepspeed`` CLI (test_launcher_stop.py runs the real one): a
+    watched process that exits is a stop request within a poll, also while it is a zombie (as the CLI
+    is until its parent reaps it); live ones are not; a process not started by deepspeed's launch.py
+    (this one, as under srun, torchrun or run_child) has nothing to watch."""
+    import subprocess
+
+    psutil = pytest.importorskip("psutil")
+    from distill.dist.stop import POLL_S, launcher_chain, watch_for_stop
+
+    assert launcher_chain() == []
+    live, dying = (subprocess.Popen(["sleep", "60"]) for _ in range(2))
+    reasons: list[str] = []
+    undo = watch_for_stop(reasons, [(psutil.Process(live.pid), "live"), (psutil.Process(dying.pid), "dying")],
+                          announce=False)
+    try:
+        time.sleep(3 * POLL_S)
+        assert reasons == []
+        dying.kill()  # not reaped: a zombie
+        deadline = time.monotonic() + 10 * POLL_S
+        while not reasons and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert reasons == ["dying is gone"]  # `dying` is not reaped before this line: a zombie
+    finally:
+        undo()
+        for p in (live, dying):
+            p.kill()
+            p.wait()
