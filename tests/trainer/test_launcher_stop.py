@@ -12,7 +12,7 @@ trained on to the end, orphaned. Now (distill.dist.stop):
 
 Either way the checkpoint is in the run folder and no process of the tree is left. The two cases
 run at once, two process trees side by side, so that their serial start-ups (CLI, then launch.py,
-then the ranks) overlap: about 30 s of wall time on an idle 2-core machine instead of about 40.
+then the ranks) overlap.
 """
 
 from __future__ import annotations
