@@ -46,6 +46,7 @@ import torch
 from distill.config import ConfigError, RunConfig, dump_yaml, flatten, to_dict
 from distill.dist import env as distenv
 from distill.dist.env import print0
+from distill.dist.stop import launcher_chain, watch_for_stop
 from distill.errors import UserError
 from distill.fileio import atomic_write_text, fsync_dir, sha256_file
 from distill.progress import is_terminal
@@ -574,7 +575,8 @@ class Trainer:
         self.teacher: TeacherBackend | None = None
         self._prefetched: set[tuple[int, int]] = set()
         self.history: list[dict] = []
-        self._stop_signals: list[int] = []  # SIGUSR1/SIGTERM received during train() (preemption)
+        self._stop_signals: list[str] = []  # why train() was asked to stop: a signal's name, a launcher gone
+        self._launchers = launcher_chain()  # deepspeed's launch.py and CLI above this rank (if any): watched by train()
 
     # -- setup ------------------------------------------------------------------------------------
     def setup(self) -> "Trainer":
@@ -905,7 +907,7 @@ class Trainer:
         return self.objective(logits, teacher_out, batch["labels"], norm)
 
     # -- loop ---------------------------------------------------------------------------------------
-    REQUEUE_EXIT = 75  # exit status of a run stopped by SIGUSR1/SIGTERM after its checkpoint (EX_TEMPFAIL)
+    REQUEUE_EXIT = 75  # exit status of a run stopped (signal, launcher gone) after its checkpoint (EX_TEMPFAIL)
 
     def train(self) -> dict:
         """The training loop (:meth:`_train`); the run folder's lock is released when it ends, however."""
@@ -917,17 +919,12 @@ class Trainer:
     def _train(self) -> dict:
         cfg = self.cfg
         metrics_path = self.out_dir / "metrics.jsonl"
-        # Preemption (SLURM --signal=B:USR1@N forwarded by slurm/*.sh, scancel, the time limit): SIGUSR1 or
-        # SIGTERM only sets a flag, read after each optimizer step; the run then checkpoints and exits
-        # with REQUEUE_EXIT, and a resumed run continues from that step.
-        import signal
-        import threading
-
+        # Preemption (SLURM --signal=B:USR1@N forwarded by slurm/*.sh, scancel, the time limit), Ctrl-C, or
+        # the deepspeed launcher gone (distill.dist.stop): SIGUSR1, SIGTERM, SIGINT or the launcher watch
+        # only sets a flag, read after each optimizer step; the run then checkpoints and exits with
+        # REQUEUE_EXIT, and a resumed run continues from that step.
         stop_sigs = self._stop_signals
-        old_handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGUSR1, signal.SIGTERM):
-                old_handlers[sig] = signal.signal(sig, lambda num, _frame: stop_sigs.append(num))
+        unwatch = watch_for_stop(stop_sigs, self._launchers, announce=self.env.local_rank == 0)
         stopped = False
         bar = None
         if self.env.is_main and cfg.log.progress_bar and is_terminal():  # a redirected log gets the step lines only
@@ -984,8 +981,7 @@ class Trainer:
                     stopped = True
                     break
         finally:
-            for sig, handler in old_handlers.items():
-                signal.signal(sig, handler)
+            unwatch()
             if bar:
                 bar.close()
             if self.teacher is not None:
@@ -993,7 +989,7 @@ class Trainer:
             if not cfg.eval.at_end or sys.exc_info()[0] is not None:
                 self.reporter.close()  # else after the final evaluation below
         if stopped:
-            name = signal.Signals(stop_sigs[0]).name if stop_sigs else "a signal to another rank"
+            name = stop_sigs[0] if stop_sigs else "a stop request on another rank"
             print0(f"[trainer] {name}: checkpoint at step {self.step}/{self.total_steps} saved; exiting with "
                    f"status {self.REQUEUE_EXIT} (requeue, then resume with checkpoint.resume=latest)")
             if cfg.eval.at_end:

@@ -1,7 +1,8 @@
-"""Preemption: SIGUSR1 (SLURM ``--signal=B:USR1@N``, forwarded by slurm/*.sh) or SIGTERM to a running
-run makes it checkpoint after the current optimizer step and exit with ``Trainer.REQUEUE_EXIT``; a
-resumed run then continues from that step. With 2 ranks a signal to one rank stops both at one step.
-Run the 2-rank case under ``unshare -n`` (gloo on loopback)."""
+"""Preemption: SIGUSR1 (SLURM ``--signal=B:USR1@N``, forwarded by slurm/*.sh), SIGTERM or SIGINT
+(Ctrl-C) to a running run makes it checkpoint after the current optimizer step and exit with
+``Trainer.REQUEUE_EXIT``; a resumed run then continues from that step; a second SIGINT interrupts at
+once. With 2 ranks a signal to one rank stops both at one step. Run the 2-rank case under ``unshare
+-n`` (gloo on loopback). Through the ``deepspeed`` CLI: test_launcher_stop.py."""
 
 from __future__ import annotations
 
@@ -74,12 +75,14 @@ def test_signal_to_one_rank_stops_both_at_one_step(tiny_assets, tmp_path):
     assert rcs == [Trainer.REQUEUE_EXIT] * 2, outs[0][-2000:] + outs[1][-2000:]
     ckpts = sorted((out_dir / "checkpoints").glob("step_*"))
     assert len(ckpts) == 1 and (ckpts[0] / "trainer_state.json").is_file(), ckpts
-    assert "a signal to another rank: checkpoint at step" in outs[0]
+    assert "a stop request on another rank: checkpoint at step" in outs[0]
 
 
-def test_signal_during_a_step_checkpoints_at_that_step(tiny_assets, tmp_path):
-    """SIGUSR1 arriving in step 3's first micro-batch: the run checkpoints at step 3 and exits for requeue
-    (the flag used to be read at the start of a step, so the run trained step 4 before stopping)."""
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGINT], ids=["SIGUSR1", "SIGINT"])
+def test_signal_during_a_step_checkpoints_at_that_step(tiny_assets, tmp_path, capfd, sig):
+    """A signal arriving in step 3's first micro-batch: the run checkpoints at step 3 and exits for requeue
+    (the flag used to be read at the start of a step, so the run trained step 4 before stopping). SIGINT
+    (Ctrl-C) does the same, saying that a second one stops at once (it used to raise KeyboardInterrupt)."""
     from distill.config import RunConfig, from_dict
     from distill.trainer import Trainer
 
@@ -91,12 +94,73 @@ def test_signal_during_a_step_checkpoints_at_that_step(tiny_assets, tmp_path):
     def signalling_backward(loss):
         calls.append(1)
         if len(calls) == 5:  # step 3, micro-batch 1 of 2
-            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), sig)
         return backward(loss)
 
     tr.engine.backward = signalling_backward
+    handler = signal.getsignal(sig)
     with pytest.raises(SystemExit) as e:
-        tr.train()
+        try:
+            tr.train()
+        except KeyboardInterrupt:  # would end the whole pytest session
+            pytest.fail("SIGINT raised KeyboardInterrupt: no checkpoint")
     assert e.value.code == Trainer.REQUEUE_EXIT
+    assert signal.getsignal(sig) is handler  # put back
     assert [p.name for p in sorted((out_dir / "checkpoints").glob("step_*"))] == ["step_00000003"]
     assert max(r["step"] for r in read_metrics(out_dir)) == 3 and len(calls) == 6
+    out, err = capfd.readouterr()
+    assert f"{signal.Signals(sig).name}: checkpoint at step 3/{STEPS} saved; exiting with status 75" in out
+    assert ("press Ctrl-C again to stop at once without one" in err) == (sig == signal.SIGINT)
+
+
+def test_second_sigint_interrupts_at_once(tiny_assets, tmp_path):
+    """Ctrl-C twice: KeyboardInterrupt in the step where the second came, no checkpoint."""
+    from distill.config import RunConfig, from_dict
+    from distill.trainer import Trainer
+
+    out_dir = tmp_path / "run"
+    cfg = tiny_cfg_dict(tiny_assets, out_dir, train={"steps": STEPS, "warmup_steps": 2})
+    tr = Trainer(from_dict(RunConfig, cfg)).setup()
+    backward, calls = tr.engine.backward, []
+
+    def signalling_backward(loss):
+        calls.append(1)
+        if len(calls) in (3, 4):  # both micro-batches of step 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return backward(loss)
+
+    tr.engine.backward = signalling_backward
+    with pytest.raises(KeyboardInterrupt):
+        tr.train()
+    assert len(calls) == 4 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert not list((out_dir / "checkpoints").glob("step_*"))
+
+
+def test_launcher_watch_stops_when_a_launcher_is_gone_and_only_then():
+    """The watch behind SIGTERM to the ``deepspeed`` CLI (test_launcher_stop.py runs the real one): a
+    watched process that exits is a stop request within a poll, also while it is a zombie (as the CLI
+    is until its parent reaps it); live ones are not; a process not started by deepspeed's launch.py
+    (this one, as under srun, torchrun or run_child) has nothing to watch."""
+    import subprocess
+
+    psutil = pytest.importorskip("psutil")
+    from distill.dist.stop import POLL_S, launcher_chain, watch_for_stop
+
+    assert launcher_chain() == []
+    live, dying = (subprocess.Popen(["sleep", "60"]) for _ in range(2))
+    reasons: list[str] = []
+    undo = watch_for_stop(reasons, [(psutil.Process(live.pid), "live"), (psutil.Process(dying.pid), "dying")],
+                          announce=False)
+    try:
+        time.sleep(3 * POLL_S)
+        assert reasons == []
+        dying.kill()  # not reaped: a zombie
+        deadline = time.monotonic() + 10 * POLL_S
+        while not reasons and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert reasons == ["dying is gone"]  # `dying` is not reaped before this line: a zombie
+    finally:
+        undo()
+        for p in (live, dying):
+            p.kill()
+            p.wait()
