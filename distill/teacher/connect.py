@@ -20,6 +20,7 @@ Used by every stage whose teacher is served (ICLDist's online teacher, KnowDist'
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -51,6 +52,23 @@ def resolve(handle):
                 raise
             raise fault from e
     return handle
+
+
+_faults_checked: dict[int, float] = {}  # id(client) -> when warn_faults last asked it
+
+
+def warn_faults(client, prog: str, every_s: float = 0.0) -> None:
+    """Print one ``[prog] warning: ...`` line per teacher actor restart since the last call (the Ray
+    service's ``faults()``; other clients have none), asking at most every ``every_s`` seconds."""
+    faults = getattr(client, "faults", None)
+    if faults is None:
+        return
+    now = time.monotonic()
+    if every_s and now - _faults_checked.get(id(client), -every_s) < every_s:
+        return
+    _faults_checked[id(client)] = now
+    for line in faults():
+        print(f"[{prog}] warning: {line}; the run goes on", flush=True)
 
 
 class AttachedService:

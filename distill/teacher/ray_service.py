@@ -334,7 +334,13 @@ def teacher_fault(e: BaseException, *, max_restarts: int | None = None,
         return None
     pid, ip = _error_field(err, "pid"), _error_field(err, "ip")
     where = ", ".join(x for x in (f"pid {pid}" if pid else "", f"node {ip}" if ip else "") if x)
+    cls = _error_field(err, "class_name")
+    actor = "the service's router" if cls in ("", "_Router") else f"the teacher's {cls} actor"
     rec = _actor_table(err.actor_id) if getattr(err, "actor_id", None) else {}
+    deadline = time.monotonic() + 10
+    while rec.get("State") == "ALIVE" and rec.get("NumRestarts") == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)  # the caller saw the death before Ray's control store did: wait for its verdict
+        rec = _actor_table(err.actor_id)
     restarts = rec.get("NumRestarts")
     knob_r = "teacher.max_restarts" + (f"={max_restarts}" if max_restarts is not None else "")
     knob_t = "teacher.max_retries" + (f"={max_retries}" if max_retries is not None else "")
@@ -344,7 +350,7 @@ def teacher_fault(e: BaseException, *, max_restarts: int | None = None,
     else:
         budget = (f"not restarted again ({knob_r} spent, {restarts} used)" if restarts is not None
                   else f"not restarted again ({knob_r} spent)")
-    return TeacherUnavailable(f"teacher actor died: the service's router{f' ({where})' if where else ''}: "
+    return TeacherUnavailable(f"teacher actor died: {actor}{f' ({where})' if where else ''}: "
                               f"{_death_cause(err)}; {budget}")
 
 
@@ -565,7 +571,9 @@ class _Router:
                 who, cause = self._who(rep, stages, e), _death_cause(e)
             finally:
                 await self._release(rep)
-            await self._restart(rep, epoch, who, cause)
+            # Shielded: when another batch of the request fails and _all cancels this one, the
+            # replica's rebuild still completes (else it would stay unhealthy, and calls would wait on it).
+            await asyncio.shield(self._restart(rep, epoch, who, cause))
             if failures > self.max_retries:
                 raise TeacherUnavailable(
                     f"teacher actor died: {what} was sent {failures} time(s) and each time a teacher actor died "
