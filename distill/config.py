@@ -576,6 +576,8 @@ class TeacherSection:
     shards: int = 1  # ray: pipeline stages per copy (one GPU each), for teachers larger than one GPU
     num_gpus: int = -1  # ray: GPUs per shard actor: -1 = 1 if CUDA is visible else 0 (CPU actors)
     max_batch_tokens: int = 16384  # ray: padded tokens per teacher forward
+    max_restarts: int = 3  # ray: restarts of a dead teacher actor (the router; each replica) before the run stops
+    max_retries: int = 3  # ray: re-sends of one request / batch after the actor serving it died
     gpu_mem_gb: float = 0.0  # auto: memory per GPU the plan assumes (0 = this device's total; CPU: RAM / local ranks)
 
     def validate(self) -> None:
@@ -588,6 +590,8 @@ class TeacherSection:
             _check(getattr(self, name) >= 1, f"teacher.{name}={getattr(self, name)} must be >= 1")
         _check(self.num_gpus in (-1, 0, 1), f"teacher.num_gpus={self.num_gpus}: -1 (auto), 0 (CPU) or 1 per shard actor")
         _check(self.gpu_mem_gb >= 0, f"teacher.gpu_mem_gb={self.gpu_mem_gb} must be >= 0 (0 = the device's)")
+        for name in ("max_restarts", "max_retries"):
+            _check(getattr(self, name) >= 0, f"teacher.{name}={getattr(self, name)} must be >= 0 (0 = none)")
 
 
 @dataclasses.dataclass

@@ -6,6 +6,8 @@ that names the file (and line, key or field where there is one) and what to do. 
 of the packages derive from it (``ConfigError``, ``DataError``, ``TokenizerMismatch``,
 ``CacheMismatch``, ...), and code that reads a user's file turns a low-level failure (``OSError``,
 a JSON/YAML/safetensors decode error) into one of them at the place that knows the file's name.
+A fault outside the program that only the user can act on is one too, when its line says what to
+do: a Ray teacher actor dead past its restart budget (``distill.teacher.TeacherUnavailable``).
 
 :func:`run_cli` is what every launcher's ``__main__`` calls: a UserError exits with status 2 and one
 line on stderr, no traceback; anything else is an internal error and keeps its traceback.

@@ -1053,9 +1053,10 @@ class Trainer:
         return None
 
     # Settings a resumed run may change freely: how it logs, evaluates, saves and lays out the same
-    # global batch, and how long it runs. Everything else defines the data order or the objective.
+    # global batch, how long it runs, and how often a dead Ray teacher actor is restarted. Everything
+    # else defines the data order or the objective.
     HARMLESS_CHANGES = ("run.", "log.", "eval.", "report.", "checkpoint.", "train.steps", "train.epochs",
-                        "train.micro_batch", "train.grad_accum")
+                        "train.micro_batch", "train.grad_accum", "teacher.max_restarts", "teacher.max_retries")
 
     def _config_changes0(self) -> str | None:
         """Rank 0, before anything is written: the resolved config against the config saved in the

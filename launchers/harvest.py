@@ -16,7 +16,10 @@
 
 Re-running the same command after a crash, a pre-emption or ``kill -9`` resumes: finished shards
 (listed in ``<output.dir>/manifest.json``) are kept, the rest is generated, no record is written
-twice. The corpus folder feeds ``launchers/knowdist.py --data.path=<output.dir>`` directly.
+twice. A teacher actor that dies is restarted (``--teacher.max_restarts``, default 3) and its
+requests re-sent (``--teacher.max_retries``, default 3), each with a one-line warning; past that
+budget the harvest stops with one line (exit 2) naming the actor, the cause, what is kept and the
+command that resumes. The corpus folder feeds ``launchers/knowdist.py --data.path=<output.dir>`` directly.
 Config sections: input, perspectives, teacher, sampling, output (distill/knowdist/harvest.py and
 docs/knowdist.md). ``--local_rank`` is accepted and ignored: harvesting is one driver process.
 """
@@ -27,10 +30,21 @@ import sys
 from importlib.util import find_spec
 
 
+def _command(argv: list[str]) -> str:
+    """This command line, to rerun it (the script as the user can reach it from here)."""
+    import os
+    import shlex
+
+    script = os.path.abspath(__file__)
+    rel = os.path.relpath(script)
+    return shlex.join(["python", script if rel.startswith("..") else rel, *argv])
+
+
 def main(argv: list[str] | None = None) -> int:
     from distill.config import ConfigError, load_config
     from distill.knowdist.harvest import HarvestConfig, harvest
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     cfg, rest = load_config(HarvestConfig, argv)
     rest = [a for a in rest if not (a.startswith("--local_rank") or a.startswith("--local-rank"))]
     if rest:
@@ -48,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg.perspectives.names = list(PERSPECTIVES)
         if cfg.output.dir == "runs/harvest/corpus":
             cfg.output.dir = "runs/harvest/builtin"
-    harvest(cfg)
+    harvest(cfg, resume_command=_command(argv))
     return 0
 
 

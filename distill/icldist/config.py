@@ -41,6 +41,8 @@ class TeacherSection:
     dtype: str = "auto"  # teacher weights: auto | bfloat16 | float16 | float32
     quantization: str = ""  # "" | "8bit" | "4bit" (bitsandbytes, CUDA only)
     max_batch_tokens: int = 16384  # padded tokens per teacher forward batch
+    max_restarts: int = 3  # Ray: restarts of a dead teacher actor (the router; each replica) before the run stops
+    max_retries: int = 3  # Ray: re-sends of one request / batch after the actor serving it died
     k: int = 64  # top-k kept per target position
     prefetch: int = 2  # batches whose top-k is requested ahead of the one being trained
     cache_dir: str = ""  # teacher top-k cache ("" = <out_dir>/teacher_cache)
@@ -122,6 +124,9 @@ class ICLDistConfig:
                 raise ConfigError(f"teacher.{name}={getattr(t, name)} must be >= 1")
         if t.prefetch < 0:
             raise ConfigError(f"teacher.prefetch={t.prefetch} must be >= 0")
+        for name in ("max_restarts", "max_retries"):
+            if getattr(t, name) < 0:
+                raise ConfigError(f"teacher.{name}={getattr(t, name)} must be >= 0 (0 = none)")
         if t.num_gpus not in (-1, 0, 1):
             raise ConfigError(f"teacher.num_gpus={t.num_gpus}: -1 (auto), 0 (CPU) or 1 GPU per shard actor "
                               f"(a teacher larger than one GPU uses teacher.shards)")

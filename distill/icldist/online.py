@@ -118,6 +118,7 @@ def generate_answers(client, prompts: Sequence[Prompt], path: str | os.PathLike,
                 done[p.id] = ids
                 fh.write(json.dumps({"id": p.id, "answer_ids": ids, "text": g.text, "finish_reason": g.finish_reason}) + "\n")
             fh.flush()
+            connect.warn_faults(client, "icldist")
             bar.update(len(chunk))
     bar.close()
     return done
@@ -194,6 +195,7 @@ class OnlineTargets:
         t0 = time.perf_counter()
         out = resolve(handle)
         self.wait_s += time.perf_counter() - t0
+        connect.warn_faults(self.client, "icldist", every_s=30.0)
         return check_reply(out, key, temperature=self.temperature, vocab_size=self.vocab_size,
                            source=f"{type(self.client).__name__} reply for prompts {_ids_text(key)}")
 
@@ -270,6 +272,7 @@ def build_cache(client, requests: Sequence[TeacherRequest], answers: Sequence[li
             topks += check_reply(resolve(r), range(a, b), temperature=temperature, vocab_size=vocab, source=source)
         start, end = writer.shard_range(s)
         writer.write_shard(s, [CachedTarget(t, list(answers[i])) for t, i in zip(topks, range(start, end))])
+        connect.warn_faults(client, "icldist")
         bar.update(1)
     bar.close()
     writer.finalize()

@@ -70,6 +70,8 @@ class TeacherSection:
     max_batch_tokens: int = 16384  # padded tokens per teacher batch (prompt + new tokens)
     max_batch_size: int = 64  # sequences per teacher batch
     ray_address: str = ""  # "" = join/start local Ray on loopback; "auto" = existing cluster
+    max_restarts: int = 3  # Ray: restarts of a dead teacher actor (the router; each replica), then the harvest stops
+    max_retries: int = 3  # Ray: re-sends of one request / batch after the actor serving it died
     workdir: str = "runs/knowdist/builtin"  # cache of the built-in teacher (shared with launchers/knowdist.py)
 
 
@@ -117,6 +119,10 @@ class HarvestConfig:
             raise ConfigError(f"teacher.replicas={self.teacher.replicas}, teacher.shards={self.teacher.shards} must be >= 1")
         if self.teacher.quantization not in ("", "8bit", "4bit"):
             raise ConfigError(f"teacher.quantization={self.teacher.quantization!r} must be '', 8bit or 4bit")
+        for name in ("max_restarts", "max_retries"):
+            if getattr(self.teacher, name) < 0:
+                raise ConfigError(f"teacher.{name}={getattr(self.teacher, name)} must be >= 0 (0 = a dead teacher "
+                                  f"actor stops the harvest at once)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,7 +292,8 @@ def build_teacher(cfg: TeacherSection, model: str):
 
     return TeacherService(model, replicas=cfg.replicas, shards=cfg.shards, dtype=cfg.dtype,
                           quantization=cfg.quantization or None, max_batch_tokens=cfg.max_batch_tokens,
-                          max_batch_size=cfg.max_batch_size, ray_address=cfg.ray_address or None)
+                          max_batch_size=cfg.max_batch_size, ray_address=cfg.ray_address or None,
+                          max_restarts=cfg.max_restarts, max_retries=cfg.max_retries)
 
 
 def resolve_teacher_model(cfg: TeacherSection) -> str:
@@ -311,11 +318,18 @@ def _print(msg: str) -> None:
     print(f"[harvest] {msg}", flush=True)
 
 
-def harvest(cfg: HarvestConfig, *, teacher=None, model_name: str | None = None) -> Path:
+def harvest(cfg: HarvestConfig, *, teacher=None, model_name: str | None = None,
+            resume_command: str | None = None) -> Path:
     """Harvest (or resume) the corpus of ``cfg``; returns the corpus folder.
 
     ``teacher``: an already running TeacherService / LocalTeacher to use (not shut down here);
-    ``model_name`` is then what records store as ``teacher``.
+    ``model_name`` is then what records store as ``teacher``. ``resume_command``: the command line
+    that reruns this harvest (the launcher's), named when a teacher fault stops it.
+
+    Teacher faults: every restart of a teacher actor is printed as one warning line; when the
+    teacher's budget is spent (``teacher.max_restarts`` / ``max_retries``) the harvest stops with
+    :class:`~distill.teacher.TeacherUnavailable`, one line saying which actor died, why, what is
+    kept (the finished shards, listed in the manifest) and how to resume.
     """
     cfg.validate()
     t_start = time.perf_counter()
@@ -380,7 +394,7 @@ def harvest(cfg: HarvestConfig, *, teacher=None, model_name: str | None = None) 
     sampling_d = {"max_new_tokens": cfg.sampling.max_new_tokens, "temperature": cfg.sampling.temperature,
                   "top_p": cfg.sampling.top_p, "top_k": cfg.sampling.top_k, "seed": cfg.sampling.seed,
                   "stop_token_ids": list(cfg.sampling.stop_token_ids)}
-    from distill.teacher.pipeline import SamplingParams
+    from distill.teacher.pipeline import SamplingParams, TeacherUnavailable
 
     sp = SamplingParams(max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
                         top_p=cfg.sampling.top_p, top_k=cfg.sampling.top_k, seed=cfg.sampling.seed,
@@ -408,11 +422,17 @@ def harvest(cfg: HarvestConfig, *, teacher=None, model_name: str | None = None) 
                 return i, chunk, prompts, teacher.async_generate(prompts, sp, seeds=seeds)
 
             queue = list(todo)
+            faults = getattr(teacher, "faults", None)  # the Ray service's restart log (LocalTeacher: none)
             while queue or pending:
                 while queue and len(pending) < window:
                     pending.append(submit(queue.pop(0)))
                 i, chunk, prompts, handle = pending.pop(0)
-                gens = teacher.get(handle)
+                try:
+                    gens = teacher.get(handle)
+                except TeacherUnavailable as e:
+                    raise TeacherUnavailable(_stopped(e, i, man, n_shards, out, resume_command)) from e
+                for line in faults() if faults is not None else ():
+                    _print(f"warning: {line}; the harvest goes on")
                 records, c = _filter(chunk, prompts, gens, persps, seen, model, sampling_d, S)
                 C.write_shard(out, i, records, cfg.output.format)
                 man["completed"][str(i)] = dict(c, file=C.shard_name(i, cfg.output.format))
@@ -450,6 +470,19 @@ def harvest(cfg: HarvestConfig, *, teacher=None, model_name: str | None = None) 
     if sample_note(summary["data"]):
         _print(sample_note(summary["data"]))
     return out
+
+
+def _stopped(e: Exception, shard: int, man: dict, n_shards: int, out: Path, resume_command: str | None) -> str:
+    """The one line a teacher fault ends the harvest with: what died, what is kept, how to resume."""
+    kept = sum(v.get("kept", 0) for v in man["completed"].values())
+    if resume_command:
+        how = f"resume with: {resume_command}"
+        if os.environ.get("SLURM_JOB_ID"):
+            how += " (or resubmit the SLURM job with the same output.dir)"
+    else:
+        how = "rerun the harvest with the same config and output.dir to resume"
+    return (f"{e} (while waiting for shard {shard}); the harvest stopped: {len(man['completed'])}/{n_shards} "
+            f"shards ({kept} records) are written in {out} and kept (listed in {C.MANIFEST}); {how}")
 
 
 def _filter(chunk, prompts, gens, persps, seen, model, sampling_d, S):

@@ -5,6 +5,6 @@ Only light modules are imported here (torch-only dataclasses); the Ray service
 """
 
 from distill.teacher.output import TopKTeacher
-from distill.teacher.pipeline import Generation, SamplingParams
+from distill.teacher.pipeline import Generation, SamplingParams, TeacherUnavailable
 
-__all__ = ["TopKTeacher", "SamplingParams", "Generation"]
+__all__ = ["TopKTeacher", "SamplingParams", "Generation", "TeacherUnavailable"]

@@ -2,8 +2,9 @@
 
 Used by every stage whose teacher is served (ICLDist's online teacher, KnowDist's
 ``teacher.placement=ray``). The settings object ``tcfg`` has the fields ``ray_address``,
-``ray_node_ip``, ``replicas``, ``shards``, ``num_gpus``, ``quantization`` and ``max_batch_tokens``
-(``distill.config.TeacherSection`` and ``distill.icldist.config.TeacherSection`` both do).
+``ray_node_ip``, ``replicas``, ``shards``, ``num_gpus``, ``quantization``, ``max_batch_tokens``,
+``max_restarts`` and ``max_retries`` (``distill.config.TeacherSection`` and
+``distill.icldist.config.TeacherSection`` both do).
 
 * ``ray_address="local"``: :class:`distill.teacher.local.LocalTeacher` in this process, no Ray.
 * otherwise the Ray :class:`distill.teacher.ray_service.TeacherService`. Rank 0 creates it (on the
@@ -11,11 +12,15 @@ Used by every stage whose teacher is served (ICLDist's online teacher, KnowDist'
   empty); with several ranks it parks the service's router handle in a named actor and broadcasts
   the cluster address over the student process group, and every other rank attaches to the SAME
   service (one teacher for all ranks, never one per rank).
+* Faults: the service restarts a dead teacher actor at most ``max_restarts`` times and re-sends a
+  request at most ``max_retries`` times (:mod:`distill.teacher.ray_service`); past that,
+  :func:`resolve` raises :class:`distill.teacher.TeacherUnavailable`, one line naming the actor.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -30,14 +35,40 @@ def _is_object_ref(x) -> bool:
 
 
 def resolve(handle):
-    """Value of an ObjectRef (Ray), a Future (LocalTeacher / thread) or a plain value."""
+    """Value of an ObjectRef (Ray), a Future (LocalTeacher / thread) or a plain value. A teacher actor
+    that died past its budget raises :class:`distill.teacher.TeacherUnavailable` (one line)."""
     if isinstance(handle, Future):
         return handle.result()
     if _is_object_ref(handle):
         import ray
 
-        return ray.get(handle)
+        try:
+            return ray.get(handle)
+        except Exception as e:
+            from distill.teacher.ray_service import teacher_fault
+
+            fault = teacher_fault(e)
+            if fault is None:
+                raise
+            raise fault from e
     return handle
+
+
+_faults_checked: dict[int, float] = {}  # id(client) -> when warn_faults last asked it
+
+
+def warn_faults(client, prog: str, every_s: float = 0.0) -> None:
+    """Print one ``[prog] warning: ...`` line per teacher actor restart since the last call (the Ray
+    service's ``faults()``; other clients have none), asking at most every ``every_s`` seconds."""
+    faults = getattr(client, "faults", None)
+    if faults is None:
+        return
+    now = time.monotonic()
+    if every_s and now - _faults_checked.get(id(client), -every_s) < every_s:
+        return
+    _faults_checked[id(client)] = now
+    for line in faults():
+        print(f"[{prog}] warning: {line}; the run goes on", flush=True)
 
 
 class AttachedService:
@@ -145,7 +176,8 @@ def open_teacher(tcfg, model: str, *, dtype: str, rank: int = 0, world: int = 1,
 
         started = ray_init(tcfg, temp_dir=temp_dir, namespace=namespace)
         kwargs = dict(replicas=tcfg.replicas, shards=tcfg.shards, dtype=dtype, values_dtype=values_dtype,
-                      quantization=tcfg.quantization or None, max_batch_tokens=tcfg.max_batch_tokens)
+                      quantization=tcfg.quantization or None, max_batch_tokens=tcfg.max_batch_tokens,
+                      max_restarts=tcfg.max_restarts, max_retries=tcfg.max_retries)
         if tcfg.num_gpus >= 0:
             kwargs["use_gpu"] = tcfg.num_gpus > 0
         svc = TeacherService(model, **kwargs)

@@ -22,9 +22,22 @@ from typing import Awaitable, Callable
 
 import torch
 
+from distill.errors import UserError
 from distill.teacher.output import TopKTeacher
 
 _session_ids = itertools.count()
+
+# How often a dead teacher actor is restarted, and how often a request is re-sent after the actor
+# serving it died (the settings teacher.max_restarts / teacher.max_retries of every stage using the service).
+DEFAULT_MAX_RESTARTS = 3
+DEFAULT_MAX_RETRIES = 3
+
+
+class TeacherUnavailable(UserError, RuntimeError):
+    """A teacher actor died and the service could not bring it back within its budget
+    (``teacher.max_restarts`` restarts, ``teacher.max_retries`` re-sends of one request), or its node is
+    gone. One line naming the actor, the cause Ray gave and the budget; a launcher ends with it like
+    with a user error (exit 2, no traceback): it is not a bug of ours, and what to do is in the line."""
 
 
 @dataclass

@@ -15,6 +15,9 @@ training ranks; each rank sends its supervised positions and gets their top-k ba
   the log-probs come back in fp32 (the same numbers the co-located teacher's top-k gives).
 * The teacher's tokenizer must equal the student's (token-level KD): checked before the service
   starts, as for the co-located teacher.
+* A teacher actor that dies is restarted within ``teacher.max_restarts`` / ``teacher.max_retries``
+  (a warning line at most every 30 s); past them the run stops with one line naming the actor
+  (:class:`distill.teacher.TeacherUnavailable`, exit 2); ``--resume`` continues from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -123,7 +126,7 @@ class RayTeacher(TeacherBackend):
         self._pending.append(self._request(batch))
 
     def rows(self, batch: dict, index: torch.Tensor) -> TopKTeacher:
-        from distill.teacher.connect import resolve
+        from distill.teacher.connect import resolve, warn_faults
 
         if self._pending:
             n, handle = self._pending.popleft()
@@ -135,6 +138,7 @@ class RayTeacher(TeacherBackend):
         t0 = time.perf_counter()
         parts = resolve(handle) if handle is not None else []
         self.wait_s += time.perf_counter() - t0
+        warn_faults(self.client, "trainer", every_s=30.0)
         out = _cat(parts, self.k, self.temperature)
         return TopKTeacher(ids=out.ids.to(self.device), logprobs=out.logprobs.to(self.device),
                            tail_mass=out.tail_mass.to(self.device), temperature=self.temperature)

@@ -18,12 +18,24 @@ Layout
   left-padded, greedy / temperature / top-k / top-p sampling with one seeded generator per prompt
   (a prompt's continuation does not depend on which batch or replica served it).
 
-Fault tolerance: the router restarts a replica whose actor died (all its stage actors are rebuilt
-from the checkpoint; Ray's own actor restarts are off so no call is replayed behind our back) and
-sends its in-flight batches again. A batch's result is accepted exactly once, so nothing is lost and
-nothing is scored twice; a batch that fails ``max_retries`` times, or any ordinary exception in the
-model code, is raised to the caller. The router itself is not replicated: if it dies the service is
-gone (calls then raise).
+Fault tolerance, two budgets (``max_restarts``, ``max_retries``; the stages' ``teacher.*`` settings):
+- A stage actor that dies: the router rebuilds its whole replica (every stage holds part of each
+  generation's KV cache, so one stage cannot be restarted alone; Ray's own restarts of stage actors
+  stay off so no decode step is replayed into a fresh cache) at most ``max_restarts`` times per
+  replica, and sends the failed batches again, each at most ``max_retries`` times. A batch's result
+  is accepted exactly once, so nothing is lost and nothing is scored twice. A replica whose budget
+  is spent (or whose new actors do not start within ``start_timeout_s``: its node is gone) is
+  dropped; the others go on, and with none left every call raises :class:`TeacherUnavailable`.
+- The router (one actor holding no model) is restarted by Ray itself (``max_restarts``; it rebuilds
+  every replica, the old stage actors die with it) and Ray re-sends the requests it held
+  (``max_task_retries=max_retries``): requests are idempotent (top-k is deterministic; generation
+  draws from one generator per prompt seeded by the caller), so a re-sent request gives the same
+  result.
+- Every restart is recorded: :meth:`TeacherClient.faults` returns one line per restart since the
+  last call (the harvest prints them as warnings). When a budget is spent, :meth:`TeacherClient.get`
+  (and :func:`distill.teacher.connect.resolve`) raise :class:`TeacherUnavailable`: one line naming
+  the actor (router, or replica / stage / pid / node), the cause Ray gave and the budget.
+- Any ordinary exception in the model code is raised to the caller at once.
 
 Ray placement: a stage reserves ``num_gpus=1`` (on a GPU cluster) or ``num_cpus_per_shard`` CPUs.
 ``ray_address=None`` joins the Ray instance of this process, else ``$RAY_ADDRESS``, else starts a
@@ -43,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass, field
@@ -53,7 +66,7 @@ import torch
 
 from distill.data.batching import plan_batches
 from distill.teacher import pipeline as P
-from distill.teacher.pipeline import Generation, SamplingParams
+from distill.teacher.pipeline import DEFAULT_MAX_RESTARTS, DEFAULT_MAX_RETRIES, Generation, SamplingParams, TeacherUnavailable
 
 _VALUE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -246,15 +259,99 @@ def object_store_bytes(ref) -> int:
     return int(ray.experimental.get_object_locations([ref])[ref]["object_size"])
 
 
-def _is_actor_death(e: BaseException) -> bool:
+def _actor_error(e: BaseException):
+    """The RayActorError behind ``e`` (itself, or the cause of a RayTaskError raised downstream), or None."""
     from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
     if isinstance(e, (RayActorError, ActorUnavailableError)):
-        return True
+        return e
     if isinstance(e, RayTaskError):
         cause = getattr(e, "cause", None)
-        return isinstance(cause, (RayActorError, ActorUnavailableError))
-    return False
+        if isinstance(cause, (RayActorError, ActorUnavailableError)):
+            return cause
+    return None
+
+
+def _is_actor_death(e: BaseException) -> bool:
+    return _actor_error(e) is not None
+
+
+_RAY_ID_LINES = ("class_name:", "actor_id:", "pid:", "name:", "namespace:", "ip:")
+
+
+def _death_cause(e: BaseException, limit: int = 240) -> str:
+    """The cause Ray gave for an actor's death, on one line: Ray's message runs over several lines
+    (identity fields, then the cause, then a list of common causes, which we leave out)."""
+    err = _actor_error(e) or e
+    text = str(getattr(err, "error_msg", "") or err)
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    body = [x for x in lines if not x.startswith(_RAY_ID_LINES)
+            and x != "The actor died unexpectedly before finishing this task."]
+    msg = " ".join(body or lines[:1]).split(" Some common causes include")[0].strip()
+    m = re.search(r"Worker exit type: (\S+) Worker exit detail: (.*)", msg)
+    if m:  # "The actor is dead because its worker process has died. Worker exit type: ..."
+        msg = f"its process died ({m.group(1)}: {m.group(2).strip()})"
+    msg = msg or type(err).__name__
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+def _error_field(e: BaseException, name: str) -> str:
+    """``pid`` / ``ip`` from Ray's actor-death message ("" when it does not say)."""
+    err = _actor_error(e) or e
+    for line in str(getattr(err, "error_msg", "") or err).splitlines():
+        if line.strip().startswith(name + ":"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def _actor_table(actor_id: str) -> dict:
+    """Ray's record of an actor: ``State`` (ALIVE, RESTARTING, DEAD, ...), ``NumRestarts``, ``Pid``.
+    2026-12, Ray 2.60: the public state API (``ray.util.state``) needs the dashboard, which our private
+    Ray does not start; this is the GCS table that ``RuntimeContext.was_current_actor_reconstructed``
+    reads. {} when it cannot be read (the record is then left out of messages)."""
+    try:
+        from ray._private.state import actors
+
+        return dict(actors(actor_id=actor_id) or {})
+    except Exception:
+        return {}
+
+
+def teacher_fault(e: BaseException, *, max_restarts: int | None = None,
+                  max_retries: int | None = None) -> TeacherUnavailable | None:
+    """The :class:`TeacherUnavailable` that ``e`` (raised by ``ray.get`` of a service call) means, or
+    None when ``e`` is something else: the router's own one-line error, or the router actor's death
+    once Ray's restarts (``max_restarts``) or this request's re-sends (``max_retries``) are spent."""
+    from ray.exceptions import RayTaskError
+
+    if isinstance(e, TeacherUnavailable) and not isinstance(e, RayTaskError):
+        return e
+    cause = getattr(e, "cause", None) if isinstance(e, RayTaskError) else None
+    if isinstance(cause, TeacherUnavailable):
+        return TeacherUnavailable(str(cause))
+    err = _actor_error(e)
+    if err is None:
+        return None
+    pid, ip = _error_field(err, "pid"), _error_field(err, "ip")
+    where = ", ".join(x for x in (f"pid {pid}" if pid else "", f"node {ip}" if ip else "") if x)
+    cls = _error_field(err, "class_name")
+    actor = "the service's router" if cls in ("", "_Router") else f"the teacher's {cls} actor"
+    rec = _actor_table(err.actor_id) if getattr(err, "actor_id", None) else {}
+    deadline = time.monotonic() + 10
+    while rec.get("State") == "ALIVE" and rec.get("NumRestarts") == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)  # the caller saw the death before Ray's control store did: wait for its verdict
+        rec = _actor_table(err.actor_id)
+    restarts = rec.get("NumRestarts")
+    knob_r = "teacher.max_restarts" + (f"={max_restarts}" if max_restarts is not None else "")
+    knob_t = "teacher.max_retries" + (f"={max_retries}" if max_retries is not None else "")
+    if rec.get("State") in ("ALIVE", "RESTARTING", "PENDING_CREATION"):
+        budget = (f"Ray restarted it ({restarts} restart(s) so far), but this request was already re-sent "
+                  f"the {knob_t} times allowed")
+    else:
+        budget = (f"not restarted again ({knob_r} spent, {restarts} used)" if restarts is not None
+                  else f"not restarted again ({knob_r} spent)")
+    return TeacherUnavailable(f"teacher actor died: {actor}{f' ({where})' if where else ''}: "
+                              f"{_death_cause(err)}; {budget}")
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)
@@ -271,7 +368,8 @@ class _StageActor:
         self.load_s = time.perf_counter() - t0
 
     def ready(self) -> dict:
-        return {"pid": os.getpid(), "layers": (self.stage.spec.start, self.stage.spec.end), "load_s": self.load_s,
+        return {"pid": os.getpid(), "ip": ray.util.get_node_ip_address(),
+                "layers": (self.stage.spec.start, self.stage.spec.end), "load_s": self.load_s,
                 "device": str(self.stage.device)}
 
     def usage(self) -> dict:
@@ -282,6 +380,18 @@ class _StageActor:
         return self.stage(payload)
 
 
+async def _all(coros) -> None:
+    """Await every batch of a request; when one fails, cancel the others (their replicas go back to
+    the requests still running) and raise its error."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        raise
+
+
 @dataclass
 class _Replica:
     index: int
@@ -289,16 +399,20 @@ class _Replica:
     epoch: int = 0  # bumped at every restart
     inflight: int = 0
     healthy: bool = True
+    restarts: int = 0  # rebuilds so far (at most max_restarts)
+    dead: str = ""  # set when the replica is gone for good: what happened, one line
+    procs: list = field(default_factory=list)  # the stages' ready() info (pid, node), once known
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
-@ray.remote(max_restarts=0)
+@ray.remote(max_restarts=0)  # TeacherService sets the router's restart and retry budget in .options()
 class _Router:
     """Batches requests, spreads them over replicas, restarts dead replicas, re-sends lost batches."""
 
     def __init__(self, model: str, replicas: int, shards: int, dtype: str, quantization, use_gpu: bool,
                  num_cpus_per_shard: float, max_batch_tokens: int, max_batch_size: int, max_retries: int,
-                 max_inflight: int | None, info, vocab_limit):
+                 max_inflight: int | None, info, vocab_limit, max_restarts: int = DEFAULT_MAX_RESTARTS,
+                 start_timeout_s: float = 900.0):
         from distill.teacher.shard import StageSpec, split_layers
 
         self.model, self.dtype, self.quantization, self.use_gpu = model, dtype, quantization, use_gpu
@@ -306,11 +420,13 @@ class _Router:
         self.info = info
         self.vocab_limit = vocab_limit
         self.max_batch_tokens, self.max_batch_size, self.max_retries = max_batch_tokens, max_batch_size, max_retries
+        self.max_restarts, self.start_timeout_s = max_restarts, start_timeout_s
         self.specs = [StageSpec(i, shards, s, e) for i, (s, e) in enumerate(split_layers(info.num_layers, shards))]
         self.max_inflight = max_inflight or (shards + 1)
         self.replicas = [_Replica(r, self._make_stages()) for r in range(replicas)]
         self._cond: asyncio.Condition | None = None
         self._tokenizer = None
+        self.events: list[str] = []  # one line per replica restart or loss (TeacherClient.faults)
         self.stats = {"batches": 0, "sequences": 0, "tokens": 0, "retried_batches": 0, "restarts": 0,
                       "batches_per_replica": [0] * replicas}
 
@@ -321,17 +437,25 @@ class _Router:
                 for spec in self.specs]
 
     async def ready(self) -> list:
-        return [await asyncio.gather(*[h.ready.remote() for h in r.stages]) for r in self.replicas]
+        for r in self.replicas:
+            r.procs = await asyncio.gather(*[h.ready.remote() for h in r.stages])
+        return [list(r.procs) for r in self.replicas]
 
     def stage_handles(self) -> list:
         return [list(r.stages) for r in self.replicas]
 
     def describe(self) -> dict:
-        return {"model": self.model, "info": self.info}
+        return {"model": self.model, "info": self.info, "max_restarts": self.max_restarts,
+                "max_retries": self.max_retries}
 
     def get_stats(self) -> dict:
         return dict(self.stats, batches_per_replica=list(self.stats["batches_per_replica"]),
-                    epochs=[r.epoch for r in self.replicas])
+                    epochs=[r.epoch for r in self.replicas], router_pid=os.getpid(),
+                    lost_replicas=[r.index for r in self.replicas if r.dead])
+
+    def get_events(self) -> dict:
+        """This router's pid (a new one after Ray restarted it) and its restart lines so far."""
+        return {"pid": os.getpid(), "events": list(self.events)}
 
     # -- scheduling ---------------------------------------------------------------------------
     def _condition(self) -> asyncio.Condition:
@@ -343,7 +467,13 @@ class _Router:
         cond = self._condition()
         async with cond:
             while True:
-                free = [r for r in self.replicas if r.healthy and r.inflight < self.max_inflight]
+                if not self.replicas:
+                    raise RuntimeError(f"teacher service ({self.model}) was shut down")
+                alive = [r for r in self.replicas if not r.dead]
+                if not alive:
+                    lost = [r.dead for r in self.replicas]
+                    raise TeacherUnavailable(lost[-1] + (f" (all {len(lost)} replicas are gone)" if len(lost) > 1 else ""))
+                free = [r for r in alive if r.healthy and r.inflight < self.max_inflight]
                 if free:
                     rep = min(free, key=lambda r: (r.inflight, self.stats["batches_per_replica"][r.index]))
                     rep.inflight += 1
@@ -362,27 +492,68 @@ class _Router:
             ref = h.forward.remote(ref)
         return await ref
 
-    async def _restart(self, rep: _Replica, epoch: int) -> None:
+    def _who(self, rep: _Replica, stages: list, err: BaseException) -> str:
+        """Which actor ``err`` says died: replica, stage, pid and node."""
+        actor = getattr(_actor_error(err), "actor_id", None)
+        ids = [h._actor_id.hex() for h in stages]
+        S = len(self.specs)
+        if actor in ids:
+            s = ids.index(actor)
+            proc = rep.procs[s] if s < len(rep.procs) else {}
+            pid = _error_field(err, "pid") or proc.get("pid", "?")
+            ip = _error_field(err, "ip") or proc.get("ip", "?")
+            return f"replica {rep.index}, stage {s + 1} of {S} (pid {pid}, node {ip})"
+        return f"replica {rep.index} (one of its {S} stage actors)"
+
+    @staticmethod
+    def _kill(stages: list) -> None:
+        for h in stages:
+            try:
+                ray.kill(h, no_restart=True)
+            except Exception:
+                pass
+
+    async def _restart(self, rep: _Replica, epoch: int, who: str, cause: str) -> None:
+        """Rebuild every stage of ``rep`` (once per failure epoch, however many batches saw it die),
+        within the replica's restart budget; past it, or when new actors do not start within
+        ``start_timeout_s`` on every try, the replica is gone for good (``rep.dead``)."""
         async with rep.lock:
-            if rep.epoch != epoch:  # another batch of this replica already restarted it
+            if rep.epoch != epoch or rep.dead:  # another batch of this replica already handled it
                 return
             rep.healthy = False
-            for h in rep.stages:
+            self._kill(rep.stages)
+            what = f"teacher actor died: {who}: {cause}"
+            while True:
+                if rep.restarts >= self.max_restarts:
+                    rep.dead = (f"{what}; not restarted again (teacher.max_restarts={self.max_restarts} "
+                                f"per replica spent, {rep.restarts} used)")
+                    others = [r for r in self.replicas if not r.dead]
+                    self.events.append(rep.dead + (f"; the other {len(others)} replica(s) go on" if others else ""))
+                    break
+                rep.restarts += 1
+                rep.stages = self._make_stages()
                 try:
-                    ray.kill(h, no_restart=True)
-                except Exception:
-                    pass
-            rep.stages = self._make_stages()
-            await asyncio.gather(*[h.ready.remote() for h in rep.stages])
-            rep.epoch += 1
-            rep.healthy = True
-            self.stats["restarts"] += 1
+                    rep.procs = await asyncio.wait_for(asyncio.gather(*[h.ready.remote() for h in rep.stages]),
+                                                       self.start_timeout_s)
+                except Exception as e:  # the new actors failed to load, or never got a place to run
+                    self._kill(rep.stages)
+                    why = (f"no place to start within {self.start_timeout_s:g} s: its node may be gone"
+                           if isinstance(e, asyncio.TimeoutError) else _death_cause(e))
+                    what = f"{what}; restart {rep.restarts} failed ({why})"
+                    continue
+                rep.epoch += 1
+                rep.healthy = True
+                self.stats["restarts"] += 1
+                self.events.append(f"{what}; restarted the replica (restart {rep.restarts} of "
+                                   f"teacher.max_restarts={self.max_restarts}) and re-sent its batches")
+                break
         cond = self._condition()
         async with cond:
             cond.notify_all()
 
     async def _dispatch(self, work, what: str):
-        """Run ``work(run)`` on some replica; on actor death restart that replica and try again."""
+        """Run ``work(run)`` on some replica; on actor death restart that replica and try again
+        (at most ``max_retries`` times)."""
         failures = 0
         while True:
             rep = await self._acquire()
@@ -397,15 +568,17 @@ class _Router:
                 if rep.epoch == epoch:  # keep new batches off this replica until it is rebuilt
                     rep.healthy = False
                 failures += 1
-                self.stats["retried_batches"] += 1
-                if failures > self.max_retries:
-                    raise RuntimeError(
-                        f"teacher service: {what} failed {failures} times because a teacher actor died "
-                        f"(last: {type(e).__name__}: {e}); giving up after max_retries={self.max_retries}"
-                    ) from e
+                who, cause = self._who(rep, stages, e), _death_cause(e)
             finally:
                 await self._release(rep)
-            await self._restart(rep, epoch)
+            # Shielded: when another batch of the request fails and _all cancels this one, the
+            # replica's rebuild still completes (else it would stay unhealthy, and calls would wait on it).
+            await asyncio.shield(self._restart(rep, epoch, who, cause))
+            if failures > self.max_retries:
+                raise TeacherUnavailable(
+                    f"teacher actor died: {what} was sent {failures} time(s) and each time a teacher actor died "
+                    f"(last: {who}: {cause}); teacher.max_retries={self.max_retries} is spent")
+            self.stats["retried_batches"] += 1
 
     # -- requests -----------------------------------------------------------------------------
     async def topk(self, sequences, positions, k: int, values_dtype: str, temperature: float = 1.0,
@@ -425,7 +598,7 @@ class _Router:
             self.stats["sequences"] += len(batch)
             self.stats["tokens"] += sum(len(s) for s in seqs)
 
-        await asyncio.gather(*[one(bi, b) for bi, b in enumerate(batches)])
+        await _all([one(bi, b) for bi, b in enumerate(batches)])
         missing = [i for i, r in enumerate(out) if r is None]
         if missing:
             raise RuntimeError(f"teacher service: sequences {missing[:5]} got no result")
@@ -451,7 +624,7 @@ class _Router:
             self.stats["sequences"] += len(batch)
             self.stats["tokens"] += sum(len(x) + len(t) for x, (t, _) in zip(ids, res))
 
-        await asyncio.gather(*[one(bi, b) for bi, b in enumerate(batches)])
+        await _all([one(bi, b) for bi, b in enumerate(batches)])
         return out
 
     async def shutdown(self) -> None:
@@ -472,10 +645,13 @@ class TeacherClient:
     service; its calls fail once the service's owner shut it down.
     """
 
-    def __init__(self, router, model: str, info, values_dtype: str = "bfloat16"):
+    def __init__(self, router, model: str, info, values_dtype: str = "bfloat16", *,
+                 max_restarts: int = DEFAULT_MAX_RESTARTS, max_retries: int = DEFAULT_MAX_RETRIES):
         self._router, self.model, self.info, self.values_dtype = router, str(model), info, values_dtype
+        self.max_restarts, self.max_retries = max_restarts, max_retries
         self._tokenizer = None
         self._tokenizer_loaded = False
+        self._seen: tuple[int, int] | None = None  # (router pid, events reported) for faults()
 
     @classmethod
     def connect(cls, name: str, namespace: str = "distill_teacher", values_dtype: str = "bfloat16") -> "TeacherClient":
@@ -485,14 +661,16 @@ class TeacherClient:
         except ValueError as e:
             raise RuntimeError(f"no teacher service named {name!r} in Ray namespace {namespace!r}") from e
         d = ray.get(router.describe.remote())
-        return cls(router, d["model"], d["info"], values_dtype)
+        return cls(router, d["model"], d["info"], values_dtype, max_restarts=d["max_restarts"],
+                   max_retries=d["max_retries"])
 
     def __getstate__(self):
-        return {"_router": self._router, "model": self.model, "info": self.info, "values_dtype": self.values_dtype}
+        return {"_router": self._router, "model": self.model, "info": self.info, "values_dtype": self.values_dtype,
+                "max_restarts": self.max_restarts, "max_retries": self.max_retries}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._tokenizer, self._tokenizer_loaded = None, False
+        self._tokenizer, self._tokenizer_loaded, self._seen = None, False, None
 
     @property
     def tokenizer(self):
@@ -526,7 +704,7 @@ class TeacherClient:
         return self._router.topk.remote(sequences, positions, k, self.values_dtype, float(temperature), vocab_size)
 
     def topk(self, sequences, positions, k, *, temperature: float = 1.0, vocab_size: int | None = None):
-        return ray.get(self.async_topk(sequences, positions, k, temperature=temperature, vocab_size=vocab_size))
+        return self.get(self.async_topk(sequences, positions, k, temperature=temperature, vocab_size=vocab_size))
 
     def async_generate(self, prompts: list[str], sampling: SamplingParams | None = None, *, seeds: list[int] | None = None):
         """ObjectRef of list[Generation], one per prompt."""
@@ -535,12 +713,38 @@ class TeacherClient:
         return self._router.generate.remote(ids, sampling, seeds)
 
     def generate(self, prompts, sampling=None, *, seeds=None) -> list[Generation]:
-        return ray.get(self.async_generate(prompts, sampling, seeds=seeds))
+        return self.get(self.async_generate(prompts, sampling, seeds=seeds))
 
-    @staticmethod
-    def get(handle, timeout: float | None = None):
-        """Resolve an ``async_*`` result (``ray.get``), so callers need not import ray."""
-        return ray.get(handle, timeout=timeout)
+    def get(self, handle, timeout: float | None = None):
+        """Resolve an ``async_*`` result (``ray.get``), so callers need not import ray. A teacher actor
+        that died past its budget raises :class:`TeacherUnavailable` (one line: which actor, the cause
+        Ray gave, the budget); restarts within the budget are invisible here (see :meth:`faults`)."""
+        try:
+            return ray.get(handle, timeout=timeout)
+        except Exception as e:
+            fault = teacher_fault(e, max_restarts=self.max_restarts, max_retries=self.max_retries)
+            if fault is None:
+                raise
+            raise fault from e
+
+    def faults(self) -> list[str]:
+        """One line per teacher actor restart (or replica lost) since the last call: the router
+        restarted by Ray, or a replica rebuilt by the router. The first call only takes note of the
+        current router."""
+        self._check_open()
+        ev = ray.get(self._router.get_events.remote())
+        out: list[str] = []
+        seen_pid, seen_n = self._seen if self._seen is not None else (ev["pid"], 0)
+        if ev["pid"] != seen_pid:
+            rec = _actor_table(self._router._actor_id.hex())
+            n = f" (restart {rec['NumRestarts']} of" if "NumRestarts" in rec else " (within"
+            out.append(f"teacher actor died: the service's router (pid {seen_pid}); Ray restarted it as pid "
+                       f"{ev['pid']}{n} teacher.max_restarts={self.max_restarts}) with fresh stage actors and "
+                       f"re-sent the requests it held")
+            seen_n = 0
+        out += ev["events"][seen_n:]
+        self._seen = (ev["pid"], len(ev["events"]))
+        return out
 
     # -- operations ---------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -558,13 +762,18 @@ class TeacherService(TeacherClient):
     ``values_dtype``: dtype of the top-k log-probs shipped back (bfloat16, float16 or float32).
     ``name``: register the router under this Ray actor name (namespace ``distill_teacher``) so other
     drivers of the cluster can ``TeacherClient.connect(name)``; it lives as long as this service.
+    ``max_restarts``: restarts of the router (by Ray) and of each replica (by the router) after an actor
+    died; ``max_retries``: re-sends of one request (by Ray) or one batch (by the router) after the actor
+    serving it died; ``start_timeout_s``: how long a restarted replica may take to load before the
+    try counts as failed (no node can take it). See the module docstring.
     """
 
     def __init__(self, model: str | os.PathLike, *, replicas: int = 1, shards: int = 1, dtype: str = "auto",
                  quantization: str | None = None, max_batch_tokens: int = 16384, max_batch_size: int = 64,
                  ray_address: str | None = None, use_gpu: bool | None = None, num_cpus_per_shard: float = 1,
-                 values_dtype: str = "bfloat16", max_retries: int = 3, max_inflight_per_replica: int | None = None,
-                 ray_temp_dir: str | None = None, name: str | None = None):
+                 values_dtype: str = "bfloat16", max_retries: int = DEFAULT_MAX_RETRIES,
+                 max_restarts: int = DEFAULT_MAX_RESTARTS, start_timeout_s: float = 900.0,
+                 max_inflight_per_replica: int | None = None, ray_temp_dir: str | None = None, name: str | None = None):
         from distill.teacher.shard import load_config
 
         if replicas < 1:
@@ -573,7 +782,12 @@ class TeacherService(TeacherClient):
             raise ValueError(f"values_dtype={values_dtype!r} must be one of {sorted(_VALUE_DTYPES)}")
         if max_batch_tokens < 1 or max_batch_size < 1:
             raise ValueError(f"max_batch_tokens={max_batch_tokens} and max_batch_size={max_batch_size} must be >= 1")
-        TeacherClient.__init__(self, None, model, None, values_dtype)
+        if max_restarts < 0 or max_retries < 0:
+            raise ValueError(f"max_restarts={max_restarts} and max_retries={max_retries} must be >= 0")
+        if not start_timeout_s > 0:
+            raise ValueError(f"start_timeout_s={start_timeout_s} must be > 0")
+        TeacherClient.__init__(self, None, model, None, values_dtype, max_restarts=max_restarts,
+                               max_retries=max_retries)
         self.replicas, self.shards = replicas, shards
         self._owns_ray = False
         config = load_config(self.model)
@@ -594,11 +808,16 @@ class TeacherService(TeacherClient):
         self._connect(ray_address, ray_temp_dir, replicas * shards)
         vocab_limit = len(self.tokenizer) if self.tokenizer is not None else None
         opts = {"name": name, "namespace": "distill_teacher"} if name else {}
-        self._router = _Router.options(num_cpus=0, max_concurrency=10000, **opts).remote(
+        # Ray restarts the router and re-sends its calls (each a whole, idempotent request); the
+        # router restarts the stage actors itself (see the module docstring).
+        self._router = _Router.options(num_cpus=0, max_concurrency=10000, max_restarts=max_restarts,
+                                       max_task_retries=max_retries, **opts).remote(
             self.model, replicas, shards, dtype, quantization, use_gpu, num_cpus_per_shard, max_batch_tokens,
-            max_batch_size, max_retries, max_inflight_per_replica, self.info, vocab_limit)
+            max_batch_size, max_retries, max_inflight_per_replica, self.info, vocab_limit, max_restarts,
+            start_timeout_s)
         try:
             self.stage_info = ray.get(self._router.ready.remote())
+            self.faults()  # takes note of the router's pid: a later one means Ray restarted it
         except Exception:
             self.shutdown()
             raise
@@ -616,7 +835,8 @@ class TeacherService(TeacherClient):
     def client(self) -> TeacherClient:
         """A picklable client of this service, e.g. to hand to the other trainer ranks."""
         self._check_open()
-        return TeacherClient(self._router, self.model, self.info, self.values_dtype)
+        return TeacherClient(self._router, self.model, self.info, self.values_dtype,
+                             max_restarts=self.max_restarts, max_retries=self.max_retries)
 
     def __reduce__(self):
         raise TypeError("a TeacherService owns its actors and is not picklable; send service.client() instead")

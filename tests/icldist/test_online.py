@@ -3,6 +3,9 @@ they are asked at the run's temperature over the real vocabulary, and a bad repl
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import torch
 
@@ -57,7 +60,8 @@ def test_online_ray_service_equals_cache(built_cache, micro_teacher_dir, teacher
     root, manifest, _ = built_cache
     requests, _ = teacher_inputs
     cache = TeacherCache(root, expect=manifest)
-    client = open_teacher(TeacherSection(ray_address="", ray_node_ip="127.0.0.2", num_gpus=0), str(micro_teacher_dir))
+    client = open_teacher(TeacherSection(ray_address="", ray_node_ip="127.0.0.2", num_gpus=0, max_restarts=0),
+                          str(micro_teacher_dir))
     try:
         import ray
 
@@ -65,6 +69,15 @@ def test_online_ray_service_equals_cache(built_cache, micro_teacher_dir, teacher
         targets = OnlineTargets(client, requests, manifest["k"], temperature=manifest["temperature"],
                                 vocab_size=manifest["vocab_size"])
         _check_against_cache(targets, cache, _cache_groups(len(requests)), exact=False)
+        # The service takes ICLDist's teacher.max_restarts: with 0, a killed router is not restarted
+        # and the next request is one line naming it (not Ray's multi-line ActorDiedError).
+        from distill.teacher import TeacherUnavailable
+
+        os.kill(client.stats()["router_pid"], signal.SIGKILL)
+        with pytest.raises(TeacherUnavailable, match=r"^teacher actor died: the service's router \(pid \d+, node "
+                                                     r"127\.0\.0\.2\): its process died \(.*\); not restarted again "
+                                                     r"\(teacher\.max_restarts spent, 0 used\)$"):
+            targets.get([0, 1])
     finally:
         close_teacher(client)
 

@@ -145,6 +145,11 @@ def test_killed_actor_loses_nothing_and_duplicates_nothing(ray_session, service,
     got = ray.get(pending, timeout=300)
     after = service.stats()
     assert after["restarts"] >= before["restarts"] + 1
+    # One line says which actor died and that its replica was restarted (the harvest prints it).
+    (line,) = service.faults()
+    assert line.startswith(f"teacher actor died: replica 0, stage 2 of 2 (pid {service.stage_info[0][1]['pid']}, "
+                           f"node 127.0.0.2): "), line
+    assert line.endswith("; restarted the replica (restart 1 of teacher.max_restarts=3) and re-sent its batches"), line
     assert after["retried_batches"] >= before["retried_batches"] + 1
     # Every sequence scored exactly once, with the right values.
     assert after["sequences"] - before["sequences"] == len(seqs)

@@ -55,6 +55,21 @@ def test_validate_prints_numbers(argv, msg):
         load_config(RunConfig, argv)
 
 
+@pytest.mark.parametrize("schema", ["run", "harvest", "icldist"])
+@pytest.mark.parametrize("key", ["max_restarts", "max_retries"])
+def test_teacher_fault_budgets_are_validated(schema, key):
+    """teacher.max_restarts / max_retries (Ray teacher actor faults) of every config that starts the
+    service: defaults 3, 0 accepted, a negative value a one-line error naming the key."""
+    from distill.icldist.config import ICLDistConfig
+    from distill.knowdist.harvest import HarvestConfig
+
+    cls = {"run": RunConfig, "harvest": HarvestConfig, "icldist": ICLDistConfig}[schema]
+    assert getattr(load_config(cls, [])[0].teacher, key) == 3
+    assert getattr(load_config(cls, [f"--teacher.{key}=0"])[0].teacher, key) == 0
+    with pytest.raises(ConfigError, match=rf"^teacher\.{key}=-1 must be >= 0 \(0 = "):
+        load_config(cls, [f"--teacher.{key}=-1"])
+
+
 def _cfg(tmp_path, js: dict, **train):
     from distill.config import from_dict
 
