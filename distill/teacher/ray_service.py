@@ -159,6 +159,32 @@ def cleanup_local_ray(temp_dir: str | os.PathLike = DEFAULT_TEMP_DIR) -> list[in
     return ended
 
 
+def _actor_need(use_gpu: bool, num_cpus: float) -> str:
+    return "1 GPU" if use_gpu else f"{num_cpus:g} CPU"
+
+
+def _resources_now() -> str:
+    """What Ray has: live nodes, total and free GPUs / CPUs (one phrase for a message)."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    total, free = ray.cluster_resources(), ray.available_resources()
+    return (f"Ray sees {len(nodes)} node(s) with {total.get('GPU', 0):g} GPU(s) ({free.get('GPU', 0):g} free) and "
+            f"{total.get('CPU', 0):g} CPU(s) ({free.get('CPU', 0):g} free)")
+
+
+def check_placement(n_actors: int, use_gpu: bool, num_cpus_per_shard: float) -> None:
+    """Before any actor is created: the cluster can hold ``n_actors`` stage actors at all (a GPU each,
+    or ``num_cpus_per_shard`` CPUs each, on some node). Ray would otherwise keep them pending for ever
+    with no word. Resources another job holds right now are the bounded start wait's business."""
+    key, per = ("GPU", 1.0) if use_gpu else ("CPU", float(num_cpus_per_shard))
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    fits = sum(int(n.get("Resources", {}).get(key, 0) // per) for n in nodes) if per > 0 else n_actors
+    if fits < n_actors:
+        fix = ("run the teacher's actors on CPU with teacher.num_gpus=0, or start Ray where the GPUs are "
+               "(teacher.ray_address)") if use_gpu else "lower teacher.replicas / teacher.shards or add CPUs to the cluster"
+        raise TeacherUnavailable(f"{n_actors} teacher actor(s) need {_actor_need(use_gpu, per)} each, but the nodes "
+                                 f"can hold {fits}: {_resources_now()}; {fix}")
+
+
 def start_local_ray(num_cpus: int | None = None, temp_dir: str | None = None, *, node_ip: str = "127.0.0.2",
                     namespace: str | None = None) -> Path:
     """A private single-node Ray bound to ``node_ip`` (loopback): nothing it opens leaves the machine.
@@ -806,6 +832,11 @@ class TeacherService(TeacherClient):
         if quantization is not None and not use_gpu:
             raise RuntimeError(f"quantization={quantization!r} needs CUDA GPUs (bitsandbytes); this service runs on CPU")
         self._connect(ray_address, ray_temp_dir, replicas * shards)
+        try:
+            check_placement(replicas * shards, use_gpu, num_cpus_per_shard)
+        except TeacherUnavailable:
+            self.shutdown()  # the local Ray _connect started, if any
+            raise
         vocab_limit = len(self.tokenizer) if self.tokenizer is not None else None
         opts = {"name": name, "namespace": "distill_teacher"} if name else {}
         # Ray restarts the router and re-sends its calls (each a whole, idempotent request); the
@@ -816,9 +847,16 @@ class TeacherService(TeacherClient):
             max_batch_size, max_retries, max_inflight_per_replica, self.info, vocab_limit, max_restarts,
             start_timeout_s)
         try:
-            self.stage_info = ray.get(self._router.ready.remote())
+            try:
+                self.stage_info = ray.get(self._router.ready.remote(), timeout=start_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                raise TeacherUnavailable(
+                    f"the teacher's {replicas * shards} actor(s) ({replicas} replica(s) x {shards} shard(s), "
+                    f"{_actor_need(use_gpu, num_cpus_per_shard)} each) did not all start within {start_timeout_s:g} s: "
+                    f"{_resources_now()}; a larger teacher may need a longer start_timeout_s, else free or add "
+                    f"those resources (or lower teacher.replicas / teacher.shards)") from None
             self.faults()  # takes note of the router's pid: a later one means Ray restarted it
-        except Exception:
+        except BaseException:
             self.shutdown()
             raise
 

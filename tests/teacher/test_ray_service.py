@@ -195,6 +195,30 @@ def test_errors(service):
         service.async_topk([[5, V]], [[0]], 4)
 
 
+def test_placement_checked_first_and_the_start_wait_bounded(service, tiny_teacher_dir):
+    """Actors the cluster cannot hold are refused before any is created (ICLDist's shipped configs ask
+    for a GPU per actor: on a node without GPUs the run waited for ever), and a start that does not
+    finish within start_timeout_s ends in one line saying what Ray has; the running service is untouched."""
+    import ray
+
+    from distill.errors import one_line
+    from distill.teacher.ray_service import TeacherService, TeacherUnavailable
+
+    before = len([a for a in ray.util.list_named_actors(all_namespaces=True)])
+    with pytest.raises(TeacherUnavailable) as e:
+        TeacherService(tiny_teacher_dir, replicas=2, use_gpu=True)
+    msg = str(e.value)
+    assert msg == one_line(msg)
+    assert msg.startswith("2 teacher actor(s) need 1 GPU each, but the nodes can hold 0: Ray sees 1 node(s) with 0 GPU(s)")
+    assert "teacher.num_gpus=0" in msg
+    t0 = time.time()
+    with pytest.raises(TeacherUnavailable, match=r"did not all start within 0.01 s: Ray sees 1 node\(s\)"):
+        TeacherService(tiny_teacher_dir, start_timeout_s=0.01)
+    assert time.time() - t0 < 60
+    assert len(ray.util.list_named_actors(all_namespaces=True)) == before
+    assert service.topk([[5, 6, 7]], [[2]], 3)[0].ids.shape == (1, 3)
+
+
 def test_call_after_shutdown_is_a_clear_error(service, tiny_teacher_dir):
     """Runs last in this module: it shuts the module's service down."""
     from distill.teacher.ray_service import TeacherService
