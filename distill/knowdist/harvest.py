@@ -318,6 +318,21 @@ def _print(msg: str) -> None:
     print(f"[harvest] {msg}", flush=True)
 
 
+# Above this fraction of answers cut at max_new_tokens (and dropped), the harvest warns: the corpus
+# then misses most of what the teacher meant to write.
+TRUNCATED_WARN_FRACTION = 0.2
+
+
+def _weights_change(have: dict, want: dict) -> str:
+    """What differs between two teacher-weight fingerprints, in a few words."""
+    if "hub" in have or "hub" in want:
+        return f"teacher {have.get('hub', 'a local folder')!r} -> {want.get('hub', 'a local folder')!r}"
+    hf, wf = have.get("files", {}), want.get("files", {})
+    changed = sorted(n for n in set(hf) | set(wf) if hf.get(n) != wf.get(n))
+    changed += sorted(k for k in set(have) | set(want) if k != "files" and have.get(k) != want.get(k))
+    return "changed: " + ", ".join(changed[:4]) + (" ..." if len(changed) > 4 else "")
+
+
 def harvest(cfg: HarvestConfig, *, teacher=None, model_name: str | None = None,
             resume_command: str | None = None) -> Path:
     """Harvest (or resume) the corpus of ``cfg``; returns the corpus folder.
@@ -374,12 +389,31 @@ def harvest(cfg: HarvestConfig, *, teacher=None, model_name: str | None = None,
         data = data_provenance(cfg.input.data_dir or None)
     else:
         data = {"source": cfg.input.source, "path": cfg.input.path}
+    from distill.icldist.cache import weights_fingerprint
+
+    weights = weights_fingerprint(model)
     if man is not None:
         man.setdefault("data", data)
+        had = man.get("teacher_weights")
+        if had is None:
+            _print(f"warning: {out / C.MANIFEST} records no fingerprint of the teacher's weights (an older harvest): "
+                   "it cannot show the corpus came from these weights; recorded now")
+            man["teacher_weights"] = weights
+            C.write_manifest(out, man)
+        elif had != weights:
+            if not cfg.output.overwrite:
+                raise C.CorpusError(
+                    f"{out / C.MANIFEST}: the corpus was harvested from other weights of teacher {model} "
+                    f"({_weights_change(had, weights)}): use another output.dir, or --output.overwrite=true to "
+                    "harvest it again from these weights")
+            for p in out.iterdir():
+                if p.name.startswith("shard-") or p.name in (C.MANIFEST, C.SUMMARY):
+                    p.unlink()
+            man = None
     if man is None:
-        man = {"fingerprint": fp, "teacher": model, "n_jobs": len(jobs), "n_shards": n_shards,
-               "shard_size": cfg.output.shard_size, "format": cfg.output.format, "config": to_dict(cfg),
-               "data": data, "completed": {}}
+        man = {"fingerprint": fp, "teacher": model, "teacher_weights": weights, "n_jobs": len(jobs),
+               "n_shards": n_shards, "shard_size": cfg.output.shard_size, "format": cfg.output.format,
+               "config": to_dict(cfg), "data": data, "completed": {}}
         C.write_manifest(out, man)
     removed = C.clean_partial(out)
     if removed:
@@ -458,10 +492,20 @@ def harvest(cfg: HarvestConfig, *, teacher=None, model_name: str | None = None,
                      "new_tokens_per_s": round(counts["new_tokens"] / wall, 1) if wall > 0 and todo else None},
         "wall_s": round(time.perf_counter() - t_start, 3),
     }
+    frac = totals["truncated"] / max(totals["jobs"], 1)
+    summary["truncated_fraction"] = round(frac, 4)
+    warn = None
+    if frac > TRUNCATED_WARN_FRACTION:
+        warn = (f"{totals['truncated']} of {totals['jobs']} answers ({100 * frac:.0f}%) reached max_new_tokens="
+                f"{cfg.sampling.max_new_tokens} and were dropped as truncated: raise sampling.max_new_tokens "
+                f"(harvest.max_new_tokens in a KnowDist config) and harvest again into a new output.dir")
+    summary["warnings"] = [warn] if warn else []
     atomic_write_bytes(out / C.SUMMARY, json.dumps(summary, indent=1).encode())
     tr = summary["this_run"]
     _print(f"{totals['kept']} records kept of {len(jobs)} prompts ({totals['empty']} empty, {totals['truncated']} "
            f"truncated, {totals['duplicate']} duplicate dropped; {dup_texts} duplicate input texts) -> {out}")
+    if warn:
+        _print(f"warning: {warn}")
     if todo:
         _print(f"throughput: {tr['texts_per_s']} texts/s, {tr['tokens_per_s']} tokens/s "
                f"({tr['new_tokens_per_s']} generated tokens/s) over {wall:.1f}s")

@@ -88,6 +88,32 @@ def test_harvest_records_filters_and_sft_readable(kd_teacher_dir, texts_jsonl, t
         harvest(_cfg(*_args(kd_teacher_dir, texts_jsonl, out, "--sampling.seed=5")))
 
 
+def test_changed_teacher_weights_are_refused_and_truncation_warned(kd_teacher_dir, texts_jsonl, tmp_path, capsys):
+    """A corpus is tied to the teacher weights it came from (a teacher re-saved in place no longer
+    resumes the stale corpus), and a harvest that drops most answers as truncated says so with the fix."""
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(kd_teacher_dir, teacher)
+    out = tmp_path / "corpus"
+    args = _args(teacher, texts_jsonl, out, "--input.limit=4", "--sampling.stop_token_ids=[]", "--sampling.max_new_tokens=2")
+    harvest(_cfg(*args))
+    s = json.loads((out / "summary.json").read_text())
+    assert s["truncated"] == s["jobs"] == 8 and s["truncated_fraction"] == 1.0
+    warn = "8 of 8 answers (100%) reached max_new_tokens=2 and were dropped as truncated: raise sampling.max_new_tokens"
+    assert s["warnings"] and s["warnings"][0].startswith(warn)
+    assert f"[harvest] warning: {warn}" in capsys.readouterr().out
+    man = json.loads((out / "manifest.json").read_text())
+    assert "model.safetensors" in man["teacher_weights"]["files"]
+    harvest(_cfg(*args))  # the same weights: the finished corpus is kept as it is
+    w = teacher / "model.safetensors"
+    w.write_bytes(w.read_bytes())  # re-saved in place: new mtime
+    with pytest.raises(ValueError, match="harvested from other weights of teacher .*changed: model.safetensors.*overwrite=true"):
+        harvest(_cfg(*args))
+    harvest(_cfg(*args, "--output.overwrite=true"))
+    assert json.loads((out / "manifest.json").read_text())["teacher_weights"] != man["teacher_weights"]
+
+
 def test_duplicate_answers_are_dropped(kd_teacher_dir, texts_jsonl, tmp_path):
     # Greedy-like sampling (tiny top_k) with 3 samples per prompt: repeated answers must be dropped.
     out2 = tmp_path / "dup2"
