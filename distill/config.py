@@ -616,6 +616,9 @@ _KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "t
 # registered itself before the check is read from the registry.
 BUILTIN_DATASETS = ("sft", "sft_routed")  # sft_routed: multiteacher.weighting=route (distill.multiteacher.stage)
 BUILTIN_TEACHER_BACKENDS = ("colocated", "ray", "cache", "multiteacher")
+# Registered by a stage for its own trainer config (distill.icldist.stage: dataset and backend), which
+# passes them as ``stage_names``; they need that stage's hooks, so no other config may name them.
+STAGE_ONLY_NAMES = ("icldist",)
 
 
 def registered_names(registry: Literal["datasets", "teacher_backends"], stage_names: tuple[str, ...] = ()) -> list[str]:
@@ -627,7 +630,7 @@ def registered_names(registry: Literal["datasets", "teacher_backends"], stage_na
     builtin = BUILTIN_DATASETS if registry == "datasets" else BUILTIN_TEACHER_BACKENDS
     trainer = sys.modules.get("distill.trainer")
     live = getattr(trainer, "DATASETS" if registry == "datasets" else "TEACHER_BACKENDS", {}) if trainer else {}
-    return sorted(set(builtin) | set(stage_names) | set(live))
+    return sorted(set(builtin) | set(stage_names) | (set(live) - set(STAGE_ONLY_NAMES)))
 
 
 def check_sentibench_tasks(value: str, key: str) -> None:

@@ -148,7 +148,3 @@ class ICLDistConfig:
                               f"backend, chosen by teacher.source (online | cache); leave kd.teacher_backend unset")
         check_sentibench_tasks(self.report.tasks, "report.tasks")  # also read by --stage eval, report.enabled or not
         self.trainer_config().validate(stage_names=("icldist",))
-
-    def check_machine(self) -> None:
-        """What this machine cannot run (:meth:`distill.config.RunConfig.check_machine` of the trainer's config)."""
-        self.trainer_config().check_machine()

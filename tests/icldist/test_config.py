@@ -14,6 +14,8 @@ from distill.icldist.config import ICLDistConfig
     (["--kd.teacher_backend=colocated"], "kd.teacher_backend='colocated': ICLDist's teacher is the icldist backend"),
     # the report after training failed on it with a KeyError traceback
     (["--report.tasks=sc/sst3"], "report.tasks='sc/sst3': unknown SentiBench task(s) ['sc/sst3']"),
+    (["--teacher.max_new_tokens=0"], "teacher.max_new_tokens=0 must be >= 1"),
+    (["--kd.impl=tritn"], "kd.impl='tritn': auto | torch | triton"),  # the trainer's own checks run on its config
 ])
 def test_icldist_config_refuses(argv, msg):
     with pytest.raises(ConfigError) as e:

@@ -48,6 +48,10 @@ def test_invalid_yaml_names_the_line(tmp_path, launcher):
     (["--train.steps=abc"], ["command line", "train.steps", "expected an integer"]),
     (["--train.adam_betas=[0.9"], ["train.adam_betas", "not valid JSON"]),
     (["--trian.lr=1"], ["command line", "trian"]),
+    # printed the config and exited 0, ignoring the value
+    (["--print-config", "yaml"], ["--print-config takes no value (got 'yaml')"]),
+    (["--harvest.max_new_tokens=0"], ["harvest.max_new_tokens=0 must be >= 1"]),
+    (["--kd.teacher_backend=colocatd"], ["kd.teacher_backend='colocatd' is not a teacher backend"]),
 ])
 def test_bad_cli(launcher, args, needles):
     launcher.assert_user_error(launcher.run("knowdist.py", *args), *needles)
@@ -255,6 +259,21 @@ def test_knowdist_checks_folders_before_its_own_work(tmp_path, tiny_assets, monk
     monkeypatch.setattr(ml, "resolve_builtin", lambda *a, **k: pytest.fail("models were resolved"))
     with pytest.raises(ConfigError, match=f"cannot be made: {tmp_path / 'run'} is a file, not a folder"):
         run(cfg, [])
+
+
+def test_knowdist_checks_the_machine_before_its_own_work(tmp_path, tiny_assets, monkeypatch):
+    import torch
+
+    from distill.config import ConfigError, from_dict
+    from distill.knowdist.stage import KnowDistConfig, run
+    from distill.models import load as ml
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cfg = from_dict(KnowDistConfig, tiny_cfg_dict(tiny_assets, tmp_path / "run", kd={"impl": "triton"}))
+    monkeypatch.setattr(ml, "resolve_builtin", lambda *a, **k: pytest.fail("models were resolved"))
+    with pytest.raises(ConfigError, match="kd.impl=triton runs the Triton kernels on a CUDA GPU"):
+        run(cfg, [])  # was a RuntimeError from triton ("0 active drivers") at the first step
 
 
 # -- a full disk during a checkpoint save: one line naming the file and the last intact checkpoint --------
