@@ -377,3 +377,30 @@ def test_training_run_does_not_warn(tmp_path, tiny_assets, monkeypatch, capsys):
     T.Trainer(_cfg(tiny_assets, tmp_path / "run", train={"steps": 3, "warmup_steps": 0, "grad_accum": 1},
                    checkpoint={"export": False})).setup().train()
     assert "nothing is being trained" not in capsys.readouterr().out
+
+
+def test_full_disk_during_export(tmp_path, tiny_assets, monkeypatch, capsys):
+    """The final export fails for lack of space: one line naming the folder and the command that
+    exports the (complete) final checkpoint later; the partial export folder is removed."""
+    import errno
+
+    import distill.models.export as ex
+    from distill.errors import run_cli
+    from distill.trainer import Trainer
+
+    def full(sd, config, tok, out, **kw):
+        partial = out.parent / f".tmp-{out.name}-{__import__('os').getpid()}"
+        partial.mkdir(parents=True)
+        raise OSError(errno.ENOSPC, "No space left on device", str(partial / "model.safetensors"))
+
+    monkeypatch.setattr(ex, "export_hf", full)
+    out = tmp_path / "run"
+    tr = Trainer(_cfg(tiny_assets, out, train={"steps": 1, "warmup_steps": 0, "grad_accum": 1})).setup()
+    assert run_cli(lambda argv: tr.train(), "knowdist.py", []) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    ck = out / "checkpoints" / "step_00000001"
+    assert line.startswith(f"knowdist.py: error: student not exported to {out / 'export'}: ") and "(ENOSPC)" in line, line
+    assert line.endswith(f"last intact checkpoint: {ck}: free space (or lower checkpoint.keep_last, or give "
+                         f"--checkpoint.dir on another disk), then python -m distill.export --checkpoint {ck} --out "
+                         f"{out / 'export'}"), line
+    assert not list(out.glob(".tmp-export-*"))
