@@ -327,6 +327,14 @@ def load_config(cls: type[T], argv: list[str] | None = None, *, config_path: str
     if "--help" in rest or "-h" in rest:
         print(config_help(cls, prog=Path(sys.argv[0]).name if sys.argv and sys.argv[0] else None), flush=True)
         raise SystemExit(0)
+    for i, a in enumerate(rest):
+        # a value after the flag was ignored (`--print-config yaml` printed and exited 0) or read as
+        # an unknown argument (`--print-config=x`)
+        given = a.split("=", 1)[1] if a.startswith("--print-config=") else (
+            rest[i + 1] if a == "--print-config" and i + 1 < len(rest) and not rest[i + 1].startswith("-") else None)
+        if given is not None:
+            raise ConfigError(f"--print-config takes no value (got {given!r}): it prints the resolved config as YAML; "
+                              f"give it alone, e.g. --config FILE.yaml --print-config")
     print_config = "--print-config" in rest
     rest = [a for a in rest if a != "--print-config"]
     path = cli_path or config_path
@@ -635,6 +643,40 @@ from distill.multiteacher.config import MultiTeacherSection  # noqa: E402 - afte
 
 _KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "none")
 
+# The trainer's registries (distill.trainer.DATASETS / TEACHER_BACKENDS) fill as the modules that
+# define their entries are imported, after the config is checked; the built-in names are listed
+# here (tests/trainer/test_config.py keeps them in step with the registries). A name that a program
+# registered itself before the check is read from the registry.
+BUILTIN_DATASETS = ("sft", "sft_routed")  # sft_routed: multiteacher.weighting=route (distill.multiteacher.stage)
+BUILTIN_TEACHER_BACKENDS = ("colocated", "ray", "cache", "multiteacher")
+# Registered by a stage for its own trainer config (distill.icldist.stage: dataset and backend), which
+# passes them as ``stage_names``; they need that stage's hooks, so no other config may name them.
+STAGE_ONLY_NAMES = ("icldist",)
+
+
+def registered_names(registry: Literal["datasets", "teacher_backends"], stage_names: tuple[str, ...] = ()) -> list[str]:
+    """The names ``data.name`` (``"datasets"``) or ``kd.teacher_backend`` (``"teacher_backends"``) may
+    take: the built-in ones, ``stage_names`` (a stage's own, registered when it runs) and any name
+    already registered (without importing :mod:`distill.trainer`, which would import torch)."""
+    import sys
+
+    builtin = BUILTIN_DATASETS if registry == "datasets" else BUILTIN_TEACHER_BACKENDS
+    trainer = sys.modules.get("distill.trainer")
+    live = getattr(trainer, "DATASETS" if registry == "datasets" else "TEACHER_BACKENDS", {}) if trainer else {}
+    return sorted(set(builtin) | set(stage_names) | (set(live) - set(STAGE_ONLY_NAMES)))
+
+
+def check_sentibench_tasks(value: str, key: str) -> None:
+    """``value`` names SentiBench tasks (a comma list of task names, categories or ``all``), else a
+    ConfigError naming ``key``, the unknown names and the known ones."""
+    from distill.data.sentibench import CATEGORIES, TASKS
+
+    names = [t.strip() for t in str(value).split(",") if t.strip()]
+    _check(bool(names), f"{key} is empty: give SentiBench tasks (all, a category or task names such as sc/sst2)")
+    bad = [t for t in names if t != "all" and t not in CATEGORIES and t not in TASKS]
+    _check(not bad, f"{key}={value!r}: unknown SentiBench task(s) {bad}; known: all, {', '.join(CATEGORIES)} "
+                    f"(categories) and {', '.join(TASKS)}")
+
 
 @dataclasses.dataclass
 class RunConfig:
@@ -650,8 +692,9 @@ class RunConfig:
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     multiteacher: MultiTeacherSection = dataclasses.field(default_factory=MultiTeacherSection)  # several teachers with learned weights (distill.multiteacher)
 
-    def validate(self) -> None:
-        """Cross-field checks; runs before any process group exists. Messages print the numbers."""
+    def validate(self, *, stage_names: tuple[str, ...] = ()) -> None:
+        """Cross-field checks; runs before any process group exists. Messages print the numbers.
+        ``stage_names``: data / teacher-backend names a stage registers when it runs (ICLDist's)."""
         t, k, m, d, ds, c = self.train, self.kd, self.model, self.data, self.deepspeed, self.checkpoint
         _check(self.run.out_dir.strip() != "", "run.out_dir is empty: give the run's folder (e.g. runs/my_run)")
         _check(t.micro_batch >= 1, f"train.micro_batch={t.micro_batch} must be >= 1")
@@ -682,6 +725,12 @@ class RunConfig:
         _check(k.impl in ("auto", "torch", "triton"), f"kd.impl={k.impl!r}: auto | torch | triton")
         _check(k.path in ("lean", "logits"), f"kd.path={k.path!r}: lean | logits")
         _check(k.chunk_tokens >= 0 and k.topk >= 0, f"kd.chunk_tokens={k.chunk_tokens}, kd.topk={k.topk} must be >= 0")
+        backends = registered_names("teacher_backends", stage_names)
+        _check(k.teacher_backend in backends, f"kd.teacher_backend={k.teacher_backend!r} is not a teacher backend; "
+                                              f"known: {backends} (colocated = the teacher in this process)")
+        datasets = registered_names("datasets", stage_names)
+        _check(d.name in datasets, f"data.name={d.name!r} is not a dataset; known: {datasets} "
+                                   f"(sft = prompt/response records from data.path)")
         _check(k.teacher_backend != "cache" or k.topk > 0, "kd.teacher_backend=cache reads a top-k cache: set kd.topk (the k it was built with)")
         _check(k.kind == "none" or m.teacher != "", "kd.kind needs a teacher: model.teacher is empty (set kd.kind=none for SFT)")
         for name in ("dtype", "teacher_dtype"):
@@ -708,3 +757,54 @@ class RunConfig:
                f"eval.every={self.eval.every} and eval.limit={self.eval.limit} must be >= 0")
         _check(self.eval.shots >= 0, f"eval.shots={self.eval.shots} must be >= 0")
         _check(self.eval.batch_size >= 1, f"eval.batch_size={self.eval.batch_size} must be >= 1")
+        check_sentibench_tasks(self.eval.tasks, "eval.tasks")
+
+    def check_machine(self) -> None:
+        """Settings this machine cannot honour, one line with what to use instead (a ConfigError).
+
+        Apart from :meth:`validate`: a config written for GPUs still loads, validates and prints
+        (``--print-config``) anywhere. The launchers and :class:`distill.trainer.Trainer` call it
+        before any model is loaded or process group started. Refuses only what fails here: bfloat16
+        trains on CPU, and float16 does too on the torch engine (DeepSpeed's CPU accelerator has no
+        fp16 unless the CPU does fp16 in oneDNN)."""
+        import importlib.util
+        import os
+
+        import torch
+
+        m, k, ds = self.model, self.kd, self.deepspeed
+        cuda = torch.cuda.is_available()
+        if ds.dist_backend == "nccl":
+            nccl = torch.distributed.is_available() and torch.distributed.is_nccl_available()
+            why = "this machine has no CUDA GPU" if not cuda else "this torch build has no NCCL"
+            _check(cuda and nccl, f"deepspeed.dist_backend=nccl needs CUDA GPUs and NCCL; {why}: use "
+                                  f"deepspeed.dist_backend=gloo (or auto: nccl on GPUs, gloo otherwise)")
+        if m.attn == "flash_attention_2":
+            missing = ([] if importlib.util.find_spec("flash_attn") else ["the flash-attn package is not installed"]) + \
+                      ([] if cuda else ["this machine has no CUDA GPU"])
+            _check(not missing, f"model.attn=flash_attention_2 needs the flash-attn package and a CUDA GPU; "
+                                f"{' and '.join(missing)}: use model.attn=sdpa (or auto: flash_attention_2 where it "
+                                f"can run, else sdpa)")
+        if k.impl == "triton":
+            interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+            why = ("triton is not installed" if importlib.util.find_spec("triton") is None else
+                   None if cuda or interp else "this machine has no CUDA GPU and TRITON_INTERPRET is not 1")
+            _check(why is None, f"kd.impl=triton runs the Triton kernels on a CUDA GPU (on CPU only under "
+                                f"TRITON_INTERPRET=1, the interpreter, for tests); {why}: use kd.impl=torch (or auto: "
+                                f"triton on CUDA, torch otherwise)")
+        if not cuda and ds.engine == "deepspeed":
+            fp16 = ("float16", "fp16")
+            asked = [f"model.dtype={m.dtype}"] if m.dtype in fp16 else []
+            # the teacher runs under DeepSpeed where it is partitioned (auto may choose that; a
+            # multi-teacher run's auto places its teachers replicated)
+            partitioned = self.teacher.placement == "partitioned" or (
+                self.teacher.placement == "auto" and not self.multiteacher.teachers)
+            if m.teacher_dtype in fp16 and partitioned and k.kind != "none":
+                asked.append(f"model.teacher_dtype={m.teacher_dtype} (teacher.placement={self.teacher.placement})")
+            if asked:
+                from deepspeed.accelerator import get_accelerator
+
+                _check(get_accelerator().is_fp16_supported(),
+                       f"{' and '.join(asked)}: DeepSpeed has no float16 on this machine (no CUDA GPU; its CPU "
+                       f"accelerator has no fp16): use bfloat16 or float32"
+                       f"{', or teacher.placement=replicated' if len(asked) == 1 and 'teacher' in asked[0] else ''}")

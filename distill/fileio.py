@@ -54,3 +54,54 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def os_error_text(e: BaseException) -> str:
+    """``no space left on device (ENOSPC)``: the reason of an OSError, for a one-line message."""
+    import errno
+
+    code = getattr(e, "errno", None)
+    name = errno.errorcode.get(code, "") if isinstance(code, int) else ""
+    text = (getattr(e, "strerror", None) or str(e) or type(e).__name__).strip()
+    text = text[:1].lower() + text[1:]
+    return f"{text} ({name})" if name else text
+
+
+def folder_problem(path: str | os.PathLike, what: str, fix: str, *, create: bool = True) -> str | None:
+    """Why ``path`` cannot be a folder this process writes in, as one line (``what`` names it, ``fix``
+    says what to do), or None when it can.
+
+    ``create``: the folder is made (with its parents) and a probe file written in it and removed,
+    so a read-only file system, a missing permission or a file in the folder's place shows here
+    and not at the first checkpoint. Without ``create`` nothing is written: the folder, or the
+    nearest existing parent it would be made in, must be a writable folder (``os.access``)."""
+    path = Path(path)
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        where = "is a file" if blocker == path else f"cannot be made: {blocker} is a file"
+        return f"{what} {path} {where}, not a folder: {fix}"
+    if not create:
+        nearest = next((p for p in (path, *path.parents) if p.exists()), None)
+        if nearest is not None and not os.access(nearest, os.W_OK | os.X_OK):
+            try:
+                why = "a read-only file system" if os.statvfs(nearest).f_flag & os.ST_RDONLY else "no write permission"
+            except (OSError, AttributeError):
+                why = "no write permission"
+            return f"{what} {path} is not writable ({why}{'' if nearest == path else f' at {nearest}'}): {fix}"
+        return None
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"{what} {path} cannot be made ({os_error_text(e)}): {fix}"
+    probe = path / f".write-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as fh:
+            fh.write(b"x")
+    except OSError as e:
+        return f"{what} {path} is not writable ({os_error_text(e)}): {fix}"
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+    return None

@@ -48,7 +48,7 @@ from distill.dist import env as distenv
 from distill.dist.env import print0
 from distill.dist.stop import launcher_chain, watch_for_stop
 from distill.errors import UserError
-from distill.fileio import atomic_write_text, fsync_dir, sha256_file
+from distill.fileio import atomic_write_text, folder_problem, fsync_dir, os_error_text, sha256_file
 from distill.progress import is_terminal
 from distill.teacher.output import TopKTeacher
 
@@ -441,6 +441,11 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be resumed from (incomplete, damaged, or of another batch layout)."""
 
 
+class RunWriteError(UserError):
+    """A file of the run could not be written (a checkpoint, metrics.jsonl, the export): a full disk,
+    a read-only or vanished folder. The message names the file and the newest intact checkpoint."""
+
+
 def _checkpoint_step(p: Path) -> int | None:
     """N of a ``step_N`` folder name, None for any other name (``.tmp-step_N``, ``replaced-step_N-...``)."""
     tail = p.name[len(CKPT_PREFIX):]
@@ -517,10 +522,94 @@ def _probe_files(folder: Path) -> str | None:
     return None
 
 
+# Free bytes under which a failed write whose error does not say why (torch.save reports a full disk
+# as "RuntimeError: ... unexpected pos", safetensors as "SafetensorError: ... os error 28") is taken
+# for a full disk; a write that fails with more room left is not ours to explain and keeps its traceback.
+FULL_DISK_BYTES = 16 << 20
+
+
+def _failed_write(write: Callable[[], Any], folder: Path) -> str | None:
+    """Run ``write``; ``"<path>: <reason>"`` when it failed for lack of space or permission (an
+    OSError, or a library's error on a file system with no room left), None when it succeeded.
+    Any other exception propagates."""
+    try:
+        write()
+        return None
+    except OSError as e:
+        return f"{e.filename or folder}: {os_error_text(e)}"
+    except Exception as e:  # noqa: BLE001 - re-raised below unless the disk is full
+        text = str(e).strip()
+        free = _free_bytes(folder)
+        if (free is not None and free < FULL_DISK_BYTES) or "os error 28" in text or "No space left" in text:
+            first = text.splitlines()[0][:160] if text else ""
+            return (f"{folder}: no space left on device (ENOSPC; {free} bytes free; "
+                    f"{type(e).__name__}: {first})")
+        raise
+
+
+def _free_bytes(folder: Path) -> int | None:
+    """Free bytes of the file system holding ``folder`` (or its nearest existing parent); None if unknown."""
+    try:
+        return shutil.disk_usage(next(p for p in (folder, *folder.parents) if p.exists())).free
+    except (OSError, StopIteration):
+        return None
+
+
+class StallWatch:
+    """Watches for a run that trains nothing: ``n`` optimizer steps in a row whose gradient norm is 0
+    or whose loss did not move (relative change <= 1e-7) give one warning, once per run."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.prev: float | None = None
+        self.streak: list[tuple[int, bool, bool]] = []  # (step, grad norm 0, loss unmoved) of the current run of such steps
+        self.warned = False
+
+    def update(self, step: int, loss: float, grad_norm: float | None) -> str | None:
+        """Step ``step``'s numbers; the warning text the first time the streak reaches ``n``, else None."""
+        zero = grad_norm is not None and grad_norm == 0.0
+        still = self.prev is not None and abs(loss - self.prev) <= 1e-7 * max(1.0, abs(loss))
+        self.prev = loss
+        self.streak = self.streak + [(step, zero, still)] if (zero or still) else []
+        if self.warned or len(self.streak) < self.n:
+            return None
+        self.warned = True
+        first, last = self.streak[0][0], self.streak[-1][0]
+        # the streak's first step is compared with the step before it, which may have moved
+        zeros = all(z for _, z, _ in self.streak)
+        stills = all(s for _, _, s in self.streak[1:]) and (len(self.streak) > 1 or self.streak[0][2])
+        what = " and ".join(x for x, on in (("the gradient norm was 0", zeros),
+                                            (f"the loss did not move from {loss:.6g}", stills)) if on) or \
+            "the gradient norm was 0 or the loss did not move"
+        return (f"steps {first}-{last}: {what} ({self.n} steps in a row): nothing is being trained. Likely causes: a "
+                f"learning rate of 0, every student parameter frozen (requires_grad=False), or every label masked "
+                f"(-100, no response token in the batches); check the schedule, the model set-up and the data")
+
+
 def _first_error_all_ranks(why: str | None) -> str | None:
     """The first rank's failure (None when every rank succeeded), the same on every rank."""
     whys = distenv.all_gather_object(why)
     return next((w if r == 0 else f"rank {r}: {w}" for r, w in enumerate(whys) if w), None)
+
+
+RUN_FOLDER_FIX = "pick another --run.out_dir (or make this one a writable folder)"
+
+
+def checkpoint_folder_words(cfg: RunConfig) -> tuple[str, str]:
+    """(what, fix) naming the checkpoint folder in a message: checkpoint.dir, or its default."""
+    if cfg.checkpoint.dir:
+        return "checkpoint folder (checkpoint.dir)", "pick another --checkpoint.dir (or make this one a writable folder)"
+    return ("checkpoint folder (checkpoint.dir, default <run.out_dir>/checkpoints)",
+            "move what is there, or give --checkpoint.dir or another --run.out_dir")
+
+
+def _folder_write_problem(cfg: RunConfig) -> str | None:
+    """Why the run folder or the checkpoint folder of ``cfg`` cannot be written (None when they
+    can), without writing anything."""
+    out = Path(cfg.run.out_dir)
+    ckpt = _ckpt_dir(cfg)
+    return (folder_problem(out, "run folder (run.out_dir)", RUN_FOLDER_FIX, create=False)
+            or folder_problem(ckpt, *checkpoint_folder_words(cfg), create=False))
 
 
 def _aside(path: Path) -> Path:
@@ -552,12 +641,13 @@ def _used_folder_refusal(cfg) -> str | None:
 
 
 def check_run_folder(cfg) -> None:
-    """A stage calls this first, before building or loading any model (rank 0 looks; every rank gets
-    the answer from the files): a fresh run in a used folder, or a folder a live run holds, is refused
-    at once rather than after minutes of preparation. The Trainer checks again when it takes the lock."""
+    """A stage calls this first, before building or loading any model (every rank looks at the same
+    files; nothing is written): a run or checkpoint folder that cannot be written, a fresh run in a used
+    folder, or a folder a live run holds, is refused at once rather than after minutes of preparation.
+    The Trainer checks again when it takes the lock."""
     from distill.dist.lock import FolderLock
 
-    refused = _used_folder_refusal(cfg) or FolderLock(cfg.run.out_dir).holder()
+    refused = _folder_write_problem(cfg) or _used_folder_refusal(cfg) or FolderLock(cfg.run.out_dir).holder()
     if refused:
         raise ConfigError(refused)
 
@@ -577,6 +667,7 @@ class Trainer:
         self.history: list[dict] = []
         self._stop_signals: list[str] = []  # why train() was asked to stop: a signal's name, a launcher gone
         self._launchers = launcher_chain()  # deepspeed's launch.py and CLI above this rank (if any): watched by train()
+        self._stall = StallWatch(self.STALL_STEPS)
 
     # -- setup ------------------------------------------------------------------------------------
     def setup(self) -> "Trainer":
@@ -602,8 +693,9 @@ class Trainer:
         use_ds = cfg.deepspeed.engine == "deepspeed"
         env = distenv.read_env(self.argv)
         if not use_ds and env.world_size > 1:
-            raise RuntimeError(
+            raise ConfigError(
                 f"deepspeed.engine=torch is single-process, but WORLD_SIZE={env.world_size}: use deepspeed.engine=deepspeed")
+        cfg.check_machine()  # nccl / fp16 / flash-attn / triton this machine cannot run: one line, before anything starts
         self.env = distenv.init_distributed(cfg.deepspeed.dist_backend, use_deepspeed=use_ds, argv=self.argv)
         self.device = torch.device(self.env.device)
         on_gpu = self.device.type == "cuda"
@@ -643,7 +735,7 @@ class Trainer:
         self.ctx = ctx
         # Data first: a malformed record fails before any model is loaded.
         if cfg.data.name not in DATASETS:
-            raise KeyError(f"data.name={cfg.data.name!r} is not registered; known: {sorted(DATASETS)}")
+            raise ConfigError(f"data.name={cfg.data.name!r} is not registered; known: {sorted(DATASETS)}")
         self.dataset = DATASETS[cfg.data.name](cfg, self.tokenizer, ctx)
         ctx.dataset = self.dataset
         self.collate_fn = getattr(self.dataset, "collate", None)
@@ -671,7 +763,7 @@ class Trainer:
         n = len(self.dataset)
         self.global_batch, self.steps_per_epoch, self.total_steps = t.schedule_for(n, self.env.world_size)
         if n < self.global_batch:
-            raise ValueError(
+            raise ConfigError(
                 f"the dataset has {n} examples, fewer than one optimizer step needs: micro_batch={t.micro_batch} "
                 f"x grad_accum={t.grad_accum} x world_size={self.env.world_size} = {self.global_batch}")
 
@@ -716,7 +808,7 @@ class Trainer:
             if name not in TEACHER_BACKENDS and name in LAZY_BACKENDS:
                 importlib.import_module(LAZY_BACKENDS[name])  # registers it
             if name not in TEACHER_BACKENDS:
-                raise KeyError(f"kd.teacher_backend={name!r} is not registered; known: {sorted(TEACHER_BACKENDS)}")
+                raise ConfigError(f"kd.teacher_backend={name!r} is not registered; known: {sorted(TEACHER_BACKENDS)}")
             self.teacher = TEACHER_BACKENDS[name](cfg, ctx)
 
         from distill.losses.objective import DistillObjective
@@ -791,13 +883,22 @@ class Trainer:
             raise ConfigError(problem)
 
     def _write_run_files(self) -> None:
-        if not self.env.is_main:
-            return
-        dump_yaml(self.cfg, self.out_dir / "config.yaml")
-        if self.ds_config is not None:
-            (self.out_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
-        self.versions = versions()
-        (self.out_dir / "versions.json").write_text(json.dumps(self.versions, indent=2))
+        problem = None
+        if self.env.is_main:
+            self.versions = versions()
+            path = self.out_dir / "config.yaml"
+            try:
+                dump_yaml(self.cfg, path)
+                if self.ds_config is not None:
+                    path = self.out_dir / "ds_config.json"
+                    path.write_text(json.dumps(self.ds_config, indent=2))
+                path = self.out_dir / "versions.json"
+                path.write_text(json.dumps(self.versions, indent=2))
+            except OSError as e:
+                problem = f"cannot write {path} ({os_error_text(e)}): make room or move what is there, or {RUN_FOLDER_FIX}"
+        problem = distenv.broadcast_object0(problem)  # every rank stops, not rank 0 alone
+        if problem:
+            raise ConfigError(problem)
 
     # -- data -------------------------------------------------------------------------------------
     def micro_batches(self, step: int) -> list[dict]:
@@ -908,6 +1009,7 @@ class Trainer:
 
     # -- loop ---------------------------------------------------------------------------------------
     REQUEUE_EXIT = 75  # exit status of a run stopped (signal, launcher gone) after its checkpoint (EX_TEMPFAIL)
+    STALL_STEPS = 5  # consecutive steps with a zero gradient norm or an unmoved loss before the one warning (StallWatch)
 
     def train(self) -> dict:
         """The training loop (:meth:`_train`); the run folder's lock is released when it ends, however."""
@@ -964,9 +1066,11 @@ class Trainer:
                             f"tok/s {rec['tok_per_s']:.0f} | eta {_fmt_eta(rec['eta_s'])}"
                             f"{self.hooks.line_extra(rec)}")
                     (bar.write if bar else print)(line)
-                    with open(metrics_path, "a") as fh:
-                        fh.write(json.dumps(rec) + "\n")
+                    self._append_metrics0(metrics_path, rec)
                     self.reporter.log(rec, self.step)
+                stall = self._stall.update(self.step, rec["loss"], gn)
+                if stall and self.env.is_main:
+                    (bar.write if bar else print)(f"[trainer] warning: {stall}")
                 if bar:
                     bar.update(1)
                 every = cfg.checkpoint.every
@@ -1013,7 +1117,9 @@ class Trainer:
         from distill.dist.lock import FolderLock
 
         c = self.cfg.checkpoint
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        problem = folder_problem(self.out_dir, "run folder (run.out_dir)", RUN_FOLDER_FIX)
+        if problem:
+            return problem
         self._folder_lock = FolderLock(self.out_dir)  # released when train() ends, or by the kernel on any exit
         held = self._folder_lock.acquire()
         if held:
@@ -1050,7 +1156,8 @@ class Trainer:
             # No checkpoint continues this log (a fresh run, or --resume before the first save):
             # keep it beside and start a clean one, so no step is logged twice.
             os.replace(metrics, _aside(self.out_dir / f"metrics.{stamp}.jsonl"))
-        return None
+        # a checkpoint folder that cannot be written fails here, not at the first save after training
+        return folder_problem(self.ckpt_dir, *checkpoint_folder_words(self.cfg))
 
     # Settings a resumed run may change freely: how it logs, evaluates, saves and lays out the same
     # global batch, how long it runs, and how often a dead Ray teacher actor is restarted. Everything
@@ -1103,50 +1210,101 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Atomic: every rank writes into ``.tmp-step_N``; rank 0 adds trainer_state.json (with the
         manifest: size, optionally sha256, of every file) and renames. ``keep_last`` prunes only this
-        run's checkpoints (``own_steps``)."""
+        run's checkpoints (``own_steps``). A write that fails (a full disk, a read-only or vanished
+        folder) stops every rank with one line naming the file and the last intact checkpoint
+        (:meth:`_save_failed`); nothing finished is touched."""
         name = f"{CKPT_PREFIX}{self.step:08d}"
         final = self.ckpt_dir / name
         tmp = self.ckpt_dir / f".tmp-{name}"
+        why = None
         if self.env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        distenv.barrier()
+            why = _failed_write(lambda: tmp.mkdir(parents=True), tmp)
+        why = _first_error_all_ranks(why)  # also the barrier before the ranks write
+        if why is None:
+            why = _first_error_all_ranks(_failed_write(lambda: self._save_rank_files(tmp), tmp))
+        if why is None and self.env.is_main:
+            why = _failed_write(lambda: self._finish_save0(tmp, final), tmp)
+        why = distenv.broadcast_object0(why)  # the barrier after rank 0's rename
+        if why is not None:
+            self._save_failed(why, tmp)
+        return final
+
+    def _save_rank_files(self, tmp: Path) -> None:
         self.engine.save(tmp / "engine")
         torch.save(_rng_state(), tmp / f"rng_rank{self.env.rank}.pt")
-        distenv.barrier()
+
+    def _finish_save0(self, tmp: Path, final: Path) -> None:
+        """Rank 0: the run's files and trainer_state.json into ``tmp``, then the rename to ``final``."""
+        name = final.name
+        dump_yaml(self.cfg, tmp / "config.yaml")
+        if self.ds_config is not None:
+            (tmp / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+        (tmp / "versions.json").write_text(json.dumps(getattr(self, "versions", None) or versions(), indent=2))
+        hooks_state = self.hooks.state_dict()
+        if hooks_state:
+            torch.save(hooks_state, tmp / "hooks_state.pt")
+        state = {"step": self.step, "total_steps": self.total_steps, "world_size": self.env.world_size,
+                 "global_batch": self.global_batch, "steps_per_epoch": self.steps_per_epoch,
+                 "data_position": {"epoch": self.step // self.steps_per_epoch,
+                                   "batch_in_epoch": self.step % self.steps_per_epoch,
+                                   "examples_seen": self.step * self.global_batch},
+                 "engine": self.engine.kind, "config_class": f"{type(self.cfg).__module__}:{type(self.cfg).__qualname__}",
+                 "last_metrics": self.history[-1] if self.history else None,
+                 "files": _manifest(tmp, sha256=self.cfg.checkpoint.sha256)}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))  # written last: marks complete
+        if final.exists():
+            # not this run's (a newer checkpoint skipped as damaged at resume, or of a run continued from
+            # an earlier step): kept under another name, never deleted
+            keep = _aside(self.ckpt_dir / f"replaced-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(final, keep)
+            print0(f"[trainer] {final} existed (not written by this run): moved to {keep}")
+        os.replace(tmp, final)
+        fsync_dir(self.ckpt_dir)
+        self.own_steps.add(self.step)
+        own = [p for p in list_checkpoints(self.ckpt_dir) if _checkpoint_step(p) in self.own_steps]
+        for old in own[:-self.cfg.checkpoint.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old.with_name(f"{UNIVERSAL_PREFIX}{old.name}"), ignore_errors=True)  # its universal copy
+        print0(f"[trainer] checkpoint {final}")
+
+    def _save_failed(self, why: str, tmp: Path) -> None:
+        """Every rank, after a failed save: rank 0 removes the unfinished ``tmp`` (it holds disk space;
+        where it cannot, the next start does) and names the newest intact checkpoint; all raise the
+        same RunWriteError."""
+        msg = None
         if self.env.is_main:
-            dump_yaml(self.cfg, tmp / "config.yaml")
-            if self.ds_config is not None:
-                (tmp / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
-            (tmp / "versions.json").write_text(json.dumps(getattr(self, "versions", None) or versions(), indent=2))
-            hooks_state = self.hooks.state_dict()
-            if hooks_state:
-                torch.save(hooks_state, tmp / "hooks_state.pt")
-            state = {"step": self.step, "total_steps": self.total_steps, "world_size": self.env.world_size,
-                     "global_batch": self.global_batch, "steps_per_epoch": self.steps_per_epoch,
-                     "data_position": {"epoch": self.step // self.steps_per_epoch,
-                                       "batch_in_epoch": self.step % self.steps_per_epoch,
-                                       "examples_seen": self.step * self.global_batch},
-                     "engine": self.engine.kind, "config_class": f"{type(self.cfg).__module__}:{type(self.cfg).__qualname__}",
-                     "last_metrics": self.history[-1] if self.history else None,
-                     "files": _manifest(tmp, sha256=self.cfg.checkpoint.sha256)}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))  # written last: marks complete
-            if final.exists():
-                # not this run's (a newer checkpoint skipped as damaged at resume, or of a run continued from
-                # an earlier step): kept under another name, never deleted
-                keep = _aside(self.ckpt_dir / f"replaced-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-                os.replace(final, keep)
-                print0(f"[trainer] {final} existed (not written by this run): moved to {keep}")
-            os.replace(tmp, final)
-            fsync_dir(self.ckpt_dir)
-            self.own_steps.add(self.step)
-            own = [p for p in list_checkpoints(self.ckpt_dir) if _checkpoint_step(p) in self.own_steps]
-            for old in own[:-self.cfg.checkpoint.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-                shutil.rmtree(old.with_name(f"{UNIVERSAL_PREFIX}{old.name}"), ignore_errors=True)  # its universal copy
-            print0(f"[trainer] checkpoint {final}")
-        distenv.barrier()
-        return final
+            shutil.rmtree(tmp, ignore_errors=True)
+            left = (f"the unfinished {tmp.name} is left (the next start removes it)" if tmp.exists()
+                    else f"the unfinished {tmp.name} was removed")
+            msg = self._write_stop0(f"checkpoint at step {self.step} not saved", why, left)
+        raise RunWriteError(distenv.broadcast_object0(msg))
+
+    def _write_stop0(self, what: str, why: str, note: str = "", *, export_to: Path | None = None) -> str:
+        """The one line of a run stopped by a failed write: what, why, the newest intact checkpoint and
+        what to do (free space for a full disk, else make the folder writable; then resume, or export
+        the checkpoint to ``export_to``)."""
+        good = next((p for p in reversed(list_checkpoints(self.ckpt_dir))
+                     if _verify_checkpoint(p, sha256=False) is None), None)
+        full = "(ENOSPC" in why or "(EDQUOT" in why
+        do = ("free space (or lower checkpoint.keep_last, or give --checkpoint.dir on another disk)" if full else
+              "make the folder writable")
+        if export_to is not None and good is not None:
+            then = f"python -m distill.export --checkpoint {good} --out {export_to}"
+        else:
+            then = "continue from it with --resume" if good else "start the run again"
+        return f"{what}: {why}; {note + '; ' if note else ''}last intact checkpoint: {good or 'none'}: {do}, then {then}"
+
+    def _append_metrics0(self, path: Path, rec: dict) -> None:
+        """Rank 0: one metrics.jsonl record; a failed write stops the run in one line."""
+
+        def write():
+            with open(path, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+
+        why = _failed_write(write, path.parent)
+        if why is not None:
+            raise RunWriteError(self._write_stop0(f"metrics of step {self.step} not written", why))
 
     def _resume(self, spec: str) -> None:
         """Load the newest intact checkpoint (``latest``) or the one named. A damaged one (its files
@@ -1288,15 +1446,25 @@ class Trainer:
 
         out = Path(out) if out else self.out_dir / "export"
         sd = self.gathered_state_dict()
+        why = None
         if self.env.is_main:
             info = json.dumps({"step": self.step, "student_init": self.student_path, "teacher": self.teacher_path,
                                "config": to_dict(self.cfg)}, indent=2)
             card = card_metadata(self.cfg, step=self.step, student=self.student_path, teacher=self.teacher_path,
                                  metrics_path=self.out_dir / "metrics.jsonl")
-            export_hf(sd, self.model_config, self.tokenizer, out, generation_config=self.generation_config,
-                      extra_files={"distill_run.json": info}, card=card)
-            print0(f"[trainer] exported student to {out}")
-        distenv.barrier()
+            why = _failed_write(lambda: export_hf(sd, self.model_config, self.tokenizer, out,
+                                                  generation_config=self.generation_config,
+                                                  extra_files={"distill_run.json": info}, card=card), out.parent)
+            if why is not None:
+                # export_hf writes a .tmp-<name>-<pid> folder and renames it: the partial one holds space
+                for partial in out.parent.glob(f".tmp-{out.name}-{os.getpid()}"):
+                    shutil.rmtree(partial, ignore_errors=True)
+                why = self._write_stop0(f"student not exported to {out}", why, export_to=out)
+            else:
+                print0(f"[trainer] exported student to {out}")
+        why = distenv.broadcast_object0(why)  # also the barrier after rank 0's export
+        if why is not None:
+            raise RunWriteError(why)
         return out
 
     def evaluate(self, final: bool = False) -> dict | None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from distill.config import (
     CheckpointSection,
     ConfigError,
+    check_sentibench_tasks,
     DataSection,
     DeepSpeedSection,
     KDSection,
@@ -146,4 +147,9 @@ class ICLDistConfig:
             raise ConfigError("model.teacher is empty: ICLDist needs a teacher (\"builtin\", a folder or a hub name)")
         if self.report.limit < 0 or self.report.shots < 0:
             raise ConfigError(f"report: limit={self.report.limit} and shots={self.report.shots} must be >= 0")
-        self.trainer_config().validate()
+        if self.kd.teacher_backend != "icldist":
+            # trainer_config() sets it: another value would be ignored without a word
+            raise ConfigError(f"kd.teacher_backend={self.kd.teacher_backend!r}: ICLDist's teacher is the icldist "
+                              f"backend, chosen by teacher.source (online | cache); leave kd.teacher_backend unset")
+        check_sentibench_tasks(self.report.tasks, "report.tasks")  # also read by --stage eval, report.enabled or not
+        self.trainer_config().validate(stage_names=("icldist",))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -61,9 +62,10 @@ class KnowDistConfig(RunConfig):
     def validate(self) -> None:
         super().validate()
         h = self.harvest
-        _check(h.texts_per_task >= 1 and h.max_new_tokens >= 1 and h.batch_size >= 1,
-               f"harvest: texts_per_task={h.texts_per_task}, max_new_tokens={h.max_new_tokens}, "
-               f"batch_size={h.batch_size} must be >= 1")
+        for name in ("texts_per_task", "max_new_tokens", "batch_size"):
+            _check(getattr(h, name) >= 1, f"harvest.{name}={getattr(h, name)} must be >= 1")
+        _check(h.temperature >= 0 and math.isfinite(h.temperature),
+               f"harvest.temperature={h.temperature} must be a finite number >= 0 (0 = greedy)")
         _check(len(h.perspectives) >= 1, "harvest.perspectives is empty")
 
 
@@ -191,6 +193,9 @@ def quick_comparison0(teacher: str, student_init: str, student: str, out_dir: st
 def run(cfg: KnowDistConfig, argv: list[str] | None = None) -> int:
     """Resolve the models, get the corpus, train, print the summary (rank 0). ``argv`` goes to the Trainer."""
     t0 = time.time()
+    # Before the built-in models, the harvest and the trainer: what this machine cannot run, and a run
+    # or checkpoint folder that cannot be written, are one line now rather than after hours of work.
+    cfg.check_machine()
     from distill.dist.env import print0, read_env
     from distill.models.load import resolve_builtin
     from distill.trainer import Trainer, check_run_folder

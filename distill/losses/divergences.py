@@ -50,6 +50,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from distill.errors import UserError
 from distill.teacher.output import TopKTeacher
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
@@ -554,8 +555,10 @@ def _warn_once(key, msg: str) -> None:
         warnings.warn(msg, stacklevel=3)
 
 
-class KernelUnavailable(ValueError):
-    """``impl="triton"`` was asked for and the kernel cannot serve this call (one line, with the reason)."""
+class KernelUnavailable(UserError, ValueError):
+    """``impl="triton"`` was asked for and the kernel cannot serve this call (one line, with the reason;
+    a launcher's exit status 2). What the machine lacks (no CUDA, no triton) is refused before any
+    model loads (:meth:`distill.config.RunConfig.check_machine`); this covers what only the call shows."""
 
 
 def kernel_fallback(requested: str, what: str, reason: str) -> None:

@@ -80,6 +80,21 @@ class MultiTeacherSection:
     def validate(self, run) -> None:
         """Checks of this section and its fit with the run (``run``: the RunConfig)."""
         k = run.kd
+        # the strategy and its knobs are checked with or without teachers: a misspelt name is never ignored
+        _check(self.weighting in STRATEGIES, f"multiteacher.weighting={self.weighting!r}: one of {list(STRATEGIES)}")
+        c, a, m = self.confidence, self.attention, self.meta
+        _check(c.signal in ("gold_prob", "neg_entropy"),
+               f"multiteacher.confidence.signal={c.signal!r}: gold_prob | neg_entropy")
+        _check(c.temperature > 0 and math.isfinite(c.temperature),
+               f"multiteacher.confidence.temperature={c.temperature} must be > 0")
+        _check(a.entropy_bonus >= 0 and math.isfinite(a.entropy_bonus) and a.hidden >= 0,
+               f"multiteacher.attention.entropy_bonus={a.entropy_bonus} and .hidden={a.hidden} must be >= 0")
+        _check(m.every >= 1 and m.heldout_batch >= 1,
+               f"multiteacher.meta.every={m.every} and .heldout_batch={m.heldout_batch} must be >= 1")
+        _check(m.lr > 0 and math.isfinite(m.lr), f"multiteacher.meta.lr={m.lr} must be > 0")
+        _check(m.max_logit > 0 and math.isfinite(m.max_logit), f"multiteacher.meta.max_logit={m.max_logit} must be > 0")
+        _check(bool(self.route.column.strip()), "multiteacher.route.column is empty: name the data field of each "
+                                                "example's teacher (e.g. teacher_id)")
         if not self.teachers:
             _check(k.teacher_backend != BACKEND_NAME,
                    f"kd.teacher_backend={BACKEND_NAME} needs multiteacher.teachers (a list of {{name, path, backend, "
@@ -89,7 +104,9 @@ class MultiTeacherSection:
                f"multiteacher.teachers lists {len(self.teachers)} teacher(s) but kd.teacher_backend="
                f"{k.teacher_backend!r}: set kd.teacher_backend={BACKEND_NAME}")
         _check(k.kind not in ("none",), "multiteacher.teachers with kd.kind=none: set a divergence (e.g. forward_kl)")
-        _check(self.weighting in STRATEGIES, f"multiteacher.weighting={self.weighting!r}: one of {list(STRATEGIES)}")
+        from distill.config import registered_names
+
+        backends = [b for b in registered_names("teacher_backends") if b != BACKEND_NAME]
         names = self.names
         _check(all(names), f"multiteacher.teachers: every teacher needs a name, got {names}")
         _check(len(set(names)) == len(names), f"multiteacher.teachers: names must be unique, got {names}")
@@ -97,6 +114,7 @@ class MultiTeacherSection:
             w = f"multiteacher.teachers[{i}] ({t.name})"
             _check(bool(t.path), f"{w}: path is empty")
             _check(t.backend != BACKEND_NAME, f"{w}: backend={t.backend} (a teacher cannot be a multiteacher)")
+            _check(t.backend in backends, f"{w}: backend={t.backend!r} is not a teacher backend; known: {backends}")
             _check(t.temperature > 0 and math.isfinite(t.temperature), f"{w}: temperature={t.temperature} must be > 0")
             _check(t.topk >= 0, f"{w}: topk={t.topk} must be >= 0")
             _check(t.backend not in ("cache", "ray") or t.topk > 0, f"{w}: backend={t.backend} serves top-k: set topk")
@@ -108,21 +126,14 @@ class MultiTeacherSection:
         if self.weighting == "fixed":
             _check(sum(t.weight for t in self.teachers) > 0,
                    f"multiteacher.weighting=fixed: the weights {[t.weight for t in self.teachers]} sum to 0")
-        c, a, m = self.confidence, self.attention, self.meta
-        _check(c.signal in ("gold_prob", "neg_entropy"),
-               f"multiteacher.confidence.signal={c.signal!r}: gold_prob | neg_entropy")
-        _check(c.temperature > 0, f"multiteacher.confidence.temperature={c.temperature} must be > 0")
-        _check(a.entropy_bonus >= 0 and a.hidden >= 0,
-               f"multiteacher.attention.entropy_bonus={a.entropy_bonus} and .hidden={a.hidden} must be >= 0")
-        _check(m.every >= 1 and m.heldout_batch >= 1,
-               f"multiteacher.meta.every={m.every} and .heldout_batch={m.heldout_batch} must be >= 1")
-        _check(m.lr > 0, f"multiteacher.meta.lr={m.lr} must be > 0")
         _check(0 <= m.min_weight * len(self.teachers) < 1,
                f"multiteacher.meta.min_weight={m.min_weight} x {len(self.teachers)} teachers must be in [0, 1)")
-        _check(m.max_logit > 0, f"multiteacher.meta.max_logit={m.max_logit} must be > 0")
         if self.weighting in ("attention", "meta"):
             _check(k.path == "lean", f"multiteacher.weighting={self.weighting} reads the student's final hidden "
                                      f"states at the supervised rows: it needs kd.path=lean, got {k.path}")
         if self.weighting == "route":
             _check(not run.data.packing, "multiteacher.weighting=route reads a per-example teacher column: "
                                          "data.packing=true merges examples; turn packing off")
+            _check(run.data.name != "sft", f"multiteacher.weighting=route reads each example's "
+                                           f"{self.route.column!r} field: set data.name=sft_routed (data.name=sft "
+                                           f"drops it)")

@@ -163,6 +163,14 @@ def test_config_errors():
             multiteacher={"teachers": [two[0], {"name": "c", "path": "z", "backend": "cache"}]})
     with pytest.raises(ConfigError, match="unknown key"):
         cfg(kd={"teacher_backend": "multiteacher"}, multiteacher={"teachers": [{"name": "a", "path": "x", "T": 2}]})
+    # before any teacher is built (they were a KeyError once the student was loaded, or at the first step)
+    with pytest.raises(ConfigError, match=r"multiteacher.teachers\[1\] \(b\): backend='colocatd' is not a teacher "
+                                          r"backend; known: \['cache', 'colocated', (?!.*multiteacher)"):
+        cfg(kd={"teacher_backend": "multiteacher"}, multiteacher={"teachers": [two[0], two[1] | {"backend": "colocatd"}]})
+    with pytest.raises(ConfigError, match="set data.name=sft_routed"):
+        cfg(kd={"teacher_backend": "multiteacher"}, multiteacher={"teachers": two, "weighting": "route"})
+    with pytest.raises(ConfigError, match="multiteacher.weighting='learned'"):
+        cfg(multiteacher={"weighting": "learned"})  # no teachers: was ignored
 
 
 def test_mixed_backends_cache_teacher_equals_colocated_topk(mt_assets, tmp_path):

@@ -188,3 +188,120 @@ def test_epochs_given_trains_by_epochs_and_steps_given_wins_in_one_line(capsys):
     assert (cfg.train.steps, cfg.train.epochs) == (7, 2.0)
     err = capsys.readouterr().err
     assert "train.steps=7 and train.epochs=2 are both set: steps wins" in err and err.count("\n") == 1
+
+
+# -- registries, SentiBench tasks, --print-config: refused when the config is read, before any model --
+
+@pytest.mark.parametrize("argv,msg", [
+    # (a test that registers its own name before this one adds it to the lists: only their start is pinned)
+    (["--data.name=sfft"], "data.name='sfft' is not a dataset; known: ["),
+    (["--kd.teacher_backend=colocatd"], "kd.teacher_backend='colocatd' is not a teacher backend; known: ['cache', "
+                                        "'colocated', "),
+    # checked with or without teachers: a single-teacher run with a misspelt strategy used to run, ignoring it
+    (["--multiteacher.weighting=metta"], "multiteacher.weighting='metta': one of ['fixed', 'route'"),
+    (["--multiteacher.confidence.signal=entropy"], "multiteacher.confidence.signal='entropy': gold_prob | neg_entropy"),
+    (["--multiteacher.meta.lr=0"], "multiteacher.meta.lr=0.0 must be > 0"),
+    (["--eval.tasks=sc/sst2,sc/nope"], "eval.tasks='sc/sst2,sc/nope': unknown SentiBench task(s) ['sc/nope']; known: "
+                                       "all, basic, multifaceted, fine-grained (categories) and sc/sst2"),
+    (["--eval.tasks=,"], "eval.tasks is empty"),
+    (["--print-config", "yaml"], "--print-config takes no value (got 'yaml')"),
+    (["--print-config=x"], "--print-config takes no value (got 'x')"),
+])
+def test_names_are_checked_when_the_config_is_read(argv, msg):
+    from distill.config import registered_names
+
+    with pytest.raises(ConfigError) as e:
+        load_config(RunConfig, argv)
+    assert msg in str(e.value)
+    if "known: [" in msg:
+        assert str(registered_names("datasets" if "data.name" in msg else "teacher_backends")) in str(e.value)
+
+
+def test_registered_names_follow_the_registries():
+    """The names validate() accepts are the registries' (built in, and a program's own registered
+    before the check), and a stage's own names only where that stage passes them."""
+    import re
+    from pathlib import Path
+
+    import distill.trainer as T
+    from distill.config import BUILTIN_DATASETS, BUILTIN_TEACHER_BACKENDS, registered_names
+    from distill.multiteacher.config import BACKEND_NAME
+    from distill.multiteacher.stage import ROUTED_DATASET
+
+    # every name the package registers (decorators; the multi-teacher stage's setdefault), ICLDist's own aside
+    src = "".join(f.read_text() for f in Path(T.__file__).parent.rglob("*.py"))
+    found = {kind: set(re.findall(rf'register_{kind}\("([^"]+)"\)', src)) - {"icldist"}
+             for kind in ("dataset", "teacher_backend")}
+    assert found["dataset"] and found["teacher_backend"]
+    assert found["dataset"] | {ROUTED_DATASET} == set(BUILTIN_DATASETS)
+    assert found["teacher_backend"] | set(T.LAZY_BACKENDS) | {BACKEND_NAME} == set(BUILTIN_TEACHER_BACKENDS)
+    T.register_dataset("test_own_rows")(lambda cfg, tok, ctx: [])
+    try:
+        cfg, _ = load_config(RunConfig, ["--data.name=test_own_rows"])
+        assert cfg.data.name == "test_own_rows"
+    finally:
+        T.DATASETS.pop("test_own_rows")
+    assert "icldist" not in registered_names("teacher_backends")
+    cfg = RunConfig()
+    cfg.kd.teacher_backend = cfg.data.name = "icldist"
+    cfg.validate(stage_names=("icldist",))
+    with pytest.raises(ConfigError, match="kd.teacher_backend='icldist' is not a teacher backend"):
+        cfg.validate()
+
+
+def test_print_config_alone_still_prints(capsys):
+    with pytest.raises(SystemExit) as e:
+        load_config(RunConfig, ["--print-config", "--train.lr=0.5", "--local_rank", "0"])
+    assert e.value.code == 0 and "lr: 0.5" in capsys.readouterr().out
+
+
+# -- what this machine cannot run: one line with what to use instead (RunConfig.check_machine) --------
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--deepspeed.dist_backend=nccl"], "deepspeed.dist_backend=nccl needs CUDA GPUs and NCCL; this machine has no "
+                                        "CUDA GPU: use deepspeed.dist_backend=gloo"),
+    (["--model.attn=flash_attention_2"], "this machine has no CUDA GPU: use model.attn=sdpa"),
+    (["--kd.impl=triton"], "this machine has no CUDA GPU and TRITON_INTERPRET is not 1: use kd.impl=torch"),
+])
+def test_machine_cannot_run(no_cuda, argv, msg):
+    cfg, _ = load_config(RunConfig, argv)  # a config for GPUs still loads and validates on a CPU machine
+    with pytest.raises(ConfigError) as e:
+        cfg.check_machine()
+    assert msg in str(e.value)
+
+
+def test_machine_fp16_under_deepspeed_without_cuda(no_cuda):
+    accel = pytest.importorskip("deepspeed.accelerator").get_accelerator()
+    if accel.is_fp16_supported():
+        pytest.skip("this CPU does fp16 in DeepSpeed: nothing to refuse")
+    for argv, msg in ((["--model.dtype=float16"], "model.dtype=float16: DeepSpeed has no float16 on this machine"),
+                      (["--model.teacher_dtype=fp16"], "model.teacher_dtype=fp16 (teacher.placement=auto): DeepSpeed "
+                                                       "has no float16")):
+        cfg, _ = load_config(RunConfig, ["--deepspeed.engine=deepspeed", *argv])
+        with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+            cfg.check_machine()
+
+
+@pytest.mark.parametrize("argv", [
+    ["--deepspeed.engine=deepspeed", "--model.dtype=bfloat16"],  # bf16 trains on CPU, in both engines
+    ["--deepspeed.engine=torch", "--model.dtype=float16"],  # torch's CPU kernels run fp16
+    ["--deepspeed.engine=deepspeed", "--model.teacher_dtype=float16", "--teacher.placement=replicated"],
+    ["--deepspeed.dist_backend=gloo", "--model.attn=sdpa", "--kd.impl=torch"],
+])
+def test_machine_accepts_what_runs_on_cpu(no_cuda, argv):
+    cfg, _ = load_config(RunConfig, argv)
+    cfg.check_machine()
+
+
+def test_machine_triton_interpreter(no_cuda, monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    load_config(RunConfig, ["--kd.impl=triton"])[0].check_machine()

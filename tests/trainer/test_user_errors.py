@@ -48,6 +48,10 @@ def test_invalid_yaml_names_the_line(tmp_path, launcher):
     (["--train.steps=abc"], ["command line", "train.steps", "expected an integer"]),
     (["--train.adam_betas=[0.9"], ["train.adam_betas", "not valid JSON"]),
     (["--trian.lr=1"], ["command line", "trian"]),
+    # printed the config and exited 0, ignoring the value
+    (["--print-config", "yaml"], ["--print-config takes no value (got 'yaml')"]),
+    (["--harvest.max_new_tokens=0"], ["harvest.max_new_tokens=0 must be >= 1"]),
+    (["--kd.teacher_backend=colocatd"], ["kd.teacher_backend='colocatd' is not a teacher backend"]),
 ])
 def test_bad_cli(launcher, args, needles):
     launcher.assert_user_error(launcher.run("knowdist.py", *args), *needles)
@@ -191,3 +195,212 @@ def test_teacher_without_tokenizer_warns(tmp_path, launcher, tiny_assets):
     warn = [x for x in proc.stdout.splitlines() if "no tokenizer files" in x]
     assert len(warn) == 1 and str(t) in warn[0] and f"student's tokenizer of {n} tokens" in warn[0], proc.stdout[-3000:]
     json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+# -- run and checkpoint folders that cannot be written: one line before any model loads ---------------
+
+def _cfg(assets, out_dir, **sections):
+    from distill.config import RunConfig, from_dict
+
+    cfg = from_dict(RunConfig, tiny_cfg_dict(assets, out_dir, **sections))
+    cfg.validate()
+    return cfg
+
+
+@pytest.mark.parametrize("case", ["out_dir_is_a_file", "checkpoints_is_a_file", "checkpoint_dir_under_a_file",
+                                  "read_only"])
+def test_unwritable_run_folder(tmp_path, tiny_assets, monkeypatch, case):
+    """As root, chmod cannot make a folder read-only: a file stands in the folder's place, and the
+    read-only file system is the write probe failing with EROFS."""
+    import errno
+
+    import distill.fileio
+    from distill.config import ConfigError
+    from distill.models import load as ml
+    from distill.trainer import Trainer
+
+    out, extra = tmp_path / "run", {}
+    if case == "out_dir_is_a_file":
+        out.write_text("x")
+        needles = [f"run folder (run.out_dir) {out} is a file, not a folder", "--run.out_dir"]
+    elif case == "checkpoints_is_a_file":
+        out.mkdir()
+        (out / "checkpoints").write_text("x")
+        needles = [f"{out / 'checkpoints'} is a file, not a folder", "--checkpoint.dir or another --run.out_dir"]
+    elif case == "checkpoint_dir_under_a_file":
+        (tmp_path / "disk").write_text("x")
+        extra = {"checkpoint": {"dir": str(tmp_path / "disk" / "ck")}}
+        needles = [f"checkpoint folder (checkpoint.dir) {tmp_path / 'disk' / 'ck'} cannot be made: "
+                   f"{tmp_path / 'disk'} is a file"]
+    else:
+        real_open = open
+
+        def ro_open(path, *a, **k):
+            if ".write-probe-" in str(path):
+                raise OSError(errno.EROFS, "Read-only file system", str(path))
+            return real_open(path, *a, **k)
+
+        monkeypatch.setattr(distill.fileio, "open", ro_open, raising=False)
+        needles = [f"run folder (run.out_dir) {out} is not writable (read-only file system (EROFS))"]
+    monkeypatch.setattr(ml, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ConfigError) as e:
+        Trainer(_cfg(tiny_assets, out, **extra)).setup()
+    assert all(n in str(e.value) for n in needles), str(e.value)
+
+
+def test_knowdist_checks_folders_before_its_own_work(tmp_path, tiny_assets, monkeypatch):
+    """The KnowDist stage (built-in models, harvest, then the trainer) asks first, writing nothing."""
+    from distill.config import ConfigError, from_dict
+    from distill.knowdist.stage import KnowDistConfig, run
+    from distill.models import load as ml
+
+    (tmp_path / "run").write_text("x")
+    cfg = from_dict(KnowDistConfig, tiny_cfg_dict(tiny_assets, tmp_path / "run" / "sub"))
+    monkeypatch.setattr(ml, "resolve_builtin", lambda *a, **k: pytest.fail("models were resolved"))
+    with pytest.raises(ConfigError, match=f"cannot be made: {tmp_path / 'run'} is a file, not a folder"):
+        run(cfg, [])
+
+
+def test_knowdist_checks_the_machine_before_its_own_work(tmp_path, tiny_assets, monkeypatch):
+    import torch
+
+    from distill.config import ConfigError, from_dict
+    from distill.knowdist.stage import KnowDistConfig, run
+    from distill.models import load as ml
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cfg = from_dict(KnowDistConfig, tiny_cfg_dict(tiny_assets, tmp_path / "run", kd={"impl": "triton"}))
+    monkeypatch.setattr(ml, "resolve_builtin", lambda *a, **k: pytest.fail("models were resolved"))
+    with pytest.raises(ConfigError, match="kd.impl=triton runs the Triton kernels on a CUDA GPU"):
+        run(cfg, [])  # was a RuntimeError from triton ("0 active drivers") at the first step
+
+
+# -- a full disk during a checkpoint save: one line naming the file and the last intact checkpoint --------
+
+@pytest.mark.parametrize("error", ["enospc", "torch_save_full", "bug"])
+def test_full_disk_during_checkpoint_save(tmp_path, tiny_assets, monkeypatch, capsys, error):
+    """Step 2's save fails mid-write: the run stops with exit 2 and one line; step 1's checkpoint is
+    intact and resumes; the unfinished .tmp-step_2 is removed. torch.save reports a full disk as its
+    own RuntimeError: with no room left that is a full disk too; with room left it is a bug (traceback)."""
+    import errno
+    import shutil
+
+    from distill.dist.engine import TorchEngine
+    from distill.errors import run_cli
+    from distill.trainer import Trainer, list_checkpoints
+
+    real_save, calls = TorchEngine.save, []
+
+    def save(self, folder):
+        calls.append(folder)
+        if len(calls) < 2:
+            return real_save(self, folder)
+        folder.mkdir(parents=True)
+        (folder / "optim.pt").write_bytes(b"partial")
+        if error == "enospc":
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder / "optim.pt"))
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 180544 vs 180436")
+
+    monkeypatch.setattr(TorchEngine, "save", save)
+    if error == "torch_save_full":
+        usage = shutil.disk_usage(tmp_path)
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=0))
+    out = tmp_path / "run"
+    cfg = _cfg(tiny_assets, out, train={"steps": 3, "warmup_steps": 0, "grad_accum": 1},
+               checkpoint={"every": 1, "export": False})
+    tr = Trainer(cfg).setup()
+    if error == "bug":
+        with pytest.raises(RuntimeError, match="unexpected pos"):
+            tr.train()
+        return
+    assert run_cli(lambda argv: tr.train(), "knowdist.py", []) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    ck = out / "checkpoints"
+    why = f"{ck / '.tmp-step_00000002' / 'engine' / 'optim.pt'}: no space left on device (ENOSPC)" \
+        if error == "enospc" else f"{ck / '.tmp-step_00000002'}: no space left on device (ENOSPC; 0 bytes free; RuntimeError"
+    assert line.startswith(f"knowdist.py: error: checkpoint at step 2 not saved: {why}"), line
+    assert (f"the unfinished .tmp-step_00000002 was removed; last intact checkpoint: {ck / 'step_00000001'}: free "
+            f"space" in line and line.endswith("then continue from it with --resume")), line
+    assert not (ck / ".tmp-step_00000002").exists()
+    (good,) = list_checkpoints(ck)
+    state = json.loads((good / "trainer_state.json").read_text())
+    assert state["step"] == 1 and all((good / f).stat().st_size == v["size"] for f, v in state["files"].items())
+    if error == "enospc":  # and it resumes
+        monkeypatch.setattr(TorchEngine, "save", real_save)
+        resumed = Trainer(_cfg(tiny_assets, out, train={"steps": 3, "warmup_steps": 0, "grad_accum": 1},
+                               checkpoint={"every": 1, "export": False, "resume": "latest"})).setup()
+        assert resumed.step == 1
+
+
+# -- a run that trains nothing: one warning ---------------------------------------------------------------
+
+def test_stalled_run_warns_once(tmp_path, tiny_assets, monkeypatch, capsys):
+    """Every label masked: loss 0 and a zero gradient norm at every step; one warning (rank 0, once)
+    naming the steps and the likely causes, after Trainer.STALL_STEPS steps."""
+    import distill.trainer as T
+
+    @T.register_dataset("test_all_masked")
+    def _masked(cfg, tok, ctx):
+        ds = T.DATASETS["sft"](cfg, tok, ctx)
+
+        class Masked:
+            def __len__(self):
+                return len(ds)
+
+            def __getitem__(self, i):
+                item = dict(ds[i])
+                item["labels"] = [-100] * len(item["labels"])
+                return item
+
+        return Masked()
+
+    monkeypatch.setattr(T.Trainer, "STALL_STEPS", 3)
+    try:
+        tr = T.Trainer(_cfg(tiny_assets, tmp_path / "run", data={"name": "test_all_masked"}, kd={"kind": "none"},
+                            train={"steps": 5, "warmup_steps": 0, "grad_accum": 1},
+                            checkpoint={"export": False})).setup()
+        tr.train()
+    finally:
+        T.DATASETS.pop("test_all_masked")
+    warn = [x for x in capsys.readouterr().out.splitlines() if "nothing is being trained" in x]
+    assert len(warn) == 1, warn
+    assert warn[0].startswith("[trainer] warning: steps 1-3: the gradient norm was 0 and the loss did not move from 0 "
+                              "(3 steps in a row)"), warn
+    assert "learning rate of 0" in warn[0] and "frozen" in warn[0] and "every label masked" in warn[0]
+
+
+def test_training_run_does_not_warn(tmp_path, tiny_assets, monkeypatch, capsys):
+    import distill.trainer as T
+
+    monkeypatch.setattr(T.Trainer, "STALL_STEPS", 2)
+    T.Trainer(_cfg(tiny_assets, tmp_path / "run", train={"steps": 3, "warmup_steps": 0, "grad_accum": 1},
+                   checkpoint={"export": False})).setup().train()
+    assert "nothing is being trained" not in capsys.readouterr().out
+
+
+def test_full_disk_during_export(tmp_path, tiny_assets, monkeypatch, capsys):
+    """The final export fails for lack of space: one line naming the folder and the command that
+    exports the (complete) final checkpoint later; the partial export folder is removed."""
+    import errno
+
+    import distill.models.export as ex
+    from distill.errors import run_cli
+    from distill.trainer import Trainer
+
+    def full(sd, config, tok, out, **kw):
+        partial = out.parent / f".tmp-{out.name}-{__import__('os').getpid()}"
+        partial.mkdir(parents=True)
+        raise OSError(errno.ENOSPC, "No space left on device", str(partial / "model.safetensors"))
+
+    monkeypatch.setattr(ex, "export_hf", full)
+    out = tmp_path / "run"
+    tr = Trainer(_cfg(tiny_assets, out, train={"steps": 1, "warmup_steps": 0, "grad_accum": 1})).setup()
+    assert run_cli(lambda argv: tr.train(), "knowdist.py", []) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    ck = out / "checkpoints" / "step_00000001"
+    assert line.startswith(f"knowdist.py: error: student not exported to {out / 'export'}: ") and "(ENOSPC)" in line, line
+    assert line.endswith(f"last intact checkpoint: {ck}: free space (or lower checkpoint.keep_last, or give "
+                         f"--checkpoint.dir on another disk), then python -m distill.export --checkpoint {ck} --out "
+                         f"{out / 'export'}"), line
+    assert not list(out.glob(".tmp-export-*"))
