@@ -633,6 +633,7 @@ class LogSection:
 class EvalSection:
     every: int = 0  # SentiBench evaluation every N optimizer steps (0 = never during training)
     at_end: bool = False  # evaluate the final student
+    teacher: bool = False  # with at_end: score the teacher too (same tasks, slice and split), shown beside the student
     tasks: str = "sc/sst2"  # tasks (comma list, or all / basic / multifaceted / fine-grained)
     limit: int = 50  # test sentences per task (held-out slice; 0 = all)
     shots: int = 4  # demonstrations per prompt

@@ -1502,12 +1502,41 @@ class Trainer:
                       for t, v in (result.get("tasks") or {}).items()}
             where = result["split"] if isinstance(result["split"], str) else "val where present, else test"
             print0(f"[trainer] eval at step {self.step} ({where} split): {scores}")
+            del model
             if final:
                 paths = write_results(result, self.out_dir / "sentibench")
                 print0(f"[trainer] SentiBench results: {paths['json']} (sentibench plot {paths['json']} draws them)")
-            del model
+                if e.teacher and self.teacher_path:
+                    self._evaluate_teacher0(result, tasks, split)
         distenv.barrier()
         return result
+
+
+    def _evaluate_teacher0(self, student: dict, tasks, split) -> None:
+        """Rank 0, with ``eval.teacher``: the teacher on the student's final slice, written as
+        ``sentibench/teacher/results.json``; the student's results.md / .png then show both."""
+        from transformers import AutoModelForCausalLM
+
+        from distill.eval.report import plot_results, results_markdown
+        from distill.eval.sentibench import evaluate, write_results
+        from distill.models import load as ml
+
+        e = self.cfg.eval
+        teacher = AutoModelForCausalLM.from_pretrained(
+            self.teacher_path, dtype=ml.resolve_dtype(self.cfg.model.dtype if self.cfg.model.teacher_dtype == 'auto' else self.cfg.model.teacher_dtype, self.device.type == "cuda"),
+            trust_remote_code=self.cfg.model.trust_remote_code)
+        teacher.to(self.device).eval()
+        # the student's tokenizer: token-level KD already requires the two to agree
+        res = evaluate(teacher, self.tokenizer, tasks=tasks, shots=e.shots, seeds=(42,), split=split, limit=e.limit or None,
+                       batch_size=e.batch_size, local=True, model_name=f"teacher {Path(str(self.teacher_path)).name}")
+        del teacher
+        out = self.out_dir / "sentibench"
+        write_results(res, out / "teacher")
+        (out / "results.md").write_text(results_markdown([student, res]), encoding="utf-8")
+        plot_results([student, res], out / "results.png")
+        t = res["overall"].get("score")
+        print0(f"[trainer] teacher on the same slice: overall {None if t is None else round(float(t), 2)} "
+               f"({out / 'teacher' / 'results.json'}; {out / 'results.png'} shows both)")
 
 
 def load_state_dict_strict(model: torch.nn.Module, sd: dict, *, what: str) -> None:

@@ -21,7 +21,8 @@ def trainer(tiny_assets, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("eval_run")
     cfg = from_dict(RunConfig, tiny_cfg_dict(tiny_assets, out, train={"steps": 2, "warmup_steps": 0},
-                                             checkpoint={"export": True}, eval={**EVAL, "every": 1, "at_end": True}))
+                                             checkpoint={"export": True}, eval={**EVAL, "every": 1, "at_end": True,
+                                                                                               "teacher": True}))
     cfg.validate()
     return Trainer(cfg).setup()
 
@@ -33,7 +34,8 @@ def test_evaluate_loads_trained_student_and_logs(trainer, monkeypatch):
     real = sb.evaluate
 
     def spy(model, tokenizer, **kw):
-        seen["sd"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if not str(kw.get("model_name")).startswith("teacher "):  # the student's evaluations
+            seen["sd"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return real(model, tokenizer, **kw)
 
     monkeypatch.setattr(sb, "evaluate", spy)
@@ -57,6 +59,11 @@ def test_evaluate_loads_trained_student_and_logs(trainer, monkeypatch):
     assert json.loads(res.read_text())["split"] == "test"
     png = trainer.out_dir / "plot.png"
     assert run_cli(sentibench_main, "sentibench", ["plot", str(res), "-o", str(png)]) == 0 and png.is_file()
+    # eval.teacher: the teacher on the same slice, beside the student in results.md
+    teacher = json.loads((trainer.out_dir / "sentibench" / "teacher" / "results.json").read_text())
+    assert teacher["split"] == "test" and teacher["tasks"]["sc/sst2"]["n"] == 2 and teacher["model"].startswith("teacher ")
+    md = (trainer.out_dir / "sentibench" / "results.md").read_text()
+    assert f"| {trainer.out_dir.name} (step 2) |" in md and f"| {teacher['model']} |" in md
     # the export comes after the final evaluation: its model card shows the test scores
     card = (trainer.out_dir / "export" / "README.md").read_text()
     assert "Not evaluated" not in card and "Scores x100 at step 2, first 2 test examples per task" in card
