@@ -105,3 +105,14 @@ def folder_problem(path: str | os.PathLike, what: str, fix: str, *, create: bool
         except OSError:
             pass
     return None
+
+
+def writable_folder(path: str | os.PathLike, what: str, fix: str = "") -> Path:
+    """``path`` made (if missing) and written in by a probe, as :func:`folder_problem` does, before
+    long work whose results go there; its problem raised as a one-line UserError."""
+    from distill.errors import UserError
+
+    problem = folder_problem(path, what, fix or f"choose another {what} (a folder you can write in)")
+    if problem:
+        raise UserError(problem)
+    return Path(path)

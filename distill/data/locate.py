@@ -14,7 +14,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from distill.errors import UserError
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class DataDirMissing(UserError, FileNotFoundError):
+    """A SentiBench folder named explicitly (``--data-dir``, ``data_dir``, ``$SENTIBENCH_DIR``) is not there."""
 
 
 def cache_dir() -> Path:
@@ -30,13 +36,14 @@ def sentibench_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
     if data_dir is not None:
         path = Path(data_dir)
         if not path.is_dir():
-            raise FileNotFoundError(f"--data-dir {path} does not exist")
+            raise DataDirMissing(f"SentiBench data folder {path} (--data-dir / data_dir) does not exist or is not a "
+                                 f"folder; check the path, or leave it unset for the usual places (docs/sentibench.md)")
         return path
     env = os.environ.get("SENTIBENCH_DIR")
     if env:
         path = Path(env)
         if not path.is_dir():
-            raise FileNotFoundError(f"$SENTIBENCH_DIR={path} does not exist")
+            raise DataDirMissing(f"$SENTIBENCH_DIR={path} does not exist or is not a folder; fix or unset it")
         return path
     for path in (REPO_ROOT.parent / "shared" / "sentibench", cache_dir() / "sentibench"):
         if path.is_dir() and _looks_like_sentibench(path):

@@ -147,12 +147,51 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
+def not_a_causal_lm(config: dict) -> str | None:
+    """What a model config describes when ``AutoModelForCausalLM`` would not load it as a causal LM
+    (e.g. ``"a bert (BertForMaskedLM)"``), else None.
+
+    transformers maps some encoders to a causal class (a BERT loads as ``BertLMHeadModel``, with a
+    warning) and a headless ``*Model`` gets a random ``lm_head``: neither is a language model to
+    distil into or evaluate. The test: a class in ``architectures`` that transformers' causal-LM
+    mapping lists (or, for remote code, a ``*ForCausalLM`` / ``*LMHeadModel`` name or an ``auto_map``
+    entry for ``AutoModelForCausalLM``); without ``architectures``, the ``model_type``'s.
+    """
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    if "AutoModelForCausalLM" in (config.get("auto_map") or {}):
+        return None
+    mtype = str(config.get("model_type") or "model")
+    archs = [a for a in config.get("architectures") or () if isinstance(a, str)]
+    if archs:
+        causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+        if any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+            return None
+        return f"a {mtype} ({', '.join(archs)})"
+    if mtype not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        # a model type transformers does not know (remote code without auto_map): nothing to go by
+        return f"a {mtype} model" if mtype in CONFIG_MAPPING_NAMES else None
+    if mtype in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.get("is_decoder"):
+        return f"a {mtype} whose config lists no architectures and does not set is_decoder (an encoder)"
+    return None
+
+
 def check_model_folder(folder: Path, what: str = "model folder") -> None:
-    """config.json readable, and a weights file (or every shard of an index) present with a readable header."""
+    """config.json readable and describing a causal LM, and a weights file (or every shard of an index)
+    present with a readable header."""
     if not (folder / "config.json").is_file():
         raise UserError(f"{what} {folder} has no config.json: not a Hugging Face model folder (save one with "
                         f"save_pretrained, or point {_WHERE} at the folder that holds config.json)")
-    _read_json(folder / "config.json", what)
+    kind = not_a_causal_lm(_read_json(folder / "config.json", what))
+    if kind:
+        raise UserError(f"{what} {folder} is {kind}, not a causal language model (its config.json names no "
+                        f"*ForCausalLM class): distillation, prediction and SentiBench need a decoder-only LM "
+                        f"(Llama, Qwen2, ...); give the folder of one ({_WHERE})")
     present = [f for f in _WEIGHT_FILES if (folder / f).is_file()]
     if not present:
         raise UserError(f"{what} {folder} has no weights file ({', '.join(_WEIGHT_FILES)}); copy the weights in or "
@@ -175,6 +214,21 @@ def check_model_folder(folder: Path, what: str = "model folder") -> None:
             except Exception as e:
                 raise UserError(f"{what}: weights file {f} is truncated or corrupt ({_first_line(e)}); re-save or "
                                 f"re-download it") from e
+
+
+def check_hub_config(name: str, what: str = "model", *, trust_remote_code: bool = False) -> None:
+    """A hub name's config.json (no weights) describes a causal LM; a config that cannot be fetched
+    is left to ``from_pretrained``, which says why."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).to_dict()
+    except Exception:
+        return
+    kind = not_a_causal_lm(cfg)
+    if kind:
+        raise UserError(f"{what} {name} (Hugging Face hub) is {kind}, not a causal language model: distillation, "
+                        f"prediction and SentiBench need a decoder-only LM (Llama, Qwen2, ...)")
 
 
 def tokenizer_fingerprint(tok) -> str:
@@ -265,10 +319,11 @@ def logit_transform(model) -> tuple[float, float | None]:
     return scale, final_logit_softcap(model.config)
 
 
-def load_causal_lm(name: str, *, dtype: torch.dtype, attn: str, device: str = "cpu",
+def load_causal_lm(name: str, *, dtype: torch.dtype, attn: str | None, device: str = "cpu",
                    trust_remote_code: bool = False, zero3_config: dict | None = None,
                    grad_checkpointing: bool = False, quantization: str = "", what: str = "model folder"):
-    """``AutoModelForCausalLM.from_pretrained`` with dtype / attention; partitioned at load under ZeRO-3;
+    """``AutoModelForCausalLM.from_pretrained`` with dtype / attention (None: transformers' default);
+    partitioned at load under ZeRO-3;
     ``quantization`` 8bit (LLM.int8) | 4bit (NF4, compute in ``dtype``): bitsandbytes linear layers
     placed on ``device`` at load (transformers keeps lm_head and the embeddings in ``dtype``)."""
     from transformers import AutoModelForCausalLM
@@ -276,6 +331,8 @@ def load_causal_lm(name: str, *, dtype: torch.dtype, attn: str, device: str = "c
     folder = local_folder(name, what)
     if folder is not None:
         check_model_folder(folder, what)
+    else:
+        check_hub_config(name, what, trust_remote_code=trust_remote_code)
     keep = None
     if zero3_config is not None:
         from transformers.integrations import HfDeepSpeedConfig
