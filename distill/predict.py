@@ -61,6 +61,9 @@ def predict(model, tokenizer, task: str, texts: Sequence[str], *, shots: int = 4
         raise PredictError(f"unknown task {task!r}; one of: {', '.join(TASKS)}")
     if shots < 0:
         raise PredictError(f"--shots must be >= 0, got {shots}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise PredictError(f"--max-new-tokens must be >= 1 (omit it for the evaluation's {MAX_NEW_TOKENS}), "
+                           f"got {max_new_tokens}")
     targets = list(targets) if targets is not None else [None] * len(texts)
     if task == "multifaced/pstance":
         missing = [i for i, g in enumerate(targets) if not g]
@@ -73,7 +76,7 @@ def predict(model, tokenizer, task: str, texts: Sequence[str], *, shots: int = 4
         raise PredictError(f"--shots {shots}: the {task} train split has only {len(pool)} records")
     prompts, _ = build_prompts(task, records, pool, shots, seed)
     runner = Runner(model, tokenizer, batch_size=batch_size,
-                    max_new_tokens=max_new_tokens or MAX_NEW_TOKENS)
+                    max_new_tokens=MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens)
     model.eval()
     encoded = runner.tokenize(prompts)
     out: list[dict] = []
@@ -146,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=8, help="prompts per model call")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="fine-grained generation budget (default 150)")
     ap.add_argument("--data-dir", default=None, help="SentiBench folder for the demonstrations (as sentibench run)")
-    ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU that has it, else fp32) | float32 | bfloat16 | float16")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda:N")
     return ap
 
@@ -169,18 +172,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise PredictError(f"--shots must be >= 0, got {args.shots}")
     if args.batch_size < 1:
         raise PredictError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise PredictError(f"--max-new-tokens must be >= 1 (omit it for the evaluation's 150), got {args.max_new_tokens}")
     if not Path(args.model).is_dir():
         raise PredictError(f"--model {args.model}: no such model folder")
     if not (Path(args.model) / "config.json").is_file():
         raise PredictError(f"--model {args.model}: not a model folder (no config.json)")
+    from distill.eval.sentibench import load_model, resolve_device, resolve_dtype
+    from distill.fileio import writable_folder
+    from distill.models.load import check_model_folder
+
+    check_model_folder(Path(args.model), "--model")  # a BERT, missing or truncated weights: before any work
+    resolve_dtype(args.dtype, resolve_device(args.device))
+    if args.output:  # the predictions are written at the end: a path that cannot take them fails now
+        if Path(args.output).is_dir():
+            raise PredictError(f"--output {args.output} is a folder; give a file name, e.g. {Path(args.output) / 'preds.jsonl'}")
+        writable_folder(Path(args.output).parent, "--output")
     if args.input:
         rows = read_jsonl(args.input)
     else:
         rows = [{"text": t} for t in args.text]
     texts = [r["text"] for r in rows]
     targets = [r.get("target", args.target) for r in rows]
-
-    from distill.eval.sentibench import load_model
 
     model, tok = load_model(args.model, args.dtype, args.device, False)
     preds = predict(model, tok, task, texts, shots=args.shots, seed=args.seed, targets=targets,
@@ -192,7 +205,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         rec.update(p)
         lines.append(json.dumps(rec, ensure_ascii=False))
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text("".join(x + "\n" for x in lines), encoding="utf-8")
         print(f"wrote {len(lines)} predictions to {args.output}", file=sys.stderr)
     else:

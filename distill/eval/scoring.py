@@ -26,6 +26,14 @@ def out_of_label_set(task: str, predictions: Sequence[Any]) -> Counter:
     return Counter(q for q in map(_normalise, predictions) if q not in allowed)
 
 
+def gold_outside_label_set(task: str, records: Sequence[LabelRecord]) -> list[tuple[int, str]]:
+    """``[(record index, gold label)]`` of the records whose gold label is not in the task's label set."""
+    if task not in LABEL_WORDS:
+        return []
+    allowed = set(label_set(task))
+    return [(r.index, r.label) for r in records if r.label_word not in allowed]  # as score_classification compares
+
+
 def score_classification(records: Sequence[LabelRecord], predictions: Sequence[Any], task: str | None = None) -> dict:
     gold = [r.label_word for r in records]
     pred = [_normalise(p) for p in predictions]

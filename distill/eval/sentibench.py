@@ -35,6 +35,7 @@ from distill.data.sentibench import (
     is_sample,
     load_task,
     resolve_tasks,
+    task_file,
 )
 from distill.errors import UserError
 from distill.eval.protocol import LABEL_WORDS, MAX_NEW_TOKENS, build_prompts
@@ -159,12 +160,15 @@ def evaluate(
         raise SentiBenchUsageError("at least one seed is needed")
     if limit is not None and limit < 1:
         raise SentiBenchUsageError(f"limit must be >= 1 (None = every example), got {limit}")
+    if max_new_tokens < 1:
+        raise SentiBenchUsageError(f"max_new_tokens must be >= 1 (the fine-grained answer's budget), got {max_new_tokens}")
     # Fail before any model call: colliding label words, missing files.
     verbalizers = {t: verbalizer_ids(tokenizer, t) for t in task_list if t in LABEL_WORDS}
     plans = []  # (task, seed, records, prompts, repairs)
     splits = {t: (split.get(t, "test") if isinstance(split, Mapping) else split) for t in task_list}
     for task in task_list:
         tests = load_task(task, splits[task], data_dir)[:limit]
+        warn_gold_outside_label_set(task, tests, task_file(task, splits[task], data_dir))
         pool = load_task(task, "train", data_dir)
         for seed in seeds:
             prompts, repairs = build_prompts(task, tests, pool, shots, seed)
@@ -318,6 +322,7 @@ def score_file(task: str, predictions: str | os.PathLike, *, data_dir=None, spli
         raise SentiBenchUsageError(f"--limit must be >= 1 (omit it to score every example), got {limit}")
     records = load_task(resolve_tasks([task])[0], split, data_dir)[:limit]
     preds = read_predictions(predictions, len(records))
+    warn_gold_outside_label_set(task, records, task_file(task, split, data_dir))
     m = score_task(task, records, preds)
     out: dict[str, Any] = {"task": task, "split": split, "sample": is_sample(data_dir),
                            "data": data_provenance(data_dir)["source"]}
@@ -326,6 +331,32 @@ def score_file(task: str, predictions: str | os.PathLike, *, data_dir=None, spli
     for k, v in m.items():
         out[k] = 100 * v if k in ("f1", "acc", "precision", "recall") else v
     return out
+
+
+_GOLD_WARNED: set[str] = set()
+
+
+def warn_gold_outside_label_set(task: str, records: Sequence, path: Path) -> str | None:
+    """Warn once per file (on stderr, rank 0) when gold labels of a classification task fall outside
+    its label set; returns the warning (None when there is nothing to say).
+
+    The authors' scorer (scikit-learn's macro-F1 over the union of gold and predicted labels) counts
+    such rows: the model can only answer a label word, so each is a miss, and each such gold label
+    adds a class of F1 0 to the average. We score them the same way, and say so.
+    """
+    from distill.eval.scoring import gold_outside_label_set
+
+    bad = gold_outside_label_set(task, records)
+    if not bad:
+        return None
+    index, label = bad[0]
+    msg = (f"sentibench: warning: {path}: {len(bad)} of {len(records)} gold labels are not in the {task} label set "
+           f"({', '.join(label_set(task))}), the first {label!r} at record {index}; they are scored as the authors' "
+           f"scorer does (always a miss, and a class of F1 0 in the macro average): fix the file if they are typos")
+    if str(path) not in _GOLD_WARNED:
+        _GOLD_WARNED.add(str(path))
+        print0(msg, file=sys.stderr)
+    return msg
 
 
 # --------------------------------------------------------------------------------------- download
@@ -427,20 +458,76 @@ def _seeds(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"--seeds must be comma-separated integers, got {text!r}") from None
 
 
-def _load_model(name: str, dtype: str, device: str, trust_remote_code: bool):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 
-    if device == "auto":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+
+def resolve_device(text: str) -> str:
+    """``--device`` (auto | cpu | cuda | cuda:N) as a device this machine has, or a one-line error
+    saying what it has instead."""
+    import torch
+
+    if text == "auto":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     try:
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
-    except OSError as e:  # no such folder / hub name, or a folder without a model (transformers says which)
-        raise SentiBenchUsageError(f"--model {name}: cannot load a causal LM ({e})") from e
-    return model.to(device), tok
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise SentiBenchUsageError(f"--device {text!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SentiBenchUsageError(f"--device {text}: this machine has no usable CUDA device (torch "
+                                       f"{torch.__version__} sees none); use --device cpu (or auto)")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise SentiBenchUsageError(f"--device {text}: this machine has {n} CUDA device(s), cuda:0 to "
+                                       f"cuda:{n - 1}; pick one of those (or auto)")
+    elif dev.type != "cpu":
+        raise SentiBenchUsageError(f"--device {text}: only cpu and cuda devices are supported; use auto, cpu or cuda:N")
+    return text
+
+
+def resolve_dtype(text: str, device: str):
+    """``--dtype`` as a torch dtype that works on ``device``; auto = bfloat16 on a GPU that has it, else
+    float32. A dtype the device cannot compute in is a one-line error naming one that works."""
+    import torch
+
+    if text not in DTYPES:
+        raise SentiBenchUsageError(f"--dtype {text!r}: one of {', '.join(DTYPES)}")
+    cuda = device.startswith("cuda")
+    if text == "auto":
+        return torch.bfloat16 if cuda and _bf16_on_gpu(device) else torch.float32
+    dtype = getattr(torch, text)
+    if dtype is torch.bfloat16 and cuda and not _bf16_on_gpu(device):
+        name = torch.cuda.get_device_name(torch.device(device))
+        raise SentiBenchUsageError(f"--dtype bfloat16: {name} ({device}) has no bfloat16 arithmetic; use --dtype "
+                                   f"float16 or float32 (or auto)")
+    if dtype is not torch.float32 and not cuda:
+        try:  # what a forward needs: a matmul and a softmax in that dtype
+            torch.ones(2, 2, dtype=dtype).matmul(torch.ones(2, 2, dtype=dtype)).softmax(-1)
+        except RuntimeError as e:
+            raise SentiBenchUsageError(f"--dtype {text}: this torch ({torch.__version__}) cannot compute in {text} on "
+                                       f"the CPU ({str(e).splitlines()[0]}); use --dtype float32 (or auto)") from None
+    return dtype
+
+
+def _bf16_on_gpu(device: str) -> bool:
+    import torch
+
+    major, _ = torch.cuda.get_device_capability(torch.device(device))
+    return major >= 8  # Ampere and later compute in bfloat16; earlier GPUs only emulate it
+
+
+def _load_model(name: str, dtype: str, device: str, trust_remote_code: bool):
+    """(model, tokenizer) of ``--model`` on ``--device`` in ``--dtype``, through the shared model loader
+    (distill.models.load: a folder without config.json, weights or tokenizer, truncated weights, or a
+    model that is not a causal LM is a one-line error naming the folder)."""
+    from distill.models.load import load_causal_lm, load_tokenizer
+
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    tok = load_tokenizer(name, trust_remote_code=trust_remote_code, what="--model")
+    model = load_causal_lm(name, dtype=torch_dtype, attn=None, device=device, trust_remote_code=trust_remote_code,
+                           what="--model")
+    return model, tok
 
 
 load_model = _load_model  # public name: distill.predict loads the model the same way
@@ -463,9 +550,12 @@ def cmd_run(args) -> int:
         torch.set_num_threads(args.cpu_threads)
     _init_distributed()
     from distill.eval.runner import dist_info
+    from distill.fileio import writable_folder
 
-    model, tok = _load_model(args.model, args.dtype, args.device, args.trust_remote_code)
     out = Path(args.out)
+    if dist_info()[0] == 0:  # the results go there after the whole evaluation: a bad --out fails now
+        writable_folder(out / "predictions", "--out")
+    model, tok = _load_model(args.model, args.dtype, args.device, args.trust_remote_code)
     results = evaluate(
         model, tok, tasks=args.tasks, shots=args.shots, seeds=args.seeds, limit=args.limit,
         batch_size=args.batch_size, data_dir=args.data_dir, split=args.split,
@@ -495,6 +585,9 @@ def cmd_score(args) -> int:
 def cmd_plot(args) -> int:
     from distill.eval.report import load_results, plot_results
 
+    from distill.fileio import writable_folder
+
+    writable_folder(Path(args.output).parent, "-o/--output")
     results = [load_results(p) for p in args.results]
     labels = args.labels.split(",") if args.labels else None
     if labels and len(labels) != len(results):
