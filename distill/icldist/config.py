@@ -147,6 +147,9 @@ class ICLDistConfig:
             raise ConfigError("model.teacher is empty: ICLDist needs a teacher (\"builtin\", a folder or a hub name)")
         if self.report.limit < 0 or self.report.shots < 0:
             raise ConfigError(f"report: limit={self.report.limit} and shots={self.report.shots} must be >= 0")
+        if self.report.batch_size < 1 or not self.report.seeds:
+            raise ConfigError(f"report: batch_size={self.report.batch_size} must be >= 1 and seeds={self.report.seeds} "
+                              f"must name at least one seed")
         if self.kd.teacher_backend != "icldist":
             # trainer_config() sets it: another value would be ignored without a word
             raise ConfigError(f"kd.teacher_backend={self.kd.teacher_backend!r}: ICLDist's teacher is the icldist "

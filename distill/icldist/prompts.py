@@ -26,6 +26,7 @@ import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 from distill.icldist.tasks import TaskData
@@ -119,6 +120,30 @@ class PromptConfig:
             raise ConfigError(f"{where}.formats: {bad or '[]'} not in {list(FORMATS)}")
         if self.per_task < 0:
             raise ConfigError(f"{where}.per_task must be >= 0, got {self.per_task}")
+        self.validate_tasks(where)
+
+    def validate_tasks(self, where: str = "prompts") -> None:
+        """Task names, held-out names, the data folder and every ``extra`` entry, before any data is read."""
+        from distill.config import ConfigError, check_sentibench_tasks
+        from distill.data.sentibench import TASKS
+        from distill.icldist.tasks import check_extra_spec, extra_name
+
+        if self.tasks:  # none: only the prompts.extra datasets
+            check_sentibench_tasks(",".join(self.tasks), f"{where}.tasks")
+        if self.data_dir and not Path(self.data_dir).is_dir():
+            raise ConfigError(f"{where}.data_dir: {self.data_dir} does not exist or is not a folder; give the SentiBench "
+                              f"folder, or leave it empty for the usual places (docs/sentibench.md)")
+        for i, spec in enumerate(self.extra):
+            check_extra_spec(spec, i)
+        extra = [extra_name(spec, i) for i, spec in enumerate(self.extra)]
+        twice = sorted({n for n in extra if extra.count(n) > 1} | (set(extra) & set(TASKS)))
+        if twice:
+            raise ConfigError(f"{where}.extra: task name(s) {twice} are used twice (or are SentiBench task names); "
+                              f"give each dataset its own name")
+        unknown = [t for t in self.held_out if t not in TASKS and t not in extra]
+        if unknown:
+            raise ConfigError(f"{where}.held_out: {unknown} are not tasks; known: the SentiBench tasks "
+                              f"{', '.join(TASKS)}" + (f" and the prompts.extra names {', '.join(extra)}" if extra else ""))
 
 
 @dataclass
@@ -215,7 +240,9 @@ def build_prompt_set(cfg: PromptConfig) -> list[Prompt]:
     for task in tasks:
         prompts += build_task_prompts(task, cfg)
     if not prompts:
-        raise ValueError(
+        from distill.config import ConfigError
+
+        raise ConfigError(
             f"ICLDist prompt set is empty: tasks={cfg.tasks}, held_out={cfg.held_out}, "
             f"fine_grained={cfg.fine_grained}, extra={len(cfg.extra)} dataset(s)"
         )

@@ -64,7 +64,7 @@ def build_prompts(run: ICLDistRun, write: bool) -> list:
     from distill.icldist.prompts import build_prompt_set, prompt_set_hash, summarize
 
     t0 = time.time()
-    prompts = build_prompt_set(run.cfg.prompts)
+    prompts = run.prompts or build_prompt_set(run.cfg.prompts)  # run_from_argv builds it before any model
     data = data_provenance(run.cfg.prompts.data_dir or None)
     if write:
         run.out_dir.mkdir(parents=True, exist_ok=True)
@@ -363,10 +363,8 @@ def make_trainer(run: ICLDistRun, argv=None):
 
 def write_report(run: ICLDistRun, export_dir: Path, *, teacher_path: str | None = None) -> dict | None:
     """SentiBench on the exported student (every rank calls it; rank 0 writes results.* there)."""
-    from transformers import AutoModelForCausalLM
-
     from distill.eval.sentibench import evaluate, summary_line, write_results
-    from distill.models.load import load_tokenizer
+    from distill.models.load import load_causal_lm, load_tokenizer
 
     r = run.cfg.report
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -374,9 +372,9 @@ def write_report(run: ICLDistRun, export_dir: Path, *, teacher_path: str | None 
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
     def one(path: str, name: str) -> dict:
-        tok = load_tokenizer(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-        model.to(device)
+        tok = load_tokenizer(path, what=name)
+        model = load_causal_lm(path, dtype=torch.bfloat16 if device == "cuda" else torch.float32, attn=None,
+                               device=device, what=name)
         res = evaluate(model, tok, tasks=r.tasks, shots=r.shots, seeds=r.seeds, limit=r.limit or None,
                        batch_size=r.batch_size, data_dir=run.cfg.prompts.data_dir or None, model_name=name)
         del model
@@ -425,8 +423,44 @@ def parse_args(argv: list[str]) -> tuple[ICLDistConfig, str, list[str]]:
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None)
     args, unknown = ap.parse_known_args(rest)
     if unknown:
-        raise SystemExit(f"launchers/icldist.py: unknown arguments {unknown} (settings are --section.key=value)")
+        from distill.config import ConfigError
+
+        raise ConfigError(f"command line: unknown arguments {unknown} (settings are --section.key=value, see --help)")
     return cfg, args.stage, rest
+
+
+def check_inputs(run: ICLDistRun, stage: str) -> None:
+    """What a stage needs from the user, before any model is built or loaded: the prompt set (every
+    task's data read and checked: labels, fields, files), the local model folders it will load (a
+    missing folder or config.json, missing or truncated weights, a model that is not a causal LM),
+    the trained student for ``--stage eval``, and the folders it writes (rank 0)."""
+    from distill.config import ConfigError
+    from distill.fileio import writable_folder
+    from distill.models.load import check_model_folder, local_folder
+
+    cfg = run.cfg
+    if int(os.environ.get("RANK", "0")) == 0:
+        writable_folder(run.out_dir, "run.out_dir")
+    run.prompts = build_prompts(run, write=False)
+    if stage == "prompts":
+        return
+    if run.cache_dir.exists() and not run.cache_dir.is_dir():
+        raise ConfigError(f"teacher.cache_dir: {run.cache_dir} is a file, not a folder; move it away or point "
+                          f"teacher.cache_dir elsewhere")
+    named = [("model.teacher", cfg.model.teacher)] if stage != "eval" or cfg.report.teacher else []
+    if stage in ("all", "train"):
+        named.append(("model.student", cfg.model.student))
+    for key, name in named:
+        if name and name != "builtin":
+            folder = local_folder(name, f"{key.split('.')[1]} folder ({key})")
+            if folder is not None:
+                check_model_folder(folder, f"{key.split('.')[1]} folder ({key})")
+    if stage == "eval":
+        export = run.out_dir / "export"
+        if not export.is_dir():
+            raise ConfigError(f"--stage eval: {export} does not exist; train first (--stage train or all) with this "
+                              f"run.out_dir")
+        check_model_folder(export, "the trained student (run.out_dir/export)")
 
 
 def _data_note(cfg: ICLDistConfig) -> str:
@@ -443,16 +477,17 @@ def run_from_argv(argv: list[str]) -> int:
     out_dir = Path(cfg.run.out_dir)
     rank = int(os.environ.get("RANK", "0"))
     run = ICLDistRun(cfg=cfg, out_dir=out_dir)
+    check_inputs(run, stage)
 
     if stage == "prompts":
         if rank == 0:
-            run.prompts = build_prompts(run, write=True)
+            build_prompts(run, write=True)
         return 0
     if stage == "cache":
         if rank != 0:
             return 0  # one process drives the service; the service itself is parallel
         run.student_path, run.teacher_path = resolve_models(cfg, out_dir)
-        run.prompts = build_prompts(run, write=True)
+        build_prompts(run, write=True)
         try:
             run_cache_stage(run)
         finally:
@@ -465,7 +500,6 @@ def run_from_argv(argv: list[str]) -> int:
     if stage == "eval":
         export = out_dir / "export"
         run.student_path, run.teacher_path = resolve_models(cfg, out_dir)
-        run.prompts = build_prompts(run, write=False)
         write_report(run, export, teacher_path=run.teacher_path if cfg.report.teacher else None)
         return 0
 

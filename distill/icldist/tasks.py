@@ -96,7 +96,7 @@ def verbalizer_ids(tokenizer, task: str, label_words: Sequence[str]) -> list[int
 
 
 def sentibench_task(name: str, data_dir: str | None = None) -> TaskData:
-    from distill.data.sentibench import FINE_GRAINED, load_task
+    from distill.data.sentibench import FINE_GRAINED, SentiBenchDataError, load_task, task_file
     from distill.eval import protocol
 
     records = load_task(name, split=TRAIN_SPLIT, data_dir=data_dir or None)
@@ -113,59 +113,138 @@ def sentibench_task(name: str, data_dir: str | None = None) -> TaskData:
         for r in records:
             extra = {"target": r.target} if getattr(r, "target", None) else {}
             if r.label_word not in words:
-                raise ValueError(f"SentiBench {name} train record {r.index}: label {r.label!r} not in {words}")
+                raise SentiBenchDataError(
+                    f"{task_file(name, TRAIN_SPLIT, data_dir or None)}: record {r.index}: label {r.label!r} is not in "
+                    f"the {name} label set {words}; fix the record (labels are compared lower-cased)")
             examples.append(Example(r.text, r.label_word, " " + r.label_word, " " + protocol.answer_text(name, r), extra, r))
         kind = "classification"
     return TaskData(name, kind, FAMILY.get(name, "generic"), words, examples, has_eval_format=True,
                     _eval_builder=protocol.build_prompt)
 
 
-def _read_table(spec: dict, where: str) -> list[dict]:
+EXTRA_KEYS = ("name", "path", "subset", "split", "text_field", "label_field", "labels", "label_map", "instructions")
+_TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _looks_like_file(path: str) -> bool:
+    """A local file name rather than a ``datasets`` hub name (``org/name``)."""
+    return (Path(path).suffix.lower() in _TABLE_BUILDERS or path.startswith(("/", ".", "~"))
+            or path.count("/") > 1 or "\\" in path)
+
+
+def check_extra_spec(spec, index: int) -> None:
+    """The checks of one ``prompts.extra`` entry that need no data: keys, types, the file, and the
+    label words (``label_map`` values must be among ``labels``). A ConfigError naming the entry."""
+    from distill.config import ConfigError
+
+    where = f"prompts.extra[{index}]"
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: expected a mapping (name:, path:, text_field:, ...), got {type(spec).__name__}")
+    unknown = sorted(str(k) for k in set(spec) - set(EXTRA_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(EXTRA_KEYS)}")
+    for key in ("name", "path", "subset", "split", "text_field", "label_field"):
+        if spec.get(key) is not None and not isinstance(spec[key], str):
+            raise ConfigError(f"{where}.{key}: expected a string, got {spec[key]!r}")
+    if spec.get("split", TRAIN_SPLIT) == "test":
+        raise ConfigError(f"{where}: split 'test' is not allowed: ICLDist never trains on test splits")
     path = spec.get("path")
     if not path:
-        raise ValueError(f"{where}: 'path' is required (a file or a datasets hub name)")
-    p = Path(path)
+        raise ConfigError(f"{where}: 'path' is required (a file or a datasets hub name)")
+    p = Path(path).expanduser()
     if p.exists():
-        import datasets
+        if not p.is_file():
+            raise ConfigError(f"{where}.path: {p} is a folder; give the data file (json, jsonl, csv or parquet)")
+        if p.suffix.lower() not in _TABLE_BUILDERS:
+            raise ConfigError(f"{where}.path: {p}: unsupported file type {p.suffix.lower()!r} (json, jsonl, csv, parquet)")
+    elif _looks_like_file(path):
+        raise ConfigError(f"{where}.path: {p} does not exist; check the path (a datasets hub name looks like org/name)")
+    labels = spec.get("labels")
+    if labels is not None:
+        if not isinstance(labels, list) or not all(isinstance(w, (str, int)) for w in labels):
+            raise ConfigError(f"{where}.labels: expected a list of label words, got {labels!r}")
+        words = [str(w).strip().lower() for w in labels]
+        if len(set(words)) < 2 or len(set(words)) != len(words):
+            raise ConfigError(f"{where}.labels: need at least 2 distinct label words, got {words}")
+    label_map = spec.get("label_map")
+    if label_map is not None:
+        if not isinstance(label_map, dict):
+            raise ConfigError(f"{where}.label_map: expected a mapping raw label -> label word, got {label_map!r}")
+        if labels is not None:
+            for raw, word in label_map.items():
+                if str(word).strip().lower() not in words:
+                    raise ConfigError(f"{where}.label_map: {raw!r} -> {word!r}, but {str(word).strip().lower()!r} is "
+                                      f"not in labels {words}; add it to labels or fix the map")
+    instructions = spec.get("instructions")
+    if instructions is not None:
+        if not isinstance(instructions, list) or not all(isinstance(t, str) for t in instructions):
+            raise ConfigError(f"{where}.instructions: expected a list of strings, got {instructions!r}")
+        for i, text in enumerate(instructions):
+            try:
+                text.format(labels="", target="")
+            except (KeyError, IndexError, ValueError) as e:
+                raise ConfigError(f"{where}.instructions[{i}]: {text!r} has a placeholder other than {{labels}} and "
+                                  f"{{target}} ({type(e).__name__}: {e}); write a literal brace as {{{{ or }}}}") from None
 
-        suffix = p.suffix.lower()
-        builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(suffix)
-        if builder is None:
-            raise ValueError(f"{where}: {p}: unsupported file type {suffix!r} (json, jsonl, csv, parquet)")
-        ds = datasets.load_dataset(builder, data_files=str(p), split="train")
+
+def extra_name(spec: dict, index: int) -> str:
+    """The task name of a ``prompts.extra`` entry (also what ``held_out`` names it by)."""
+    return spec.get("name") or f"extra/{index}"
+
+
+def _read_table(spec: dict, where: str) -> list[dict]:
+    from distill.config import ConfigError
+    from distill.data.sft import DataError
+
+    path = spec["path"]
+    p = Path(path).expanduser()
+    import datasets
+
+    if p.is_file():
+        builder = _TABLE_BUILDERS[p.suffix.lower()]
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(p), split="train")
+        except Exception as e:  # a malformed file: the datasets builders raise several kinds
+            first = (str(e).splitlines() or [""])[0]
+            raise DataError(f"{where}.path: {p}: cannot be read as {p.suffix.lower()[1:]} ({type(e).__name__}: {first}); "
+                            f"fix or re-create the file") from e
     else:
-        import datasets
-
-        ds = datasets.load_dataset(path, spec.get("subset"), split=spec.get("split", TRAIN_SPLIT))
+        try:
+            ds = datasets.load_dataset(path, spec.get("subset"), split=spec.get("split", TRAIN_SPLIT))
+        except Exception as e:
+            first = (str(e).splitlines() or [""])[0]
+            raise ConfigError(f"{where}.path: {path!r} is not a local file and could not be loaded as a datasets hub "
+                              f"name ({type(e).__name__}: {first}); give a file, or download the dataset first") from e
     return list(ds)
 
 
 def user_task(spec: dict, index: int) -> TaskData:
+    from distill.data.sft import DataError
+
+    check_extra_spec(spec, index)
     where = f"prompts.extra[{index}]"
-    known = {"name", "path", "subset", "split", "text_field", "label_field", "labels", "label_map", "instructions"}
-    unknown = sorted(set(spec) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
-    if spec.get("split", TRAIN_SPLIT) == "test":
-        raise ValueError(f"{where}: split 'test' is not allowed: ICLDist never trains on test splits")
-    name = spec.get("name") or f"extra/{index}"
+    name = extra_name(spec, index)
     tf, lf = spec.get("text_field", "text"), spec.get("label_field", "label")
     rows = _read_table(spec, where)
+    src = f"{where} ({spec['path']})"
     label_map = {str(k): str(v) for k, v in (spec.get("label_map") or {}).items()}
+    words = [str(w).strip().lower() for w in spec.get("labels") or ()]
     examples = []
     for i, row in enumerate(rows):
-        for f_ in (tf, lf):
+        for key, f_ in (("text_field", tf), ("label_field", lf)):
             if f_ not in row or row[f_] is None:
-                raise ValueError(f"{where} ({spec['path']}): record {i} has no field {f_!r}")
+                raise DataError(f"{src}: record {i} has no field {f_!r}; set {where}.{key} to the field that holds "
+                                f"it (the record has {sorted(k for k, v in row.items() if v is not None)})")
         raw = str(row[lf])
         word = label_map.get(raw, raw).strip().lower()
+        if words and word not in words:
+            via = f" (label_map -> {word!r})" if raw in label_map else ""
+            raise DataError(f"{src}: record {i} has label {raw!r}{via}, which is not in labels {words}; add it to "
+                            f"labels or {where}.label_map, or fix the record")
         examples.append(Example(str(row[tf]), word, " " + word, " " + word, {}, None))
-    words = [str(w).strip().lower() for w in spec.get("labels") or sorted({e.label for e in examples})]
-    bad = sorted({e.label for e in examples} - set(words))
-    if bad:
-        raise ValueError(f"{where} ({spec['path']}): labels {bad} are not in labels={words}")
+    words = words or sorted({e.label for e in examples})
     if len(words) < 2:
-        raise ValueError(f"{where} ({spec['path']}): need at least 2 label words, got {words}")
+        raise DataError(f"{src}: need at least 2 label words, the data has {words}; set {where}.labels")
     return TaskData(name, "classification", "generic", words, examples, list(spec.get("instructions") or []))
 
 
@@ -173,13 +252,14 @@ def load_train_tasks(cfg) -> list[TaskData]:
     """The tasks of a :class:`~distill.icldist.prompts.PromptConfig`, held-out ones removed."""
     from distill.data.sentibench import FINE_GRAINED, resolve_tasks
 
+    cfg.validate_tasks()
     held = set(cfg.held_out)
     names = [t for t in resolve_tasks(cfg.tasks) if t not in held]
     if not cfg.fine_grained:
         names = [t for t in names if t not in FINE_GRAINED]
     tasks = [sentibench_task(t, cfg.data_dir) for t in names]
     for i, spec in enumerate(cfg.extra):
-        task = user_task(dict(spec), i)
+        task = user_task(spec, i)
         if task.name not in held:
             tasks.append(task)
     return tasks
