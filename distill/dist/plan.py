@@ -32,6 +32,8 @@ import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from distill.errors import UserError, run_cli
+
 GB = 1e9
 BF16 = 2
 
@@ -152,7 +154,7 @@ def _dims(s: Shape) -> tuple:
 PUBLISHED = _published()
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A user error of the planner (unknown model, bad flag); printed as one line."""
 
 
@@ -363,6 +365,13 @@ def plan(teacher: Shape, student: Shape, *, gpus: int, gpu_mem: float, gpus_per_
                         f"--grad-accum {grad_accum} must all be >= 1")
     if teacher_dtype not in QUANT_BYTES:
         raise PlanError(f"--teacher-dtype {teacher_dtype!r}: one of {', '.join(QUANT_BYTES)}")
+    if not (math.isfinite(gpu_mem) and gpu_mem > 0):
+        raise PlanError(f"--gpu-mem {gpu_mem}: the memory of one GPU in GB must be a number > 0 (e.g. 80)")
+    if not (math.isfinite(reserve) and 0 <= reserve < gpu_mem):
+        raise PlanError(f"--reserve {reserve}: the GB held back per GPU must be a number >= 0 and below --gpu-mem "
+                        f"{gpu_mem:g}")
+    if topk < 1 or teacher_batch_tokens < 1:
+        raise PlanError(f"--topk {topk} and --teacher-batch-tokens {teacher_batch_tokens} must be >= 1")
     mem, res = gpu_mem * GB, reserve * GB
     tokens = seq * micro_batch
     gpn = min(gpus_per_node, gpus)
@@ -598,12 +607,10 @@ def parse_args(argv=None) -> argparse.Namespace:  # noqa: C901 - flat flag handl
 def run_settings(path: str) -> dict:
     """The planner's inputs from a KnowDist / ICLDist run config (plain YAML; no schema needed):
     models, sequence length, batch, teacher quantization, top-k, ZeRO stage and placement."""
-    import yaml
+    from distill.config import load_yaml
 
-    try:
-        d = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise SystemExit(f"error: --config {path}: {str(e).splitlines()[0]}") from None
+    d = load_yaml(path)  # a ConfigError naming the file: missing, invalid YAML, a key twice, not a mapping
+    check_run_config(d, path)
     sec = lambda name: d.get(name) or {}  # noqa: E731
     model, train, kd, teacher, ds = sec("model"), sec("train"), sec("kd"), sec("teacher"), sec("deepspeed")
     out = {"teacher": model.get("teacher"), "student": model.get("student")}
@@ -626,10 +633,31 @@ def run_settings(path: str) -> dict:
     if stage in (-1, None):
         try:
             stage = json.loads(ds_json.read_text(encoding="utf-8"))["zero_optimization"]["stage"]
-        except (OSError, KeyError, ValueError):
-            stage = 3
+        except (OSError, KeyError, ValueError, TypeError) as e:
+            if ds.get("config"):  # named by the user: its stage is the run's, never a guess
+                raise PlanError(f"config file {path}: deepspeed.config {ds_json}: cannot read its "
+                                f"zero_optimization.stage ({type(e).__name__}: {e}); fix the file or set "
+                                f"deepspeed.zero_stage") from None
+            stage = 3  # the shipped default, ds_configs/zero3.json, where the package has no ds_configs/
+    if stage not in (0, 1, 2, 3):
+        raise PlanError(f"config file {path}: ZeRO stage {stage!r} (deepspeed.zero_stage or the JSON's) must be 0, 1, 2 or 3")
     out["stage"] = int(stage)
     return out
+
+
+def check_run_config(d: dict, path: str) -> None:
+    """The YAML is a run config: its sections and keys those of the ICLDist schema (a file with a
+    ``prompts``/``icl``/``report`` section or ``teacher.source``) or else of the KnowDist / core
+    trainer schema, with values of the right types; a ConfigError naming the file and key otherwise."""
+    from distill.config import RunConfig, from_dict
+
+    teacher = d.get("teacher")
+    icl = any(k in d for k in ("prompts", "icl", "report")) or (isinstance(teacher, dict) and "source" in teacher)
+    if icl:
+        from distill.icldist.config import ICLDistConfig as schema
+    else:
+        schema = RunConfig
+    from_dict(schema, d, where=f"config file {path}:")
 
 
 def run_line(p: dict, run: dict, config: str) -> str:
@@ -654,22 +682,23 @@ def _shape(d: dict) -> Shape:
     return Shape(**{f.name: d[f.name] for f in fields(Shape)})
 
 
-def main(argv=None) -> int:
+def _main(argv) -> int:
     a = parse_args(argv)
-    try:
-        p = plan(load_shape(a.teacher), load_shape(a.student), gpus=a.gpus, gpu_mem=a.gpu_mem,
-                 gpus_per_node=a.gpus_per_node, seq=a.seq, micro_batch=a.micro_batch, grad_accum=a.grad_accum,
-                 teacher_dtype=a.teacher_dtype, attn=a.attn, topk=a.topk, teacher_batch_tokens=a.teacher_batch_tokens,
-                 reserve=a.reserve)
-    except PlanError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    p = plan(load_shape(a.teacher), load_shape(a.student), gpus=a.gpus, gpu_mem=a.gpu_mem,
+             gpus_per_node=a.gpus_per_node, seq=a.seq, micro_batch=a.micro_batch, grad_accum=a.grad_accum,
+             teacher_dtype=a.teacher_dtype, attn=a.attn, topk=a.topk, teacher_batch_tokens=a.teacher_batch_tokens,
+             reserve=a.reserve)
     print(format_plan(p))
     if a.run:
         print(run_line(p, a.run, a.config))
     if a.json:
         print(json.dumps(p))
     return 0
+
+
+def main(argv=None) -> int:
+    """The CLI: a bad flag, --config file or model name is one line on stderr and exit status 2."""
+    return run_cli(_main, "python -m distill.dist.plan", argv)
 
 
 if __name__ == "__main__":
