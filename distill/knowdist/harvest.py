@@ -216,11 +216,16 @@ def load_perspectives(cfg: PerspectiveSection) -> tuple[str, list[dict]]:
     shipped = yaml.safe_load(resources.files("distill.knowdist").joinpath("perspectives.yaml").read_text("utf-8"))
     template, persp = shipped["template"], list(shipped["perspectives"])
     if cfg.file:
+        from distill.config import load_yaml
+
         path = Path(cfg.file)
         if not path.is_file():
-            raise FileNotFoundError(f"perspectives.file={path} does not exist")
-        user = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if not isinstance(user, dict) or not isinstance(user.get("perspectives", []), list):
+            raise ConfigError(f"perspectives.file={path} does not exist or is not a file; check the path")
+        try:
+            user = load_yaml(path)  # invalid YAML, a key twice, not a mapping: one line naming the file
+        except ConfigError as e:
+            raise ConfigError(f"perspectives.file: {e}") from None
+        if not isinstance(user.get("perspectives", []), list):
             raise ConfigError(f"{path}: expected a mapping with a `perspectives:` list")
         for i, p in enumerate(user.get("perspectives", [])):
             if not isinstance(p, dict) or not isinstance(p.get("name"), str) or not isinstance(p.get("instruction"), str):
@@ -235,12 +240,25 @@ def load_perspectives(cfg: PerspectiveSection) -> tuple[str, list[dict]]:
             persp = list(by_name.values())
     if "{text}" not in template:
         raise ConfigError(f"perspectives template must contain {{text}}: {template!r}")
-    if cfg.names:
+    if cfg.prompt_style == "builtin":
+        # The built-in teacher was trained on its own perspective names (distill.models.builtin.PERSPECTIVES)
+        # and is prompted with the name alone: another name is a prompt it has never seen.
+        from distill.models.builtin import PERSPECTIVES
+
+        unknown = [n for n in cfg.names if n not in PERSPECTIVES]
+        if unknown:
+            raise ConfigError(f"perspectives.names {unknown}: the built-in teacher (prompt_style=builtin) knows only "
+                              f"{list(PERSPECTIVES)}; pick among those, or harvest with your own teacher "
+                              f"(teacher.model) for other perspectives")
+        known = {p["name"]: p for p in persp}
+        persp = [known.get(n, {"name": n, "instruction": n}) for n in cfg.names or PERSPECTIVES]
+    elif cfg.names:
         known = {p["name"]: p for p in persp}
         unknown = [n for n in cfg.names if n not in known]
-        if unknown and cfg.prompt_style != "builtin":
-            raise ConfigError(f"perspectives.names {unknown} are not defined (known: {sorted(known)})")
-        persp = [known.get(n, {"name": n, "instruction": n}) for n in cfg.names]
+        if unknown:
+            raise ConfigError(f"perspectives.names {unknown} are not defined; known: {list(known)} (add more with "
+                              f"perspectives.file)")
+        persp = [known[n] for n in cfg.names]
     if not persp:
         raise ConfigError("no perspectives to harvest")
     names = [p["name"] for p in persp]
@@ -346,14 +364,15 @@ def harvest(cfg: HarvestConfig, *, teacher=None, model_name: str | None = None,
     :class:`~distill.teacher.TeacherUnavailable`, one line saying which actor died, why, what is
     kept (the finished shards, listed in the manifest) and how to resume.
     """
+    from distill.fileio import writable_folder
+
     cfg.validate()
     t_start = time.perf_counter()
-    out = Path(cfg.output.dir)
-    out.mkdir(parents=True, exist_ok=True)
+    template, persps = load_perspectives(cfg.perspectives)  # before any text is read or teacher built
+    out = writable_folder(cfg.output.dir, "output.dir")
     texts, dup_texts = load_inputs(cfg.input)
     if not texts:
-        raise ValueError(f"no input texts (input.source={cfg.input.source} {cfg.input.path})")
-    template, persps = load_perspectives(cfg.perspectives)
+        raise C.CorpusError(f"no input texts (input.source={cfg.input.source} {cfg.input.path}); check the input")
     owns = teacher is None
     model = model_name or (resolve_teacher_model(cfg.teacher) if owns else str(getattr(teacher, "model", "teacher")))
 
