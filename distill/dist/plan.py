@@ -647,16 +647,16 @@ def run_settings(path: str) -> dict:
 
 def check_run_config(d: dict, path: str) -> None:
     """The YAML is a run config: its sections and keys those of the ICLDist schema (a file with a
-    ``prompts``/``icl``/``report`` section or ``teacher.source``) or else of the KnowDist / core
-    trainer schema, with values of the right types; a ConfigError naming the file and key otherwise."""
-    from distill.config import RunConfig, from_dict
+    ``prompts``/``icl``/``report`` section or ``teacher.source``) or else of the KnowDist one (the
+    core trainer's plus ``harvest``), with values of the right types; a ConfigError naming the file
+    and key otherwise."""
+    from distill.config import from_dict
 
     teacher = d.get("teacher")
-    icl = any(k in d for k in ("prompts", "icl", "report")) or (isinstance(teacher, dict) and "source" in teacher)
-    if icl:
+    if any(k in d for k in ("prompts", "icl", "report")) or (isinstance(teacher, dict) and "source" in teacher):
         from distill.icldist.config import ICLDistConfig as schema
     else:
-        schema = RunConfig
+        from distill.knowdist.stage import KnowDistConfig as schema
     from_dict(schema, d, where=f"config file {path}:")
 
 

@@ -520,10 +520,15 @@ def _load_model(name: str, dtype: str, device: str, trust_remote_code: bool):
     """(model, tokenizer) of ``--model`` on ``--device`` in ``--dtype``, through the shared model loader
     (distill.models.load: a folder without config.json, weights or tokenizer, truncated weights, or a
     model that is not a causal LM is a one-line error naming the folder)."""
-    from distill.models.load import load_causal_lm, load_tokenizer
+    from distill.models.load import check_hub_config, check_model_folder, load_causal_lm, load_tokenizer, local_folder
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    folder = local_folder(name, "--model")
+    if folder is not None:  # what the folder is first (a BERT has tokenizer files but is not a causal LM)
+        check_model_folder(folder, "--model")
+    else:
+        check_hub_config(name, "--model", trust_remote_code=trust_remote_code)
     tok = load_tokenizer(name, trust_remote_code=trust_remote_code, what="--model")
     model = load_causal_lm(name, dtype=torch_dtype, attn=None, device=device, trust_remote_code=trust_remote_code,
                            what="--model")
@@ -548,6 +553,7 @@ def cmd_run(args) -> int:
         import torch
 
         torch.set_num_threads(args.cpu_threads)
+    resolve_dtype(args.dtype, resolve_device(args.device))  # a device or dtype this machine lacks: before anything
     _init_distributed()
     from distill.eval.runner import dist_info
     from distill.fileio import writable_folder

@@ -190,6 +190,23 @@ def quick_comparison0(teacher: str, student_init: str, student: str, out_dir: st
     return lines
 
 
+def check_model_folders(cfg: KnowDistConfig) -> None:
+    """The local student and teacher folders are whole causal-LM folders (distill.models.load.check_model_folder)
+    before the built-in models are built, the corpus harvested or any model loaded: a teacher that is a
+    BERT, or has truncated weights, fails in one line at once rather than after the student has loaded."""
+    from distill.models.load import check_model_folder, local_folder
+
+    for key in ("student", "teacher"):
+        name = getattr(cfg.model, key)
+        if key == "teacher" and (cfg.kd.kind == "none" or cfg.kd.teacher_backend not in ("colocated", "ray")):
+            continue  # no teacher, or one read from a cache / built by another backend
+        if name and name != "builtin":
+            what = f"{key} folder (model.{key})"
+            folder = local_folder(name, what)
+            if folder is not None:
+                check_model_folder(folder, what)
+
+
 def run(cfg: KnowDistConfig, argv: list[str] | None = None) -> int:
     """Resolve the models, get the corpus, train, print the summary (rank 0). ``argv`` goes to the Trainer."""
     t0 = time.time()
@@ -202,6 +219,7 @@ def run(cfg: KnowDistConfig, argv: list[str] | None = None) -> int:
 
     env = read_env(argv)
     check_run_folder(cfg)  # a used or busy run folder is refused before the teacher is built or the corpus harvested
+    check_model_folders(cfg)
     teacher_is_builtin = cfg.model.teacher == "builtin"
     builtin_default = teacher_is_builtin and cfg.model.student == "builtin"
     # Teacher/student first (cached; several ranks wait on one lock), then the corpus.

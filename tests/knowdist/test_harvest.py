@@ -186,3 +186,43 @@ def test_text_file_input_dedup_and_ids(tmp_path):
     again, _ = load_inputs(InputSection(source="text", path=str(f), max_words=200))
     assert [i for i, _ in again] == [i for i, _ in texts]  # ids are a function of the text
     assert len({i for i, _ in texts}) == 3
+
+
+@pytest.mark.parametrize("case", ["builtin_name", "template_name", "max_new_tokens", "perspectives_file", "output_dir"])
+def test_launcher_refuses_before_the_teacher(tmp_path, capsys, monkeypatch, launcher, case):
+    """launchers/harvest.py: exit 2 and one line naming the key and the known values, before any
+    text is read or teacher built (in-process through run_cli)."""
+    import distill.models.builtin as builtin
+    from distill.errors import run_cli
+    from distill.knowdist import harvest as kh
+
+    def boom(*a, **k):
+        raise AssertionError("the teacher was built before the bad input was refused")
+
+    monkeypatch.setattr(builtin, "ensure_builtin_teacher", boom)
+    monkeypatch.setattr(kh, "build_teacher", boom)
+    monkeypatch.setattr(kh, "load_inputs", boom)
+    args = [f"--output.dir={tmp_path / 'corpus'}"]
+    if case == "builtin_name":  # no teacher.model: the built-in teacher, which knows its own eight names only
+        args += ["--perspectives.names=overall polarity,sarcasm"]
+        want = ["perspectives.names ['sarcasm']: the built-in teacher (prompt_style=builtin) knows only",
+                "'overall polarity'", "'opinion holder'"]
+    elif case == "template_name":
+        args += [f"--teacher.model={tmp_path / 'teacher'}", "--perspectives.names=irony,sarcasm"]
+        want = ["perspectives.names ['sarcasm'] are not defined; known:", "'intensity'", "perspectives.file"]
+    elif case == "max_new_tokens":
+        args += ["--sampling.max_new_tokens=0"]
+        want = ["sampling.max_new_tokens=0 must be >= 1"]
+    elif case == "perspectives_file":
+        args += [f"--perspectives.file={tmp_path / 'mine.yaml'}"]
+        want = [f"perspectives.file={tmp_path / 'mine.yaml'} does not exist"]
+    else:
+        (tmp_path / "runs").write_text("a file")
+        args = [f"--output.dir={tmp_path / 'runs' / 'corpus'}", "--perspectives.names=irony"]
+        want = [f"output.dir {tmp_path / 'runs' / 'corpus'}: {tmp_path / 'runs'} is a file, not a folder"]
+    rc = run_cli(launcher.load("harvest.py").main, "harvest.py", args)
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("harvest.py: error: "), err
+    for n in want:
+        assert n in lines[0], lines[0]

@@ -145,3 +145,49 @@ def test_auto_placement_plans_with_each_gpus_own_memory(monkeypatch):
     assert placement == "replicated", why
     # What the old division planned with: 10 GB per GPU, where the replicated 7B teacher does not fit.
     assert P.auto_placement(t, s, gpu_mem=80 / 8, **kw)[0] == "partitioned"
+
+
+_MODELS = ["--teacher", "Qwen/Qwen2.5-7B-Instruct", "--student", "Qwen/Qwen2.5-0.5B"]
+
+
+@pytest.mark.parametrize("yaml_text,needles", [
+    ("- model\n- train\n", ["c.yaml", "top level must be a mapping", "list"]),
+    ("42\n", ["c.yaml", "top level must be a mapping", "int"]),
+    ("model: [Qwen/Qwen2.5-7B-Instruct]\n", ["c.yaml", "model", "expected a mapping for section ModelSection", "list"]),
+    ("model:\n  studnet: Qwen/Qwen2.5-0.5B\n", ["c.yaml", "unknown key(s) ['studnet']", "student"]),
+    ("trian:\n  micro_batch: 2\n", ["c.yaml", "unknown key(s) ['trian']", "train"]),
+    ("train:\n  micro_batch: two\n", ["c.yaml", "train.micro_batch", "expected an integer", "'two'"]),
+    ("icl:\n  max_len: 512\n  max_lenght: 9\n", ["c.yaml", "unknown key(s) ['max_lenght']", "ICLSection"]),
+    ("model:\n  teacher: a\n  teacher: b\n", ["c.yaml", "'teacher' is given twice"]),
+])
+def test_bad_config_file_is_one_line(tmp_path, capsys, yaml_text, needles):
+    (tmp_path / "c.yaml").write_text(yaml_text)
+    rc = P.main(["--config", str(tmp_path / "c.yaml"), *_MODELS, "--gpus", "8", "--gpu-mem", "80"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and err.startswith("python -m distill.dist.plan: error: "), err
+    for n in needles:
+        assert n in err, err
+
+
+@pytest.mark.parametrize("flags,needles", [
+    (["--gpu-mem", "-80"], ["--gpu-mem -80.0", "> 0"]),
+    (["--gpu-mem", "nan"], ["--gpu-mem nan", "> 0"]),
+    (["--gpu-mem", "80", "--reserve", "nan"], ["--reserve nan", ">= 0"]),
+    (["--gpu-mem", "80", "--reserve", "-1"], ["--reserve -1.0", ">= 0"]),
+    (["--gpu-mem", "80", "--topk", "-1"], ["--topk -1", ">= 1"]),
+    (["--gpu-mem", "80", "--teacher-batch-tokens", "0"], ["--teacher-batch-tokens 0", ">= 1"]),
+])
+def test_impossible_numbers_are_one_line(capsys, flags, needles):
+    rc = P.main([*_MODELS, "--gpus", "8", *flags])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err, err
+    for n in needles:
+        assert n in err, err
+
+
+def test_shipped_run_configs_pass_the_schema_check():
+    from pathlib import Path
+
+    for f in sorted((Path(P.__file__).resolve().parents[2] / "launchers" / "configs").glob("*_to_*.yaml")):
+        run = P.run_settings(str(f))
+        assert run["teacher"] and run["stage"] in (0, 1, 2, 3), f
