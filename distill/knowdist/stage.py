@@ -67,6 +67,17 @@ class KnowDistConfig(RunConfig):
         _check(h.temperature >= 0 and math.isfinite(h.temperature),
                f"harvest.temperature={h.temperature} must be a finite number >= 0 (0 = greedy)")
         _check(len(h.perspectives) >= 1, "harvest.perspectives is empty")
+        if not self.data.path:  # the corpus is harvested first: check its names now
+            from distill.knowdist.harvest import PerspectiveSection, load_perspectives
+
+            builtin = self.model.teacher == "builtin"
+            style = "builtin" if builtin else "chat_system"
+            known = [p["name"] for p in load_perspectives(PerspectiveSection(prompt_style=style))[1]]
+            unknown = [n for n in h.perspectives if n not in known]
+            _check(not unknown, f"harvest.perspectives {unknown}: not "
+                   + ("names the built-in teacher was trained on" if builtin else
+                      "defined in distill/knowdist/perspectives.yaml")
+                   + f"; known: {known}")
 
 
 def harvest_corpus(teacher_path: str, workdir: Path, h: HarvestSection) -> Path:

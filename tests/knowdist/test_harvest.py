@@ -226,3 +226,14 @@ def test_launcher_refuses_before_the_teacher(tmp_path, capsys, monkeypatch, laun
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("harvest.py: error: "), err
     for n in want:
         assert n in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("teacher,known", [("builtin", "'intimacy'"), ("Qwen/Qwen2.5-7B-Instruct", "'intensity'")])
+def test_knowdist_harvest_perspective_checked_with_the_config(teacher, known):
+    """launchers/knowdist.py harvests first when data.path is empty: an unknown perspective is refused
+    when the config is read, naming the known ones (the built-in teacher's, or perspectives.yaml's)."""
+    from distill.knowdist.stage import KnowDistConfig
+
+    with pytest.raises(ConfigError, match=rf"harvest.perspectives \['sarcasm'\]: not .*; known: \[.*{known}"):
+        load_config(KnowDistConfig, [f"--model.teacher={teacher}", "--harvest.perspectives=irony,sarcasm"])
+    load_config(KnowDistConfig, [f"--model.teacher={teacher}", "--harvest.perspectives=irony,emotion"])
