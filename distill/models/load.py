@@ -189,9 +189,10 @@ def check_model_folder(folder: Path, what: str = "model folder") -> None:
                         f"save_pretrained, or point {_WHERE} at the folder that holds config.json)")
     kind = not_a_causal_lm(_read_json(folder / "config.json", what))
     if kind:
+        where = f" ({_WHERE})" if what.startswith(("student", "teacher", "tokenizer", "model folder")) else ""
         raise UserError(f"{what} {folder} is {kind}, not a causal language model (its config.json names no "
                         f"*ForCausalLM class): distillation, prediction and SentiBench need a decoder-only LM "
-                        f"(Llama, Qwen2, ...); give the folder of one ({_WHERE})")
+                        f"(Llama, Qwen2, ...); give the folder of one{where}")
     present = [f for f in _WEIGHT_FILES if (folder / f).is_file()]
     if not present:
         raise UserError(f"{what} {folder} has no weights file ({', '.join(_WEIGHT_FILES)}); copy the weights in or "
