@@ -376,7 +376,9 @@ def download(dest: str | os.PathLike | None = None, *, ref: str = DATA_REF, url:
         print(f"{dest} exists; pass --force to replace it")
         return dest
     url = url or DATA_URL.format(ref=ref)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    from distill.fileio import writable_folder
+
+    writable_folder(dest.parent, "--dest")  # before the download, not after it
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".sentibench-") as tmp:
         archive = Path(tmp) / "repo.tar.gz"
         print(f"downloading {url}")
