@@ -158,7 +158,7 @@ def test_max_new_tokens_below_one_is_refused(tiny_lm_dir, capsys, no_model_load)
     for bad in ("0", "-3"):
         rc, err = _predict(["--model", str(tiny_lm_dir), "--task", "absa/atsa_rest16", "--text", "x",
                             "--max-new-tokens", bad], capsys)
-        _one_error(rc, err, f"--max-new-tokens must be >= 1", f"got {bad}")
+        _one_error(rc, err, "--max-new-tokens must be >= 1", f"got {bad}")
         with pytest.raises(SystemExit) as e:  # argparse: usage and one error line
             _sentibench(["run", "--model", str(tiny_lm_dir), "--max-new-tokens", bad], capsys)
         assert e.value.code == 2 and f"--max-new-tokens: must be >= 1, got {bad}" in capsys.readouterr().err
