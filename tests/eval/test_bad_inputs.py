@@ -140,16 +140,17 @@ def test_outputs_in_a_read_only_folder(tiny_lm_dir, tmp_path, capsys, no_model_l
     ro.chmod(0o555)
     if hasattr(os, "geteuid") and os.geteuid() == 0:  # root writes through chmod: the kernel's answer, simulated
         import errno
-        import tempfile
+
+        import distill.fileio
 
         def denied(*a, **k):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
 
-        monkeypatch.setattr(tempfile, "mkstemp", denied)
+        monkeypatch.setattr(distill.fileio, "open", denied, raising=False)  # the write probe's open()
     try:
         rc, err = _predict(["--model", str(tiny_lm_dir), "--task", "sst2", "--text", "x",
                             "--output", str(ro / "preds.jsonl")], capsys)
-        _one_error(rc, err, f"--output {ro}", "cannot write there (Permission denied)")
+        _one_error(rc, err, f"--output {ro} is not writable (permission denied (EACCES))")
     finally:
         ro.chmod(0o755)
 

@@ -79,13 +79,13 @@ def test_config_errors_before_any_data_is_read(icldist, reviews, tmp_path, case)
         want = [f"prompts.extra[0].path: {tmp_path / 'nope' / 'reviews.jsonl'} does not exist"]
     elif case == "task":
         line = icldist("--prompts.tasks=sc/sst2,sc/ssst2")
-        want = ["prompts.tasks: unknown SentiBench task 'sc/ssst2'", "sc/sst2"]
+        want = ["prompts.tasks='sc/sst2,sc/ssst2': unknown SentiBench task(s) ['sc/ssst2']; known:", "sc/sst2"]
     elif case == "data_dir":
         line = icldist(f"--prompts.data_dir={tmp_path / 'no-data'}")
         want = [f"prompts.data_dir: {tmp_path / 'no-data'} does not exist"]
     else:  # the report runs after training: a typo there must fail now
         line = icldist("--report.tasks=sc/sst2,multifaced/ironyy")
-        want = ["report.tasks: unknown SentiBench task 'multifaced/ironyy'"]
+        want = ["report.tasks='sc/sst2,multifaced/ironyy': unknown SentiBench task(s) ['multifaced/ironyy']"]
     for n in want:
         assert n in line, line
 

@@ -219,7 +219,7 @@ def test_launcher_refuses_before_the_teacher(tmp_path, capsys, monkeypatch, laun
     else:
         (tmp_path / "runs").write_text("a file")
         args = [f"--output.dir={tmp_path / 'runs' / 'corpus'}", "--perspectives.names=irony"]
-        want = [f"output.dir {tmp_path / 'runs' / 'corpus'}: {tmp_path / 'runs'} is a file, not a folder"]
+        want = [f"output.dir {tmp_path / 'runs' / 'corpus'} cannot be made: {tmp_path / 'runs'} is a file, not a folder"]
     rc = run_cli(launcher.load("harvest.py").main, "harvest.py", args)
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.strip()]
