@@ -472,7 +472,38 @@ def recommend(rows: list[Row]) -> dict | None:
                    f"busiest GPU does {r.flops_gpu / least.flops_gpu:.1f}x the compute"
                    + (f" (the teacher forward of {r.student_gpus} ranks on {r.teacher_gpus} GPUs)"
                       if r.placement == "ray" else ""))
-    return {"placement": best.placement, "stage": best.stage, "why": why, "caution": caution}
+    return {"placement": best.placement, "stage": best.stage, "why": why, "caution": caution,
+            "overrides": overrides(best)}
+
+
+# The DeepSpeed JSON shipped for each ZeRO stage (ds_configs/, from the repository root).
+DS_CONFIG_FILES = {0: "ds_configs/zero0.json", 1: "ds_configs/zero1.json", 2: "ds_configs/zero2.json",
+                   3: "ds_configs/zero3.json"}
+
+
+def overrides(r: Row) -> str:
+    """The launcher flags that realise row ``r`` (placement, ZeRO stage through its shipped JSON,
+    checkpointing where only that fits, the Ray teacher's GPUs)."""
+    flags = [f"--teacher.placement={r.placement}", f"--deepspeed.config={DS_CONFIG_FILES[r.stage]}"]
+    if r.fits == "ckpt":
+        flags.append("--model.grad_checkpointing=true")
+    if r.placement == "ray":
+        flags.append(f"--teacher.shards={r.teacher_gpus}")
+    return " ".join(flags)
+
+
+# Stated assumptions of the seconds-per-step estimate (override with the flags of the same names).
+DEFAULT_INTRA_GBPS = 150.0  # GB/s a GPU sends within a node (NVLink-class; PCIe is ~25)
+DEFAULT_INTER_GBPS = 25.0  # GB/s per node over the network (200 Gb/s InfiniBand/RoCE)
+DEFAULT_TFLOPS = 300.0  # dense bf16 TFLOP/s a GPU sustains on these matmuls (about 40% of an H100's peak)
+
+
+def step_seconds(r: dict, nodes: int, *, intra_gbps: float, inter_gbps: float, tflops: float) -> float:
+    """Estimate [e] of one optimizer step: the busiest GPU's compute at ``tflops``, plus its traffic at
+    ``intra_gbps`` and the inter-node bytes spread over the nodes' links at ``inter_gbps`` each, added
+    (no overlap of compute and communication assumed)."""
+    return (r["flops_gpu"] / (tflops * 1e12) + r["comm_gpu"] / (intra_gbps * GB)
+            + r["internode"] / (max(1, nodes) * inter_gbps * GB))
 
 
 def rank_memory(device, local_ranks: int) -> float:
@@ -532,18 +563,27 @@ def format_plan(p: dict) -> str:
         "per-GPU GB; [c] computed from shapes, [e] estimate; comm/gpu, inter-node (all links) and PFLOP (busiest GPU) "
         "per optimizer step; flat ring per collective",
     ]
+    est = su.get("step_estimate")
+    if est:
+        lines.append(f"s/step[e]: an estimate from the PFLOP at {est['tflops']:g} TFLOP/s per GPU plus comm/gpu at "
+                     f"{est['intra_gbps']:g} GB/s and inter-node at {est['inter_gbps']:g} GB/s per node, added (no "
+                     "overlap assumed); --tflops / --intra-gbps / --inter-gbps change them")
     cols = [("placement", "placement", "s"), ("stage", "zero", "d"), ("student_gpus", "stu gpus", "d"),
             ("teacher_gpus", "tch gpus", "d"), ("student_states", "states[c]", "g"), ("teacher_weights", "teacher[c]", "g"),
             ("gathered", "gather[c]", "g"), ("head", "head[c]", "g"), ("activations", "act[e]", "g"),
             ("activations_ckpt", "act ckpt[e]", "g"), ("teacher_act", "t.act[e]", "g"), ("total", "total", "g"),
             ("total_ckpt", "tot ckpt", "g"), ("fits", "fits", "s"), ("comm_gpu", "comm/gpu[c]", "g"),
-            ("internode", "inter-node[c]", "g"), ("flops_gpu", "PFLOP[e]", "p"), ("note", "note", "s")]
+            ("internode", "inter-node[c]", "g"), ("flops_gpu", "PFLOP[e]", "p")]
+    if p["rows"] and "step_s" in p["rows"][0]:
+        cols.append(("step_s", "s/step[e]", "f"))
+    cols.append(("note", "note", "s"))
     table = []
     for r in p["rows"]:
         r = {**r, "head": r["head_acc"] + r["head_chunk"]}
         na = r["fits"] == "n/a"
-        table.append(["-" if na and (kind in "gp" or key.endswith("_gpus")) else _g(r[key]) if kind == "g"
-                      else f"{r[key] / 1e15:.2f}" if kind == "p" else str(r[key]) for key, _, kind in cols])
+        table.append(["-" if na and (kind in "gpf" or key.endswith("_gpus")) else _g(r[key]) if kind == "g"
+                      else f"{r[key] / 1e15:.2f}" if kind == "p" else f"{r[key]:.2f}" if kind == "f"
+                      else str(r[key]) for key, _, kind in cols])
     heads = [h for _, h, _ in cols]
     width = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(heads)]
     fmt = lambda row: "  ".join(c.ljust(w) if i in (0, len(heads) - 1) else c.rjust(w)  # noqa: E731
@@ -590,8 +630,18 @@ def parse_args(argv=None) -> argparse.Namespace:  # noqa: C901 - flat flag handl
                     help="tokens per ray teacher forward (TeacherService max_batch_tokens, default 16384)")
     ap.add_argument("--reserve", type=float, default=6.0,
                     help="GB per GPU held back for the CUDA context, NCCL and DeepSpeed buffers, fragmentation (default 6)")
+    ap.add_argument("--intra-gbps", type=float, default=DEFAULT_INTRA_GBPS,
+                    help=f"GB/s a GPU sends within a node, for the s/step estimate (default {DEFAULT_INTRA_GBPS:g}, NVLink-class)")
+    ap.add_argument("--inter-gbps", type=float, default=DEFAULT_INTER_GBPS,
+                    help=f"GB/s per node over the network, for the s/step estimate (default {DEFAULT_INTER_GBPS:g})")
+    ap.add_argument("--tflops", type=float, default=DEFAULT_TFLOPS,
+                    help=f"bf16 TFLOP/s a GPU sustains, for the s/step estimate (default {DEFAULT_TFLOPS:g})")
     ap.add_argument("--json", action="store_true", help="also print the plan as one JSON document, as the last line")
     a = ap.parse_args(argv)
+    for key in ("intra_gbps", "inter_gbps", "tflops"):
+        v = getattr(a, key)
+        if not (math.isfinite(v) and v > 0):
+            raise PlanError(f"--{key.replace('_', '-')} {v}: must be a finite number > 0")
     run = run_settings(a.config) if a.config else {}
     for key, default in (("teacher", None), ("student", None), ("seq", 4096), ("micro_batch", 1), ("grad_accum", 1),
                          ("teacher_dtype", "bf16"), ("topk", 64)):
@@ -622,6 +672,7 @@ def run_settings(path: str) -> dict:
     q = teacher.get("quantization") or ""
     out["teacher_dtype"] = {"": "bf16", "8bit": "int8", "4bit": "int4"}.get(q, "bf16")
     out["placement"] = teacher.get("placement", "auto")
+    out["icldist"] = "source" in teacher or any(k in d for k in ("prompts", "icl", "report"))
     if "source" in teacher:  # ICLDist: the teacher is a Ray service, or a cache read with no teacher running
         out["placement"] = "ray"
         out["how"] = ("ICLDist teacher.source=cache: the Ray teacher builds the cache, training reads it"
@@ -688,7 +739,20 @@ def _main(argv) -> int:
              gpus_per_node=a.gpus_per_node, seq=a.seq, micro_batch=a.micro_batch, grad_accum=a.grad_accum,
              teacher_dtype=a.teacher_dtype, attn=a.attn, topk=a.topk, teacher_batch_tokens=a.teacher_batch_tokens,
              reserve=a.reserve)
+    nodes = p["setup"]["nodes"]
+    p["setup"]["step_estimate"] = {"intra_gbps": a.intra_gbps, "inter_gbps": a.inter_gbps, "tflops": a.tflops,
+                                   "overlap": False}
+    for r in p["rows"]:
+        r["step_s"] = (None if r["fits"] == "n/a" else
+                       step_seconds(r, nodes, intra_gbps=a.intra_gbps, inter_gbps=a.inter_gbps, tflops=a.tflops))
     print(format_plan(p))
+    rec = p["recommendation"]
+    if rec:
+        if a.config and not a.run.get("icldist"):
+            print(f"to run it: deepspeed --num_gpus {a.gpus_per_node} launchers/knowdist.py --config {a.config} "
+                  f"{rec['overrides']}" + (f" (on each of the {nodes} nodes, as README shows)" if nodes > 1 else ""))
+        else:
+            print(f"config overrides that realise it: {rec['overrides']}")
     if a.run:
         print(run_line(p, a.run, a.config))
     if a.json:

@@ -176,6 +176,8 @@ def test_bad_config_file_is_one_line(tmp_path, capsys, yaml_text, needles):
     (["--gpu-mem", "80", "--reserve", "-1"], ["--reserve -1.0", ">= 0"]),
     (["--gpu-mem", "80", "--topk", "-1"], ["--topk -1", ">= 1"]),
     (["--gpu-mem", "80", "--teacher-batch-tokens", "0"], ["--teacher-batch-tokens 0", ">= 1"]),
+    (["--gpu-mem", "80", "--tflops", "0"], ["--tflops 0.0", "> 0"]),
+    (["--gpu-mem", "80", "--inter-gbps", "nan"], ["--inter-gbps nan", "> 0"]),
 ])
 def test_impossible_numbers_are_one_line(capsys, flags, needles):
     rc = P.main([*_MODELS, "--gpus", "8", *flags])
@@ -191,3 +193,36 @@ def test_shipped_run_configs_pass_the_schema_check():
     for f in sorted((Path(P.__file__).resolve().parents[2] / "launchers" / "configs").glob("*_to_*.yaml")):
         run = P.run_settings(str(f))
         assert run["teacher"] and run["stage"] in (0, 1, 2, 3), f
+
+
+def test_recommendation_ends_with_the_overrides_that_realise_it(capsys):
+    """The advice can be followed: the command / overrides the planner prints load with the run's
+    config, name a shipped DeepSpeed JSON of the recommended stage, and pick the recommended placement;
+    every fitting row has a seconds-per-step estimate from the stated bandwidths."""
+    from pathlib import Path
+
+    from distill.config import load_config
+    from distill.knowdist.stage import KnowDistConfig
+
+    repo = Path(P.__file__).resolve().parents[2]
+    cfg = repo / "launchers/configs/qwen2.5-7b-instruct_to_qwen2.5-0.5b_knowdist.yaml"
+    assert P.main(["--config", str(cfg), "--gpus", "16", "--gpu-mem", "80", "--tflops", "100", "--json"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    doc = json.loads(out[-1])
+    rec = doc["recommendation"]
+    run = next(x for x in out if x.startswith("to run it: deepspeed --num_gpus 8 launchers/knowdist.py"))
+    flags = run.split(f"--config {cfg} ")[1].split(" (on each")[0].split()
+    assert flags == rec["overrides"].split()
+    loaded, rest = load_config(KnowDistConfig, ["--config", str(cfg), *flags])
+    assert rest == [] and loaded.teacher.placement == rec["placement"]
+    ds = json.loads((repo / loaded.deepspeed.config).read_text())
+    assert ds["zero_optimization"]["stage"] == rec["stage"]
+    assert doc["setup"]["step_estimate"]["tflops"] == 100
+    nodes = doc["setup"]["nodes"]
+    for r in doc["rows"]:
+        if r["fits"] != "n/a":
+            want = r["flops_gpu"] / 100e12 + r["comm_gpu"] / (150 * 1e9) + r["internode"] / (nodes * 25 * 1e9)
+            assert r["step_s"] == pytest.approx(want)
+    assert any("s/step[e]" in x for x in out)
+    for stage, f in P.DS_CONFIG_FILES.items():  # a shipped JSON for every stage the planner can recommend
+        assert json.loads((repo / f).read_text())["zero_optimization"]["stage"] == stage
