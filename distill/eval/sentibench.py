@@ -550,6 +550,22 @@ def _init_distributed() -> None:
         torch.distributed.init_process_group(backend)
 
 
+def model_label(model: str) -> str:
+    """What results name a model by: a student exported by this project (its folder holds
+    ``distill_run.json``) by its run and step, ``<run> (step N)``, since the folder itself is usually
+    called ``export``; anything else by the name or path given."""
+    info = Path(model) / "distill_run.json"
+    if not info.is_file():
+        return model
+    try:
+        d = json.loads(info.read_text(encoding="utf-8"))
+        run = d.get("config", {}).get("run", {})
+        name = run.get("name") or Path(run.get("out_dir") or Path(model).resolve().parent).name
+    except (ValueError, AttributeError, TypeError):
+        return model
+    return f"{name} (step {d.get('step')})" if d.get("step") is not None else str(name)
+
+
 def cmd_run(args) -> int:
     if args.cpu_threads:
         import torch
@@ -568,9 +584,10 @@ def cmd_run(args) -> int:
         model, tok, tasks=args.tasks, shots=args.shots, seeds=args.seeds, limit=args.limit,
         batch_size=args.batch_size, data_dir=args.data_dir, split=args.split,
         max_new_tokens=args.max_new_tokens, max_batch_tokens=args.max_batch_tokens,
-        early_stop=not args.no_early_stop, progress=not args.no_progress, model_name=args.model,
+        early_stop=not args.no_early_stop, progress=not args.no_progress, model_name=model_label(args.model),
         predictions_dir=out / "predictions",
     )
+    results["model_path"] = args.model
     if dist_info()[0] == 0:
         paths = write_results(results, out)
         print(paths["md"].read_text(encoding="utf-8"))

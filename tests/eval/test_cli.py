@@ -142,3 +142,20 @@ def test_download_extracts_the_datasets_folder(tmp_path):
     rc = main(["download", "--dest", str(dest), "--url", archive.as_uri()])
     assert rc == 0 and (dest / "absa/opener/test.json").is_file() and not (dest / "sc/.DS_Store").exists()
     assert load_task("sc/sst2", "test", dest)[0].text == "s"
+
+
+def test_an_exported_student_is_named_by_its_run(tmp_path):
+    """`sentibench run --model runs/x/export` names the row `x (step N)`, not `export`."""
+    import json
+
+    from distill.eval.report import _label
+    from distill.eval.sentibench import model_label
+
+    exp = tmp_path / "my_run" / "export"
+    exp.mkdir(parents=True)
+    assert model_label(str(exp)) == str(exp)  # not one of ours: the path as given
+    (exp / "distill_run.json").write_text(json.dumps({"step": 60, "config": {"run": {"name": "", "out_dir": str(exp.parent)}}}))
+    assert model_label(str(exp)) == "my_run (step 60)"
+    assert _label({"model": model_label(str(exp))}) == "my_run (step 60)"
+    (exp / "distill_run.json").write_text(json.dumps({"step": 5, "config": {"run": {"name": "kd-7b", "out_dir": "x"}}}))
+    assert model_label(str(exp)) == "kd-7b (step 5)"
