@@ -53,6 +53,13 @@ tokens`` (attention scores and values, training and forward, full S x S as nanoG
 positions only). Work on unsupervised positions that a path does anyway is not counted.
 MFU = FLOPs / p50 step time / ``--peak-tflops`` (default 989: H100/H200 dense bf16).
 
+``--profile N``: after the timed steps, N more under ``torch.profiler`` (CPU activity) with
+record_function probes around the step's phases (collation, student forward, the head's loss
+chunks, teacher forward, backward, clipping, optimizer, zero_grad + LR; the trainer paths rebuild
+their micro-batches as the training loop does); each phase is reported exclusive of the phases
+nested in it, ``other`` is the rest of the step (metrics, host syncs, glue), and the operators with
+the most self time follow. The profiler's own overhead is in those steps, not in the timed ones.
+
 The table is on stdout; the last line is one JSON document with every row and ratio.
 """
 
@@ -69,6 +76,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -269,6 +277,23 @@ def _trainer_step(case: dict):
     def step():
         return tr.train_step(0, micro)["loss"]  # its one host sync per step is part of the step
 
+    def collated_step():  # --profile: as the training loop calls it, the micro-batches collated again
+        tr._mb_cache = None
+        return tr.train_step(0)["loss"]
+
+    import torch
+
+    from distill.losses import lean, objective
+
+    step.profiled = collated_step
+    step.probes = [(tr, "_build_micro_batches", "collate"), (tr.engine, "forward", "student forward"),
+                   (lean.LinearDistillFunction, "apply", "head chunks (loss + grads, fwd)"),
+                   (objective.DistillObjective, "__call__", "head chunks (loss + grads, fwd)"),
+                   (tr.teacher.engine, "final_hidden", "teacher forward"),
+                   (tr.teacher.engine, "forward", "teacher forward"),
+                   (torch.autograd, "backward", "backward"), (torch.nn.utils, "clip_grad_norm_", "clip + grad norm"),
+                   (tr.engine.optimizer, "step", "optimizer"), (tr.engine.optimizer, "zero_grad", "zero_grad + lr"),
+                   (tr.engine.scheduler, "step", "zero_grad + lr")]
     return step, tr.device, impl, (tr.model_config, tr.teacher.config)
 
 
@@ -300,14 +325,15 @@ def _peer_step(case: dict):
 
     ce_weight = case["ce_weight"]
     ce_labels = batch["labels"] if ce_weight else None  # KD only: no CE for HF to compute
+    probe = types.SimpleNamespace(loss=loss_fn)  # where --profile wraps the loss
 
     def step():
         out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=ce_labels)
         with torch.no_grad():
             t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         # Shift as TRL's GKDTrainer.compute_loss does; the real vocabulary only (a padded teacher head).
-        kd = loss_fn(out.logits[:, :-1, :vocab], t_logits[:, :-1, :vocab], labels=batch["labels"][:, 1:],
-                     beta=beta, temperature=T)
+        kd = probe.loss(out.logits[:, :-1, :vocab], t_logits[:, :-1, :vocab], labels=batch["labels"][:, 1:],
+                        beta=beta, temperature=T)
         loss = (ce_weight * out.loss + T**2 * kd) if ce_weight else T**2 * kd
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -315,6 +341,9 @@ def _peer_step(case: dict):
         opt.zero_grad(set_to_none=True)
         return loss.detach()  # read once at the end, not every step
 
+    step.probes = [(student, "forward", "student forward"), (teacher, "forward", "teacher forward"),
+                   (probe, "loss", "head chunks (loss, fwd)"), (torch.autograd, "backward", "backward"), (torch.nn.utils, "clip_grad_norm_", "clip + grad norm"),
+                   (opt, "step", "optimizer"), (opt, "zero_grad", "zero_grad + lr")]
     return step, device, f"peer: HF full logits + {impl}", (student.config, teacher.config)
 
 
@@ -370,6 +399,7 @@ def _trl_step(case: dict):
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     try:
         import trl
+        from trl.kernels.chunked_divergence import ChunkedDivergenceFunction as trl_loss
         from trl.trainer.distillation_trainer import _chunked_divergence_loss
     except Exception as exc:  # noqa: BLE001 - the driver checked the metadata; the import itself failed
         raise SystemExit(f"trl path: importing trl's DistillationTrainer loss failed: {exc!r}") from exc
@@ -415,6 +445,10 @@ def _trl_step(case: dict):
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
+    step.probes = [(student.base_model, "forward", "student forward"), (teacher.base_model, "forward", "teacher forward"),
+                   (trl_loss, "apply", "head chunks (loss, fwd)"),
+                   (torch.autograd, "backward", "backward"), (torch.nn.utils, "clip_grad_norm_", "clip + grad norm"),
+                   (opt, "step", "optimizer"), (opt, "zero_grad", "zero_grad + lr"), (sched, "step", "zero_grad + lr")]
     where = "valid rows" if on_gpu else f"the {k}-token completion window"
     return step, device, (f"trl {trl.__version__} DistillationTrainer loss: ChunkedDivergenceFunction on {where}, "
                           f"KD only, fused AdamW"), (student.config, teacher.config)
@@ -438,6 +472,74 @@ def step_flops(scfg, tcfg, tokens: int, seq: int, sup: int) -> tuple[float, str]
          + 6 * hs * vs * sup + 2 * ht * vt * sup)
     return float(f), (f"6*{ns}*{tokens} + 2*{nt}*{tokens} + 12*{ls}*{hs}*{seq}*{tokens} + 4*{lt}*{ht}*{seq}*{tokens}"
                       f" + 6*{hs}*{vs}*{sup} + 2*{ht}*{vt}*{sup}")
+
+
+_MISSING = object()
+
+
+def _install_probes(probes, record_function) -> list:
+    """Wrap each ``owner.attr`` callable in ``record_function(label)``; returns what undoes it."""
+    undo = []
+    for owner, attr, label in probes:
+        if not hasattr(owner, attr):
+            continue
+        raw, orig = vars(owner).get(attr, _MISSING), getattr(owner, attr)
+
+        def wrapped(*a, _orig=orig, _label=f"bench:{label}", **k):
+            with record_function(_label):
+                return _orig(*a, **k)
+
+        setattr(owner, attr, wrapped)
+        undo.append((owner, attr, raw))
+    return undo
+
+
+def _uninstall_probes(undo) -> None:
+    for owner, attr, raw in reversed(undo):
+        if raw is _MISSING:
+            delattr(owner, attr)
+        else:
+            setattr(owner, attr, raw)
+
+
+def profile_phases(step, steps: int) -> dict:
+    """``steps`` more steps under torch.profiler with the step's probes installed: per phase the
+    milliseconds per step EXCLUSIVE of the phases nested in it (the lean head runs inside the
+    student forward), ``other`` = the step minus its phases (metrics, host syncs, glue), and the
+    operators that take the most self time. CPU activity only (a CUDA run's kernels are asynchronous:
+    its phases measure launch and sync points)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    run = getattr(step, "profiled", step)
+    undo = _install_probes(getattr(step, "probes", []), record_function)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                with record_function("bench:step"):
+                    run()
+    finally:
+        _uninstall_probes(undo)
+    evs = sorted((e for e in prof.events() if e.name.startswith("bench:")), key=lambda e: (e.time_range.start,
+                                                                                         -e.time_range.end))
+    excl: dict[str, float] = {}
+    for i, e in enumerate(evs):
+        dur, kids, reach = e.time_range.end - e.time_range.start, 0.0, e.time_range.start
+        for c in evs[i + 1:]:
+            if c.thread != e.thread or c.time_range.start < reach:
+                continue  # another thread, or nested in a child already counted
+            if c.time_range.start >= e.time_range.end:
+                break
+            kids += c.time_range.end - c.time_range.start
+            reach = c.time_range.end
+        name = "other (metrics, host syncs, glue)" if e.name == "bench:step" else e.name[len("bench:"):]
+        excl[name] = excl.get(name, 0.0) + (dur - kids) / 1e3 / steps
+    total = sum(excl.values())
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    return {"steps": steps, "step_ms": total,
+            "phases": [{"phase": k, "ms": v, "share": v / total if total else None}
+                       for k, v in sorted(excl.items(), key=lambda kv: -kv[1])],
+            "top_ops": [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3 / steps, "calls": e.count / steps}
+                        for e in ops if not e.key.startswith("bench:")][:10]}
 
 
 def worker(case: dict) -> dict:
@@ -472,6 +574,7 @@ def worker(case: dict) -> dict:
         peak = torch.cuda.max_memory_allocated()
     elif base is not None:
         peak = proc_status_bytes()["VmHWM"]
+    prof = profile_phases(step, case["profile"]) if case.get("profile") else None
     items = case["items"]
     tokens = sum(len(it["input_ids"]) for it in items)
     sup = sum(sum(1 for x in it["labels"][1:] if x != -100) for it in items)
@@ -490,7 +593,7 @@ def worker(case: dict) -> dict:
         "loss": float(last),
         "flops": flops, "flops_formula": formula,
         "mfu": flops / p50 / (case["peak_tflops"] * 1e12) if cuda else None,
-        "repeats": len(times), "warmup": case["warmup"],
+        "repeats": len(times), "warmup": case["warmup"], "profile": prof,
     }
 
 
@@ -559,6 +662,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ds-config", default="ds_configs/zero3.json")
     ap.add_argument("--repeats", type=int, default=3, help="timed steps per (path, batch)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="then N more steps under torch.profiler: each row's step broken down by phase")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="for MFU (H100/H200 dense bf16: 989)")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per (path, batch) process")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -605,7 +710,8 @@ def _run(args, work: Path, t_start: float, torch, skipped: dict) -> int:
             case = {"path": p, "batch": b, "items": items, "student": folders["student"], "teacher": folders["teacher"],
                     "vocab": args.vocab, "dtype": args.dtype, "kind": args.kind, "beta": args.beta,
                     "temperature": args.temperature, "ce_weight": args.ce_weight, "peer_loss": args.peer_loss, "engine": args.engine, "ds_config": args.ds_config,
-                    "repeats": args.repeats, "warmup": args.warmup, "peak_tflops": args.peak_tflops,
+                    "repeats": args.repeats, "warmup": args.warmup, "profile": args.profile,
+                    "peak_tflops": args.peak_tflops,
                     "out_dir": str(work / f"run_{b}_{p}")}
             row = run_case(case, args.timeout)
             print(f"[bench_step] {b:<9} {p:<7} " + (row["error"] if "error" in row else
@@ -658,6 +764,15 @@ def _run(args, work: Path, t_start: float, torch, skipped: dict) -> int:
             return f"<={r[f'{key}_target']:.2f}" + ("" if ok is None else (" ok" if ok else " MISS"))
         print(f"{r['batch']:<9}{r['what']:<13}{_f(r['time'], '.3f'):>8}{tgt('time'):>9}"
               f"{_f(r['mem_extra'], '.3f'):>8}{tgt('mem_extra'):>9}{_f(r['mem_total'], '.3f'):>8}")
+    for r in rows:
+        prof = r.get("profile")
+        if not prof:
+            continue
+        print(f"\nstep breakdown, {r['batch']} {r['path']} (torch.profiler, {prof['steps']} steps; ms per step, "
+              f"exclusive of nested phases; profiled step {prof['step_ms']:.1f} ms)")
+        for ph in prof["phases"]:
+            print(f"  {ph['phase']:<36}{ph['ms']:>9.1f}{100 * (ph['share'] or 0):>7.1f}%")
+        print("  top ops (self ms per step): " + ", ".join(f"{o['op']} {o['self_ms']:.1f}" for o in prof["top_ops"][:6]))
     print(f"memory: {rows[0].get('memory', '-') if rows else '-'}; peak+ above the baseline (models, batch and "
           f"optimizer built), peak = the high-water mark; fresh process per row; whole run {wall:.0f} s")
     failed = [r for r in rows if "error" in r]
