@@ -283,10 +283,12 @@ def _trainer_step(case: dict):
 
     import torch
 
+    from distill.dist import engine as dist_engine
     from distill.losses import lean, objective
 
     step.profiled = collated_step
     step.probes = [(tr, "_build_micro_batches", "collate"), (tr.engine, "forward", "student forward"),
+                   (dist_engine, "clip_grad_norm", "clip + grad norm"),
                    (lean.LinearDistillFunction, "apply", "head chunks (loss + grads, fwd)"),
                    (objective.DistillObjective, "__call__", "head chunks (loss + grads, fwd)"),
                    (tr.teacher.engine, "final_hidden", "teacher forward"),
