@@ -28,7 +28,7 @@ def _bench(*args):
 @pytest.mark.slow  # 4 processes that import torch + transformers: ~40 s of CPU
 def test_three_paths_one_json_line_finite():
     # The eager copy of TRL's loss: importing trl costs ~10 s, and the fallback needs a test too.
-    doc = _bench("--peer-loss", "eager")
+    doc = _bench("--peer-loss", "eager", "--paths", "lean", "logits", "peer")  # trl: in-process below
     rows = {r["path"]: r for r in doc["rows"]}
     assert set(rows) == {"lean", "logits", "peer"}
     assert "eager (trl not importable)" in rows["peer"]["impl"]
