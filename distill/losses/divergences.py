@@ -183,6 +183,25 @@ def _owned_fp32(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape, dtype=torch.float32, device=x.device).copy_(x)
 
 
+def _lse(x: torch.Tensor) -> torch.Tensor:
+    """``torch.logsumexp(x, -1, keepdim=True)`` with one [rows x V] temporary instead of two (the
+    shifted exponentials are summed in place): the same max shift, infinite maxima handled as torch
+    handles them. Each fresh [chunk x V] tensor is also a fresh mapping for the allocator to fault in."""
+    m = x.amax(-1, keepdim=True)
+    m.masked_fill_(m.abs() == float("inf"), 0.0)
+    return torch.sub(x, m).exp_().sum(-1, keepdim=True).log_().add_(m)
+
+
+def _log_softmax_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log_softmax(x) written over x, softmax(x))`` with one new [rows x V] tensor: the shifted
+    exponentials the normaliser needs are kept and divided by it (not a logsumexp, then exp again)."""
+    m = x.amax(-1, keepdim=True)
+    m.masked_fill_(m.abs() == float("inf"), 0.0)
+    e = torch.sub(x, m).exp_()
+    z = e.sum(-1, keepdim=True)
+    return x.sub_(torch.log(z).add_(m)), e.div_(z)
+
+
 def _softcap_(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     if cap is not None:
         x.div_(cap).tanh_().mul_(cap)
@@ -215,8 +234,10 @@ def _chunk(s_raw, teacher, ce_labels, mask, cfg: _Cfg, need_grad: bool, *, owned
     else:
         cap_factor = None
 
+    lse_ce = None
     if ce_labels is not None:
-        lse1 = torch.logsumexp(s, dim=-1)
+        lse_ce = _lse(s)
+        lse1 = lse_ce.squeeze(-1)
         safe_labels = (ce_labels if mask is None else torch.where(mask, ce_labels, 0)).long()
         picked = s.gather(-1, safe_labels[:, None]).squeeze(-1)
         ce_rows = lse1 - picked if mask is None else torch.where(mask, lse1 - picked, 0.0)
@@ -228,10 +249,11 @@ def _chunk(s_raw, teacher, ce_labels, mask, cfg: _Cfg, need_grad: bool, *, owned
     if teacher is not None:
         if T != 1.0:
             s.div_(T)
+        lse = lse_ce if T == 1.0 else None  # the CE's normaliser is the KD's at T = 1
         if isinstance(teacher, tuple):
-            kd_rows, kd_grad = _topk_terms(s, teacher, cfg, need_grad)
+            kd_rows, kd_grad = _topk_terms(s, teacher, cfg, need_grad, lse)
         else:
-            kd_rows, kd_grad = _full_terms(s, teacher, cfg, need_grad, teacher_owned)
+            kd_rows, kd_grad = _full_terms(s, teacher, cfg, need_grad, teacher_owned, lse)
         if mask is not None:
             kd_rows = torch.where(mask, kd_rows, 0.0)
         if kd_mask is not None:
@@ -256,18 +278,20 @@ def _chunk(s_raw, teacher, ce_labels, mask, cfg: _Cfg, need_grad: bool, *, owned
     return kd_rows, ce_rows, grad
 
 
-def _full_terms(s, t_raw, cfg: _Cfg, need_grad: bool, teacher_owned: bool = False):
-    """Full-vocabulary teacher. ``s`` = tempered student logits (fp32, owned: overwritten)."""
-    lse = torch.logsumexp(s, dim=-1, keepdim=True)
-    log_q = s.sub_(lse)
-    q = log_q.exp()
+def _full_terms(s, t_raw, cfg: _Cfg, need_grad: bool, teacher_owned: bool = False, lse=None):
+    """Full-vocabulary teacher. ``s`` = tempered student logits (fp32, owned: overwritten);
+    ``lse``: their logsumexp ``[n, 1]`` where the caller has it."""
+    if lse is None:
+        log_q, q = _log_softmax_(s)
+    else:
+        log_q = s.sub_(lse)
+        q = log_q.exp()
     owned = teacher_owned and t_raw.dtype == torch.float32 and t_raw.is_contiguous()
     t = t_raw if owned else _owned_fp32(t_raw)
     _softcap_(t, cfg.teacher_softcap)
     if cfg.temperature != 1.0:
         t.div_(cfg.temperature)
-    log_p = t.sub_(torch.logsumexp(t, dim=-1, keepdim=True))
-    p = log_p.exp()
+    log_p, p = _log_softmax_(t)
     loss, qg = _REGISTRY[cfg.kind](log_q, q, log_p, p, cfg.prm)
     del log_p, p, t
     if not need_grad:
@@ -278,8 +302,9 @@ def _full_terms(s, t_raw, cfg: _Cfg, need_grad: bool, teacher_owned: bool = Fals
     return loss, grad
 
 
-def _topk_terms(s, teacher, cfg: _Cfg, need_grad: bool):
-    """Top-k teacher over k+1 buckets. ``s`` = tempered student logits (fp32, owned: overwritten)."""
+def _topk_terms(s, teacher, cfg: _Cfg, need_grad: bool, lse=None):
+    """Top-k teacher over k+1 buckets. ``s`` = tempered student logits (fp32, owned: overwritten);
+    ``lse``: their logsumexp ``[n, 1]`` where the caller has it."""
     ids, logprobs, tail = teacher
     ids = ids.long()
     k = ids.shape[-1]
@@ -293,10 +318,10 @@ def _topk_terms(s, teacher, cfg: _Cfg, need_grad: bool):
     log_p = torch.log_softmax(torch.cat([lp, log_tail[:, None]], dim=-1), dim=-1)
     p = log_p.exp()
     # Student: exact tempered mass on the k ids and outside them.
-    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    lse = _lse(s) if lse is None else lse
     s_top = s.gather(-1, ids)
     s.scatter_(-1, ids, -float("inf"))  # s now holds the tail logits only
-    tail_lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    tail_lse = _lse(s)
     log_q = torch.cat([s_top - lse, tail_lse - lse], dim=-1)
     q = log_q.exp()
 

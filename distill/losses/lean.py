@@ -76,29 +76,39 @@ def topk_rows(t: TopKTeacher, index: torch.Tensor) -> TopKTeacher:
                        temperature=t.temperature)
 
 
-def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b."""
-    if a.dtype == torch.float32 and b.dtype == torch.float32:
-        acc.addmm_(a, b)
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, first: bool = False) -> None:
+    """acc (fp32) += a @ b; ``first``: acc = a @ b (its old contents, e.g. ``torch.empty``, unread)."""
+    if a.dtype != torch.float32 or b.dtype != torch.float32:
+        a, b = a.float(), b.float()
+    if first:
+        torch.mm(a, b, out=acc)
     else:
-        acc.addmm_(a.float(), b.float())
+        acc.addmm_(a, b)
+
+
+def _is_one(grad: torch.Tensor) -> bool:
+    """Whether an upstream gradient is exactly 1, where reading it costs no device sync (CPU)."""
+    return grad.device.type == "cpu" and grad.numel() == 1 and float(grad) == 1.0
 
 
 def forward_grads(ctx, grad_total: torch.Tensor, what: str) -> tuple:
     """The backward of a loss whose gradients were formed in its forward (``ctx.grads`` = (hidden,
     weight, bias), ``ctx.w_dtype`` / ``ctx.b_dtype``): each scaled in place by the upstream
-    gradient, once (a second backward is an error)."""
+    gradient, once (a second backward is an error). An upstream gradient of exactly 1 on the CPU
+    (the step's loss, its normalizer applied in the forward) skips the pass over the [V, H] weight
+    gradient; on a GPU reading it would cost a sync, so the multiply runs."""
     if ctx.grads is None:
         raise RuntimeError(f"{what}: the gradient formed in the forward was consumed by a first "
                            "backward; retain_graph=True is not supported")
     grad_h, grad_w, grad_b = ctx.grads
     ctx.grads = None
-    if grad_h is not None:
+    scale = not _is_one(grad_total)
+    if grad_h is not None and scale:
         grad_h = grad_h.mul_(grad_total)
     if grad_w is not None:
-        grad_w = grad_w.mul_(grad_total).to(ctx.w_dtype)
+        grad_w = (grad_w.mul_(grad_total) if scale else grad_w).to(ctx.w_dtype)
     if grad_b is not None:
-        grad_b = grad_b.mul_(grad_total).to(ctx.b_dtype)
+        grad_b = (grad_b.mul_(grad_total) if scale else grad_b).to(ctx.b_dtype)
     return grad_h, grad_w, grad_b
 
 
@@ -106,12 +116,15 @@ class LinearDistillFunction(torch.autograd.Function):
     """``total = ce_weight * CE_sum + kd_weight * KD_sum`` over the rows, from hidden rows and the head.
 
     forward(rows [N, H], weight [Vf, H], bias [Vf] or None, teacher, targets [N], kd_rows [N] bool or
-    None, cfg, vocab, chunk, scale) returns (total, kd_sum, ce_sum), fp32 scalars; only ``total`` is differentiable. The
-    head's rows ``vocab:`` (padded embedding rows) get zero gradient.
+    None, cfg, vocab, chunk, scale, norm) returns (total, kd_sum, ce_sum), fp32 scalars; only ``total`` is
+    differentiable. ``norm`` (None, a float or a 0-d tensor >= 1): ``total`` is divided by it and so are
+    the gradients formed here, through the small [rows, H] operands (the [V, H] weight gradient
+    then needs no pass of its own in backward). The head's rows ``vocab:`` (padded embedding rows)
+    get zero gradient.
     """
 
     @staticmethod
-    def forward(ctx, rows, weight, bias, teacher, targets, kd_rows, cfg, vocab, chunk, scale):
+    def forward(ctx, rows, weight, bias, teacher, targets, kd_rows, cfg, vocab, chunk, scale, norm):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         need = need_h or need_w or need_b
@@ -120,7 +133,13 @@ class LinearDistillFunction(torch.autograd.Function):
         w = weight[:vocab]
         b = None if bias is None else bias[:vocab]
         grad_h = torch.zeros_like(rows) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_w else None
+        grad_w = None
+        if need_w:
+            # the first chunk's GEMM writes grad_w[:vocab] (no zero fill of the [V, H] buffer first)
+            grad_w = torch.empty(weight.shape, dtype=torch.float32, device=dev)
+            grad_w[vocab:].zero_()
+        wrote = False
+        inv = None if norm is None else 1.0 / norm
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=dev) if need_b else None
         kd_sum = torch.zeros((), dtype=torch.float32, device=dev)
         ce_sum = torch.zeros((), dtype=torch.float32, device=dev)
@@ -158,13 +177,19 @@ class LinearDistillFunction(torch.autograd.Function):
                 if scale != 1.0:
                     g.mul_(scale)
                 if need_h:
-                    grad_h[c0:c1] = (g if rows.dtype == torch.float32 else g.to(rows.dtype)) @ w
+                    gh = (g if rows.dtype == torch.float32 else g.to(rows.dtype)) @ w
+                    grad_h[c0:c1] = gh if inv is None else gh.mul_(inv)
                 if need_w:
-                    _accumulate(grad_w[:vocab], g.t(), h_c)
+                    _accumulate(grad_w[:vocab], g.t(), h_c if inv is None else h_c.float() * inv, first=not wrote)
+                    wrote = True
                 if need_b:
-                    grad_b[:vocab] += g.sum(0)
+                    grad_b[:vocab] += g.sum(0) if inv is None else g.sum(0).mul_(inv)
                 del g
+        if need_w and not wrote:  # no rows, or no term with a gradient
+            grad_w[:vocab].zero_()
         total = cfg.ce_weight * ce_sum + cfg.kd_weight * kd_sum
+        if norm is not None:
+            total = total / norm
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.w_dtype = weight.dtype
         ctx.b_dtype = None if bias is None else bias.dtype
@@ -173,7 +198,7 @@ class LinearDistillFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _gk, _gc):
-        return (*forward_grads(ctx, grad_total, "linear_distill"), None, None, None, None, None, None, None)
+        return (*forward_grads(ctx, grad_total, "linear_distill"), None, None, None, None, None, None, None, None)
 
 
 def linear_distill(
@@ -197,6 +222,7 @@ def linear_distill(
     chunk_tokens: int | None = None,
     impl: str = "torch",
     requested: str | None = None,
+    normalizer: float | torch.Tensor | None = None,
 ):
     """``(total, kd_sum, ce_sum)`` over supervised ``rows [N, H]`` with ``targets [N]``.
 
@@ -209,6 +235,9 @@ def linear_distill(
     (None: all); the others get CE only, in the same pass. ``impl="triton"`` (CUDA) runs the chunk loop in the fused Triton kernel.
     ``requested``: the impl the user asked for (default ``impl``): where the kernel cannot serve the call,
     ``"triton"`` is a one-line error and ``"auto"`` runs the torch loop, warning once why.
+    ``normalizer``: the step's response-token count (>= 1; a float or a 0-d tensor on the rows'
+    device): ``total`` is divided by it, and the torch loop applies it to the gradients it forms in
+    the forward (so the backward of the step's loss has nothing left to scale); the sums are not.
     """
     from distill.losses.divergences import _check_teacher, _effective_kind, kernel_fallback
 
@@ -252,7 +281,7 @@ def linear_distill(
             except NotImplementedError as exc:  # a kind, k or input the kernel lacks
                 why = str(exc)
         if fast is not None:
-            return fast
+            return fast if normalizer is None else (fast[0] / normalizer, *fast[1:])
         kernel_fallback(requested, "distill_kernels.fused_linear_kd", why)
     cfg = _Cfg(kind=_effective_kind(kind, beta), prm=_Params(float(beta), float(alpha)),
                temperature=float(temperature), student_softcap=student_softcap,
@@ -260,7 +289,7 @@ def linear_distill(
                kd_weight=float(kd_weight) if teacher is not None else 0.0, ce_weight=float(ce_weight))
     chunk = int(chunk_tokens or default_chunk_tokens(vocab))
     return LinearDistillFunction.apply(rows, weight, bias, teacher, targets, kd_rows, cfg, vocab, chunk,
-                                       float(scale))
+                                       float(scale), normalizer)
 
 
 def _triton_linear_distill(rows, weight, bias, teacher, targets, *, kind, beta, alpha, temperature, ce_weight,

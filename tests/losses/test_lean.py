@@ -36,23 +36,23 @@ def _case(seed=0, dtype=torch.float32, bias=False):
     return hs, w, b, ht, wt, labels
 
 
-def _full(obj, hs, w, b, teacher, labels, norm):
+def _full(obj, hs, w, b, teacher, labels, norm, upstream=1.7):
     h = hs.clone().requires_grad_(True)
     wr = w.clone().requires_grad_(True)
     br = None if b is None else b.clone().requires_grad_(True)
     out = obj(torch.nn.functional.linear(h, wr, br), teacher, labels, norm)
-    (out.loss * 1.7).backward()
+    (out.loss * upstream).backward()
     return out, h.grad, wr.grad, None if br is None else br.grad
 
 
-def _lean(obj, hs, w, b, teacher_rows, labels, norm):
+def _lean(obj, hs, w, b, teacher_rows, labels, norm, upstream=1.7):
     h = hs.clone().requires_grad_(True)
     wr = w.clone().requires_grad_(True)
     br = None if b is None else b.clone().requires_grad_(True)
     index, targets = supervised_rows(labels)
     req = obj.lean_request(index, targets, teacher_rows(index), norm)
     loss = req(h, wr, br)
-    (loss * 1.7).backward()
+    (loss if upstream == 1.0 else loss * upstream).backward()
     return obj.lean_output(loss, req), h.grad, wr.grad, None if br is None else br.grad
 
 
@@ -95,6 +95,23 @@ def test_lean_equals_full_logits(teacher_kind, kind, beta, T):
     assert torch.count_nonzero(lw[V:]) == 0  # padded student rows: zero gradient
     if b is not None:
         torch.testing.assert_close(lb, gb, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", [23, torch.tensor(23.0), torch.tensor(0.0)])
+def test_lean_unit_upstream_gradient_is_normalised_in_the_forward(norm):
+    """The step's loss backpropagates an upstream gradient of exactly 1, which skips the backward's
+    pass over the [V, H] weight gradient: the normalizer (an int, or the all-reduced tensor; < 1
+    counts as 1) must then already be in the gradients formed in the forward."""
+    hs, w, b, ht, wt, labels = _case(seed=2, bias=True)
+    obj = DistillObjective(kind="jsd", beta=0.3, temperature=2.0, ce_weight=0.6, vocab_size=V, chunk_tokens=4)
+    ref, gh, gw, gb = _full(obj, hs, w, b, ht @ wt.t(), labels, norm, upstream=1.0)
+    got, lh, lw, lb = _lean(obj, hs, w, b, lambda i: HiddenTeacher(ht.reshape(-1, H)[i],
+                                                                    lambda: contextlib.nullcontext((wt, None))),
+                            labels, norm, upstream=1.0)
+    torch.testing.assert_close(got.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    for a, r in ((lh, gh), (lw, gw), (lb, gb)):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6)
+    assert torch.count_nonzero(lw[V:]) == 0
 
 
 def test_lean_bf16_close_to_fp32_reference():
