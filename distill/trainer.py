@@ -944,7 +944,7 @@ class Trainer:
         ga = len(micro)
         n_local = sum(count_targets(b["labels"]) for b in micro)
         norm = distenv.all_reduce_sum(torch.tensor(float(n_local), device=self.device))
-        # ce, kd, response tokens, tokens, and whether this rank was asked to stop (SIGUSR1/SIGTERM):
+        # ce, kd, response tokens, tokens, and whether this rank was asked to stop (a signal or its launcher gone, distill/dist/stop.py):
         # all ranks learn it from the same all-reduce, so they stop at the same step with no extra sync.
         sums = torch.zeros(5, dtype=torch.float64, device=self.device)
         self.hooks.begin_step()

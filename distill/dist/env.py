@@ -116,6 +116,10 @@ def init_distributed(backend: str = "auto", *, use_deepspeed: bool = True, argv:
         if env.world_size == 1:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        elif env.rank == 0:  # the rendezvous waits for every rank: say for what, so a missing one is visible
+            print(f"[dist] starting the process group: {env.world_size} ranks, backend {backend}, rendezvous at "
+                  f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')} (waits until every rank joins)",
+                  flush=True)
         if use_deepspeed:
             if not cuda and env.rank == 0:
                 _say_if_building_cpu_op()

@@ -76,6 +76,9 @@ def test_signal_to_one_rank_stops_both_at_one_step(tiny_assets, tmp_path):
     ckpts = sorted((out_dir / "checkpoints").glob("step_*"))
     assert len(ckpts) == 1 and (ckpts[0] / "trainer_state.json").is_file(), ckpts
     assert "a stop request on another rank: checkpoint at step" in outs[0]
+    # before step 1, rank 0 says what the rendezvous waits for (rank 1 says nothing of it)
+    assert "[dist] starting the process group: 2 ranks, backend gloo, rendezvous at 127.0.0.1:" in outs[0]
+    assert "[dist] starting the process group" not in outs[1]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGINT], ids=["SIGUSR1", "SIGINT"])
