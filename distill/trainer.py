@@ -1098,6 +1098,7 @@ class Trainer:
                    f"status {self.REQUEUE_EXIT} (requeue, then resume with checkpoint.resume=latest)")
             if cfg.eval.at_end:
                 self.reporter.close()
+            distenv.destroy()
             raise SystemExit(self.REQUEUE_EXIT)
         result = {"steps": self.step, "last": last, "out_dir": str(self.out_dir)}
         if cfg.eval.at_end:  # before the export, whose model card shows these scores

@@ -146,6 +146,18 @@ def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def destroy() -> None:
+    """Tear this rank's process group down (after a last barrier) before the process exits early (the
+    stop for requeue): left to interpreter shutdown, gloo's threads can abort the process ("terminate
+    called without an active exception", exit -6) instead of letting it exit with its status."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if is_dist():
         import torch.distributed as dist
