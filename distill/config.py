@@ -320,8 +320,6 @@ def load_config(cls: type[T], argv: list[str] | None = None, *, config_path: str
     schema with its default and comment (:func:`config_help`) and ``--print-config`` the resolved
     config as YAML; both then exit 0 (``SystemExit(0)``), so every launcher has them.
     """
-    import sys
-
     argv = list(sys.argv[1:] if argv is None else argv)
     cli_path, overrides, rest = parse_overrides(argv)  # values of --a.b VALUE are never taken as flags
     if "--help" in rest or "-h" in rest:
@@ -507,6 +505,10 @@ class ModelSection:
     trust_remote_code: bool = False  # passed to from_pretrained
     builtin_dir: str = ""  # cache of the built-in tokenizer/teacher/student ("" = <out_dir>/builtin)
 
+    def teacher_dtype_name(self) -> str:
+        """The teacher's dtype setting after ``auto`` (= the student's ``dtype``)."""
+        return self.dtype if self.teacher_dtype == "auto" else self.teacher_dtype
+
 
 @dataclasses.dataclass
 class DataSection:
@@ -659,8 +661,6 @@ def registered_names(registry: Literal["datasets", "teacher_backends"], stage_na
     """The names ``data.name`` (``"datasets"``) or ``kd.teacher_backend`` (``"teacher_backends"``) may
     take: the built-in ones, ``stage_names`` (a stage's own, registered when it runs) and any name
     already registered (without importing :mod:`distill.trainer`, which would import torch)."""
-    import sys
-
     builtin = BUILTIN_DATASETS if registry == "datasets" else BUILTIN_TEACHER_BACKENDS
     trainer = sys.modules.get("distill.trainer")
     live = getattr(trainer, "DATASETS" if registry == "datasets" else "TEACHER_BACKENDS", {}) if trainer else {}
@@ -769,7 +769,6 @@ class RunConfig:
         trains on CPU, and float16 does too on the torch engine (DeepSpeed's CPU accelerator has no
         fp16 unless the CPU does fp16 in oneDNN)."""
         import importlib.util
-        import os
 
         import torch
 

@@ -61,9 +61,7 @@ def predict(model, tokenizer, task: str, texts: Sequence[str], *, shots: int = 4
         raise PredictError(f"unknown task {task!r}; one of: {', '.join(TASKS)}")
     if shots < 0:
         raise PredictError(f"--shots must be >= 0, got {shots}")
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise PredictError(f"--max-new-tokens must be >= 1 (omit it for the evaluation's {MAX_NEW_TOKENS}), "
-                           f"got {max_new_tokens}")
+    _check_max_new_tokens(max_new_tokens)
     targets = list(targets) if targets is not None else [None] * len(texts)
     if task == "multifaced/pstance":
         missing = [i for i, g in enumerate(targets) if not g]
@@ -165,6 +163,13 @@ def resolve_task(name: str) -> str:
     raise PredictError(f"unknown task {name!r}; one of: {', '.join(TASKS)}")
 
 
+def _check_max_new_tokens(n: int | None) -> None:
+    from distill.eval.protocol import MAX_NEW_TOKENS
+
+    if n is not None and n < 1:
+        raise PredictError(f"--max-new-tokens must be >= 1 (omit it for the evaluation's {MAX_NEW_TOKENS}), got {n}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     task = resolve_task(args.task)
@@ -172,8 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise PredictError(f"--shots must be >= 0, got {args.shots}")
     if args.batch_size < 1:
         raise PredictError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise PredictError(f"--max-new-tokens must be >= 1 (omit it for the evaluation's 150), got {args.max_new_tokens}")
+    _check_max_new_tokens(args.max_new_tokens)  # before the model loads
     if not Path(args.model).is_dir():
         raise PredictError(f"--model {args.model}: no such model folder")
     if not (Path(args.model) / "config.json").is_file():

@@ -208,7 +208,7 @@ class ColocatedTeacher(TeacherBackend):
         from distill.models import load as ml
 
         on_gpu = ctx.device.type == "cuda"
-        tdtype = cfg.model.teacher_dtype if cfg.model.teacher_dtype != "auto" else cfg.model.dtype
+        tdtype = cfg.model.teacher_dtype_name()
         zero3 = None
         if ctx.teacher_placement == "partitioned":
             if ctx.ds_config is None:
@@ -561,8 +561,10 @@ class StallWatch:
 
     def __init__(self, n: int):
         self.n = n
-        self.prev: float | None = None
-        self.streak: list[tuple[int, bool, bool]] = []  # (step, grad norm 0, loss unmoved) of the current run of such steps
+        self.prev: float | None = None  # the previous step's loss
+        self.count = 0  # steps in the current run of such steps
+        self.first = 0  # its first step
+        self.all_zero = self.all_still = True  # every step of it had a zero norm / an unmoved loss
         self.warned = False
 
     def update(self, step: int, loss: float, grad_norm: float | None) -> str | None:
@@ -570,19 +572,25 @@ class StallWatch:
         zero = grad_norm is not None and grad_norm == 0.0
         still = self.prev is not None and abs(loss - self.prev) <= 1e-7 * max(1.0, abs(loss))
         self.prev = loss
-        self.streak = self.streak + [(step, zero, still)] if (zero or still) else []
-        if self.warned or len(self.streak) < self.n:
+        if not (zero or still):
+            self.count = 0
+            return None
+        if self.count == 0:
+            # the streak's first step is compared with the step before it, which may have moved: its
+            # own "still" counts only when the streak is that one step
+            self.first, self.all_zero, self.all_still = step, zero, still
+        else:
+            self.all_zero &= zero
+            self.all_still = still if self.count == 1 else self.all_still and still
+        self.count += 1
+        if self.warned or self.count < self.n:
             return None
         self.warned = True
-        first, last = self.streak[0][0], self.streak[-1][0]
-        # the streak's first step is compared with the step before it, which may have moved
-        zeros = all(z for _, z, _ in self.streak)
-        stills = all(s for _, _, s in self.streak[1:]) and (len(self.streak) > 1 or self.streak[0][2])
-        what = " and ".join(x for x, on in (("the gradient norm was 0", zeros),
-                                            (f"the loss did not move from {loss:.6g}", stills)) if on) or \
+        what = " and ".join(x for x, on in (("the gradient norm was 0", self.all_zero),
+                                            (f"the loss did not move from {loss:.6g}", self.all_still)) if on) or \
             "the gradient norm was 0 or the loss did not move"
-        return (f"steps {first}-{last}: {what} ({self.n} steps in a row): nothing is being trained. Likely causes: a "
-                f"learning rate of 0, every student parameter frozen (requires_grad=False), or every label masked "
+        return (f"steps {self.first}-{step}: {what} ({self.n} steps in a row): nothing is being trained. Likely causes: "
+                f"a learning rate of 0, every student parameter frozen (requires_grad=False), or every label masked "
                 f"(-100, no response token in the batches); check the schedule, the model set-up and the data")
 
 
@@ -1301,7 +1309,7 @@ class Trainer:
 
         def write():
             with open(path, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
+                fh.write(json.dumps(rec, default=str) + "\n")
 
         why = _failed_write(write, path.parent)
         if why is not None:
@@ -1496,8 +1504,7 @@ class Trainer:
             result = evaluate(model, self.tokenizer, tasks=tasks, shots=e.shots, seeds=(42,), split=split,
                               limit=e.limit or None, batch_size=e.batch_size, local=True,
                               model_name=f"{run_name} (step {self.step})")
-            with open(self.out_dir / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps({"step": self.step, "eval": result}, default=str) + "\n")
+            self._append_metrics0(self.out_dir / "metrics.jsonl", {"step": self.step, "eval": result})
             self.reporter.log_eval(result, self.step)
             scores = {t: None if v.get("score") is None else round(float(v["score"]), 2)
                       for t, v in (result.get("tasks") or {}).items()}
@@ -1512,21 +1519,19 @@ class Trainer:
         distenv.barrier()
         return result
 
-
     def _evaluate_teacher0(self, student: dict, tasks, split) -> None:
         """Rank 0, with ``eval.teacher``: the teacher on the student's final slice, written as
         ``sentibench/teacher/results.json``; the student's results.md / .png then show both."""
-        from transformers import AutoModelForCausalLM
-
         from distill.eval.report import plot_results, results_markdown
         from distill.eval.sentibench import evaluate, write_results
         from distill.models import load as ml
 
-        e = self.cfg.eval
-        teacher = AutoModelForCausalLM.from_pretrained(
-            self.teacher_path, dtype=ml.resolve_dtype(self.cfg.model.dtype if self.cfg.model.teacher_dtype == 'auto' else self.cfg.model.teacher_dtype, self.device.type == "cuda"),
-            trust_remote_code=self.cfg.model.trust_remote_code)
-        teacher.to(self.device).eval()
+        e, m = self.cfg.eval, self.cfg.model
+        on_gpu = self.device.type == "cuda"
+        teacher = ml.load_causal_lm(self.teacher_path, dtype=ml.resolve_dtype(m.teacher_dtype_name(), on_gpu),
+                                    attn=ml.resolve_attn(m.attn, on_gpu), device=str(self.device),
+                                    trust_remote_code=m.trust_remote_code, what="teacher folder (model.teacher)")
+        teacher.eval()
         # the student's tokenizer: token-level KD already requires the two to agree
         res = evaluate(teacher, self.tokenizer, tasks=tasks, shots=e.shots, seeds=(42,), split=split, limit=e.limit or None,
                        batch_size=e.batch_size, local=True, model_name=f"teacher {Path(str(self.teacher_path)).name}")

@@ -518,7 +518,7 @@ def _bf16_on_gpu(device: str) -> bool:
     return major >= 8  # Ampere and later compute in bfloat16; earlier GPUs only emulate it
 
 
-def _load_model(name: str, dtype: str, device: str, trust_remote_code: bool):
+def load_model(name: str, dtype: str, device: str, trust_remote_code: bool):
     """(model, tokenizer) of ``--model`` on ``--device`` in ``--dtype``, through the shared model loader
     (distill.models.load: a folder without config.json, weights or tokenizer, truncated weights, or a
     model that is not a causal LM is a one-line error naming the folder)."""
@@ -535,9 +535,6 @@ def _load_model(name: str, dtype: str, device: str, trust_remote_code: bool):
     model = load_causal_lm(name, dtype=torch_dtype, attn=None, device=device, trust_remote_code=trust_remote_code,
                            what="--model")
     return model, tok
-
-
-load_model = _load_model  # public name: distill.predict loads the model the same way
 
 
 def _init_distributed() -> None:
@@ -579,7 +576,7 @@ def cmd_run(args) -> int:
     out = Path(args.out)
     if dist_info()[0] == 0:  # the results go there after the whole evaluation: a bad --out fails now
         writable_folder(out / "predictions", "--out")
-    model, tok = _load_model(args.model, args.dtype, args.device, args.trust_remote_code)
+    model, tok = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
     results = evaluate(
         model, tok, tasks=args.tasks, shots=args.shots, seeds=args.seeds, limit=args.limit,
         batch_size=args.batch_size, data_dir=args.data_dir, split=args.split,

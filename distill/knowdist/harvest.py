@@ -389,12 +389,21 @@ def harvest(cfg: HarvestConfig, *, teacher=None, model_name: str | None = None,
     fp = _fingerprint(cfg, model, jobs_digest)
     n_shards = (len(jobs) + cfg.output.shard_size - 1) // cfg.output.shard_size
 
+    from distill.icldist.cache import weights_fingerprint
+
+    weights = weights_fingerprint(model)
     man = C.read_manifest(out)
+    stale = None  # why the folder's corpus is not this harvest's: refused, or cleared with output.overwrite
     if man is not None and man.get("fingerprint") != fp:
+        stale = (f"holds a corpus of a different config (fingerprint {man.get('fingerprint')} != {fp}); "
+                 "use another output.dir or --output.overwrite=true")
+    elif man is not None and man.get("teacher_weights") not in (None, weights):
+        stale = (f"the corpus was harvested from other weights of teacher {model} "
+                 f"({_weights_change(man['teacher_weights'], weights)}): use another output.dir, or "
+                 "--output.overwrite=true to harvest it again from these weights")
+    if stale:
         if not cfg.output.overwrite:
-            raise C.CorpusError(
-                f"{out / C.MANIFEST}: holds a corpus of a different config (fingerprint {man.get('fingerprint')} != {fp}); "
-                "use another output.dir or --output.overwrite=true")
+            raise C.CorpusError(f"{out / C.MANIFEST}: {stale}")
         for p in out.iterdir():
             if p.name.startswith("shard-") or p.name in (C.MANIFEST, C.SUMMARY):
                 p.unlink()
@@ -408,27 +417,13 @@ def harvest(cfg: HarvestConfig, *, teacher=None, model_name: str | None = None,
         data = data_provenance(cfg.input.data_dir or None)
     else:
         data = {"source": cfg.input.source, "path": cfg.input.path}
-    from distill.icldist.cache import weights_fingerprint
-
-    weights = weights_fingerprint(model)
     if man is not None:
         man.setdefault("data", data)
-        had = man.get("teacher_weights")
-        if had is None:
+        if man.get("teacher_weights") is None:
             _print(f"warning: {out / C.MANIFEST} records no fingerprint of the teacher's weights (an older harvest): "
                    "it cannot show the corpus came from these weights; recorded now")
             man["teacher_weights"] = weights
             C.write_manifest(out, man)
-        elif had != weights:
-            if not cfg.output.overwrite:
-                raise C.CorpusError(
-                    f"{out / C.MANIFEST}: the corpus was harvested from other weights of teacher {model} "
-                    f"({_weights_change(had, weights)}): use another output.dir, or --output.overwrite=true to "
-                    "harvest it again from these weights")
-            for p in out.iterdir():
-                if p.name.startswith("shard-") or p.name in (C.MANIFEST, C.SUMMARY):
-                    p.unlink()
-            man = None
     if man is None:
         man = {"fingerprint": fp, "teacher": model, "teacher_weights": weights, "n_jobs": len(jobs),
                "n_shards": n_shards, "shard_size": cfg.output.shard_size, "format": cfg.output.format,

@@ -183,20 +183,24 @@ def _owned_fp32(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape, dtype=torch.float32, device=x.device).copy_(x)
 
 
+def _row_shift(x: torch.Tensor) -> torch.Tensor:
+    """The per-row max that logsumexp shifts by, an infinite one replaced by 0 (as torch does)."""
+    m = x.amax(-1, keepdim=True)
+    return m.masked_fill_(m.abs() == float("inf"), 0.0)
+
+
 def _lse(x: torch.Tensor) -> torch.Tensor:
     """``torch.logsumexp(x, -1, keepdim=True)`` with one [rows x V] temporary instead of two (the
     shifted exponentials are summed in place): the same max shift, infinite maxima handled as torch
     handles them. Each fresh [chunk x V] tensor is also a fresh mapping for the allocator to fault in."""
-    m = x.amax(-1, keepdim=True)
-    m.masked_fill_(m.abs() == float("inf"), 0.0)
+    m = _row_shift(x)
     return torch.sub(x, m).exp_().sum(-1, keepdim=True).log_().add_(m)
 
 
 def _log_softmax_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log_softmax(x) written over x, softmax(x))`` with one new [rows x V] tensor: the shifted
     exponentials the normaliser needs are kept and divided by it (not a logsumexp, then exp again)."""
-    m = x.amax(-1, keepdim=True)
-    m.masked_fill_(m.abs() == float("inf"), 0.0)
+    m = _row_shift(x)
     e = torch.sub(x, m).exp_()
     z = e.sum(-1, keepdim=True)
     return x.sub_(torch.log(z).add_(m)), e.div_(z)

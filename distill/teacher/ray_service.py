@@ -298,10 +298,6 @@ def _actor_error(e: BaseException):
     return None
 
 
-def _is_actor_death(e: BaseException) -> bool:
-    return _actor_error(e) is not None
-
-
 _RAY_ID_LINES = ("class_name:", "actor_id:", "pid:", "name:", "namespace:", "ip:")
 
 
@@ -589,7 +585,7 @@ class _Router:
                 self.stats["batches_per_replica"][rep.index] += 1
                 return result
             except Exception as e:
-                if not _is_actor_death(e):
+                if _actor_error(e) is None:  # not an actor death: the model code's own error
                     raise
                 if rep.epoch == epoch:  # keep new batches off this replica until it is rebuilt
                     rep.healthy = False

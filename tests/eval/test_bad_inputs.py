@@ -43,7 +43,6 @@ def no_model_load(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the model was loaded before the bad input was refused")
 
-    monkeypatch.setattr(sentibench, "_load_model", boom)
     monkeypatch.setattr(sentibench, "load_model", boom)
 
 
