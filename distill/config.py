@@ -477,7 +477,7 @@ def dump_yaml(cfg: Any, path: str | Path) -> None:
 
 
 # ================================================================================================
-# The trainer's run schema (distill/trainer.py, launchers/knowdist.py). Every field has a default;
+# The trainer's run schema (distill/train/build.py, launchers/knowdist.py). Every field has a default;
 # the defaults are the built-in tiny CPU run. Units are in the comments.
 
 
@@ -512,7 +512,7 @@ class ModelSection:
 
 @dataclasses.dataclass
 class DataSection:
-    name: str = "sft"  # dataset registry name (distill.trainer.register_dataset)
+    name: str = "sft"  # dataset registry name (distill.data.registry.register_dataset)
     path: str = ""  # JSONL/JSON/Parquet file or folder, or a `datasets` name ("" = the launcher's default corpus)
     format: str = "auto"  # auto (by suffix; else datasets.load_dataset) | jsonl | json | parquet | datasets
     split: str = "train"  # split for `datasets` sources
@@ -646,24 +646,24 @@ from distill.multiteacher.config import MultiTeacherSection  # noqa: E402 - afte
 
 _KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "none")
 
-# The trainer's registries (distill.trainer.DATASETS / TEACHER_BACKENDS) fill as the modules that
+# The registries (distill.data.registry.DATASETS, distill.teacher.base.TEACHER_BACKENDS) fill as the modules that
 # define their entries are imported, after the config is checked; the built-in names are listed
 # here (tests/trainer/test_config.py keeps them in step with the registries). A name that a program
 # registered itself before the check is read from the registry.
 BUILTIN_DATASETS = ("sft", "sft_routed")  # sft_routed: multiteacher.weighting=route (distill.multiteacher.stage)
 BUILTIN_TEACHER_BACKENDS = ("colocated", "ray", "cache", "multiteacher")
-# Registered by a stage for its own trainer config (distill.icldist.stage: dataset and backend), which
-# passes them as ``stage_names``; they need that stage's hooks, so no other config may name them.
+# A stage's own names for its trainer config (distill.icldist.stage builds that dataset and backend itself),
+# which it passes as ``stage_names``; they need that stage's parts, so no other config may name them.
 STAGE_ONLY_NAMES = ("icldist",)
 
 
 def registered_names(registry: Literal["datasets", "teacher_backends"], stage_names: tuple[str, ...] = ()) -> list[str]:
     """The names ``data.name`` (``"datasets"``) or ``kd.teacher_backend`` (``"teacher_backends"``) may
     take: the built-in ones, ``stage_names`` (a stage's own, registered when it runs) and any name
-    already registered (without importing :mod:`distill.trainer`, which would import torch)."""
+    already registered (without importing the registries' modules: the teachers' imports torch)."""
     builtin = BUILTIN_DATASETS if registry == "datasets" else BUILTIN_TEACHER_BACKENDS
-    trainer = sys.modules.get("distill.trainer")
-    live = getattr(trainer, "DATASETS" if registry == "datasets" else "TEACHER_BACKENDS", {}) if trainer else {}
+    module = sys.modules.get("distill.data.registry" if registry == "datasets" else "distill.teacher.base")
+    live = getattr(module, "DATASETS" if registry == "datasets" else "TEACHER_BACKENDS", {}) if module else {}
     return sorted(set(builtin) | set(stage_names) | (set(live) - set(STAGE_ONLY_NAMES)))
 
 
@@ -764,7 +764,7 @@ class RunConfig:
         """Settings this machine cannot honour, one line with what to use instead (a ConfigError).
 
         Apart from :meth:`validate`: a config written for GPUs still loads, validates and prints
-        (``--print-config``) anywhere. The launchers and :class:`distill.trainer.Trainer` call it
+        (``--print-config``) anywhere. The launchers and the run builder (distill.train.build) call it
         before any model is loaded or process group started. Refuses only what fails here: bfloat16
         trains on CPU, and float16 does too on the torch engine (DeepSpeed's CPU accelerator has no
         fp16 unless the CPU does fp16 in oneDNN)."""

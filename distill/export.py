@@ -7,7 +7,7 @@ python -m distill.export --checkpoint ... --out ... --push_to_hub org/student # 
 distill-export ...   # the console script, same options
 ```
 
-Reads the checkpoint's own ``config.yaml`` and ``trainer_state.json`` (distill/trainer.py
+Reads the checkpoint's own ``config.yaml`` and ``trainer_state.json`` (distill/train/checkpoint.py
 ``save_checkpoint``). Weights: the torch engine's ``engine/model.safetensors``; a DeepSpeed checkpoint's
 ``engine/engine/`` through DeepSpeed's ``zero_to_fp32`` (ZeRO 1-3 partitions merged into fp32 master
 weights; ZeRO 0: the module state). The architecture (config.json), tokenizer and generation config
@@ -32,7 +32,7 @@ class ExportError(UserError, ValueError):
 
 def find_checkpoint(path: str | Path) -> Path:
     """A ``step_N`` folder as given, else the newest complete one in ``path`` or ``path/checkpoints``."""
-    from distill.trainer import list_checkpoints
+    from distill.train.checkpoint import list_checkpoints
 
     p = Path(path)
     if not p.exists():

@@ -238,9 +238,9 @@ def _q(xs, p):
 
 
 def _trainer_step(case: dict):
-    from distill import trainer as T
     from distill.config import KDSection, RunConfig, from_dict
-    from distill.trainer import Trainer
+    from distill.data.registry import register_dataset
+    from distill.train.build import build_trainer
 
     items = case["items"]
     kd = {"kind": case["kind"], "beta": case["beta"], "temperature": case["temperature"],
@@ -267,9 +267,9 @@ def _trainer_step(case: dict):
         def __getitem__(self, i):
             return items[i]
 
-    T.register_dataset("bench_fixed")(lambda cfg, tok, ctx: _Fixed())
+    register_dataset("bench_fixed")(lambda cfg, tok, ctx: _Fixed())
     cfg.data.name = "bench_fixed"
-    tr = Trainer(cfg).setup()
+    tr = build_trainer(cfg)
     micro = tr.micro_batches(0)  # the whole fixed set, one micro-batch
     impl = f"Trainer.train_step kd.path={case['path']} engine={tr.engine.kind}" if has_path else \
         "Trainer.train_step (this distill has no kd.path)"
@@ -278,8 +278,7 @@ def _trainer_step(case: dict):
         return tr.train_step(0, micro)["loss"]  # its one host sync per step is part of the step
 
     def collated_step():  # --profile: as the training loop calls it, the micro-batches collated again
-        tr._mb_cache = None
-        return tr.train_step(0)["loss"]
+        return tr.train_step(0, tr.batches.build(0))["loss"]
 
     import torch
 
@@ -287,7 +286,7 @@ def _trainer_step(case: dict):
     from distill.losses import lean, objective
 
     step.profiled = collated_step
-    step.probes = [(tr, "_build_micro_batches", "collate"), (tr.engine, "forward", "student forward"),
+    step.probes = [(tr.batches, "build", "collate"), (tr.engine, "forward", "student forward"),
                    (dist_engine, "clip_grad_norm", "clip + grad norm"),
                    (lean.LinearDistillFunction, "apply", "head chunks (loss + grads, fwd)"),
                    (objective.DistillObjective, "__call__", "head chunks (loss + grads, fwd)"),
@@ -296,7 +295,7 @@ def _trainer_step(case: dict):
                    (torch.autograd, "backward", "backward"), (torch.nn.utils, "clip_grad_norm_", "clip + grad norm"),
                    (tr.engine.optimizer, "step", "optimizer"), (tr.engine.optimizer, "zero_grad", "zero_grad + lr"),
                    (tr.engine.scheduler, "step", "zero_grad + lr")]
-    return step, tr.device, impl, (tr.model_config, tr.teacher.config)
+    return step, tr.device, impl, (tr.outputs.model_config, tr.teacher.config)
 
 
 def _peer_step(case: dict):
@@ -603,12 +602,6 @@ def worker(case: dict) -> dict:
 # The driver
 
 
-def lean_in_trainer() -> bool:
-    """Whether distill/trainer.py reads kd.path (until it does, lean runs the logits path)."""
-    src = (REPO / "distill" / "trainer.py").read_text()
-    return bool(re.search(r"kd\.path|\.path\s*==|k\.path\b", src))
-
-
 def run_case(case: dict, timeout: float) -> dict:
     env = dict(os.environ)
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # freed blocks >= 64 KiB leave the RSS (bench_memory.py)
@@ -703,7 +696,6 @@ def main(argv=None) -> int:
 
 def _run(args, work: Path, t_start: float, torch, skipped: dict) -> int:
     folders = build_models(args, work)
-    lean_landed = lean_in_trainer()
     batches = ["knowdist", "icldist"] if args.batch == "both" else [args.batch]
     rows = []
     for b in batches:
@@ -743,7 +735,6 @@ def _run(args, work: Path, t_start: float, torch, skipped: dict) -> int:
     print(f"device={dev} preset={args.preset} engine={args.engine} dtype={args.dtype} vocab={args.vocab} "
           f"student={args.student_size} teacher={args.teacher_size} kind={args.kind} T={args.temperature} "
           f"ce_weight={args.ce_weight} repeats={args.repeats} warmup={args.warmup} torch={torch.__version__}")
-    print(f"kd.path read by distill/trainer.py: {'yes' if lean_landed else 'NO (lean runs the logits path)'}")
     gpu = any(r.get("mfu") is not None for r in rows)
     head = (f"{'batch':<9}{'path':<8}{'tokens':>7}{'sup':>6}{'p50 ms':>10}{'(p20-p80)':>19}{'tok/s':>10}"
             f"{'base MiB':>10}{'peak+ MiB':>11}{'peak MiB':>10}" + (f"{'MFU%':>7}" if gpu else "") + "  impl")
@@ -779,7 +770,7 @@ def _run(args, work: Path, t_start: float, torch, skipped: dict) -> int:
           f"optimizer built), peak = the high-water mark; fresh process per row; whole run {wall:.0f} s")
     failed = [r for r in rows if "error" in r]
     print(json.dumps({"bench": "launchers/bench_step.py", "device": dev, "date": time.strftime("%Y-%m-%d"),
-                      "torch": torch.__version__, "lean_in_trainer": lean_landed,
+                      "torch": torch.__version__,
                       "args": {k: v for k, v in vars(args).items() if k != "worker"},
                       "rows": rows, "ratios": ratios, "skipped": skipped, "wall_s": wall}))
     return 1 if failed else 0

@@ -217,7 +217,7 @@ def _train(name: str, out: Path, *, student: str, teacher: str, data: str, steps
            micro_batch: int | None = None, max_len: int | None = None, packing: bool = False) -> dict:
     """One core-trainer run (plain torch engine); returns {export, seconds}."""
     from distill.config import RunConfig, from_dict
-    from distill.trainer import Trainer
+    from distill.train.build import build_trainer
 
     run_dir = out / "runs" / name
     d = {
@@ -239,7 +239,7 @@ def _train(name: str, out: Path, *, student: str, teacher: str, data: str, steps
         from distill.knowdist.topk_cache import build_topk_cache
 
         build_topk_cache(cfg)
-    tr = Trainer(cfg).setup()
+    tr = build_trainer(cfg)
     result = tr.train()
     hist = tr.history
     return {"export": str(result.get("export", run_dir / "export")), "seconds": round(time.time() - t0, 1),

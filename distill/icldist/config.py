@@ -139,8 +139,9 @@ class ICLDistConfig:
             raise ConfigError(f"icl.label_kd_weight={self.icl.label_kd_weight} must be >= 0")
         if self.icl.max_len < 32:
             raise ConfigError(f"icl.max_len={self.icl.max_len} tokens is too short for a prompt (>= 32)")
-        if self.kd.kd_weight <= 0:
-            raise ConfigError(f"kd.kd_weight={self.kd.kd_weight} must be > 0 (icl.label_kd_weight is relative to it)")
+        if self.kd.kd_weight == 0 and self.icl.label_kd_weight == 0:
+            raise ConfigError("kd.kd_weight=0 and icl.label_kd_weight=0: nothing is learnt from the teacher; give one "
+                              "of them a weight > 0 (kd.kd_weight=0 alone trains on the label-level KL and the CE)")
         if self.kd.kind == "none":
             raise ConfigError("kd.kind=none: ICLDist distils from the teacher; pick a divergence (forward_kl, ...)")
         if self.model.teacher == "":

@@ -119,14 +119,13 @@ class ICLDistLossOutput:
 
 
 class ICLDistLoss:
-    """The ICLDist objective, plugged into the core trainer as its objective (``TrainerHooks.objective``).
+    """The ICLDist objective, handed to the training loop by the ICLDist stage.
 
-    Both trainer paths: ``kd.path=lean`` (:meth:`lean_request`: the loss inside the student's lm_head
-    from the hidden states of the supervised rows; the label-level term needs only the head rows of
-    the label words, the token-level KD only its rows) and ``kd.path=logits`` (:meth:`__call__` on
-    the full logits). The ``kd_sum`` handed to the trainer folds the label-level KL in with its
-    relative weight, so the trainer's logged ``loss`` is the optimised loss; the two parts are
-    accumulated as device scalars (:meth:`take_sums`) that ride the step's one all-reduce.
+    Both paths: ``kd.path=lean`` (:meth:`lean_request`: the loss inside the student's lm_head from
+    the hidden states of the supervised rows; the label-level term needs only the head rows of the
+    label words, the token-level KD only its rows) and ``kd.path=logits`` (:meth:`__call__` on the
+    full logits). Each returns the optimised total with its parts (``token_kd``, ``label_kd``), which
+    the loop sums over the step with its one all-reduce and logs per response token.
     """
 
     ignore_index = -100
@@ -139,7 +138,6 @@ class ICLDistLoss:
         self.kd_weight, self.label_kd_weight, self.ce_weight = kd_weight, label_kd_weight, ce_weight
         self.vocab_size, self.impl = vocab_size, impl
         self.ce = DistillObjective(kind=kind, ce_weight=ce_weight, kd_weight=0.0, vocab_size=vocab_size, impl=impl)
-        self._sums: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_config(cls, loss_cfg, vocab_size=None) -> "ICLDistLoss":
@@ -152,25 +150,22 @@ class ICLDistLoss:
                 f"ICLDistLoss at temperature {float(self.T)} got teacher targets at temperature "
                 f"{targets.temperature}: the teacher's top-k must be taken at the loss's temperature")
 
-    # -- the trainer's objective protocol --------------------------------------------------------------
-    def _fold(self, ce_sum, kd_sum, lkd_sum, n_tokens, loss):
+    # -- the training loop's objective protocol ----------------------------------------------------------
+    def _output(self, loss, ce_sum, kd_sum, lkd_sum, n_tokens):
+        """The LossOutput of one micro-batch: the optimised total and its named parts (``kd``: both KD
+        terms before their weights; ``token_kd`` and ``label_kd``: each term)."""
         from distill.losses.objective import LossOutput
 
-        for name, v in (("token_kd", kd_sum), ("label_kd", lkd_sum)):
-            v = v.detach().double()
-            self._sums[name] = self._sums[name] + v if name in self._sums else v
-        ratio = self.label_kd_weight / self.kd_weight
-        return LossOutput(loss, ce_sum, kd_sum.detach() + ratio * lkd_sum.detach(), n_tokens)
-
-    def take_sums(self) -> dict[str, torch.Tensor]:
-        """The step's summed token-level and label-level KD (device scalars); resets them."""
-        out, self._sums = self._sums, {}
-        return out
+        kd_sum, lkd_sum = kd_sum.detach(), lkd_sum.detach()
+        t2 = self.T * self.T
+        total = self.ce_weight * ce_sum.detach() + self.kd_weight * t2 * kd_sum + self.label_kd_weight * t2 * lkd_sum
+        return LossOutput(loss, ce_sum, kd_sum + lkd_sum, n_tokens, total=total,
+                          parts={"label_kd": lkd_sum, "token_kd": kd_sum})
 
     def __call__(self, logits, targets: BatchTargets, labels, normalizer):
         """``kd.path=logits``: the trainer's call on the full logits."""
         out = self.compute(logits, labels, targets, normalizer)
-        return self._fold(out.ce_sum, out.kd_sum, out.label_kd_sum, out.n_tokens, out.loss)
+        return self._output(out.loss, out.ce_sum, out.kd_sum, out.label_kd_sum, out.n_tokens)
 
     def lean_request(self, index: torch.Tensor, targets_tok: torch.Tensor, targets: BatchTargets, normalizer):
         """``kd.path=lean``: ``index`` [N] flat supervised positions, ``targets_tok`` [N] their tokens;
@@ -226,7 +221,7 @@ class ICLDistLoss:
     def lean_output(self, loss, request):
         ce_sum, kd_sum, lkd_sum = request.parts
         n = torch.tensor(request.index.numel(), device=loss.device)
-        return self._fold(ce_sum, kd_sum, lkd_sum, n, loss.reshape(()))
+        return self._output(loss.reshape(()), ce_sum, kd_sum, lkd_sum, n)
 
     # -- the loss on full logits ---------------------------------------------------------------------
     def compute(self, logits: torch.Tensor, labels: torch.Tensor, targets: BatchTargets, normalizer) -> ICLDistLossOutput:

@@ -1,11 +1,11 @@
-"""The ICLDist stage end to end: prompts -> teacher answers -> (cache) -> core trainer -> report.
+"""The ICLDist stage end to end: prompts -> teacher answers -> (cache) -> core training loop -> report.
 
-``run_from_argv`` is what ``launchers/icldist.py`` calls. Training goes through the core
-:class:`distill.trainer.Trainer` with two registered pieces: the ``icldist`` dataset (student
-sequences of the prompt set) and the ``icldist`` teacher backend (top-k per batch, online with
-prefetch or from the cache, returned as :class:`~distill.icldist.loss.BatchTargets`), and with the
-objective swapped for :class:`~distill.icldist.loss.ICLDistLoss` (label-level KL + token-level
-top-k KD + gold CE), which keeps the trainer's global normaliser.
+``run_from_argv`` is what ``launchers/icldist.py`` calls. Training goes through the core loop with the
+stage's parts (:class:`ICLDistStage`): the prompt set's student sequences as the dataset, the
+teacher's top-k per batch (online with prefetch or from the cache, returned as
+:class:`~distill.icldist.loss.BatchTargets`) as the teacher, and
+:class:`~distill.icldist.loss.ICLDistLoss` (label-level KL + token-level top-k KD + gold CE) as the
+objective, which keeps the loop's global normaliser.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ from pathlib import Path
 import torch
 
 from distill.icldist.config import STAGES, ICLDistConfig
-from distill.trainer import TrainerHooks
+from distill.teacher.base import TeacherBackend
+from distill.train.build import StageParts
+from distill.train.callbacks import Callback
 
 # ---------------------------------------------------------------------------------------------------
-# Run state: held by the run's ICLDistHooks, which the registered factories reach as ctx.hooks
+# Run state: held by the run's ICLDistStage
 
 
 @dataclass
@@ -184,11 +186,12 @@ def _cache_complete(root: Path) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Trainer plug-ins
+# The stage's parts
 
 
 def _prepare(run: ICLDistRun, tokenizer, ctx) -> ICLDistRun:
-    """Everything the dataset and the backend need, on every rank (called from the dataset factory)."""
+    """Everything the dataset and the backend need, on every rank: the prompts, the teacher's answers
+    (the teacher client started or the cache read) and the student's examples. The stage's dataset."""
     from distill.dist import env as distenv
     from distill.icldist.cache import TeacherCache
     from distill.icldist.data import student_example
@@ -259,7 +262,7 @@ class ICLDistDataset:
         return collate([self.run.examples[it["example_id"]] for it in items], self.pad_id)
 
 
-class ICLDistBackend:
+class ICLDistBackend(TeacherBackend):
     """Teacher backend: a batch -> :class:`BatchTargets` (top-k online with prefetch, or cached)."""
 
     softcap = None
@@ -291,70 +294,59 @@ class ICLDistBackend:
         self.run.targets.close()
 
 
-def _require_hooks(ctx) -> "ICLDistHooks":
-    if not isinstance(ctx.hooks, ICLDistHooks):
-        raise RuntimeError("the icldist dataset and teacher backend run through distill.icldist.stage "
-                           "(launchers/icldist.py), which passes the run's ICLDistHooks to the trainer")
-    return ctx.hooks
-
-
-def _register() -> None:
-    from distill.trainer import DATASETS, TEACHER_BACKENDS, register_dataset, register_teacher_backend
-
-    if "icldist" in DATASETS and "icldist" in TEACHER_BACKENDS:
-        return
-
-    @register_dataset("icldist")
-    def _dataset(cfg, tokenizer, ctx):
-        return ICLDistDataset(_prepare(_require_hooks(ctx).run, tokenizer, ctx), tokenizer.pad_token_id)
-
-    @register_teacher_backend("icldist")
-    def _backend(cfg, ctx):
-        return ICLDistBackend(_require_hooks(ctx).run)
-
-
-class ICLDistHooks(TrainerHooks):
-    """ICLDist's plug-ins to the core trainer (distill.trainer.TrainerHooks): the run state for the
-    registered ``icldist`` dataset and backend, the :class:`~distill.icldist.loss.ICLDistLoss`
-    objective, the teacher's prefetch depth, and the logged split of the KD term (label-level /
-    token-level, summed on the device, read with the step's one sync) and the teacher wait."""
+class ICLDistStage(StageParts):
+    """ICLDist's parts for :func:`distill.train.build.build_trainer`: the prompt set as the dataset,
+    the teacher's top-k targets (online with prefetch, or the cache) as the teacher, the
+    :class:`~distill.icldist.loss.ICLDistLoss` objective, and the teacher-wait callback."""
 
     def __init__(self, run: ICLDistRun):
         self.run = run
-        self.prefetch_depth = run.cfg.teacher.prefetch
-        self.loss = None
-        self._wait0 = self._t0 = 0.0
 
-    def objective(self, trainer):
+    def dataset(self, cfg, tokenizer, ctx):
+        return ICLDistDataset(_prepare(self.run, tokenizer, ctx), tokenizer.pad_token_id)
+
+    def teacher(self, cfg, ctx):
+        return ICLDistBackend(self.run)
+
+    def prefetch_depth(self, teacher) -> int:
+        return self.run.cfg.teacher.prefetch
+
+    def objective(self, cfg, ctx, teacher):
         from distill.icldist.loss import ICLDistLoss
 
         k = self.run.cfg.kd
-        self.loss = ICLDistLoss(kind=k.kind, beta=k.beta, alpha=k.alpha, temperature=k.temperature,
-                                kd_weight=k.kd_weight, label_kd_weight=self.run.cfg.icl.label_kd_weight,
-                                ce_weight=k.ce_weight, vocab_size=trainer.vocab_size, impl=k.impl)
-        _print0(f"objective: {self.loss!r} classification={self.run.cfg.icl.classification} path={k.path}")
-        return self.loss
+        loss = ICLDistLoss(kind=k.kind, beta=k.beta, alpha=k.alpha, temperature=k.temperature,
+                           kd_weight=k.kd_weight, label_kd_weight=self.run.cfg.icl.label_kd_weight,
+                           ce_weight=k.ce_weight, vocab_size=ctx.vocab_size, impl=k.impl)
+        _print0(f"objective: {loss!r} classification={self.run.cfg.icl.classification} path={k.path}")
+        return loss
 
-    def begin_step(self) -> None:
-        self._wait0, self._t0 = self.run.targets.wait_s, time.perf_counter()
+    def callbacks(self, cfg, ctx, student) -> list:
+        return [TeacherWait(self.run.targets)]
 
-    def step_sums(self) -> dict:
-        return self.loss.take_sums()
+
+class TeacherWait(Callback):
+    """Logs the time this rank's step waited for teacher targets: ``teacher_wait_s`` and its share of
+    the step, ``teacher_wait_frac``."""
+
+    def __init__(self, targets):
+        self.targets = targets
+        self._wait0 = self._t0 = 0.0
+
+    def begin_step(self, step: int, lr: float) -> None:
+        self._wait0, self._t0 = self.targets.wait_s, time.perf_counter()
 
     def end_step(self, rec: dict, sums: dict) -> None:
-        wait = self.run.targets.wait_s - self._wait0
+        wait = self.targets.wait_s - self._wait0
         rec["teacher_wait_s"] = wait  # this rank's
         rec["teacher_wait_frac"] = wait / max(time.perf_counter() - self._t0, 1e-9)
-        n = max(rec["response_tokens"], 1)
-        rec["label_kd"] = sums.get("label_kd", 0.0) / n  # all ranks, per response token
-        rec["token_kd"] = sums.get("token_kd", 0.0) / n
 
 
 def make_trainer(run: ICLDistRun, argv=None):
-    from distill.trainer import Trainer
+    """The run's Trainer with ICLDist's parts (then ``.train()``)."""
+    from distill.train.build import build_trainer
 
-    _register()
-    return Trainer(run.cfg.trainer_config(), argv=argv, hooks=ICLDistHooks(run))
+    return build_trainer(run.cfg.trainer_config(), argv=argv, stage=ICLDistStage(run))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -503,12 +495,11 @@ def run_from_argv(argv: list[str]) -> int:
         write_report(run, export, teacher_path=run.teacher_path if cfg.report.teacher else None)
         return 0
 
-    from distill.trainer import check_run_folder
+    from distill.train.checkpoint import check_run_folder
 
     check_run_folder(cfg.trainer_config())  # before any model or teacher service starts
-    trainer = make_trainer(run, argv=rest)
     try:
-        trainer.setup()
+        trainer = make_trainer(run, argv=rest)
         result = trainer.train()
     finally:
         if run.owns_client and run.client is not None:

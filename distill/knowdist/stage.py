@@ -142,7 +142,7 @@ def summary_line(trainer, result: dict, t0: float, teacher: str, corpus: str) ->
     hist = trainer.history
     if not hist:
         return None
-    out_dir = Path(trainer.cfg.run.out_dir)
+    out_dir = trainer.out_dir
     k = max(1, len(hist) // 10)
     first = sum(r["loss"] for r in hist[:k]) / k
     last = sum(r["loss"] for r in hist[-k:]) / k
@@ -219,14 +219,15 @@ def check_model_folders(cfg: KnowDistConfig) -> None:
 
 
 def run(cfg: KnowDistConfig, argv: list[str] | None = None) -> int:
-    """Resolve the models, get the corpus, train, print the summary (rank 0). ``argv`` goes to the Trainer."""
+    """Resolve the models, get the corpus, train, print the summary (rank 0). ``argv`` goes to the run builder."""
     t0 = time.time()
     # Before the built-in models, the harvest and the trainer: what this machine cannot run, and a run
     # or checkpoint folder that cannot be written, are one line now rather than after hours of work.
     cfg.check_machine()
     from distill.dist.env import print0, read_env
     from distill.models.load import resolve_builtin
-    from distill.trainer import Trainer, check_run_folder
+    from distill.train.build import build_trainer
+    from distill.train.checkpoint import check_run_folder
 
     env = read_env(argv)
     check_run_folder(cfg)  # a used or busy run folder is refused before the teacher is built or the corpus harvested
@@ -238,12 +239,12 @@ def run(cfg: KnowDistConfig, argv: list[str] | None = None) -> int:
     cfg.model.student, cfg.model.teacher = student, teacher
     cfg.data.path = prepare_corpus(cfg, teacher_is_builtin)
 
+    stage = None
     if cfg.multiteacher.teachers:  # several teachers with learned weights (distill.multiteacher)
-        from distill.multiteacher.stage import make_trainer
+        from distill.multiteacher.stage import MultiTeacherStage
 
-        trainer = make_trainer(cfg, argv=argv).setup()
-    else:
-        trainer = Trainer(cfg, argv=argv).setup()
+        stage = MultiTeacherStage(cfg)
+    trainer = build_trainer(cfg, argv=argv, stage=stage)
     result = trainer.train()
     line = summary_line(trainer, result, t0, teacher, cfg.data.path) if env.rank == 0 else None
     if line:

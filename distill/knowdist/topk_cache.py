@@ -7,7 +7,7 @@
     # then train from it (the teacher is not loaded):
     deepspeed launchers/knowdist.py --config FILE --kd.topk=64 --kd.teacher_backend=cache
 
-The build runs the co-located teacher (``TEACHER_BACKENDS["colocated"]``, one copy per process, its
+The build runs the co-located teacher (the ``colocated`` backend, one copy per process, its
 ``rows`` path: the decoder's final hidden states at the supervised positions, the head a chunk at a
 time) over the training dataset built by the trainer's own dataset factory (``data.name``, so the
 same tokenisation, truncation and ``data.limit``), and stores per example the
@@ -58,7 +58,8 @@ from distill.config import ConfigError, RunConfig
 from distill.errors import UserError
 from distill.fileio import atomic_write_bytes, atomic_write_text, is_temporary
 from distill.teacher.output import TopKTeacher
-from distill.trainer import DATASETS, TEACHER_BACKENDS, BackendContext, TeacherBackend, register_teacher_backend
+from distill.data.registry import dataset_factory
+from distill.teacher.base import BackendContext, TeacherBackend, register_teacher_backend, teacher_factory
 
 FORMAT = "distill-knowdist-topk-cache"
 FORMAT_VERSION = 1
@@ -191,9 +192,7 @@ def build_topk_cache(cfg: RunConfig, out: str | Path | None = None, *, batch_siz
     vocab = cfg.model.vocab_size or len(tokenizer)
     ctx = BackendContext(env=env, device=device, tokenizer=tokenizer, vocab_size=vocab, student_path=student_path,
                          teacher_path=teacher_path, ds_config=None, out_dir=Path(cfg.run.out_dir))
-    if cfg.data.name not in DATASETS:
-        raise KeyError(f"data.name={cfg.data.name!r} is not registered; known: {sorted(DATASETS)}")
-    dataset = DATASETS[cfg.data.name](cfg, tokenizer, ctx)
+    dataset = dataset_factory(cfg.data.name)(cfg, tokenizer, ctx)
     if getattr(dataset, "collate", None) is not None:
         raise ConfigError(f"data.name={cfg.data.name!r} builds its own batches; the top-k cache serves datasets "
                           f"batched by the sft collate or by packing (e.g. data.name=sft)")
@@ -226,7 +225,7 @@ def build_topk_cache(cfg: RunConfig, out: str | Path | None = None, *, batch_siz
 
     mine = [s for s in range(n_shards) if s % env.world_size == env.rank and not (out / shard_name(s)).is_file()]
     if mine:
-        teacher = TEACHER_BACKENDS["colocated"](cfg, ctx)
+        teacher = teacher_factory("colocated")(cfg, ctx)
         bs = batch_size or cfg.train.micro_batch
         pad = tokenizer.pad_token_id
         bar = None

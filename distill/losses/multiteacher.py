@@ -180,7 +180,7 @@ class _Parts:
 
     def __init__(self, nt: int, n: int, dev, conf: bool, meta: bool):
         z = lambda *s: torch.zeros(s, dtype=torch.float32, device=dev)  # noqa: E731
-        self.ce, self.kd_weighted, self.kd, self.w = z(), z(), z(nt), z(nt)
+        self.ce, self.kd_weighted, self.kd_mix, self.kd, self.w = z(), z(), z(), z(nt), z(nt)
         self.conf = torch.empty((n, nt), dtype=torch.float32, device=dev) if conf else None
         self.dots = z(nt) if meta else None
 
@@ -188,6 +188,7 @@ class _Parts:
         self.ce += ce.sum()
         scales = torch.tensor(spec.kd_scales, dtype=torch.float32, device=kd.device)
         self.kd_weighted += (kd * w * scales).sum()
+        self.kd_mix += (kd * w).sum()
         self.kd += kd.sum(0)
         self.w += w.sum(0)
         if self.conf is not None:
@@ -301,7 +302,7 @@ def heldout_head_grad(rows, weight, bias, targets, *, vocab: int, chunk: int, sc
 
 
 # ------------------------------------------------------------------------------------------------
-# The objective (TrainerHooks.objective)
+# The objective (handed to the loop by distill.multiteacher.stage)
 
 
 class MultiTeacherObjective:
@@ -310,15 +311,15 @@ class MultiTeacherObjective:
     ``lean_output`` for kd.path=lean, ``__call__`` for kd.path=logits).
 
     ``strategy`` (distill.multiteacher.weighting) gives each row's weights and any extra loss (the
-    attention gate's). Logged: ``kd_sum`` is ``sum_t w_t (T_t / kd.temperature)^2 KD_t`` so that the
-    trainer's ``loss = (ce_weight ce + kd_weight T^2 kd) / N`` is this objective's; per teacher
-    (:meth:`take_sums`): its summed weight ``w_<name>``, its unweighted KD ``kd_<name>`` and the
-    strategy's own sums (gate loss, meta inner products)."""
+    attention gate's). Reported (:class:`~distill.losses.objective.LossOutput`): ``total``, the
+    optimised sum (CE, the weighted KD and the strategy's extra loss), and ``kd_sum``,
+    ``sum_t w_t KD_t``: the weighted divergence before ``kd_weight`` and the teachers' ``T^2``. Per
+    teacher (:meth:`take_sums`, through the stage's callback): its summed weight ``w_<name>``, its
+    unweighted KD ``kd_<name>`` and the strategy's own sums (gate loss, meta inner products)."""
 
-    def __init__(self, names: list[str], spec: Spec, strategy, *, kd_temperature: float, ignore_index: int = -100):
+    def __init__(self, names: list[str], spec: Spec, strategy, *, ignore_index: int = -100):
         self.names, self.spec, self.strategy = list(names), spec, strategy
         self.ignore_index = ignore_index
-        self._kd_unit = spec.kd_weight * kd_temperature ** 2  # the trainer multiplies the logged kd by this
         self._sums: dict[str, torch.Tensor] = {}
 
     # -- sums for the step's one all-reduce ----------------------------------------------------------
@@ -340,8 +341,12 @@ class MultiTeacherObjective:
         self._sums = {}
         return out
 
-    def _kd_logged(self, parts: _Parts) -> torch.Tensor:
-        return parts.kd_weighted / self._kd_unit if self._kd_unit > 0 else parts.kd_weighted
+    def _output(self, loss, parts: _Parts, extra_loss, n_tokens) -> LossOutput:
+        total = self.spec.ce_weight * parts.ce.detach() + parts.kd_weighted.detach()
+        if extra_loss is not None:
+            total = total + extra_loss.detach()
+        return LossOutput(loss=loss, ce_sum=parts.ce.detach(), kd_sum=parts.kd_mix.detach(), n_tokens=n_tokens,
+                          total=total)
 
     def _check_teachers(self, teachers) -> None:
         """Each top-k teacher at its own temperature (a top-k distribution is valid only there), none
@@ -381,15 +386,13 @@ class MultiTeacherObjective:
                 total = total + extra_loss
             self._log(parts, extra)
             norm = _normalizer(normalizer, total.device)
-            return total / norm, parts.ce.detach(), self._kd_logged(parts).detach()
+            return total / norm, parts, extra_loss
 
         return LossRequest(index, compute)
 
-    @staticmethod
-    def lean_output(loss, request) -> LossOutput:
-        ce_sum, kd_sum = request.parts
-        return LossOutput(loss=loss.reshape(()), ce_sum=ce_sum, kd_sum=kd_sum,
-                          n_tokens=torch.tensor(request.index.numel(), device=loss.device))
+    def lean_output(self, loss, request) -> LossOutput:
+        parts, extra_loss = request.parts
+        return self._output(loss.reshape(()), parts, extra_loss, torch.tensor(request.index.numel(), device=loss.device))
 
     # -- kd.path=logits ---------------------------------------------------------------------------------
     def __call__(self, student_logits, teacher_out: TeacherSet, labels, normalizer) -> LossOutput:
@@ -421,8 +424,7 @@ class MultiTeacherObjective:
             total = total + extra_loss
         self._log(parts, extra)
         norm = _normalizer(normalizer, total.device)
-        return LossOutput(loss=total / norm, ce_sum=parts.ce.detach(), kd_sum=self._kd_logged(parts).detach(),
-                          n_tokens=torch.tensor(index.numel(), device=dev))
+        return self._output(total / norm, parts, extra_loss, torch.tensor(index.numel(), device=dev))
 
     def __repr__(self) -> str:
         s = self.spec

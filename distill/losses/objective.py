@@ -33,7 +33,7 @@ CE and KD for the student). Leave them None when the model's forward already cap
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,14 +50,25 @@ from distill.teacher.output import TopKTeacher
 
 @dataclass
 class LossOutput:
-    """``loss``: the differentiable objective for this micro-batch (already divided by the
-    step's normalizer, so micro-batch losses add up to the step's loss). ``ce_sum``, ``kd_sum``
-    (before weights and T^2) and ``n_tokens`` (response tokens in this micro-batch) are detached."""
+    """What an objective optimised on one micro-batch; the training loop sums and logs it as given.
+
+    ``loss``: the differentiable objective (already divided by the step's normalizer, so the
+    micro-batch losses add up to the step's loss). Detached: ``total``, the weighted sum that
+    ``loss`` is before the division (the logged ``loss`` is the step's total over its response
+    tokens); ``ce_sum`` and ``kd_sum`` (before weights and T^2); ``parts``, any further named sums the
+    objective logs per response token (same keys on every rank and micro-batch); ``n_tokens``
+    (response tokens in this micro-batch)."""
 
     loss: torch.Tensor
     ce_sum: torch.Tensor
     kd_sum: torch.Tensor
     n_tokens: torch.Tensor
+    total: torch.Tensor
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def logged(self) -> dict[str, torch.Tensor]:
+        """The named sums of the step's record, in a fixed order: total (-> ``loss``), ce, kd, parts."""
+        return {"loss": self.total, "ce": self.ce_sum, "kd": self.kd_sum, **self.parts}
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -229,6 +240,7 @@ class DistillObjective:
             ce_sum=ce_rows.sum().detach(),
             kd_sum=kd_sum.detach() if use_kd else torch.zeros((), device=total.device),
             n_tokens=mask.sum().detach(),
+            total=total.detach(),
         )
 
     def lean_request(self, index: torch.Tensor, targets: torch.Tensor, teacher, normalizer):
@@ -253,7 +265,8 @@ class DistillObjective:
                 student_softcap=self.student_softcap, teacher_softcap=self.teacher_softcap,
                 chunk_tokens=self.chunk_tokens, impl=impl, requested=self.impl,
                 normalizer=_normalizer(normalizer, rows.device))
-            return total, ce_sum, kd_sum
+            weighted = self.ce_weight * ce_sum + (self.kd_scale * kd_sum if use_kd else 0.0)
+            return total, ce_sum, kd_sum, weighted
 
         return LossRequest(index, compute)
 
@@ -261,9 +274,9 @@ class DistillObjective:
     def lean_output(loss: torch.Tensor, request) -> LossOutput:
         """LossOutput of a lean step: ``loss`` as the model forward returned it (under ZeRO-3 wrapped
         by its backward hooks: that tensor, not the request's own, goes to backward)."""
-        ce_sum, kd_sum = request.parts
+        ce_sum, kd_sum, weighted = request.parts
         return LossOutput(loss=loss.reshape(()), ce_sum=ce_sum, kd_sum=kd_sum,
-                          n_tokens=torch.tensor(request.index.numel(), device=loss.device))
+                          n_tokens=torch.tensor(request.index.numel(), device=loss.device), total=weighted)
 
     def __repr__(self) -> str:
         return (

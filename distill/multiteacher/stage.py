@@ -1,20 +1,20 @@
-"""Several teachers through the core trainer: a registered backend, a dataset and the run's hooks.
+"""Several teachers through the core training loop: the stage's parts, a teacher backend and a dataset.
 
-``make_trainer(cfg)`` returns a :class:`distill.trainer.Trainer` with :class:`MultiTeacherHooks`;
-the run sets ``kd.teacher_backend=multiteacher`` and lists ``multiteacher.teachers``. Pieces:
+:class:`MultiTeacherStage` (a :class:`distill.train.build.StageParts`) is what ``build_trainer(cfg,
+stage=MultiTeacherStage(cfg))`` gets; the run sets ``kd.teacher_backend=multiteacher`` and lists
+``multiteacher.teachers``. Pieces:
 
 * the ``multiteacher`` teacher backend (:class:`MultiTeacherBackend`): builds each listed teacher
-  through the registry, ``TEACHER_BACKENDS[b](cfg_i, replace(ctx, teacher_path=path_i))`` with
+  through the registry (``teacher_factory(b)(cfg_i, replace(ctx, teacher_path=path_i))``) with
   ``cfg_i`` a copy whose ``kd.temperature`` / ``kd.topk`` / ``kd.teacher_backend`` are the
   teacher's own (so each backend checks the vocabulary against the student's as in a
-  single-teacher run), and
-  returns a :class:`~distill.losses.multiteacher.TeacherSet` per batch.
+  single-teacher run), and returns a :class:`~distill.losses.multiteacher.TeacherSet` per batch.
 * the ``sft_routed`` dataset: the ``sft`` dataset plus each record's ``multiteacher.route.column``
   (weighting=route).
-* :class:`MultiTeacherHooks`: the objective (:class:`~distill.losses.multiteacher.MultiTeacherObjective`),
-  the attention gate attached to the student before the engine is built (so DeepSpeed optimises and
-  checkpoints it) and dropped from exports, the meta weights' held-out pass, update and checkpoint
-  state, and the per-teacher weights logged each step.
+* the stage: the objective (:class:`~distill.losses.multiteacher.MultiTeacherObjective`), the
+  attention gate attached to the student before the engine is built (so DeepSpeed optimises and
+  checkpoints it) and dropped from exports, and :class:`MultiTeacherCallback`: the meta weights'
+  held-out pass, update and checkpoint state, and the per-teacher weights logged each step.
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ import torch
 from distill.multiteacher.config import BACKEND_NAME
 from distill.losses.multiteacher import TeacherSet
 from distill.multiteacher.weighting import GATE_NAME
-from distill.trainer import TeacherBackend, TrainerHooks
+from distill.data.registry import DATASETS, dataset_factory
+from distill.teacher.base import TeacherBackend, teacher_factory
+from distill.train.build import StageParts
+from distill.train.callbacks import Callback
 
 ROUTED_DATASET = "sft_routed"
 
@@ -55,7 +58,6 @@ class MultiTeacherBackend(TeacherBackend):
 
     def __init__(self, cfg, ctx):
         from distill.models import load as ml
-        from distill.trainer import LAZY_BACKENDS, TEACHER_BACKENDS
 
         mt = cfg.multiteacher
         self.names = mt.names
@@ -72,13 +74,8 @@ class MultiTeacherBackend(TeacherBackend):
                 _print0(f"teacher {entry.name}: fixed weight 0, not run")
                 continue
             path = ml.resolve_builtin(dataclasses.replace(cfg.model, student="-", teacher=entry.path), ctx.out_dir)[1]
-            if entry.backend not in TEACHER_BACKENDS and entry.backend in LAZY_BACKENDS:
-                import importlib
-
-                importlib.import_module(LAZY_BACKENDS[entry.backend])
-            if entry.backend not in TEACHER_BACKENDS:
-                raise KeyError(f"multiteacher.teachers ({entry.name}): backend={entry.backend!r} is not registered; "
-                               f"known: {sorted(set(TEACHER_BACKENDS) - {BACKEND_NAME})}")
+            factory = teacher_factory(entry.backend, key=f"multiteacher.teachers ({entry.name}): backend",
+                                      hidden=(BACKEND_NAME,))
             cfg_i = copy.deepcopy(cfg)
             cfg_i.kd.temperature, cfg_i.kd.topk, cfg_i.kd.teacher_backend = entry.temperature, entry.topk, entry.backend
             cfg_i.model.teacher = entry.path
@@ -88,8 +85,7 @@ class MultiTeacherBackend(TeacherBackend):
             # decides for single-teacher runs); a ray teacher is served
             place = "ray" if entry.backend == "ray" else (
                 cfg.teacher.placement if cfg.teacher.placement in ("partitioned", "replicated") else "replicated")
-            child = TEACHER_BACKENDS[entry.backend](cfg_i, dataclasses.replace(ctx, teacher_path=path,
-                                                                              teacher_placement=place))
+            child = factory(cfg_i, dataclasses.replace(ctx, teacher_path=path, teacher_placement=place))
             self.children.append(child)
             self.paths.append(path)
             self.softcaps.append(child.softcap)
@@ -119,7 +115,7 @@ class MultiTeacherBackend(TeacherBackend):
 
     def prefetch(self, batch: dict) -> None:
         for c in self.children:
-            if c is not None and type(c).prefetch is not TeacherBackend.prefetch:
+            if c is not None and c.prefetches:
                 c.prefetch(batch)
 
     @torch.no_grad()
@@ -186,9 +182,8 @@ def _raw_column(path: str, column: str, limit: int) -> list:
 
 def _routed_dataset(cfg, tokenizer, ctx):
     from distill.data.sft import DataError
-    from distill.trainer import DATASETS
 
-    ds = DATASETS["sft"](cfg, tokenizer, ctx)
+    ds = dataset_factory("sft")(cfg, tokenizer, ctx)
     column = cfg.multiteacher.route.column
     values = _raw_column(cfg.data.path, column, cfg.data.limit)
     if len(values) != len(ds):
@@ -205,42 +200,34 @@ def _routed_dataset(cfg, tokenizer, ctx):
     return ds
 
 
-def _register() -> None:
-    from distill.trainer import DATASETS, TEACHER_BACKENDS
-
-    TEACHER_BACKENDS.setdefault(BACKEND_NAME, MultiTeacherBackend)
-    DATASETS.setdefault(ROUTED_DATASET, _routed_dataset)
+DATASETS.setdefault(ROUTED_DATASET, _routed_dataset)
 
 
 # ------------------------------------------------------------------------------------------------
-# Hooks
+# The stage's parts
 
 
-class MultiTeacherHooks(TrainerHooks):
-    """The multi-teacher run's plug-ins to :class:`distill.trainer.Trainer` (TrainerHooks' interface)."""
-
-    prefetch_depth = 1
+class MultiTeacherStage(StageParts):
+    """The multi-teacher run's parts for :func:`distill.train.build.build_trainer`."""
 
     def __init__(self, cfg):
         self.cfg = cfg
         self.mt = cfg.multiteacher
         self.names = self.mt.names
-        self.trainer = None
+        self.gate_owner = None
+        self.backend: MultiTeacherBackend | None = None
         self.loss = None
         self.strategy = None
-        self.gate = None
-        self._heldout = None
-        self._meta_info: dict | None = None
 
     # -- before the engine: the attention gate becomes part of the student ----------------------------
-    def prepare_student(self, trainer, model) -> None:
+    def prepare_student(self, model, ctx) -> None:
         if self.mt.weighting != "attention":
             return
         from distill.multiteacher.weighting import TeacherGate
 
         ref = model.get_input_embeddings().weight
         gate = TeacherGate(model.config.hidden_size, len(self.names), self.mt.attention.hidden)
-        model.add_module(GATE_NAME, gate.to(device=trainer.device, dtype=ref.dtype))
+        model.add_module(GATE_NAME, gate.to(device=ctx.device, dtype=ref.dtype))
         self.gate_owner = model
         _print0(f"attention gate: {sum(p.numel() for p in gate.parameters())} parameters on the student "
                 f"({GATE_NAME}.*; optimised and checkpointed with it, dropped from exports)")
@@ -248,14 +235,21 @@ class MultiTeacherHooks(TrainerHooks):
     def student_state_dict(self, sd: dict) -> dict:
         return {k: v for k, v in sd.items() if not k.startswith(GATE_NAME + ".")}
 
-    # -- the objective ------------------------------------------------------------------------------------
-    def objective(self, trainer):
-        from distill.losses.divergences import default_chunk_tokens
-        from distill.multiteacher import weighting as W
-        from distill.losses.multiteacher import MultiTeacherObjective, Spec
+    def teacher(self, cfg, ctx):
+        self.backend = MultiTeacherBackend(cfg, ctx)
+        return self.backend
 
-        self.trainer = trainer
-        mt, k = self.mt, self.cfg.kd
+    def prefetch_depth(self, teacher) -> int:
+        # prefetch only for teachers that do something ahead of use (a Ray or cache backend)
+        return int(any(c.prefetches for c in teacher.children if c is not None))
+
+    # -- the objective ------------------------------------------------------------------------------------
+    def objective(self, cfg, ctx, teacher):
+        from distill.losses.divergences import default_chunk_tokens
+        from distill.losses.multiteacher import MultiTeacherObjective, Spec
+        from distill.multiteacher import weighting as W
+
+        mt, k = self.mt, cfg.kd
         n = len(self.names)
         if mt.weighting == "fixed":
             strategy = W.Fixed(mt.fixed_weights())
@@ -268,68 +262,81 @@ class MultiTeacherHooks(TrainerHooks):
         else:
             m = mt.meta
             strategy = W.MetaWeights(n, lr=m.lr, min_weight=m.min_weight, max_logit=m.max_logit)
-            self._heldout = self._heldout_set(trainer)
         self.strategy = strategy
-        # prefetch only for teachers that do something ahead of use (a Ray or cache backend)
-        kids = [c for c in trainer.teacher.children if c is not None]
-        self.prefetch_depth = int(any(type(c).prefetch is not TeacherBackend.prefetch for c in kids))
-        softcaps = trainer.teacher.softcaps
         spec = Spec(kind=k.kind, beta=k.beta, alpha=k.alpha, temperatures=[t.temperature for t in mt.teachers],
-                    ce_weight=k.ce_weight, kd_weight=k.kd_weight, vocab=trainer.vocab_size,
-                    chunk=k.chunk_tokens or default_chunk_tokens(trainer.vocab_size), conf_signal=strategy.conf_signal,
-                    conf_temperature=mt.confidence.temperature, teacher_softcaps=softcaps)
-        self.loss = MultiTeacherObjective(self.names, spec, strategy, kd_temperature=k.temperature)
+                    ce_weight=k.ce_weight, kd_weight=k.kd_weight, vocab=ctx.vocab_size,
+                    chunk=k.chunk_tokens or default_chunk_tokens(ctx.vocab_size), conf_signal=strategy.conf_signal,
+                    conf_temperature=mt.confidence.temperature, teacher_softcaps=teacher.softcaps)
+        self.loss = MultiTeacherObjective(self.names, spec, strategy)
         _print0(f"objective: {self.loss!r}")
         return self.loss
 
-    def _heldout_set(self, trainer):
+    def callbacks(self, cfg, ctx, student) -> list:
+        heldout = None
+        if self.strategy.name == "meta":
+            heldout = self._heldout_set(cfg, ctx)
+        return [MultiTeacherCallback(self.names, self.mt, self.loss, self.strategy, student=student, heldout=heldout,
+                                     pad_id=ctx.tokenizer.pad_token_id, seed=cfg.train.seed,
+                                     chunk=cfg.kd.chunk_tokens, vocab=ctx.vocab_size)]
+
+    def _heldout_set(self, cfg, ctx):
         m = self.mt.meta
         if not m.heldout_path:
             _print0("meta: held-out batches drawn from the training data (set multiteacher.meta.heldout_path "
                     "for a real held-out set)")
-            return trainer.dataset
+            return ctx.dataset
         from distill.data.sft import SFTDataset, read_records
 
-        d = self.cfg.data
+        d = cfg.data
         recs = read_records(m.heldout_path, "auto", prompt_field=d.prompt_field, response_field=d.response_field)
-        return SFTDataset(recs, trainer.tokenizer, d.max_len, d.add_eos)
+        return SFTDataset(recs, ctx.tokenizer, d.max_len, d.add_eos)
 
-    # -- per step ---------------------------------------------------------------------------------------
-    def begin_step(self) -> None:
+
+class MultiTeacherCallback(Callback):
+    """Per step: the meta weights' held-out pass (before the step) and update (after it), the
+    per-teacher weights and divergences in the record, the strategy's checkpoint state."""
+
+    def __init__(self, names, mt, loss, strategy, *, student, heldout, pad_id: int, seed: int, chunk: int, vocab: int):
+        self.names, self.mt, self.loss, self.strategy = names, mt, loss, strategy
+        self.student, self.heldout, self.pad_id, self.seed = student, heldout, pad_id, seed
+        self.chunk, self.vocab = chunk, vocab
+        self._meta_info: dict | None = None
+
+    def begin_step(self, step: int, lr: float) -> None:
         self._meta_info = None
-        s = self.strategy
-        if s is None or s.name != "meta" or self.trainer.step % self.mt.meta.every:
+        if self.strategy.name != "meta" or step % self.mt.meta.every:
             return
-        self._meta_info = {"lr": self.trainer.engine.lr(), **self._heldout_direction()}
+        self._meta_info = {"lr": lr, **self._heldout_direction(step)}
 
-    def _heldout_direction(self) -> dict:
+    def _heldout_direction(self, step: int) -> dict:
         """The mean held-out CE gradient of the student's head, ``G_val [vocab, H]`` (fp32), set as the
         strategy's direction for this step; the same examples on every rank (seeded by the update)."""
+        from distill.data.batching import model_inputs
         from distill.data.sft import collate
         from distill.losses.divergences import default_chunk_tokens
         from distill.losses.lean import LossRequest, supervised_rows
         from distill.losses.multiteacher import heldout_head_grad
-        from distill.trainer import model_inputs
+        from distill.train.batches import to_device
 
-        tr, m = self.trainer, self.mt.meta
+        st, m = self.student, self.mt.meta
         t0 = time.perf_counter()
-        ds = self._heldout
-        g = torch.Generator().manual_seed(tr.cfg.train.seed * 7919 + tr.step // m.every)
+        ds = self.heldout
+        g = torch.Generator().manual_seed(self.seed * 7919 + step // m.every)
         pick = torch.randperm(len(ds), generator=g)[:m.heldout_batch].tolist()
-        cpu = collate([ds[i] for i in pick], tr.tokenizer.pad_token_id)
+        cpu = collate([ds[i] for i in pick], self.pad_id)
         index, targets = supervised_rows(cpu["labels"], -100)
-        batch = tr.to_device(cpu)
-        index, targets = index.to(tr.device), targets.to(tr.device)
-        vocab = tr.vocab_size
-        chunk = tr.cfg.kd.chunk_tokens or default_chunk_tokens(vocab)
+        batch = to_device(cpu, st.device)
+        index, targets = index.to(st.device), targets.to(st.device)
+        vocab = self.vocab
+        chunk = self.chunk or default_chunk_tokens(vocab)
 
         def compute(rows, weight, bias):
             G, ce = heldout_head_grad(rows, weight, bias, targets, vocab=vocab, chunk=chunk)
             return ce, G, ce
 
         req = LossRequest(index, compute)
-        with torch.no_grad(), tr.student_head.pending(req):
-            tr.engine.forward(**model_inputs(batch), use_cache=False)
+        with torch.no_grad(), st.lean_head.pending(req):
+            st.engine.forward(**model_inputs(batch), use_cache=False)
         G, ce = req.parts
         n = max(int(index.numel()), 1)
         self.strategy.direction = G.div_(n)
@@ -376,8 +383,7 @@ class MultiTeacherHooks(TrainerHooks):
 
 
 def make_trainer(cfg, argv=None):
-    """The core trainer with this run's multi-teacher hooks (call ``.setup()`` then ``.train()``)."""
-    from distill.trainer import Trainer
+    """The run's Trainer with the multi-teacher stage's parts (then ``.train()``)."""
+    from distill.train.build import build_trainer
 
-    _register()
-    return Trainer(cfg, argv=argv, hooks=MultiTeacherHooks(cfg))
+    return build_trainer(cfg, argv=argv, stage=MultiTeacherStage(cfg))

@@ -30,7 +30,7 @@ import torch
 
 from distill.config import ConfigError, RunConfig
 from distill.teacher.output import TopKTeacher
-from distill.trainer import BackendContext, TeacherBackend, register_teacher_backend
+from distill.teacher.base import BackendContext, TeacherBackend, register_teacher_backend
 
 RAY_TEMP_DIR = "/tmp/ray_distill"  # the private Ray's temp dir (records of our sessions live there too)
 NAMESPACE = "distill-teacher"

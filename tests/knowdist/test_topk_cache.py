@@ -24,9 +24,9 @@ def _cfg(assets, out_dir, **sections):
 
 
 def _train(cfg):
-    from distill.trainer import Trainer
+    from distill.train.build import build_trainer
 
-    tr = Trainer(cfg).setup()
+    tr = build_trainer(cfg)
     tr.train()
     return tr
 
@@ -77,13 +77,13 @@ def test_rows_follow_supervised_rows_order_packed_and_not(tiny_assets, caches, t
     from distill.data.packing import pack_collate
     from distill.data.sft import collate
     from distill.losses.lean import supervised_rows
-    from distill.trainer import Trainer
+    from distill.train.build import build_trainer
 
-    tr = Trainer(_cfg(tiny_assets, tmp_path / "r", kd={"teacher_backend": "cache", "cache_dir": str(caches["packed"])},
-                      data={"max_len": 128})).setup()
-    online = Trainer(_cfg(tiny_assets, tmp_path / "o", data={"max_len": 128})).setup()
-    items = [tr.dataset[i] for i in (5, 17, 3, 90, 41, 60)]
-    pad = tr.tokenizer.pad_token_id
+    tr = build_trainer(_cfg(tiny_assets, tmp_path / "r", kd={"teacher_backend": "cache", "cache_dir": str(caches["packed"])},
+                      data={"max_len": 128}))
+    online = build_trainer(_cfg(tiny_assets, tmp_path / "o", data={"max_len": 128}))
+    items = [tr.batches.dataset[i] for i in (5, 17, 3, 90, 41, 60)]
+    pad = tr.outputs.tokenizer.pad_token_id
     for batch in (collate(items, pad), pack_collate(items, pad, 128)):
         index, _ = supervised_rows(batch["labels"])
         got = tr.teacher.rows(batch, index)
@@ -101,7 +101,7 @@ def _manifest(cache: Path) -> dict:
 
 
 def test_rerun_is_a_noop(tiny_assets, caches, monkeypatch, capsys):  # noqa: F811
-    from distill import trainer
+    from distill.teacher import base as trainer
 
     cache = caches["plain"]
     before = {f.name: f.stat().st_mtime_ns for f in cache.iterdir()}
@@ -142,12 +142,12 @@ def test_interrupted_build_resumes(tiny_assets, caches, tmp_path):  # noqa: F811
 def test_training_with_a_mismatched_cache_stops_before_step_1(tiny_assets, caches, tmp_path, change,  # noqa: F811
                                                                field):
     from distill.knowdist.topk_cache import TopKCacheError
-    from distill.trainer import Trainer
+    from distill.train.build import build_trainer
 
     kd = {"teacher_backend": "cache", "cache_dir": str(caches["plain"]), **change.get("kd", {})}
     cfg = _cfg(tiny_assets, tmp_path / "run", **{**change, "kd": kd})
     with pytest.raises(TopKCacheError) as e:
-        Trainer(cfg).setup()
+        build_trainer(cfg)
     msg = str(e.value)
     assert "\n" not in msg and f"{caches['plain'] / 'manifest.json'}: field '{field}'" in msg
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
@@ -157,11 +157,11 @@ def test_missing_incomplete_and_other_tokenizer_are_one_line_errors(tiny_assets,
     import shutil
 
     from distill.knowdist.topk_cache import TopKCacheError
-    from distill.trainer import Trainer
+    from distill.train.build import build_trainer
 
     def setup_with(cache):
-        return Trainer(_cfg(tiny_assets, tmp_path / f"run-{cache.name}",
-                            kd={"teacher_backend": "cache", "cache_dir": str(cache)})).setup()
+        return build_trainer(_cfg(tiny_assets, tmp_path / f"run-{cache.name}",
+                            kd={"teacher_backend": "cache", "cache_dir": str(cache)}))
 
     with pytest.raises(TopKCacheError, match=r"manifest\.json: missing"):
         setup_with(tmp_path / "nowhere")

@@ -16,10 +16,10 @@ def main():
     spec = json.loads(open(sys.argv[1]).read())
     cfg = from_dict(RunConfig, spec["cfg"])
     cfg.validate()
-    tr = make_trainer(cfg).setup()
+    tr = make_trainer(cfg)
     tr.train()
     out = {}
-    s = tr.hooks.strategy
+    s = tr.callbacks[0].strategy
     if s.name == "meta":
         out["meta"] = {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in s.state_dict().items()}
     gate = getattr(tr.engine.module, GATE_NAME, None)

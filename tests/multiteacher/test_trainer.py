@@ -18,7 +18,7 @@ def _trainer(d):
 
     cfg = from_dict(RunConfig, d)
     cfg.validate()
-    return make_trainer(cfg).setup()
+    return make_trainer(cfg)
 
 
 def _train(d):
@@ -41,7 +41,7 @@ def _assert_same_metrics(a, b, keys=("loss", "ce", "kd", "grad_norm", "response_
 
 def test_fixed_one_zero_equals_the_single_teacher_run(mt_assets, tmp_path, capsys):
     from distill.config import RunConfig, from_dict
-    from distill.trainer import Trainer
+    from distill.train.build import build_trainer
 
     teachers = [{"name": "good", "path": mt_assets["good"], "temperature": 2.0, "weight": 1.0},
                 {"name": "noise", "path": mt_assets["noise"], "weight": 0.0}]
@@ -49,7 +49,7 @@ def test_fixed_one_zero_equals_the_single_teacher_run(mt_assets, tmp_path, capsy
     assert multi.teacher.children[1] is None  # a weight-0 teacher is not run
     single = mt_cfg_dict(mt_assets, tmp_path / "single", kd={"temperature": 2.0, "teacher_backend": "colocated"})
     single.pop("multiteacher")
-    Trainer(from_dict(RunConfig, single)).setup().train()
+    build_trainer(from_dict(RunConfig, single)).train()
     a, b = read_metrics(tmp_path / "multi"), read_metrics(tmp_path / "single")
     _assert_same_metrics(a, b)
     assert a[0]["kd"] > 0.01 and all(r["w_good"] == pytest.approx(1.0) and r["w_noise"] == 0.0 for r in a)
@@ -107,7 +107,7 @@ def test_checkpoint_resume_reproduces_learned_weights(mt_assets, tmp_path, weigh
         assert any(float(v.abs().max()) > 0 for v in ga.values())  # trained away from its zero init
         assert a.engine.optimizer.param_groups[0]["params"][-1] is getattr(a.engine.module, GATE_NAME).out.bias
     else:
-        sa, sb = a.hooks.strategy.state_dict(), b.hooks.strategy.state_dict()
+        sa, sb = a.callbacks[0].strategy.state_dict(), b.callbacks[0].strategy.state_dict()
         assert sa["t"] == sb["t"] == 3
         assert all(torch.equal(sa[k], sb[k]) for k in ("a", "m", "v"))
         assert float(sa["a"].abs().max()) > 0

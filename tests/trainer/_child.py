@@ -8,14 +8,14 @@ import sys
 import time
 
 from distill.config import RunConfig, from_dict
-from distill.trainer import Trainer
+from distill.train.build import build_trainer
 
 
 def main():
     spec = json.loads(open(sys.argv[1]).read())
     cfg = from_dict(RunConfig, spec["cfg"])
     cfg.validate()
-    tr = Trainer(cfg).setup()
+    tr = build_trainer(cfg)
     pause = float(spec.get("sleep_per_step", 0))
     if pause:
         inner = tr.train_step

@@ -223,24 +223,26 @@ def test_registered_names_follow_the_registries():
     import re
     from pathlib import Path
 
-    import distill.trainer as T
+    import distill
+    from distill.data import registry as R
+    from distill.teacher import base as B
     from distill.config import BUILTIN_DATASETS, BUILTIN_TEACHER_BACKENDS, registered_names
     from distill.multiteacher.config import BACKEND_NAME
     from distill.multiteacher.stage import ROUTED_DATASET
 
     # every name the package registers (decorators; the multi-teacher stage's setdefault), ICLDist's own aside
-    src = "".join(f.read_text() for f in Path(T.__file__).parent.rglob("*.py"))
+    src = "".join(f.read_text() for f in Path(distill.__file__).parent.rglob("*.py"))
     found = {kind: set(re.findall(rf'register_{kind}\("([^"]+)"\)', src)) - {"icldist"}
              for kind in ("dataset", "teacher_backend")}
     assert found["dataset"] and found["teacher_backend"]
     assert found["dataset"] | {ROUTED_DATASET} == set(BUILTIN_DATASETS)
-    assert found["teacher_backend"] | set(T.LAZY_BACKENDS) | {BACKEND_NAME} == set(BUILTIN_TEACHER_BACKENDS)
-    T.register_dataset("test_own_rows")(lambda cfg, tok, ctx: [])
+    assert found["teacher_backend"] | set(B.LAZY_BACKENDS) | {BACKEND_NAME} == set(BUILTIN_TEACHER_BACKENDS)
+    R.register_dataset("test_own_rows")(lambda cfg, tok, ctx: [])
     try:
         cfg, _ = load_config(RunConfig, ["--data.name=test_own_rows"])
         assert cfg.data.name == "test_own_rows"
     finally:
-        T.DATASETS.pop("test_own_rows")
+        R.DATASETS.pop("test_own_rows")
     assert "icldist" not in registered_names("teacher_backends")
     cfg = RunConfig()
     cfg.kd.teacher_backend = cfg.data.name = "icldist"

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 def test_zero3_two_ranks_match_single_process(tiny_assets, tmp_path):
     pytest.importorskip("deepspeed")
     from distill.config import RunConfig, from_dict
-    from distill.trainer import Trainer
+    from distill.train.build import build_trainer
 
     ds_json = tmp_path / "zero3_test.json"
     ds_json.write_text(json.dumps({"zero_optimization": {
@@ -45,7 +45,7 @@ def test_zero3_two_ranks_match_single_process(tiny_assets, tmp_path):
     ref_dir = tmp_path / "torch"
     ref_cfg = tiny_cfg_dict(tiny_assets, ref_dir, **common)
     ref_cfg["train"].update(micro_batch=4, grad_accum=2)
-    Trainer(from_dict(RunConfig, ref_cfg)).setup().train()
+    build_trainer(from_dict(RunConfig, ref_cfg)).train()
 
     got, ref = read_metrics(ds_dir), read_metrics(ref_dir)
     assert [r["step"] for r in got] == list(range(1, steps + 1))

@@ -17,14 +17,14 @@ EVAL = {"tasks": "sc/sst2", "limit": 2, "shots": 1, "batch_size": 4}
 
 @pytest.fixture(scope="module")
 def trainer(tiny_assets, tmp_path_factory):
-    from distill.trainer import Trainer
+    from distill.train.build import build_trainer
 
     out = tmp_path_factory.mktemp("eval_run")
     cfg = from_dict(RunConfig, tiny_cfg_dict(tiny_assets, out, train={"steps": 2, "warmup_steps": 0},
                                              checkpoint={"export": True}, eval={**EVAL, "every": 1, "at_end": True,
                                                                                                "teacher": True}))
     cfg.validate()
-    return Trainer(cfg).setup()
+    return build_trainer(cfg)
 
 
 def test_evaluate_loads_trained_student_and_logs(trainer, monkeypatch):
@@ -80,19 +80,19 @@ def test_evaluate_refuses_a_mismatched_state_dict(trainer, monkeypatch, change):
     else:
         key = "model.layers.2.mlp.down_proj.weight"  # a layer the 2-layer config does not have
         sd[key] = torch.zeros(1)
-    monkeypatch.setattr(trainer, "gathered_state_dict", lambda: sd)
+    monkeypatch.setattr(trainer.outputs, "gathered_state_dict", lambda: sd)
     monkeypatch.setattr(sb, "evaluate", lambda *a, **k: pytest.fail("evaluated a model with a bad state dict"))
     with pytest.raises(RuntimeError, match=rf"{change} 1 \['{key}'\]") as e:
         trainer.evaluate()
     msg = str(e.value)
-    assert "\n" not in msg and "LlamaForCausalLM(model_type=llama" in msg and trainer.student_path in msg
+    assert "\n" not in msg and "LlamaForCausalLM(model_type=llama" in msg and trainer.outputs.student_path in msg
 
 
 def test_strict_load_accepts_tied_alias_and_non_persistent_buffer():
     from transformers import AutoModelForCausalLM
 
     from distill.models.tiny import build_tiny_causal_lm
-    from distill.trainer import load_state_dict_strict
+    from distill.train.outputs import load_state_dict_strict
 
     src = build_tiny_causal_lm(64, "micro", seed=5, tie_word_embeddings=True)
     sd = {k: v.clone() for k, v in src.state_dict().items()}

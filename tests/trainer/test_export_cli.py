@@ -45,11 +45,11 @@ def _assert_card(folder, *, steps, assets):
 @pytest.fixture(scope="module")
 def torch_run(tiny_assets, tmp_path_factory):
     from distill.config import RunConfig, from_dict
-    from distill.trainer import Trainer
+    from distill.train.build import build_trainer
 
     run = tmp_path_factory.mktemp("export_torch") / "run"
     cfg = tiny_cfg_dict(tiny_assets, run, train={"steps": 4, "warmup_steps": 1}, checkpoint={"every": 2, "keep_last": 2})
-    Trainer(from_dict(RunConfig, cfg)).setup().train()
+    build_trainer(from_dict(RunConfig, cfg)).train()
     return run
 
 

@@ -25,6 +25,8 @@ import time
 
 import pytest
 
+from distill.train.loop import REQUEUE_EXIT
+
 from .conftest import REPO, read_metrics, tiny_cfg_dict
 from .test_multinode_launch import _cli, _free_port, _node_env
 
@@ -72,7 +74,7 @@ def _alive(procs) -> list:
 def test_stop_through_deepspeed_cli_checkpoints_and_leaves_nothing(tiny_assets, tmp_path):
     psutil = pytest.importorskip("psutil")
     pytest.importorskip("deepspeed")
-    from distill.trainer import Trainer
+    from distill.train.build import build_trainer
 
     runs = {how: _start(tiny_assets, tmp_path, how) for how in HOWS}
     try:
@@ -118,11 +120,11 @@ def test_stop_through_deepspeed_cli_checkpoints_and_leaves_nothing(tiny_assets, 
         stop = int(ckpts[0].name.split("_")[1])
         assert 1 <= stop < STEPS and max(x["step"] for x in read_metrics(r["out_dir"])) == stop, (how, out[-3000:])
         final = [x for x in out.splitlines()
-                 if f"checkpoint at step {stop}/{STEPS} saved; exiting with status {Trainer.REQUEUE_EXIT}" in x]
+                 if f"checkpoint at step {stop}/{STEPS} saved; exiting with status {REQUEUE_EXIT}" in x]
         assert len(final) == 1, (how, out[-3000:])  # rank 0's line, naming why
         if how == "sigterm_to_cli":
             assert f"the deepspeed launcher (pid {r['cli'].pid}) is gone" in final[0], final
-            assert f"exits with return code = {Trainer.REQUEUE_EXIT}" in out, out[-3000:]  # launch.py, of a rank
+            assert f"exits with return code = {REQUEUE_EXIT}" in out, out[-3000:]  # launch.py, of a rank
         else:
             assert final[0].startswith("[trainer] SIGINT: "), final
             assert out.count("press Ctrl-C again to stop at once without one") == 1, out[-3000:]  # local rank 0

@@ -14,9 +14,9 @@ from .conftest import read_metrics, run_child, save_tiny_model, tiny_cfg_dict
 
 def _run(cfg_dict):
     from distill.config import RunConfig, from_dict
-    from distill.trainer import Trainer
+    from distill.train.build import build_trainer
 
-    tr = Trainer(from_dict(RunConfig, cfg_dict)).setup()
+    tr = build_trainer(from_dict(RunConfig, cfg_dict))
     tr.train()
     return tr
 
@@ -46,7 +46,7 @@ def test_lean_equals_logits_plain_engine(tiny_assets, tmp_path, kd):
     for path in ("lean", "logits"):
         d = tiny_cfg_dict(tiny_assets, tmp_path / path, train={"steps": 3}, kd={**kd, "path": path})
         runs[path] = _run(d)
-    assert runs["lean"].lean and not runs["logits"].lean
+    assert runs["lean"].lean_head is not None and runs["logits"].lean_head is None
     _assert_same_run(tmp_path / "lean", tmp_path / "logits")
     assert read_metrics(tmp_path / "lean")[0]["kd"] > 0.01  # a real teacher signal was compared
 
@@ -55,10 +55,10 @@ def test_lean_is_the_default_and_never_forms_full_logits(tiny_assets, tmp_path, 
     """The student's head never returns [B, L, V] logits during a lean step, and the teacher's
     full forward is not run (only its decoder and, once, its last-position check)."""
     from distill.config import RunConfig, from_dict
-    from distill.trainer import Trainer
+    from distill.train.build import build_trainer
 
     assert RunConfig().kd.path == "lean"
-    tr = Trainer(from_dict(RunConfig, tiny_cfg_dict(tiny_assets, tmp_path / "r", train={"steps": 1}))).setup()
+    tr = build_trainer(from_dict(RunConfig, tiny_cfg_dict(tiny_assets, tmp_path / "r", train={"steps": 1})))
     shapes = []
     head = tr.engine.module.get_output_embeddings()
     handle = head.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))

@@ -54,13 +54,13 @@ def test_shared_loader_refuses_a_bert_folder(tmp_path):
 def test_knowdist_refuses_a_bert_before_loading_a_model(tiny_assets, tmp_path, capsys, monkeypatch, launcher, role):
     import yaml
 
-    import distill.trainer
+    import distill.train.build
     from distill.errors import run_cli
 
     def boom(*a, **k):
         raise AssertionError("the trainer started before the model folders were checked")
 
-    monkeypatch.setattr(distill.trainer.Trainer, "setup", boom)
+    monkeypatch.setattr(distill.train.build, "build_trainer", boom)
     b = bert_folder(tmp_path / "bert", architectures=["BertForMaskedLM"])
     cfg = tiny_cfg_dict(tiny_assets, tmp_path / "run", model={role: str(b)})
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))

@@ -18,21 +18,21 @@ BASE_SEC = {"train": {"steps": 4, "warmup_steps": 1}, "checkpoint": {"every": 2,
 
 def _trainer(assets, out_dir, **sections):
     from distill.config import RunConfig, from_dict
-    from distill.trainer import Trainer
+    from distill.train.build import build_trainer
 
     merged = {k: dict(v) for k, v in BASE_SEC.items()}
     for sec, vals in sections.items():
         merged.setdefault(sec, {}).update(vals)
     cfg = from_dict(RunConfig, tiny_cfg_dict(assets, out_dir, **merged))
     cfg.validate()
-    return Trainer(cfg)
+    return lambda: build_trainer(cfg)
 
 
 @pytest.fixture(scope="module")
 def base_run(tiny_assets, tmp_path_factory):
     """A finished 4-step run with checkpoints at steps 2 and 4 (copied by each test)."""
     out = tmp_path_factory.mktemp("reliability") / "base"
-    _trainer(tiny_assets, out).setup().train()
+    _trainer(tiny_assets, out)().train()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
     return out
 
@@ -59,7 +59,7 @@ def test_used_folder_refused_then_overwrite_moves_aside(tiny_assets, run_dir, la
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before  # nothing touched
     old_metrics = (run_dir / "metrics.jsonl").read_text()
 
-    _trainer(tiny_assets, run_dir, train={"steps": 2}, checkpoint={"overwrite": True}).setup().train()
+    _trainer(tiny_assets, run_dir, train={"steps": 2}, checkpoint={"overwrite": True})().train()
     (aside,) = run_dir.glob("previous-*")
     assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == before  # the earlier run, intact
     assert (aside / "metrics.jsonl").read_text() == old_metrics
@@ -73,7 +73,7 @@ def test_keep_last_never_prunes_an_earlier_runs_checkpoint(tiny_assets, run_dir)
     ck = run_dir / "checkpoints"
     old4 = json.loads((ck / "step_00000004" / "trainer_state.json").read_text())
     tr = _trainer(tiny_assets, run_dir, train={"steps": 6},
-                  checkpoint={"every": 1, "keep_last": 1, "resume": str(ck / "step_00000002")}).setup()
+                  checkpoint={"every": 1, "keep_last": 1, "resume": str(ck / "step_00000002")})()
     assert tr.step == 2
     tr.train()
     names = sorted(p.name for p in ck.iterdir())
@@ -85,7 +85,7 @@ def test_unfinished_save_removed_at_next_start(tiny_assets, run_dir):
     junk = run_dir / "checkpoints" / ".tmp-step_00000099" / "engine"
     junk.mkdir(parents=True)
     (junk / "model.safetensors").write_bytes(b"half")
-    tr = _trainer(tiny_assets, run_dir, checkpoint={"resume": "latest"}).setup()
+    tr = _trainer(tiny_assets, run_dir, checkpoint={"resume": "latest"})()
     assert tr.step == 4
     assert not (run_dir / "checkpoints" / ".tmp-step_00000099").exists()
 
@@ -102,7 +102,7 @@ def _empty(f: Path) -> None:
 def test_damaged_newest_checkpoint_resumes_from_previous(tiny_assets, run_dir, capsys, damage, rel):
     bad = run_dir / "checkpoints" / "step_00000004" / rel
     damage(bad)
-    tr = _trainer(tiny_assets, run_dir, train={"steps": 6}, checkpoint={"resume": "latest"}).setup()
+    tr = _trainer(tiny_assets, run_dir, train={"steps": 6}, checkpoint={"resume": "latest"})()
     out = capsys.readouterr().out
     warn = [x for x in out.splitlines() if "warning" in x]
     assert len(warn) == 1 and str(bad) in warn[0] and "damaged" in warn[0], out
@@ -119,7 +119,7 @@ def test_engine_load_failure_of_a_checkpoint_without_manifest(tiny_assets, run_d
     del state["files"]
     (ck / "trainer_state.json").write_text(json.dumps(state))
     _truncate(ck / "engine" / "optim.pt")
-    tr = _trainer(tiny_assets, run_dir, checkpoint={"resume": "latest"}).setup()
+    tr = _trainer(tiny_assets, run_dir, checkpoint={"resume": "latest"})()
     assert tr.step == 2
     assert str(ck / "engine" / "optim.pt") in capsys.readouterr().out
 
@@ -137,7 +137,7 @@ def test_all_checkpoints_damaged_is_one_line_error(tiny_assets, run_dir, launche
 
 def test_resume_before_first_checkpoint_logs_no_step_twice(tiny_assets, run_dir):
     shutil.rmtree(run_dir / "checkpoints")  # killed before its first save: a log, no checkpoint
-    tr = _trainer(tiny_assets, run_dir, checkpoint={"resume": "latest"}).setup()
+    tr = _trainer(tiny_assets, run_dir, checkpoint={"resume": "latest"})()
     assert tr.step == 0
     tr.train()
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]

@@ -16,13 +16,13 @@ EVAL = {"tasks": "sc/sst2", "limit": 2, "shots": 1, "batch_size": 4}
 
 
 def _run(assets, out_dir, report_to, **sections):
-    from distill.trainer import Trainer
+    from distill.train.build import build_trainer
 
     d = tiny_cfg_dict(assets, out_dir, train={"steps": 2, "warmup_steps": 0}, checkpoint={"export": False},
                       log={"progress_bar": False, "report_to": report_to}, **sections)
     cfg = from_dict(RunConfig, d)
     cfg.validate()
-    tr = Trainer(cfg).setup()
+    tr = build_trainer(cfg)
     return tr, tr.train()
 
 
@@ -48,7 +48,7 @@ def test_missing_package_is_one_config_error(monkeypatch, tmp_path):
 
 
 def test_import_distill_stays_light():
-    code = ("import sys, distill, distill.config, distill.trainer, distill.reporting; "
+    code = ("import sys, distill, distill.config, distill.train.build, distill.reporting; "
             "print([m for m in ('tensorboard', 'torch.utils.tensorboard', 'wandb', 'mlflow') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
                          env={"PATH": "/usr/bin:/bin"})

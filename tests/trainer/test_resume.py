@@ -35,11 +35,11 @@ def test_resume_after_kill9_matches_uninterrupted(tiny_assets, tmp_path):
     # Resume, and the reference run that never stopped.
     # Both in this process (a fresh Trainer each): only the killed run needs its own process.
     from distill.config import RunConfig, from_dict
-    from distill.trainer import Trainer
+    from distill.train.build import build_trainer
 
     resume = {"train": sec["train"], "checkpoint": {**sec["checkpoint"], "resume": "latest"}}
-    Trainer(from_dict(RunConfig, tiny_cfg_dict(tiny_assets, cut_dir, **resume))).setup().train()
-    Trainer(from_dict(RunConfig, tiny_cfg_dict(tiny_assets, ref_dir, **sec))).setup().train()
+    build_trainer(from_dict(RunConfig, tiny_cfg_dict(tiny_assets, cut_dir, **resume))).train()
+    build_trainer(from_dict(RunConfig, tiny_cfg_dict(tiny_assets, ref_dir, **sec))).train()
     ref = read_metrics(ref_dir)
     got = read_metrics(cut_dir)
     assert [r["step"] for r in got] == list(range(1, steps + 1))  # no duplicated or missing step
@@ -82,7 +82,7 @@ def test_second_run_in_a_busy_folder_is_refused_and_a_dead_holder_blocks_nothing
     import socket
 
     from distill.config import ConfigError, RunConfig, from_dict
-    from distill.trainer import Trainer
+    from distill.train.build import build_trainer
 
     run = tmp_path / "run"
     sec = {"train": {"steps": 40, "warmup_steps": 2}, "checkpoint": {"every": 0, "export": False}}
@@ -96,14 +96,14 @@ def test_second_run_in_a_busy_folder_is_refused_and_a_dead_holder_blocks_nothing
     second = tiny_cfg_dict(tiny_assets, run, train={"steps": 2, "warmup_steps": 0},
                            checkpoint={"every": 0, "export": False, "overwrite": True})
     with pytest.raises(ConfigError) as e:
-        Trainer(from_dict(RunConfig, second)).setup()
+        build_trainer(from_dict(RunConfig, second))
     msg = str(e.value)
     assert "\n" not in msg and f"in use by another run (pid {p.pid} on host {socket.gethostname()}" in msg, msg
     assert p.poll() is None  # the first run goes on
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     p.stdout.close()
-    Trainer(from_dict(RunConfig, second)).setup().train()  # the dead holder's lock file blocks nothing
+    build_trainer(from_dict(RunConfig, second)).train()  # the dead holder's lock file blocks nothing
     assert [r["step"] for r in read_metrics(run)] == [1, 2]
 
 
@@ -112,11 +112,11 @@ def test_resume_with_changed_settings_is_refused_unless_allowed(tiny_assets, tmp
     checkpoint.allow_config_change the earlier segment's config is kept as config.step_N.yaml.
     Extending train.steps or changing the log cadence passes with one line listing them."""
     from distill.config import ConfigError, RunConfig, from_dict
-    from distill.trainer import Trainer
+    from distill.train.build import build_trainer
 
     run = tmp_path / "run"
     sec = {"train": {"steps": 2, "warmup_steps": 1}, "checkpoint": {"every": 0, "keep_last": 3, "export": False}}
-    Trainer(from_dict(RunConfig, tiny_cfg_dict(tiny_assets, run, **sec))).setup().train()
+    build_trainer(from_dict(RunConfig, tiny_cfg_dict(tiny_assets, run, **sec))).train()
     before = (run / "config.yaml").read_text()
 
     def resumed(**changes):
@@ -124,20 +124,20 @@ def test_resume_with_changed_settings_is_refused_unless_allowed(tiny_assets, tmp
         d["checkpoint"] = {**d["checkpoint"], "resume": "latest"}
         for sec_name, vals in changes.items():
             d[sec_name] = {**d.get(sec_name, {}), **vals}
-        return Trainer(from_dict(RunConfig, d))
+        return lambda: build_trainer(from_dict(RunConfig, d))
 
     with pytest.raises(ConfigError) as e:
-        resumed(train={"steps": 3, "lr": 1e-2}, kd={"kind": "reverse_kl"}).setup()
+        resumed(train={"steps": 3, "lr": 1e-2}, kd={"kind": "reverse_kl"})()
     msg = str(e.value)
     assert "\n" not in msg and "kd.kind 'forward_kl' -> 'reverse_kl'" in msg and "train.lr 0.003 -> 0.01" in msg, msg
     assert "train.steps" not in msg  # harmless, not listed among the refused
     assert (run / "config.yaml").read_text() == before and not list(run.glob("config.step_*.yaml"))
 
     capsys.readouterr()
-    resumed(train={"steps": 3}, log={"every": 2}).setup().train()
+    resumed(train={"steps": 3}, log={"every": 2})().train()
     out = capsys.readouterr().out
     assert "settings changed since step_00000002: log.every 1 -> 2, train.steps 2 -> 3" in out, out
-    resumed(train={"steps": 4, "lr": 1e-2}, checkpoint={"allow_config_change": True}).setup().train()
+    resumed(train={"steps": 4, "lr": 1e-2}, checkpoint={"allow_config_change": True})().train()
     kept = run / "config.step_3.yaml"
     assert kept.is_file() and "lr: 0.003" in kept.read_text()
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]

@@ -65,7 +65,7 @@ def test_zero3_checkpoint_of_2_ranks_resumes_on_1_and_4(tiny_assets, tmp_path):
 
 
 def test_changed_global_batch_is_refused_with_a_layout_that_keeps_it(tmp_path):
-    from distill.trainer import _batch_mismatch
+    from distill.train.checkpoint import _batch_mismatch
 
     state = {"global_batch": 8, "world_size": 2}
     msg = _batch_mismatch(tmp_path / "step_00000002", state, 12, 3, 4, 1)

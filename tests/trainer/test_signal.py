@@ -1,6 +1,6 @@
 """Preemption: SIGUSR1 (SLURM ``--signal=B:USR1@N``, forwarded by slurm/*.sh), SIGTERM or SIGINT
 (Ctrl-C) to a running run makes it checkpoint after the current optimizer step and exit with
-``Trainer.REQUEUE_EXIT``; a resumed run then continues from that step; a second SIGINT interrupts at
+``REQUEUE_EXIT``; a resumed run then continues from that step; a second SIGINT interrupts at
 once. With 2 ranks a signal to one rank stops both at one step. Run the 2-rank case under ``unshare
 -n`` (gloo on loopback). Through the ``deepspeed`` CLI: test_launcher_stop.py."""
 
@@ -11,6 +11,8 @@ import signal
 import time
 
 import pytest
+
+from distill.train.loop import REQUEUE_EXIT
 
 from .conftest import read_metrics, run_child, tiny_cfg_dict
 
@@ -38,20 +40,20 @@ def _signal_when_running(procs, out_dir, sig, target, deadline_s=240):
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_signal_checkpoints_and_exits_for_requeue_then_resumes(tiny_assets, tmp_path, sig):
     from distill.config import RunConfig, from_dict
-    from distill.trainer import Trainer
+    from distill.train.build import build_trainer
 
     out_dir = tmp_path / "run"
     sec = {"train": {"steps": STEPS, "warmup_steps": 2}, "checkpoint": {"every": 0, "keep_last": 2}}
     procs = run_child({"cfg": tiny_cfg_dict(tiny_assets, out_dir, **sec), "sleep_per_step": 0.5}, tmp_path, wait=False)
     rcs, outs = _signal_when_running(procs, out_dir, sig, 0)
-    assert rcs == [Trainer.REQUEUE_EXIT], outs[0][-3000:]
+    assert rcs == [REQUEUE_EXIT], outs[0][-3000:]
     ckpts = sorted((out_dir / "checkpoints").glob("step_*"))
     assert len(ckpts) == 1 and (ckpts[0] / "trainer_state.json").is_file(), ckpts
     stop = int(ckpts[0].name.split("_")[1])
     assert 2 <= stop < STEPS and max(r["step"] for r in read_metrics(out_dir)) == stop
     assert f"{signal.Signals(sig).name}: checkpoint at step {stop}/{STEPS} saved" in outs[0]
     resume = {"train": sec["train"], "checkpoint": {**sec["checkpoint"], "resume": "latest"}}
-    res = Trainer(from_dict(RunConfig, tiny_cfg_dict(tiny_assets, out_dir, **resume))).setup().train()
+    res = build_trainer(from_dict(RunConfig, tiny_cfg_dict(tiny_assets, out_dir, **resume))).train()
     assert res["steps"] == STEPS
     assert [r["step"] for r in read_metrics(out_dir)] == list(range(1, STEPS + 1))  # no step lost or repeated
 
@@ -62,7 +64,7 @@ def test_signal_to_one_rank_stops_both_at_one_step(tiny_assets, tmp_path):
     pytest.importorskip("deepspeed")
     import json
 
-    from distill.trainer import Trainer
+    from distill.train.build import build_trainer
 
     out_dir = tmp_path / "run"
     ds_json = tmp_path / "zero1.json"
@@ -72,7 +74,7 @@ def test_signal_to_one_rank_stops_both_at_one_step(tiny_assets, tmp_path):
     procs = run_child({"cfg": tiny_cfg_dict(tiny_assets, out_dir, **sec), "sleep_per_step": 0.5}, tmp_path,
                       world=2, wait=False, env_extra={"GLOO_SOCKET_IFNAME": "lo"})
     rcs, outs = _signal_when_running(procs, out_dir, signal.SIGUSR1, 1)
-    assert rcs == [Trainer.REQUEUE_EXIT] * 2, outs[0][-2000:] + outs[1][-2000:]
+    assert rcs == [REQUEUE_EXIT] * 2, outs[0][-2000:] + outs[1][-2000:]
     ckpts = sorted((out_dir / "checkpoints").glob("step_*"))
     assert len(ckpts) == 1 and (ckpts[0] / "trainer_state.json").is_file(), ckpts
     assert "a stop request on another rank: checkpoint at step" in outs[0]
@@ -87,11 +89,11 @@ def test_signal_during_a_step_checkpoints_at_that_step(tiny_assets, tmp_path, ca
     (the flag used to be read at the start of a step, so the run trained step 4 before stopping). SIGINT
     (Ctrl-C) does the same, saying that a second one stops at once (it used to raise KeyboardInterrupt)."""
     from distill.config import RunConfig, from_dict
-    from distill.trainer import Trainer
+    from distill.train.build import build_trainer
 
     out_dir = tmp_path / "run"
     sec = {"train": {"steps": STEPS, "warmup_steps": 2, "grad_accum": 2}, "checkpoint": {"every": 0, "keep_last": 2}}
-    tr = Trainer(from_dict(RunConfig, tiny_cfg_dict(tiny_assets, out_dir, **sec))).setup()
+    tr = build_trainer(from_dict(RunConfig, tiny_cfg_dict(tiny_assets, out_dir, **sec)))
     backward, calls = tr.engine.backward, []
 
     def signalling_backward(loss):
@@ -107,7 +109,7 @@ def test_signal_during_a_step_checkpoints_at_that_step(tiny_assets, tmp_path, ca
             tr.train()
         except KeyboardInterrupt:  # would end the whole pytest session
             pytest.fail("SIGINT raised KeyboardInterrupt: no checkpoint")
-    assert e.value.code == Trainer.REQUEUE_EXIT
+    assert e.value.code == REQUEUE_EXIT
     assert signal.getsignal(sig) is handler  # put back
     assert [p.name for p in sorted((out_dir / "checkpoints").glob("step_*"))] == ["step_00000003"]
     assert max(r["step"] for r in read_metrics(out_dir)) == 3 and len(calls) == 6
@@ -119,11 +121,11 @@ def test_signal_during_a_step_checkpoints_at_that_step(tiny_assets, tmp_path, ca
 def test_second_sigint_interrupts_at_once(tiny_assets, tmp_path):
     """Ctrl-C twice: KeyboardInterrupt in the step where the second came, no checkpoint."""
     from distill.config import RunConfig, from_dict
-    from distill.trainer import Trainer
+    from distill.train.build import build_trainer
 
     out_dir = tmp_path / "run"
     cfg = tiny_cfg_dict(tiny_assets, out_dir, train={"steps": STEPS, "warmup_steps": 2})
-    tr = Trainer(from_dict(RunConfig, cfg)).setup()
+    tr = build_trainer(from_dict(RunConfig, cfg))
     backward, calls = tr.engine.backward, []
 
     def signalling_backward(loss):

@@ -21,11 +21,11 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 CHILD = """
 import json, sys
 from distill.config import RunConfig, from_dict
-from distill.trainer import Trainer
+from distill.train.build import build_trainer
 
 cfg = from_dict(RunConfig, json.loads(open(sys.argv[1]).read()))
 cfg.validate()
-tr = Trainer(cfg).setup()
+tr = build_trainer(cfg)
 tp, sp = list(tr.teacher.engine.module.parameters()), list(tr.engine.module.parameters())
 out = {"teacher": sorted({str(p.ds_tensor.dtype) for p in tp} | {str(p.dtype) for p in tp}),
        "student": sorted({str(p.ds_tensor.dtype) for p in sp} | {str(p.dtype) for p in sp}),

@@ -15,9 +15,9 @@ from .conftest import REPO, read_metrics, tiny_cfg_dict
 
 def _train(d):
     from distill.config import RunConfig, from_dict
-    from distill.trainer import Trainer
+    from distill.train.build import build_trainer
 
-    tr = Trainer(from_dict(RunConfig, d)).setup()
+    tr = build_trainer(from_dict(RunConfig, d))
     tr.train()
     return tr
 
@@ -55,7 +55,7 @@ def test_auto_placement_follows_the_memory_model():
 
 def test_auto_on_the_tiny_run_is_logged(tiny_assets, tmp_path, capsys):
     tr = _train(tiny_cfg_dict(tiny_assets, tmp_path / "run", train={"steps": 1}))
-    assert tr.ctx.teacher_placement == "replicated"
+    assert tr.teacher.placement == "replicated"
     line = [x for x in capsys.readouterr().out.splitlines() if "teacher placement=" in x]
     assert len(line) == 1 and "auto: least inter-node traffic" in line[0], line
 
@@ -101,8 +101,8 @@ def test_partitioned_needs_the_deepspeed_engine(tiny_assets, tmp_path):
 RAY_RUN = """
 import json, sys
 from distill.config import RunConfig, from_dict
-from distill.trainer import Trainer
-tr = Trainer(from_dict(RunConfig, json.loads(sys.argv[1]))).setup()
+from distill.train.build import build_trainer
+tr = build_trainer(from_dict(RunConfig, json.loads(sys.argv[1])))
 print("BACKEND", type(tr.teacher).__name__, flush=True)
 tr.train()
 """

@@ -53,11 +53,11 @@ def padded_pair(tiny_assets, tmp_path_factory):
 
 def _setup(tiny_assets, padded_pair, out_dir, **kd):
     from distill.config import RunConfig, from_dict
-    from distill.trainer import Trainer
+    from distill.train.build import build_trainer
 
     d = tiny_cfg_dict(tiny_assets, out_dir, kd={"topk": 8, **kd})
     d["model"] = {"student": padded_pair["student"], "teacher": padded_pair["teacher"]}
-    return Trainer(from_dict(RunConfig, d)).setup()
+    return build_trainer(from_dict(RunConfig, d))
 
 
 def test_colocated_topk_on_supervised_rows_equals_topk_of_full_logits(tiny_assets, padded_pair, tmp_path):
@@ -88,7 +88,8 @@ def test_a_head_that_is_not_lm_head_of_the_final_hidden_is_refused(tiny_assets, 
 
 def test_bad_ids_from_a_teacher_backend_are_refused_before_the_loss(tiny_assets, padded_pair, tmp_path):
     from distill.teacher.output import TopKIdError, TopKTeacher
-    from distill.trainer import TEACHER_BACKENDS, ColocatedTeacher, TeacherBackend, register_teacher_backend
+    from distill.teacher.base import TEACHER_BACKENDS, TeacherBackend, register_teacher_backend
+    from distill.teacher.colocated import ColocatedTeacher
 
     @register_teacher_backend("test-bad-ids")
     class BadIds(ColocatedTeacher):

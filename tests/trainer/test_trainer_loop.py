@@ -15,11 +15,11 @@ from .conftest import read_metrics, tiny_cfg_dict
 
 
 def _trainer(assets, out_dir, **sections):
-    from distill.trainer import Trainer
+    from distill.train.build import build_trainer
 
     cfg = from_dict(RunConfig, tiny_cfg_dict(assets, out_dir, **sections))
     cfg.validate()
-    return Trainer(cfg).setup()
+    return build_trainer(cfg)
 
 
 # First three step losses of the seeded tiny run below (torch engine, fp32, CPU). A change to the
@@ -101,7 +101,7 @@ def test_export_loads_with_transformers(tiny_assets, tmp_path):
 
 
 def test_nan_stops_without_poisoned_checkpoint(tiny_assets, tmp_path):
-    from distill.trainer import TrainingDiverged
+    from distill.train.loop import TrainingDiverged
 
     tr = _trainer(tiny_assets, tmp_path / "run", train={"steps": 6, "warmup_steps": 0}, checkpoint={"every": 2})
     inner = tr.objective.lean_output  # the default kd.path=lean builds each micro-batch's LossOutput here
@@ -179,7 +179,8 @@ def test_backend_registry_prefetch_once_ahead(tiny_assets, tmp_path):
     """A registered backend sees prefetch(batch) exactly once per micro-batch, before its call, with
     the pass-through example ids; returning a TopKTeacher works."""
     from distill.teacher.output import TopKTeacher
-    from distill.trainer import ColocatedTeacher, TeacherBackend, register_teacher_backend
+    from distill.teacher.base import TeacherBackend, register_teacher_backend
+    from distill.teacher.colocated import ColocatedTeacher
 
     log = []
 

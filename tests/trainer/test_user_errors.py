@@ -217,7 +217,7 @@ def test_unwritable_run_folder(tmp_path, tiny_assets, monkeypatch, case):
     import distill.fileio
     from distill.config import ConfigError
     from distill.models import load as ml
-    from distill.trainer import Trainer
+    from distill.train.build import build_trainer
 
     out, extra = tmp_path / "run", {}
     if case == "out_dir_is_a_file":
@@ -244,7 +244,7 @@ def test_unwritable_run_folder(tmp_path, tiny_assets, monkeypatch, case):
         needles = [f"run folder (run.out_dir) {out} is not writable (read-only file system (EROFS))"]
     monkeypatch.setattr(ml, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(ConfigError) as e:
-        Trainer(_cfg(tiny_assets, out, **extra)).setup()
+        build_trainer(_cfg(tiny_assets, out, **extra))
     assert all(n in str(e.value) for n in needles), str(e.value)
 
 
@@ -288,7 +288,8 @@ def test_full_disk_during_checkpoint_save(tmp_path, tiny_assets, monkeypatch, ca
 
     from distill.dist.engine import TorchEngine
     from distill.errors import run_cli
-    from distill.trainer import Trainer, list_checkpoints
+    from distill.train.build import build_trainer
+    from distill.train.checkpoint import list_checkpoints
 
     real_save, calls = TorchEngine.save, []
 
@@ -309,7 +310,7 @@ def test_full_disk_during_checkpoint_save(tmp_path, tiny_assets, monkeypatch, ca
     out = tmp_path / "run"
     cfg = _cfg(tiny_assets, out, train={"steps": 3, "warmup_steps": 0, "grad_accum": 1},
                checkpoint={"every": 1, "export": False})
-    tr = Trainer(cfg).setup()
+    tr = build_trainer(cfg)
     if error == "bug":
         with pytest.raises(RuntimeError, match="unexpected pos"):
             tr.train()
@@ -328,8 +329,8 @@ def test_full_disk_during_checkpoint_save(tmp_path, tiny_assets, monkeypatch, ca
     assert state["step"] == 1 and all((good / f).stat().st_size == v["size"] for f, v in state["files"].items())
     if error == "enospc":  # and it resumes
         monkeypatch.setattr(TorchEngine, "save", real_save)
-        resumed = Trainer(_cfg(tiny_assets, out, train={"steps": 3, "warmup_steps": 0, "grad_accum": 1},
-                               checkpoint={"every": 1, "export": False, "resume": "latest"})).setup()
+        resumed = build_trainer(_cfg(tiny_assets, out, train={"steps": 3, "warmup_steps": 0, "grad_accum": 1},
+                               checkpoint={"every": 1, "export": False, "resume": "latest"}))
         assert resumed.step == 1
 
 
@@ -338,11 +339,13 @@ def test_full_disk_during_checkpoint_save(tmp_path, tiny_assets, monkeypatch, ca
 def test_stalled_run_warns_once(tmp_path, tiny_assets, monkeypatch, capsys):
     """Every label masked: loss 0 and a zero gradient norm at every step; one warning (rank 0, once)
     naming the steps and the likely causes, after Trainer.STALL_STEPS steps."""
-    import distill.trainer as T
+    from distill.data import registry as R
+    from distill.train.build import build_trainer
+    from distill.train.loop import Trainer
 
-    @T.register_dataset("test_all_masked")
+    @R.register_dataset("test_all_masked")
     def _masked(cfg, tok, ctx):
-        ds = T.DATASETS["sft"](cfg, tok, ctx)
+        ds = R.DATASETS["sft"](cfg, tok, ctx)
 
         class Masked:
             def __len__(self):
@@ -355,14 +358,14 @@ def test_stalled_run_warns_once(tmp_path, tiny_assets, monkeypatch, capsys):
 
         return Masked()
 
-    monkeypatch.setattr(T.Trainer, "STALL_STEPS", 3)
+    monkeypatch.setattr(Trainer, "STALL_STEPS", 3)
     try:
-        tr = T.Trainer(_cfg(tiny_assets, tmp_path / "run", data={"name": "test_all_masked"}, kd={"kind": "none"},
+        tr = build_trainer(_cfg(tiny_assets, tmp_path / "run", data={"name": "test_all_masked"}, kd={"kind": "none"},
                             train={"steps": 5, "warmup_steps": 0, "grad_accum": 1},
-                            checkpoint={"export": False})).setup()
+                            checkpoint={"export": False}))
         tr.train()
     finally:
-        T.DATASETS.pop("test_all_masked")
+        R.DATASETS.pop("test_all_masked")
     warn = [x for x in capsys.readouterr().out.splitlines() if "nothing is being trained" in x]
     assert len(warn) == 1, warn
     assert warn[0].startswith("[trainer] warning: steps 1-3: the gradient norm was 0 and the loss did not move from 0 "
@@ -371,11 +374,12 @@ def test_stalled_run_warns_once(tmp_path, tiny_assets, monkeypatch, capsys):
 
 
 def test_training_run_does_not_warn(tmp_path, tiny_assets, monkeypatch, capsys):
-    import distill.trainer as T
+    from distill.train.build import build_trainer
+    from distill.train.loop import Trainer
 
-    monkeypatch.setattr(T.Trainer, "STALL_STEPS", 2)
-    T.Trainer(_cfg(tiny_assets, tmp_path / "run", train={"steps": 3, "warmup_steps": 0, "grad_accum": 1},
-                   checkpoint={"export": False})).setup().train()
+    monkeypatch.setattr(Trainer, "STALL_STEPS", 2)
+    build_trainer(_cfg(tiny_assets, tmp_path / "run", train={"steps": 3, "warmup_steps": 0, "grad_accum": 1},
+                   checkpoint={"export": False})).train()
     assert "nothing is being trained" not in capsys.readouterr().out
 
 
@@ -386,7 +390,7 @@ def test_full_disk_during_export(tmp_path, tiny_assets, monkeypatch, capsys):
 
     import distill.models.export as ex
     from distill.errors import run_cli
-    from distill.trainer import Trainer
+    from distill.train.build import build_trainer
 
     def full(sd, config, tok, out, **kw):
         partial = out.parent / f".tmp-{out.name}-{__import__('os').getpid()}"
@@ -395,7 +399,7 @@ def test_full_disk_during_export(tmp_path, tiny_assets, monkeypatch, capsys):
 
     monkeypatch.setattr(ex, "export_hf", full)
     out = tmp_path / "run"
-    tr = Trainer(_cfg(tiny_assets, out, train={"steps": 1, "warmup_steps": 0, "grad_accum": 1})).setup()
+    tr = build_trainer(_cfg(tiny_assets, out, train={"steps": 1, "warmup_steps": 0, "grad_accum": 1}))
     assert run_cli(lambda argv: tr.train(), "knowdist.py", []) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     ck = out / "checkpoints" / "step_00000001"
