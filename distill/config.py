@@ -57,21 +57,8 @@ def _is_dataclass_type(tp) -> bool:
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert ``value`` (from YAML or a CLI string) to the annotated type ``tp``."""
     origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{where}: cannot read {value!r} as {tp}: {'; '.join(errors)}")
+        return _coerce_union(value, tp, where)
     if _is_dataclass_type(tp):
         if isinstance(value, tp):
             return value
@@ -79,13 +66,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping for section {tp.__name__}, got {type(value).__name__}")
         return from_dict(tp, value, where)
     if origin in (list, tuple):
-        if isinstance(value, str):
-            value = [v for v in (x.strip() for x in value.split(",")) if v] if not value.startswith("[") else _json_value(value, where)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        inner = args[0] if args else Any
-        out = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
-        return out if origin is list else tuple(out)
+        return _coerce_sequence(value, tp, where)
     if origin is dict:
         if isinstance(value, str):
             value = _json_value(value, where)
@@ -93,55 +74,98 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
     if origin is typing.Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
         return value
     if tp is Any:
         return value
     if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
-            return False
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return _coerce_bool(value, where)
     if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                try:
-                    f = float(value)  # "1e4" is a fine integer on a command line
-                except ValueError:
-                    f = None
-                if f is not None and f.is_integer():
-                    return int(f)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return _coerce_int(value, where)
     if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return _coerce_float(value, where)
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     return value
+
+
+def _coerce_union(value: Any, tp: Any, where: str) -> Any:
+    """``X | None`` and other unions: None (or "none"/"null") where None is allowed, else the first member
+    type that reads ``value``; the error lists why each member refused it."""
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
+        return None
+    errors = []
+    for a in args:
+        if a is type(None):
+            continue
+        try:
+            return _coerce(value, a, where)
+        except ConfigError as e:
+            errors.append(str(e))
+    raise ConfigError(f"{where}: cannot read {value!r} as {tp}: {'; '.join(errors)}")
+
+
+def _coerce_sequence(value: Any, tp: Any, where: str) -> list | tuple:
+    """``list[X]`` / ``tuple[X, ...]``: a YAML list, a JSON list string or a comma-separated string."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if isinstance(value, str):
+        value = [v for v in (x.strip() for x in value.split(",")) if v] if not value.startswith("[") else _json_value(value, where)
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    inner = args[0] if args else Any
+    out = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    return out if origin is list else tuple(out)
+
+
+def _coerce_bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+        return False
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ConfigError(f"{where}: expected true/false, got {value!r}")
+
+
+def _coerce_int(value: Any, where: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            try:
+                f = float(value)  # "1e4" is a fine integer on a command line
+            except ValueError:
+                f = None
+            if f is not None and f.is_integer():
+                return int(f)
+    raise ConfigError(f"{where}: expected an integer, got {value!r}")
+
+
+def _coerce_float(value: Any, where: str) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{where}: expected a number, got {value!r}")
 
 
 # Keys that moved: (section class, key) -> what replaces it.

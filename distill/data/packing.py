@@ -3,61 +3,17 @@
 ``pack_collate(items, pad_id, max_len)`` takes the same items as :func:`distill.data.sft.collate`
 and returns a batch whose forward gives every example exactly its unpacked logits, and whose
 labels give the objective exactly the unpacked targets (same ``count_targets``, same CE/KD sums).
-
-Layout. Rows hold at most ``max(max_len, longest item)`` tokens (first-fit decreasing; an item
-longer than ``max_len`` that is the longest fills a row of its own); the batch is as wide as its
-fullest row. Per row::
+Rows hold at most ``max(max_len, longest item)`` tokens (first-fit decreasing). Per row::
 
     input_ids     a0 a1 a2 b0 b1 | pad pad          (pad tail: pad_id)
     position_ids   0  1  2  0  1 |   0   1          (restart at 0 at each example AND at the pad tail)
     labels       -100 .. ..-100 .. | -100 -100      (each example's first label masked)
 
-Labels: HF convention (``labels[t]`` is token t; the objective shifts them left by one). Unpacked,
-nothing predicts an example's first token (it is at position 0, or after padding). Packed, the
-previous example's last hidden state would, so every example's first label is set to -100; the
-shifted targets are then exactly the unpacked ones (``tests/data/test_packing.py`` checks it).
-
-How transformers (5.x, checked on 5.24) keeps packed examples apart, from ``position_ids`` alone:
-
-* sdpa / eager / flex: ``masking_utils._preprocess_mask_arguments`` calls
-  ``find_packed_sequence_indices(position_ids)`` ONLY when ``attention_mask is None`` (and there is
-  no cache). A new sequence starts wherever ``diff(position_ids) != 1``; ``create_causal_mask`` then
-  ANDs the causal mask (remapped onto the position ids, ``remap_positions_for_packed_sequence``)
-  with "same sequence" (``packed_sequence_mask_function``): a block-diagonal causal mask. Any 2-D
-  ``attention_mask``, even all ones, switches the detection off and the examples of a row attend
-  to each other silently. Hence the batch has NO ``attention_mask``; pass
-  ``attention_mask=batch.get("attention_mask")`` (None) or leave it out. "No cache" bites too:
-  ``LlamaModel.forward`` (Qwen2 alike) creates a ``DynamicCache`` when ``use_cache`` is true, and
-  ``use_cache`` defaults to ``config.use_cache`` (True in Llama/Qwen2 configs; forced off only
-  under gradient checkpointing in training), so the forward needs ``use_cache=False``. When no row
-  holds more than one sequence the function returns None and the plain causal mask, then correct
-  too, is used.
-* flash_attention_2/3 (``modeling_flash_attention_utils._flash_attention_forward``): without an
-  attention mask it takes the varlen path from ``position_ids`` only if ``_is_packed_sequence``,
-  which requires ``batch_size == 1``; with several rows it runs plain causal flash attention over
-  each whole row, mixing its examples. So for flash with more than one row, also pass
-  :func:`flash_attn_kwargs` (``cu_seq_lens_q/k``, ``max_length_q/k`` over the flattened
-  ``[R * W]`` layout: the ``is_fa_with_varlen_kwargs`` path, which flattens q/k/v and reshapes the
-  output back to ``[R, W]``). They equal what ``prepare_fa_kwargs_from_position_ids`` derives from
-  the flattened position ids, and sdpa/eager ignore them. The position ids still travel down for
-  RoPE.
-
-The pad tail restarts at 0 (0, 1, 2, ...), making it a sequence of its own under both rules. The
-one harmful choice is a negative value (e.g. -1): flash's position-id path
-(``prepare_fa_kwargs_from_position_ids``) marks sequence starts where ``position_ids ==
-position_ids.min()``, so negative pad positions would make the pad tokens the only starts and merge
-the real examples into one sequence.
-Continuing the last example's count would also be safe (the pad is causally after every real
-token and its labels are -100), but a separate sequence keeps the last example's flash segment
-exactly its own length. Position ids stay below the row width, so a model with learned absolute
-positions needs ``max_position_embeddings >= W`` as it does unpacked.
-
-Consumers (the trainer): pass ``position_ids`` and ``use_cache=False`` to the student AND the
-teacher forward, with no attention mask; take the loss normalizer from
-``count_targets(batch["labels"])`` as before; ``n_tokens`` counts real (input) tokens, for
-throughput. ``pack_index[i] = (row, offset, length)`` of item i: what maps per-example data onto
-the packed layout (the top-k cache orders its rows by it,
-:func:`distill.knowdist.topk_cache.batch_examples`).
+Contract for the forward (student and teacher): pass ``position_ids`` and ``use_cache=False`` and NO
+attention mask (any 2-D mask switches off transformers' packed-sequence detection and lets a row's
+examples attend to each other); with flash attention and more than one row, also pass
+:func:`flash_attn_kwargs`. ``pack_index[i] = (row, offset, length)`` locates item i in the layout.
+Why each rule holds (transformers 5.x internals, pad positions, labels): see docs/packing.md.
 """
 
 from __future__ import annotations

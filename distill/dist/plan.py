@@ -360,6 +360,31 @@ def plan(teacher: Shape, student: Shape, *, gpus: int, gpu_mem: float, gpus_per_
          micro_batch: int = 1, grad_accum: int = 1, teacher_dtype: str = "bf16", attn: str = "flash",
          topk: int = 64, teacher_batch_tokens: int = 16384, reserve: float = 6.0) -> dict:
     """Every placement x stage row and the recommendation, as one JSON-ready dict (bytes, not GB)."""
+    _check_setup(gpus=gpus, gpu_mem=gpu_mem, gpus_per_node=gpus_per_node, seq=seq, micro_batch=micro_batch,
+                 grad_accum=grad_accum, teacher_dtype=teacher_dtype, topk=topk,
+                 teacher_batch_tokens=teacher_batch_tokens, reserve=reserve)
+    p = _Planner(teacher, student, gpus=gpus, gpu_mem=gpu_mem, gpus_per_node=gpus_per_node, seq=seq,
+                 micro_batch=micro_batch, grad_accum=grad_accum, teacher_dtype=teacher_dtype, attn=attn, topk=topk,
+                 teacher_batch_tokens=teacher_batch_tokens, reserve=reserve)
+    p.partitioned_rows()
+    p.replicated_rows()
+    p.ray_rows()
+    rec = recommend(p.rows)
+    return {
+        "teacher": {**asdict(teacher), "params": teacher.params, "weight_bytes": teacher.weight_bytes(teacher_dtype),
+                    "dtype": teacher_dtype},
+        "student": {**asdict(student), "params": student.params, "weight_bytes": student.weight_bytes("bf16")},
+        "setup": {"gpus": gpus, "gpus_per_node": p.gpn, "nodes": p.nodes, "gpu_mem_gb": gpu_mem, "seq": seq,
+                  "micro_batch": micro_batch, "grad_accum": grad_accum, "attn": attn, "topk": topk,
+                  "teacher_batch_tokens": teacher_batch_tokens, "reserve_gb": reserve},
+        "rows": [asdict(r) for r in p.rows],
+        "recommendation": rec,
+    }
+
+
+def _check_setup(*, gpus, gpu_mem, gpus_per_node, seq, micro_batch, grad_accum, teacher_dtype, topk,
+                 teacher_batch_tokens, reserve) -> None:
+    """One :class:`PlanError` line naming the flag of the first setting out of range."""
     if gpus < 1 or gpus_per_node < 1 or seq < 1 or micro_batch < 1 or grad_accum < 1:
         raise PlanError(f"--gpus {gpus}, --gpus-per-node {gpus_per_node}, --seq {seq}, --micro-batch {micro_batch}, "
                         f"--grad-accum {grad_accum} must all be >= 1")
@@ -372,16 +397,28 @@ def plan(teacher: Shape, student: Shape, *, gpus: int, gpu_mem: float, gpus_per_
                         f"{gpu_mem:g}")
     if topk < 1 or teacher_batch_tokens < 1:
         raise PlanError(f"--topk {topk} and --teacher-batch-tokens {teacher_batch_tokens} must be >= 1")
-    mem, res = gpu_mem * GB, reserve * GB
-    tokens = seq * micro_batch
-    gpn = min(gpus_per_node, gpus)
-    nodes = math.ceil(gpus / gpn)
-    act = train_activations(student, tokens, seq, micro_batch, False, attn)
-    act_ck = train_activations(student, tokens, seq, micro_batch, True, attn)
-    rows: list[Row] = []
 
-    def add(placement, stage, n, t_gpus, t_weights, t_gather, t_act, full_teacher, comm_extra, inter_extra, note="",
-            shard_mem=0.0):
+
+class _Planner:
+    """The rows of one (checked) setup: each placement adds its four ZeRO-stage rows to ``rows``."""
+
+    def __init__(self, teacher: Shape, student: Shape, *, gpus: int, gpu_mem: float, gpus_per_node: int, seq: int,
+                 micro_batch: int, grad_accum: int, teacher_dtype: str, attn: str, topk: int,
+                 teacher_batch_tokens: int, reserve: float):
+        self.teacher, self.student, self.gpus, self.grad_accum = teacher, student, gpus, grad_accum
+        self.teacher_dtype, self.topk, self.teacher_batch_tokens = teacher_dtype, topk, teacher_batch_tokens
+        self.mem, self.res = gpu_mem * GB, reserve * GB
+        self.tokens = seq * micro_batch
+        self.gpn = min(gpus_per_node, gpus)
+        self.nodes = math.ceil(gpus / self.gpn)
+        self.act = train_activations(student, self.tokens, seq, micro_batch, False, attn)
+        self.act_ck = train_activations(student, self.tokens, seq, micro_batch, True, attn)
+        self.rows: list[Row] = []
+
+    def add(self, placement, stage, n, t_gpus, t_weights, t_gather, t_act, full_teacher, comm_extra, inter_extra,
+            note="", shard_mem=0.0) -> None:
+        """One row: the student on ``n`` GPUs at ZeRO ``stage`` plus the placement's teacher terms."""
+        teacher, student, grad_accum, tokens = self.teacher, self.student, self.grad_accum, self.tokens
         stu_flops = grad_accum * tokens * 6 * student.params
         if t_gpus:  # ray: the pipeline shards share the teacher forward of all n student ranks
             flops = max(stu_flops, grad_accum * tokens * n * 2 * teacher.params / t_gpus)
@@ -390,57 +427,54 @@ def plan(teacher: Shape, student: Shape, *, gpus: int, gpu_mem: float, gpus_per_
         states = student_states(student, stage, n)
         gathered = t_gather + (largest_gather(student) * BF16 if stage == 3 and n > 1 else 0.0)
         acc, chunk = head_working_set(student, full_teacher)
-        base = states + t_weights + gathered + acc + chunk + t_act + res
-        total, total_ck = base + act, base + act_ck
-        fits = "yes" if total <= mem else "ckpt" if total_ck <= mem else "no"
-        s_comm, s_inter = student_traffic(student, stage, n, nodes_of(range(n), gpn), grad_accum)
-        rows.append(Row(placement, stage, n, t_gpus, states, t_weights, gathered, acc, chunk, act, act_ck, t_act, res,
-                        total, total_ck, fits, s_comm + comm_extra, s_inter + inter_extra, flops, shard_mem, note))
+        base = states + t_weights + gathered + acc + chunk + t_act + self.res
+        total, total_ck = base + self.act, base + self.act_ck
+        fits = "yes" if total <= self.mem else "ckpt" if total_ck <= self.mem else "no"
+        s_comm, s_inter = student_traffic(student, stage, n, nodes_of(range(n), self.gpn), grad_accum)
+        self.rows.append(Row(placement, stage, n, t_gpus, states, t_weights, gathered, acc, chunk, self.act,
+                             self.act_ck, t_act, self.res, total, total_ck, fits, s_comm + comm_extra,
+                             s_inter + inter_extra, flops, shard_mem, note))
 
-    # partitioned: ZeRO-3 inference engine over all GPUs; every micro-batch gathers the whole teacher.
-    t_bf16 = teacher.weight_bytes("bf16")
-    for stage in range(4):
-        if teacher_dtype != "bf16":
-            rows.append(_na("partitioned", stage, "ZeRO-3 partitions float weights; no int8/int4"))
-            continue
-        add("partitioned", stage, gpus, 0, t_bf16 / gpus, largest_gather(teacher) * BF16 if gpus > 1 else 0.0,
-            infer_working_set(teacher, tokens), True,
-            grad_accum * ring_bytes(t_bf16, gpus), grad_accum * ring_internode(t_bf16, gpus, nodes))
-    # replicated: a full copy per GPU, no teacher traffic.
-    for stage in range(4):
-        add("replicated", stage, gpus, 0, teacher.weight_bytes(teacher_dtype), 0.0,
-            infer_working_set(teacher, tokens), True, 0.0, 0.0)
-    # ray: the fewest pipeline shards that fit, on the last GPUs; the rest train the student.
-    found = ray_shards(teacher, teacher_dtype, mem - res, teacher_batch_tokens, gpus - 1) if gpus > 1 else None
-    for stage in range(4):
-        if found is None:
-            why = "needs >= 2 GPUs" if gpus < 2 else f"the teacher does not fit {gpus - 1} shard GPUs"
-            rows.append(_na("ray", stage, why))
-            continue
-        t_n, shard_mem = found
-        n = gpus - t_n
-        t_ranks = range(n, gpus)
-        # per micro-batch of every student rank: ids in, hidden states across each stage boundary, top-k back
-        hops = sum(1 for r in t_ranks[:-1] if r // gpn != (r + 1) // gpn)
-        first_node, last_node = t_ranks[0] // gpn, t_ranks[-1] // gpn
-        ids_b, hid_b, topk_b = tokens * TOKEN_ID_BYTES, tokens * teacher.hidden * BF16, tokens * (topk * TOPK_BYTES_PER_ID + 4)
-        remote_in = sum(1 for r in range(n) if r // gpn != first_node)
-        remote_out = sum(1 for r in range(n) if r // gpn != last_node)
-        inter = grad_accum * (remote_in * ids_b + n * hops * hid_b + remote_out * topk_b)
-        add("ray", stage, n, t_n, 0.0, 0.0, 0.0, False, grad_accum * (ids_b + topk_b), inter,
-            note=f"teacher: {t_n} pipeline shard GPU(s), top-{topk}", shard_mem=shard_mem)
+    def partitioned_rows(self) -> None:
+        """ZeRO-3 inference engine over all GPUs; every micro-batch gathers the whole teacher."""
+        teacher, gpus, grad_accum = self.teacher, self.gpus, self.grad_accum
+        t_bf16 = teacher.weight_bytes("bf16")
+        for stage in range(4):
+            if self.teacher_dtype != "bf16":
+                self.rows.append(_na("partitioned", stage, "ZeRO-3 partitions float weights; no int8/int4"))
+                continue
+            self.add("partitioned", stage, gpus, 0, t_bf16 / gpus, largest_gather(teacher) * BF16 if gpus > 1 else 0.0,
+                     infer_working_set(teacher, self.tokens), True,
+                     grad_accum * ring_bytes(t_bf16, gpus), grad_accum * ring_internode(t_bf16, gpus, self.nodes))
 
-    rec = recommend(rows)
-    return {
-        "teacher": {**asdict(teacher), "params": teacher.params, "weight_bytes": teacher.weight_bytes(teacher_dtype),
-                    "dtype": teacher_dtype},
-        "student": {**asdict(student), "params": student.params, "weight_bytes": student.weight_bytes("bf16")},
-        "setup": {"gpus": gpus, "gpus_per_node": gpn, "nodes": nodes, "gpu_mem_gb": gpu_mem, "seq": seq,
-                  "micro_batch": micro_batch, "grad_accum": grad_accum, "attn": attn, "topk": topk,
-                  "teacher_batch_tokens": teacher_batch_tokens, "reserve_gb": reserve},
-        "rows": [asdict(r) for r in rows],
-        "recommendation": rec,
-    }
+    def replicated_rows(self) -> None:
+        """A full copy per GPU, no teacher traffic."""
+        for stage in range(4):
+            self.add("replicated", stage, self.gpus, 0, self.teacher.weight_bytes(self.teacher_dtype), 0.0,
+                     infer_working_set(self.teacher, self.tokens), True, 0.0, 0.0)
+
+    def ray_rows(self) -> None:
+        """The fewest pipeline shards that fit, on the last GPUs; the rest train the student."""
+        teacher, gpus, gpn, tokens, topk = self.teacher, self.gpus, self.gpn, self.tokens, self.topk
+        found = (ray_shards(teacher, self.teacher_dtype, self.mem - self.res, self.teacher_batch_tokens, gpus - 1)
+                 if gpus > 1 else None)
+        for stage in range(4):
+            if found is None:
+                why = "needs >= 2 GPUs" if gpus < 2 else f"the teacher does not fit {gpus - 1} shard GPUs"
+                self.rows.append(_na("ray", stage, why))
+                continue
+            t_n, shard_mem = found
+            n = gpus - t_n
+            t_ranks = range(n, gpus)
+            # per micro-batch of every student rank: ids in, hidden states across each stage boundary, top-k back
+            hops = sum(1 for r in t_ranks[:-1] if r // gpn != (r + 1) // gpn)
+            first_node, last_node = t_ranks[0] // gpn, t_ranks[-1] // gpn
+            ids_b, hid_b, topk_b = tokens * TOKEN_ID_BYTES, tokens * teacher.hidden * BF16, tokens * (topk * TOPK_BYTES_PER_ID + 4)
+            remote_in = sum(1 for r in range(n) if r // gpn != first_node)
+            remote_out = sum(1 for r in range(n) if r // gpn != last_node)
+            inter = self.grad_accum * (remote_in * ids_b + n * hops * hid_b + remote_out * topk_b)
+            self.add("ray", stage, n, t_n, 0.0, 0.0, 0.0, False, self.grad_accum * (ids_b + topk_b), inter,
+                     note=f"teacher: {t_n} pipeline shard GPU(s), top-{topk}", shard_mem=shard_mem)
 
 
 def recommend(rows: list[Row]) -> dict | None:

@@ -2,24 +2,12 @@
 exit with ``Trainer.REQUEUE_EXIT`` (75).
 
 :func:`watch_for_stop` appends a one-line reason to a list that the trainer reads just before each
-step's all-reduce (so every rank stops at the same step). The reasons:
-
-- SIGUSR1 (SLURM ``--signal=B:USR1@N``, forwarded by slurm/*.sh), SIGTERM (``scancel``, ``kill``,
-  deepspeed's ``launch.py`` passing on a signal it got) and SIGINT (Ctrl-C). A second SIGINT puts
-  the previous handler back and interrupts at once (no checkpoint), as a second Ctrl-C usually does;
-  the first one says so in one line. A SIGINT ignored when training starts (a background job of a
-  shell) stays ignored.
-- The ``deepspeed`` launcher gone. Its CLI (``deepspeed.launcher.runner``) starts ``python -m
-  deepspeed.launcher.launch``, which starts the ranks; on one node (and with ``--no_ssh``) the CLI
-  installs no signal handler, so SIGTERM to it ends the CLI alone and leaves ``launch.py`` and the
-  ranks running, orphaned (DeepSpeed 0.19.8). A rank whose parent is ``launch.py`` therefore watches
-  that parent and the ``deepspeed`` CLI above it (a daemon thread, twice a second; a process that is
-  gone, a zombie, or a pid reused by another process counts as gone) and asks to stop when either
-  has vanished. A rank started any other way (``srun``, ``torchrun``, plain ``python``) watches
-  nothing.
-
-Why not ``PR_SET_PDEATHSIG``: it fires when the parent (``launch.py``) dies, not when the CLI above
-it does, which is the case that orphans the ranks.
+step's all-reduce (so every rank stops at the same step). The reasons: SIGUSR1 (SLURM), SIGTERM and
+SIGINT (a second SIGINT interrupts at once, without a checkpoint; a SIGINT ignored when training
+starts stays ignored); and, for a rank whose parent is DeepSpeed's ``launch.py``, that parent or the
+``deepspeed`` CLI above it having vanished (checked twice a second by a daemon thread; gone, a
+zombie or a reused pid all count as gone). Why the launcher is watched, and not through
+``PR_SET_PDEATHSIG``: docs/trainer.md, section "Checkpoints, resume, export", "Stopping a run".
 """
 
 from __future__ import annotations

@@ -152,7 +152,7 @@ def evaluate(
     a mapping ``{task: split}`` picks each task's split (recorded as ``results["split"]`` when they differ).
     ``limit`` keeps the first N examples (their demonstrations are those of the full run).
     """
-    from distill.eval.runner import Runner, verbalizer_ids
+    from distill.eval.runner import Runner
 
     task_list = resolve_tasks(tasks)
     seeds = tuple(int(s) for s in seeds)
@@ -162,10 +162,44 @@ def evaluate(
         raise SentiBenchUsageError(f"limit must be >= 1 (None = every example), got {limit}")
     if max_new_tokens < 1:
         raise SentiBenchUsageError(f"max_new_tokens must be >= 1 (the fine-grained answer's budget), got {max_new_tokens}")
-    # Fail before any model call: colliding label words, missing files.
-    verbalizers = {t: verbalizer_ids(tokenizer, t) for t in task_list if t in LABEL_WORDS}
-    plans = []  # (task, seed, records, prompts, repairs)
     splits = {t: (split.get(t, "test") if isinstance(split, Mapping) else split) for t in task_list}
+    verbalizers, plans = _plan_runs(tokenizer, task_list, splits, seeds, shots, limit, data_dir)
+    runner = Runner(model, tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                    max_new_tokens=max_new_tokens, early_stop=early_stop, local=local)
+    per_seed, elapsed = _run_plans(model, runner, plans, verbalizers, task_list, shots=shots, progress=progress,
+                                   predictions_dir=predictions_dir)
+    results = {
+        "benchmark": "SentiBench",
+        "format": 1,
+        "model": model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__,
+        "shots": shots,
+        "seeds": list(seeds),
+        "limit": limit,
+        "split": next(iter(set(splits.values()))) if len(set(splits.values())) == 1 else splits,
+        "data": data_source(data_dir),
+        "sample": is_sample(data_dir),
+        "data_source": data_provenance(data_dir),  # {"source": "full" | "sample", "path": ...}
+        "protocol": PROTOCOL,
+        "max_new_tokens": max_new_tokens,
+        "world_size": runner.world,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "elapsed_s": round(elapsed, 2),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": _versions(),
+    }
+    results.update(aggregate(per_seed, task_list))
+    return results
+
+
+def _plan_runs(tokenizer, task_list, splits, seeds, shots, limit, data_dir) -> tuple[dict, list]:
+    """(verbalizer ids per classification task, [(task, seed, records, prompts, repairs)] in run order).
+
+    Everything that can fail on the data fails here, before any model call: colliding label words,
+    missing files."""
+    from distill.eval.runner import verbalizer_ids
+
+    verbalizers = {t: verbalizer_ids(tokenizer, t) for t in task_list if t in LABEL_WORDS}
+    plans = []
     for task in task_list:
         tests = load_task(task, splits[task], data_dir)[:limit]
         warn_gold_outside_label_set(task, tests, task_file(task, splits[task], data_dir))
@@ -173,17 +207,21 @@ def evaluate(
         for seed in seeds:
             prompts, repairs = build_prompts(task, tests, pool, shots, seed)
             plans.append((task, seed, tests, prompts, repairs))
+    return verbalizers, plans
 
+
+def _run_plans(model, runner, plans, verbalizers, task_list, *, shots, progress,
+               predictions_dir) -> tuple[dict, float]:
+    """Score every plan with the model in eval mode (restored after): ({task: {seed: metrics}}, seconds
+    spent scoring). Rank 0 shows the progress bar and writes the predictions files."""
+    rank = runner.rank
     bar = None
-    runner = Runner(model, tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-                    max_new_tokens=max_new_tokens, early_stop=early_stop, local=local)
-    rank, world = runner.rank, runner.world
     encoded = [runner.tokenize(p[3]) for p in plans]
     if progress and rank == 0:
-        from distill.progress import progress
+        from distill.progress import progress as progress_bar
 
         total = sum(runner.count_batches([len(e) for e in enc], p[0] in FINE_GRAINED) for p, enc in zip(plans, encoded))
-        bar = progress(total, "sentibench", unit="batch", dynamic_ncols=True)
+        bar = progress_bar(total, "sentibench", unit="batch", dynamic_ncols=True)
         runner.on_batch = bar.update
 
     was_training = model.training
@@ -203,39 +241,20 @@ def evaluate(
             metrics["demo_repairs"] = repairs
             per_seed[task][str(seed)] = metrics
             if predictions_dir is not None and rank == 0:
-                out = Path(predictions_dir)
-                out.mkdir(parents=True, exist_ok=True)
-                with open(predictions_file(out, task, seed), "w", encoding="utf-8") as fh:
-                    for r, p in zip(tests, preds):
-                        fh.write(json.dumps({"index": r.index, "prediction": p}, ensure_ascii=False) + "\n")
+                _write_predictions(Path(predictions_dir), task, seed, tests, preds)
     finally:
         if bar is not None:
             bar.close()
         if was_training:
             model.train()
-    elapsed = time.perf_counter() - t0
+    return per_seed, time.perf_counter() - t0
 
-    results = {
-        "benchmark": "SentiBench",
-        "format": 1,
-        "model": model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__,
-        "shots": shots,
-        "seeds": list(seeds),
-        "limit": limit,
-        "split": next(iter(set(splits.values()))) if len(set(splits.values())) == 1 else splits,
-        "data": data_source(data_dir),
-        "sample": is_sample(data_dir),
-        "data_source": data_provenance(data_dir),  # {"source": "full" | "sample", "path": ...}
-        "protocol": PROTOCOL,
-        "max_new_tokens": max_new_tokens,
-        "world_size": world,
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "elapsed_s": round(elapsed, 2),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "versions": _versions(),
-    }
-    results.update(aggregate(per_seed, task_list))
-    return results
+
+def _write_predictions(out: Path, task: str, seed: int, tests, preds) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(predictions_file(out, task, seed), "w", encoding="utf-8") as fh:
+        for r, p in zip(tests, preds):
+            fh.write(json.dumps({"index": r.index, "prediction": p}, ensure_ascii=False) + "\n")
 
 
 def write_results(results: dict, out_dir: str | os.PathLike) -> dict[str, Path]:

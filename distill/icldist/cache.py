@@ -2,40 +2,19 @@
 
 Layout of a cache folder::
 
-    manifest.json            teacher, k, temperature, vocab_size, tokenizer hash, prompt-set hash,
-                             n_prompts, shard size, values dtype, format version; "complete": true
-                             once every shard exists
-    shard-00000.safetensors  prompts [0, S): top-k of every target position + teacher answers
+    manifest.json            what the cache is for (teacher and its weights, k, temperature, vocabulary,
+                             tokenizer, prompt set, ...); "complete": true once every shard exists
+    shard-00000.safetensors  prompts [0, S): ids int32 [P, k], logprobs [P, k], tail_mass fp32 [P],
+                             pos_offsets int64 [n+1], answer_ids int32, answer_offsets int64 [n+1]
     shard-00000.json         the shard's index entry (range, positions, sha256), written after it
     index.json               every shard's entry, written when the cache is complete
 
-A shard holds ``ids`` int32 ``[P, k]``, ``logprobs`` (the service's dtype) ``[P, k]``, ``tail_mass``
-fp32 ``[P]``, ``pos_offsets`` int64 ``[n+1]`` (prompt i's positions are rows
-``pos_offsets[i]:pos_offsets[i+1]``), and ``answer_ids`` int32 + ``answer_offsets`` int64 ``[n+1]``
-(the teacher's generated answer for fine-grained prompts, empty for classification).
-
-The top-k is the teacher's distribution AT THE TEMPERATURE OF USE (the run's ``kd.temperature``)
-over the tokenizer's real vocabulary ``[0, vocab_size)`` (distill.teacher.output), so the manifest
-records both and a run at another temperature or vocabulary is refused. Format 1 (the first
-version) took the top-k at temperature 1 over every lm_head row, padded ones included, and recorded
-no temperature: it is refused with a message saying to rebuild it. Each shard's ids are checked
-(in range, distinct per position) once, when the shard is first loaded, naming the file.
-
-Resumable: a shard is written to a temporary name and renamed, then its ``.json`` entry is written
-(also by rename); a shard counts as done only when its entry exists and the file's sha256 matches.
-After ``kill -9`` a rerun keeps the done shards, deletes temporaries and unfinished shards, and
-writes the rest. Shard file names are the shard number, so nothing is ever duplicated.
-
-Reading refuses a cache whose manifest does not match the run (teacher, k, temperature, vocabulary,
-teacher tokenizer, prompt set, ``icl.max_len``, the teacher's dtype, quantization and generation
-budget, and the teacher's weights), or that is incomplete, with a message naming the first differing
-field and both values. The weights are fingerprinted cheaply (:func:`weights_fingerprint`: names,
-sizes and modification times of the weight files, sha256 of ``config.json`` and the safetensors
-index; no GB is hashed), so weights overwritten in place are noticed; a copied folder (new mtimes)
-counts as changed. A format-2 manifest written before these fields existed lacks them and is refused
-with a message saying to rebuild it. The teacher's answers file (``teacher_answers.jsonl``, online and
-cache stage) records the teacher part of the same fingerprint (:data:`ANSWER_FIELDS`) on its first
-line and is checked the same way (:func:`check_answers`).
+The top-k is the teacher's distribution at the run's ``kd.temperature`` over the tokenizer's real
+vocabulary. Shards are written by rename and count as done once their entry exists and the sha256
+matches, so a rerun after ``kill -9`` resumes. Reading refuses, in one line naming the first
+differing field, a cache built for another run or incomplete; ids are checked when a shard is first
+loaded. See docs/icldist.md, section "Teacher signal: online or cached", for the fields, the weights
+fingerprint (:func:`weights_fingerprint`) and the refused older formats.
 """
 
 from __future__ import annotations

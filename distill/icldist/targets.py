@@ -21,7 +21,6 @@ one vocabulary: :func:`check_token_level` refuses different tokenizers with a me
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Sequence
 

@@ -376,19 +376,52 @@ def harvest(cfg: HarvestConfig, *, teacher=None, model_name: str | None = None,
     owns = teacher is None
     model = model_name or (resolve_teacher_model(cfg.teacher) if owns else str(getattr(teacher, "model", "teacher")))
 
-    # The job list: fixed by the config, so shard i is always the same jobs.
-    S, P_ = cfg.sampling.samples_per_prompt, len(persps)
-    per_text = cfg.perspectives.per_text or P_
-    jobs = []  # (text_id, text, persp index, sample)
-    for ti, (tid, text) in enumerate(texts):
-        for j in range(min(per_text, P_)):
-            pi = (ti + j) % P_ if per_text < P_ else j
-            for s in range(S):
-                jobs.append((tid, text, pi, s))
+    jobs = _job_list(texts, len(persps), cfg.perspectives.per_text, cfg.sampling.samples_per_prompt)
     jobs_digest = hashlib.sha256("\n".join(f"{t}|{persps[p]['name']}|{s}" for t, _, p, s in jobs).encode()).hexdigest()
     fp = _fingerprint(cfg, model, jobs_digest)
     n_shards = (len(jobs) + cfg.output.shard_size - 1) // cfg.output.shard_size
+    man = _open_manifest(cfg, out, model, fp, len(jobs), n_shards)
+    removed = C.clean_partial(out)
+    if removed:
+        _print(f"removed {len(removed)} unfinished file(s) of an interrupted run: {removed[:3]}")
+    done = {int(k) for k in man["completed"]}
+    todo = [i for i in range(n_shards) if i not in done]
+    # Duplicate answers are checked against everything already written.
+    seen = {(r["id"].split("#")[0], r["response"].strip()) for r in C.load_corpus(out)} if done else set()
+    if done:
+        _print(f"resuming: {len(done)}/{n_shards} shards done, {len(todo)} to go")
 
+    run = _ShardRun(cfg, out, man, jobs, n_shards, persps, template, model, resume_command)
+    if owns and todo:
+        _print(f"teacher {model} ({cfg.teacher.backend}, {cfg.teacher.replicas} x {cfg.teacher.shards})")
+        teacher = build_teacher(cfg.teacher, model)
+    t_gen = time.perf_counter()
+    try:
+        counts = run.generate(teacher, todo, seen)
+    finally:
+        if owns and teacher is not None and todo:
+            teacher.shutdown()
+    wall = time.perf_counter() - t_gen
+    run.finish(len(texts), dup_texts, todo, counts, wall, t_start)
+    return out
+
+
+def _job_list(texts: list, n_persps: int, per_text: int, samples: int) -> list[tuple]:
+    """[(text_id, text, perspective index, sample)]: fixed by the config, so shard i is always the same jobs.
+    ``per_text`` < the number of perspectives rotates over them (0 = every perspective for every text)."""
+    per_text = per_text or n_persps
+    jobs = []
+    for ti, (tid, text) in enumerate(texts):
+        for j in range(min(per_text, n_persps)):
+            pi = (ti + j) % n_persps if per_text < n_persps else j
+            for s in range(samples):
+                jobs.append((tid, text, pi, s))
+    return jobs
+
+
+def _open_manifest(cfg: HarvestConfig, out: Path, model: str, fp: str, n_jobs: int, n_shards: int) -> dict:
+    """The manifest of ``out`` if it holds this harvest (fingerprint ``fp``, the same teacher weights),
+    else a new one written there; a stale corpus is refused, or cleared with ``output.overwrite``."""
     from distill.icldist.cache import weights_fingerprint
 
     weights = weights_fingerprint(model)
@@ -408,15 +441,7 @@ def harvest(cfg: HarvestConfig, *, teacher=None, model_name: str | None = None,
             if p.name.startswith("shard-") or p.name in (C.MANIFEST, C.SUMMARY):
                 p.unlink()
         man = None
-    # Which data the texts came from ("full" / "sample" SentiBench, or the input file): data_dir=""
-    # resolves per machine. The sample is the first records of the full data unchanged, so a corpus
-    # whose fingerprint matches holds the same texts; it keeps the provenance it was first harvested with.
-    if cfg.input.source == "sentibench":
-        from distill.data.sentibench import data_provenance
-
-        data = data_provenance(cfg.input.data_dir or None)
-    else:
-        data = {"source": cfg.input.source, "path": cfg.input.path}
+    data = _input_provenance(cfg.input)
     if man is not None:
         man.setdefault("data", data)
         if man.get("teacher_weights") is None:
@@ -425,109 +450,130 @@ def harvest(cfg: HarvestConfig, *, teacher=None, model_name: str | None = None,
             man["teacher_weights"] = weights
             C.write_manifest(out, man)
     if man is None:
-        man = {"fingerprint": fp, "teacher": model, "teacher_weights": weights, "n_jobs": len(jobs),
+        man = {"fingerprint": fp, "teacher": model, "teacher_weights": weights, "n_jobs": n_jobs,
                "n_shards": n_shards, "shard_size": cfg.output.shard_size, "format": cfg.output.format,
                "config": to_dict(cfg), "data": data, "completed": {}}
         C.write_manifest(out, man)
-    removed = C.clean_partial(out)
-    if removed:
-        _print(f"removed {len(removed)} unfinished file(s) of an interrupted run: {removed[:3]}")
-    done = {int(k) for k in man["completed"]}
-    todo = [i for i in range(n_shards) if i not in done]
-    # Duplicate answers are checked against everything already written.
-    seen = {(r["id"].split("#")[0], r["response"].strip()) for r in C.load_corpus(out)} if done else set()
-    if done:
-        _print(f"resuming: {len(done)}/{n_shards} shards done, {len(todo)} to go")
+    return man
 
-    sampling_d = {"max_new_tokens": cfg.sampling.max_new_tokens, "temperature": cfg.sampling.temperature,
-                  "top_p": cfg.sampling.top_p, "top_k": cfg.sampling.top_k, "seed": cfg.sampling.seed,
-                  "stop_token_ids": list(cfg.sampling.stop_token_ids)}
-    from distill.teacher.pipeline import SamplingParams, TeacherUnavailable
 
-    sp = SamplingParams(max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
-                        top_p=cfg.sampling.top_p, top_k=cfg.sampling.top_k, seed=cfg.sampling.seed,
-                        stop_token_ids=list(cfg.sampling.stop_token_ids))
-    if owns and todo:
-        _print(f"teacher {model} ({cfg.teacher.backend}, {cfg.teacher.replicas} x {cfg.teacher.shards})")
-        teacher = build_teacher(cfg.teacher, model)
-    counts = {"kept": 0, "empty": 0, "truncated": 0, "duplicate": 0, "prompt_tokens": 0, "new_tokens": 0}
-    t_gen = time.perf_counter()
-    try:
+def _input_provenance(section: InputSection) -> dict:
+    """Which data the texts came from ("full" / "sample" SentiBench, or the input file): data_dir=""
+    resolves per machine. The sample is the first records of the full data unchanged, so a corpus
+    whose fingerprint matches holds the same texts; it keeps the provenance it was first harvested with."""
+    if section.source == "sentibench":
+        from distill.data.sentibench import data_provenance
+
+        return data_provenance(section.data_dir or None)
+    return {"source": section.source, "path": section.path}
+
+
+class _ShardRun:
+    """The shards of one harvest run: generated by the teacher, filtered, written one by one into the
+    corpus folder with the manifest updated after each; then the summary."""
+
+    def __init__(self, cfg: HarvestConfig, out: Path, man: dict, jobs: list[tuple], n_shards: int,
+                 persps: list[dict], template: str, model: str, resume_command: str | None):
+        from distill.teacher.pipeline import SamplingParams
+
+        self.cfg, self.out, self.man, self.jobs, self.persps = cfg, out, man, jobs, persps
+        self.template, self.model, self.resume_command = template, model, resume_command
+        self.n_shards = n_shards
+        sm = cfg.sampling
+        self.sampling_d = {"max_new_tokens": sm.max_new_tokens, "temperature": sm.temperature, "top_p": sm.top_p,
+                           "top_k": sm.top_k, "seed": sm.seed, "stop_token_ids": list(sm.stop_token_ids)}
+        self.sp = SamplingParams(max_new_tokens=sm.max_new_tokens, temperature=sm.temperature, top_p=sm.top_p,
+                                 top_k=sm.top_k, seed=sm.seed, stop_token_ids=list(sm.stop_token_ids))
+
+    def shard_jobs(self, i: int) -> list[tuple]:
+        size = self.cfg.output.shard_size
+        return self.jobs[i * size:(i + 1) * size]
+
+    def generate(self, teacher, todo: list[int], seen: set) -> dict:
+        """Generate, filter and write shards ``todo`` (at most ``output.inflight_shards`` in flight);
+        this run's counts. A spent teacher ends it with a one-line :class:`TeacherUnavailable`."""
+        from distill.teacher.pipeline import TeacherUnavailable
+
+        cfg, jobs = self.cfg, self.jobs
+        counts = {"kept": 0, "empty": 0, "truncated": 0, "duplicate": 0, "prompt_tokens": 0, "new_tokens": 0}
+        if not todo:
+            return counts
+        tok = getattr(teacher, "tokenizer", None)
+        from distill.progress import progress
+
+        bar = progress(len(jobs), "harvest", initial=len(jobs) - sum(min(cfg.output.shard_size, len(jobs) - i * cfg.output.shard_size) for i in todo),
+                       unit="prompt", disable=not cfg.output.progress, mininterval=1.0)
+        window = cfg.output.inflight_shards or 2 * max(1, cfg.teacher.replicas)
+        pending: list = []
+
+        def submit(i):
+            chunk = self.shard_jobs(i)
+            prompts = [make_prompt(cfg.perspectives.prompt_style, self.template, self.persps[p], text, tok)
+                       for _, text, p, _ in chunk]
+            seeds = [job_seed(cfg.sampling.seed, t, self.persps[p]["name"], s) for t, _, p, s in chunk]
+            return i, chunk, prompts, teacher.async_generate(prompts, self.sp, seeds=seeds)
+
+        queue = list(todo)
+        faults = getattr(teacher, "faults", None)  # the Ray service's restart log (LocalTeacher: none)
+        while queue or pending:
+            while queue and len(pending) < window:
+                pending.append(submit(queue.pop(0)))
+            i, chunk, prompts, handle = pending.pop(0)
+            try:
+                gens = teacher.get(handle)
+            except TeacherUnavailable as e:
+                raise TeacherUnavailable(_stopped(e, i, self.man, self.n_shards, self.out, self.resume_command)) from e
+            for line in faults() if faults is not None else ():
+                _print(f"warning: {line}; the harvest goes on")
+            records, c = _filter(chunk, prompts, gens, self.persps, seen, self.model, self.sampling_d,
+                                 cfg.sampling.samples_per_prompt)
+            C.write_shard(self.out, i, records, cfg.output.format)
+            self.man["completed"][str(i)] = dict(c, file=C.shard_name(i, cfg.output.format))
+            C.write_manifest(self.out, self.man)
+            for k in counts:
+                counts[k] += c.get(k, 0)
+            bar.update(len(chunk))
+        bar.close()
+        return counts
+
+    def finish(self, n_texts: int, dup_texts: int, todo: list[int], counts: dict, wall: float,
+               t_start: float) -> None:
+        """Write the summary (whole corpus and this run) and print it in a few lines."""
+        cfg, out, man, jobs = self.cfg, self.out, self.man, self.jobs
+        totals = {k: sum(v.get(k, 0) for v in man["completed"].values()) for k in
+                  ("kept", "empty", "truncated", "duplicate", "prompt_tokens", "new_tokens", "jobs")}
+        n_texts_run = len({j[0] for i in todo for j in self.shard_jobs(i)})
+        summary = {
+            "corpus": str(out), "teacher": self.model, "data": man["data"], "texts": n_texts,
+            "duplicate_texts_dropped": dup_texts,
+            "perspectives": [p["name"] for p in self.persps], "jobs": len(jobs), "shards": self.n_shards, **totals,
+            "this_run": {"shards": len(todo), "texts": n_texts_run, **counts, "generate_s": round(wall, 3),
+                         "texts_per_s": round(n_texts_run / wall, 3) if wall > 0 and todo else None,
+                         "tokens_per_s": round((counts["prompt_tokens"] + counts["new_tokens"]) / wall, 1) if wall > 0 and todo else None,
+                         "new_tokens_per_s": round(counts["new_tokens"] / wall, 1) if wall > 0 and todo else None},
+            "wall_s": round(time.perf_counter() - t_start, 3),
+        }
+        frac = totals["truncated"] / max(totals["jobs"], 1)
+        summary["truncated_fraction"] = round(frac, 4)
+        warn = None
+        if frac > TRUNCATED_WARN_FRACTION:
+            warn = (f"{totals['truncated']} of {totals['jobs']} answers ({100 * frac:.0f}%) reached max_new_tokens="
+                    f"{cfg.sampling.max_new_tokens} and were dropped as truncated: raise sampling.max_new_tokens "
+                    f"(harvest.max_new_tokens in a KnowDist config) and harvest again into a new output.dir")
+        summary["warnings"] = [warn] if warn else []
+        atomic_write_bytes(out / C.SUMMARY, json.dumps(summary, indent=1).encode())
+        tr = summary["this_run"]
+        _print(f"{totals['kept']} records kept of {len(jobs)} prompts ({totals['empty']} empty, {totals['truncated']} "
+               f"truncated, {totals['duplicate']} duplicate dropped; {dup_texts} duplicate input texts) -> {out}")
+        if warn:
+            _print(f"warning: {warn}")
         if todo:
-            tok = getattr(teacher, "tokenizer", None)
-            from distill.progress import progress
+            _print(f"throughput: {tr['texts_per_s']} texts/s, {tr['tokens_per_s']} tokens/s "
+                   f"({tr['new_tokens_per_s']} generated tokens/s) over {wall:.1f}s")
+        from distill.data.sentibench import sample_note
 
-            bar = progress(len(jobs), "harvest", initial=len(jobs) - sum(min(cfg.output.shard_size, len(jobs) - i * cfg.output.shard_size) for i in todo),
-                           unit="prompt", disable=not cfg.output.progress, mininterval=1.0)
-            window = cfg.output.inflight_shards or 2 * max(1, cfg.teacher.replicas)
-            pending: list = []
-
-            def submit(i):
-                chunk = jobs[i * cfg.output.shard_size:(i + 1) * cfg.output.shard_size]
-                prompts = [make_prompt(cfg.perspectives.prompt_style, template, persps[p], text, tok)
-                           for _, text, p, _ in chunk]
-                seeds = [job_seed(cfg.sampling.seed, t, persps[p]["name"], s) for t, _, p, s in chunk]
-                return i, chunk, prompts, teacher.async_generate(prompts, sp, seeds=seeds)
-
-            queue = list(todo)
-            faults = getattr(teacher, "faults", None)  # the Ray service's restart log (LocalTeacher: none)
-            while queue or pending:
-                while queue and len(pending) < window:
-                    pending.append(submit(queue.pop(0)))
-                i, chunk, prompts, handle = pending.pop(0)
-                try:
-                    gens = teacher.get(handle)
-                except TeacherUnavailable as e:
-                    raise TeacherUnavailable(_stopped(e, i, man, n_shards, out, resume_command)) from e
-                for line in faults() if faults is not None else ():
-                    _print(f"warning: {line}; the harvest goes on")
-                records, c = _filter(chunk, prompts, gens, persps, seen, model, sampling_d, S)
-                C.write_shard(out, i, records, cfg.output.format)
-                man["completed"][str(i)] = dict(c, file=C.shard_name(i, cfg.output.format))
-                C.write_manifest(out, man)
-                for k in counts:
-                    counts[k] += c.get(k, 0)
-                bar.update(len(chunk))
-            bar.close()
-    finally:
-        if owns and teacher is not None and todo:
-            teacher.shutdown()
-    wall = time.perf_counter() - t_gen
-    totals = {k: sum(v.get(k, 0) for v in man["completed"].values()) for k in
-              ("kept", "empty", "truncated", "duplicate", "prompt_tokens", "new_tokens", "jobs")}
-    n_texts_run = len({j[0] for i in todo for j in jobs[i * cfg.output.shard_size:(i + 1) * cfg.output.shard_size]})
-    summary = {
-        "corpus": str(out), "teacher": model, "data": man["data"], "texts": len(texts),
-        "duplicate_texts_dropped": dup_texts,
-        "perspectives": [p["name"] for p in persps], "jobs": len(jobs), "shards": n_shards, **totals,
-        "this_run": {"shards": len(todo), "texts": n_texts_run, **counts, "generate_s": round(wall, 3),
-                     "texts_per_s": round(n_texts_run / wall, 3) if wall > 0 and todo else None,
-                     "tokens_per_s": round((counts["prompt_tokens"] + counts["new_tokens"]) / wall, 1) if wall > 0 and todo else None,
-                     "new_tokens_per_s": round(counts["new_tokens"] / wall, 1) if wall > 0 and todo else None},
-        "wall_s": round(time.perf_counter() - t_start, 3),
-    }
-    frac = totals["truncated"] / max(totals["jobs"], 1)
-    summary["truncated_fraction"] = round(frac, 4)
-    warn = None
-    if frac > TRUNCATED_WARN_FRACTION:
-        warn = (f"{totals['truncated']} of {totals['jobs']} answers ({100 * frac:.0f}%) reached max_new_tokens="
-                f"{cfg.sampling.max_new_tokens} and were dropped as truncated: raise sampling.max_new_tokens "
-                f"(harvest.max_new_tokens in a KnowDist config) and harvest again into a new output.dir")
-    summary["warnings"] = [warn] if warn else []
-    atomic_write_bytes(out / C.SUMMARY, json.dumps(summary, indent=1).encode())
-    tr = summary["this_run"]
-    _print(f"{totals['kept']} records kept of {len(jobs)} prompts ({totals['empty']} empty, {totals['truncated']} "
-           f"truncated, {totals['duplicate']} duplicate dropped; {dup_texts} duplicate input texts) -> {out}")
-    if warn:
-        _print(f"warning: {warn}")
-    if todo:
-        _print(f"throughput: {tr['texts_per_s']} texts/s, {tr['tokens_per_s']} tokens/s "
-               f"({tr['new_tokens_per_s']} generated tokens/s) over {wall:.1f}s")
-    from distill.data.sentibench import sample_note
-
-    if sample_note(summary["data"]):
-        _print(sample_note(summary["data"]))
-    return out
+        if sample_note(summary["data"]):
+            _print(sample_note(summary["data"]))
 
 
 def _stopped(e: Exception, shard: int, man: dict, n_shards: int, out: Path, resume_command: str | None) -> str:

@@ -176,11 +176,8 @@ def build_topk_cache(cfg: RunConfig, out: str | Path | None = None, *, batch_siz
     (default :func:`cache_dir`); a no-op when it is complete for the same manifest. ``batch_size``:
     examples per teacher forward (0 = ``train.micro_batch``). Under ``RANK``/``WORLD_SIZE`` (torchrun)
     each process builds shards ``rank, rank + world, ...``; the last to finish marks it complete."""
-    from distill.data.sft import collate
-    from distill.losses.lean import supervised_rows
     from distill.models import load as ml
 
-    k = cfg.kd
     _check_cfg(cfg)
     out = Path(out) if out else cache_dir(cfg)
     env, device = _build_env()
@@ -192,32 +189,12 @@ def build_topk_cache(cfg: RunConfig, out: str | Path | None = None, *, batch_siz
     vocab = cfg.model.vocab_size or len(tokenizer)
     ctx = BackendContext(env=env, device=device, tokenizer=tokenizer, vocab_size=vocab, student_path=student_path,
                          teacher_path=teacher_path, ds_config=None, out_dir=Path(cfg.run.out_dir))
-    dataset = dataset_factory(cfg.data.name)(cfg, tokenizer, ctx)
-    if getattr(dataset, "collate", None) is not None:
-        raise ConfigError(f"data.name={cfg.data.name!r} builds its own batches; the top-k cache serves datasets "
-                          f"batched by the sft collate or by packing (e.g. data.name=sft)")
+    dataset = _build_dataset(cfg, tokenizer, ctx)
     key = run_key(cfg, teacher_path=teacher_path, tokenizer=tokenizer, vocab_size=vocab, dataset=dataset)
     n = len(dataset)
     n_shards = max(1, math.ceil(n / shard_examples))
-    mpath = out / MANIFEST
-    remedy = f"build into another folder (--out) or delete {out}"
-    if mpath.is_file():
-        have = _read_manifest(mpath)
-        check_key(mpath, have, key, remedy)
-        if have.get("shard_examples") != shard_examples:
-            raise TopKCacheError(f"{mpath}: field 'shard_examples' is {have.get('shard_examples')!r} in the cache, "
-                                 f"{shard_examples} for this build; rerun with --shard-examples="
-                                 f"{have.get('shard_examples')} or {remedy}")
-        if have.get("complete"):
-            why = _shards_problem(out, have)
-            if why:
-                raise TopKCacheError(f"{why}: the top-k cache is damaged; delete {out} and rebuild it")
-            _say(f"{out} is complete for this run ({n} examples, {have.get('n_rows')} rows, k={k.topk}, "
-                 f"T={k.temperature:g}): nothing to do")
-            return out
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(mpath, json.dumps({**key, "complete": False, "shard_examples": shard_examples}, indent=1))
+    if _open_manifest(out, key, shard_examples):
+        return out
     if env.world_size == 1:  # an interrupted build's temporaries (with several processes: theirs may be live)
         for f in out.iterdir():
             if is_temporary(f.name):
@@ -225,43 +202,93 @@ def build_topk_cache(cfg: RunConfig, out: str | Path | None = None, *, batch_siz
 
     mine = [s for s in range(n_shards) if s % env.world_size == env.rank and not (out / shard_name(s)).is_file()]
     if mine:
-        teacher = teacher_factory("colocated")(cfg, ctx)
-        bs = batch_size or cfg.train.micro_batch
-        pad = tokenizer.pad_token_id
-        bar = None
-        if cfg.log.progress_bar and env.rank == 0:
-            from distill.progress import progress
-
-            total = sum(min(n, (s + 1) * shard_examples) - s * shard_examples for s in mine)
-            bar = progress(total, "teacher top-k", unit="ex", dynamic_ncols=True, mininterval=1.0)
-        t0 = time.time()
-        for s in mine:
-            lo, hi = s * shard_examples, min(n, (s + 1) * shard_examples)
-            per: list[TopKTeacher | None] = [None] * (hi - lo)
-            # longest first, similar lengths together: little padding per forward
-            order = sorted(range(lo, hi), key=lambda i: -len(dataset[i]["input_ids"]))
-            for b0 in range(0, len(order), bs):
-                idx = order[b0:b0 + bs]
-                batch = collate([dataset[i] for i in idx], pad)
-                index, _ = supervised_rows(batch["labels"], IGNORE_INDEX)
-                dev = {kk: (v.to(device) if isinstance(v, torch.Tensor) else v) for kk, v in batch.items()}
-                t = teacher.rows(dev, index.to(device)).to("cpu")
-                counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()
-                start = 0
-                for i, c in zip(idx, counts):
-                    per[i - lo] = t[start:start + c]
-                    start += c
-                if bar:
-                    bar.update(len(idx))
-            _write_shard(out / shard_name(s), per, lo, key)
-        teacher.close()
-        if bar:
-            bar.close()
-        _say(f"rank {env.rank}: {len(mine)} shard(s) of {out} written in {time.time() - t0:.0f} s")
+        _build_shards(cfg, ctx, dataset, out, mine, key, batch_size=batch_size or cfg.train.micro_batch,
+                      shard_examples=shard_examples)
     built = {"device": device.type, "teacher_dtype": cfg.model.teacher_dtype, "dtype": cfg.model.dtype,
              "teacher_quantization": getattr(getattr(cfg, "teacher", None), "quantization", ""),
              "batch_size": batch_size or cfg.train.micro_batch}
     return _finalize(out, key, n_shards, shard_examples, built)
+
+
+def _build_dataset(cfg: RunConfig, tokenizer, ctx: BackendContext):
+    """The run's training dataset (``data.name``'s factory); one the sft collate or packing batches."""
+    dataset = dataset_factory(cfg.data.name)(cfg, tokenizer, ctx)
+    if getattr(dataset, "collate", None) is not None:
+        raise ConfigError(f"data.name={cfg.data.name!r} builds its own batches; the top-k cache serves datasets "
+                          f"batched by the sft collate or by packing (e.g. data.name=sft)")
+    return dataset
+
+
+def _open_manifest(out: Path, key: dict, shard_examples: int) -> bool:
+    """Check ``out``'s manifest against the run (or write a new, incomplete one); True when the cache is
+    already complete for this run, so there is nothing to build."""
+    mpath = out / MANIFEST
+    remedy = f"build into another folder (--out) or delete {out}"
+    if not mpath.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(mpath, json.dumps({**key, "complete": False, "shard_examples": shard_examples}, indent=1))
+        return False
+    have = _read_manifest(mpath)
+    check_key(mpath, have, key, remedy)
+    if have.get("shard_examples") != shard_examples:
+        raise TopKCacheError(f"{mpath}: field 'shard_examples' is {have.get('shard_examples')!r} in the cache, "
+                             f"{shard_examples} for this build; rerun with --shard-examples="
+                             f"{have.get('shard_examples')} or {remedy}")
+    if not have.get("complete"):
+        return False
+    why = _shards_problem(out, have)
+    if why:
+        raise TopKCacheError(f"{why}: the top-k cache is damaged; delete {out} and rebuild it")
+    _say(f"{out} is complete for this run ({key['n_examples']} examples, {have.get('n_rows')} rows, k={key['k']}, "
+         f"T={key['temperature']:g}): nothing to do")
+    return True
+
+
+def _build_shards(cfg: RunConfig, ctx: BackendContext, dataset, out: Path, mine: list[int], key: dict, *,
+                  batch_size: int, shard_examples: int) -> None:
+    """Run the co-located teacher over the examples of shards ``mine`` and write each shard."""
+    n = len(dataset)
+    teacher = teacher_factory("colocated")(cfg, ctx)
+    bar = None
+    if cfg.log.progress_bar and ctx.env.rank == 0:
+        from distill.progress import progress
+
+        total = sum(min(n, (s + 1) * shard_examples) - s * shard_examples for s in mine)
+        bar = progress(total, "teacher top-k", unit="ex", dynamic_ncols=True, mininterval=1.0)
+    t0 = time.time()
+    for s in mine:
+        lo, hi = s * shard_examples, min(n, (s + 1) * shard_examples)
+        per = _teacher_rows(teacher, dataset, range(lo, hi), batch_size, ctx, bar)
+        _write_shard(out / shard_name(s), per, lo, key)
+    teacher.close()
+    if bar:
+        bar.close()
+    _say(f"rank {ctx.env.rank}: {len(mine)} shard(s) of {out} written in {time.time() - t0:.0f} s")
+
+
+def _teacher_rows(teacher, dataset, examples: range, batch_size: int, ctx: BackendContext, bar) -> list[TopKTeacher]:
+    """The teacher's top-k at the supervised positions of each example of ``examples``, in that order."""
+    from distill.data.sft import collate
+    from distill.losses.lean import supervised_rows
+
+    lo = examples.start
+    per: list[TopKTeacher | None] = [None] * len(examples)
+    # longest first, similar lengths together: little padding per forward
+    order = sorted(examples, key=lambda i: -len(dataset[i]["input_ids"]))
+    for b0 in range(0, len(order), batch_size):
+        idx = order[b0:b0 + batch_size]
+        batch = collate([dataset[i] for i in idx], ctx.tokenizer.pad_token_id)
+        index, _ = supervised_rows(batch["labels"], IGNORE_INDEX)
+        dev = {kk: (v.to(ctx.device) if isinstance(v, torch.Tensor) else v) for kk, v in batch.items()}
+        t = teacher.rows(dev, index.to(ctx.device)).to("cpu")
+        counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()
+        start = 0
+        for i, c in zip(idx, counts):
+            per[i - lo] = t[start:start + c]
+            start += c
+        if bar:
+            bar.update(len(idx))
+    return per
 
 
 def _write_shard(path: Path, per: list[TopKTeacher], first: int, key: dict) -> None:

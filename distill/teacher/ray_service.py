@@ -1,53 +1,20 @@
 """Teacher service on Ray: one causal-LM teacher held as ``replicas x shards`` actors.
 
-Layout
-- Each replica is a pipeline of ``shards`` stage actors (:mod:`distill.teacher.shard`): stage ``s``
-  loads only decoder layers ``[start_s, end_s)`` from the checkpoint (embeddings on the first, final
-  norm + lm_head on the last). A batch goes ``stage0.forward.remote(payload)`` ->
-  ``stage1.forward.remote(ref)`` -> ...: hidden states move actor-to-actor through the object store,
-  never through the driver, and consecutive batches overlap across stages (pipelining).
-- One async router actor (no CPU/GPU reservation) owns the replicas: it splits each request into
-  length-sorted, padded batches (``max_batch_tokens`` padded tokens, ``max_batch_size`` rows),
-  sends each batch to the least-busy healthy replica (at most ``shards + 1`` batches in flight per
-  replica), and assembles results. ``async_topk``/``async_generate`` return the router's ObjectRef:
-  the caller's process never sees more than the top-k it asked for.
-- Top-k: the last stage applies the norm and the lm_head to the REQUESTED positions only, takes the
-  fp32 log-softmax's top-k and the exact fp32 tail mass (``TopKTeacher.from_logits``) and ships int32
-  ids + bf16 log-probs + fp32 tail; full ``[tokens x vocab]`` logits never leave the GPU.
-- Generation: KV cache kept on every stage per session (each stage caches its own layers), prompts
-  left-padded, greedy / temperature / top-k / top-p sampling with one seeded generator per prompt
-  (a prompt's continuation does not depend on which batch or replica served it).
+Each replica is a pipeline of ``shards`` stage actors (:mod:`distill.teacher.shard`); hidden states
+move stage to stage through the object store, never through the driver. One async router actor
+splits each request into length-sorted, padded batches, sends each to the least-busy healthy replica
+and assembles the results. ``async_topk``/``async_generate`` return the router's ObjectRef: the
+caller sees only the top-k it asked for, and full logits never leave the last stage.
 
-Fault tolerance, two budgets (``max_restarts``, ``max_retries``; the stages' ``teacher.*`` settings):
-- A stage actor that dies: the router rebuilds its whole replica (every stage holds part of each
-  generation's KV cache, so one stage cannot be restarted alone; Ray's own restarts of stage actors
-  stay off so no decode step is replayed into a fresh cache) at most ``max_restarts`` times per
-  replica, and sends the failed batches again, each at most ``max_retries`` times. A batch's result
-  is accepted exactly once, so nothing is lost and nothing is scored twice. A replica whose budget
-  is spent (or whose new actors do not start within ``start_timeout_s``: its node is gone) is
-  dropped; the others go on, and with none left every call raises :class:`TeacherUnavailable`.
-- The router (one actor holding no model) is restarted by Ray itself (``max_restarts``; it rebuilds
-  every replica, the old stage actors die with it) and Ray re-sends the requests it held
-  (``max_task_retries=max_retries``): requests are idempotent (top-k is deterministic; generation
-  draws from one generator per prompt seeded by the caller), so a re-sent request gives the same
-  result.
-- Every restart is recorded: :meth:`TeacherClient.faults` returns one line per restart since the
-  last call (the harvest prints them as warnings). When a budget is spent, :meth:`TeacherClient.get`
-  (and :func:`distill.teacher.connect.resolve`) raise :class:`TeacherUnavailable`: one line naming
-  the actor (router, or replica / stage / pid / node), the cause Ray gave and the budget.
-- Any ordinary exception in the model code is raised to the caller at once.
+Fault tolerance, two budgets: a dead stage actor rebuilds its whole replica (at most ``max_restarts``
+times per replica; each failed batch re-sent at most ``max_retries`` times, each result accepted
+once); Ray restarts the router and re-sends the requests it held, which are idempotent. Every
+restart is one line from :meth:`TeacherClient.faults`; a spent budget raises one-line
+:class:`TeacherUnavailable`; an ordinary exception in the model code is raised at once.
 
-Ray placement: a stage reserves ``num_gpus=1`` (on a GPU cluster) or ``num_cpus_per_shard`` CPUs.
-``ray_address=None`` joins the Ray instance of this process, else ``$RAY_ADDRESS``, else starts a
-local single-node Ray bound to loopback (127.0.0.2), which :meth:`shutdown` stops again.
-
-Stray processes: some of a private Ray's processes (DashboardAgent, RuntimeEnvAgent) outlive a driver
-killed with ``kill -9``. :func:`start_local_ray` (the one starter of a private Ray: the service and
-ICLDist's ``_ray_init``) writes ``<temp_dir>/distill-ray-<driver pid>.json`` (driver pid and start
-time, session dir, the pids Ray reported) and first calls :func:`cleanup_local_ray` on that temp dir:
-for every record whose driver is gone, the processes recorded there or holding the session dir in
-their command line, environment or open files (never matched by name; only this user's) get SIGTERM,
-then SIGKILL. A cluster joined with :func:`connect_ray` is never recorded, so never cleaned.
+``ray_address=None`` joins this process's Ray, else ``$RAY_ADDRESS``, else starts a private Ray on
+loopback (127.0.0.2) that :meth:`shutdown` stops. See docs/teacher.md, sections "How it is built"
+(batching, top-k, generation, budgets) and "Stray Ray processes" (:func:`cleanup_local_ray`).
 """
 
 from __future__ import annotations

@@ -1,26 +1,13 @@
 """One pipeline stage of a causal-LM teacher: a contiguous range of decoder layers, loaded alone.
 
 A teacher of ``L`` decoder layers split into ``S`` shards gives stage ``s`` the layers
-``[s*L/S, (s+1)*L/S)`` (balanced, earlier stages get the extra layer). The first stage also holds
-the token embeddings, the last the final norm and the ``lm_head``; every stage builds its own rotary
-embedding (a few KB, computed from the config) and its own attention masks from the 2-D padding
-mask that travels with the hidden states. So what passes between stages is only
-``hidden [B, T, H]`` plus the small ``attention_mask``/``position_ids``.
-
-Loading only the part: the model skeleton is built on the ``meta`` device (no memory), the modules
-of the stage are kept, and exactly their tensors are read from the checkpoint's ``*.safetensors``
-files (through ``model.safetensors.index.json`` so untouched files are never opened, and for a hub
-name never downloaded). A stage of a 70B teacher on 4 GPUs therefore reads ~1/4 of the weights.
-
-Works with Llama-style decoders as laid out in transformers 5.x (``model.embed_tokens``,
-``model.layers[i](hidden, attention_mask=, position_ids=, cache= (past_key_values= before 5.2x), use_cache=,
-position_embeddings=(cos, sin))``, ``model.norm``, ``model.rotary_emb``, ``lm_head``): Llama,
-Qwen2/Qwen2.5, Qwen3, Mistral. Layers of type ``sliding_attention`` (``config.layer_types``) get the
-sliding-window mask, as in the unsharded model.
-
-Generation keeps a KV cache per session on every stage (each stage caches only its own layers),
-so a decode step moves one hidden vector per sequence between stages instead of recomputing the
-prefix.
+``[s*L/S, (s+1)*L/S)`` (balanced, earlier stages get the extra layer); the first stage also holds the
+token embeddings, the last the final norm and the ``lm_head``. Between stages travel only
+``hidden [B, T, H]`` and the small ``attention_mask``/``position_ids``: each stage builds its own
+rotary embedding and masks. A stage reads exactly its tensors from the checkpoint (skeleton on the
+``meta`` device; untouched safetensors files are never opened or downloaded). Generation keeps a KV
+cache per session on every stage, for its own layers only. Llama-style decoders of transformers 5.x
+(Llama, Qwen2/2.5, Qwen3, Mistral); the layer call and the rest: docs/teacher.md, "How it is built".
 """
 
 from __future__ import annotations
