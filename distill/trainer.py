@@ -4,7 +4,7 @@ remote teachers, global token normalisation, atomic checkpoints, resume, export.
 What varies is registered, not copied:
 
 * teacher backends (``register_teacher_backend(name)``): turn a batch into teacher logits
-  ``[B, L, V]`` or a :class:`~distill.teacher.output.TopKTeacher` ``[B, L, k]`` aligned with the
+  ``[B, L, V]`` or a :class:`~distill.losses.teacher_output.TopKTeacher` ``[B, L, k]`` aligned with the
   batch's ``input_ids`` positions; ``rows(batch, index)`` gives the teacher at the flat supervised
   positions only (``kd.path=lean``). Optional ``prefetch(batch)`` is called exactly once per
   micro-batch, ahead of its use (async backends start the request there); ``close()`` at the end. Built in: ``colocated`` (the teacher lives in this process,
@@ -50,7 +50,7 @@ from distill.dist.stop import launcher_chain, watch_for_stop
 from distill.errors import UserError
 from distill.fileio import atomic_write_text, folder_problem, fsync_dir, os_error_text, sha256_file
 from distill.progress import is_terminal
-from distill.teacher.output import TopKTeacher
+from distill.losses.teacher_output import TopKTeacher
 
 # ------------------------------------------------------------------------------------------------
 # Registries

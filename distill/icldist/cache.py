@@ -15,7 +15,7 @@ fp32 ``[P]``, ``pos_offsets`` int64 ``[n+1]`` (prompt i's positions are rows
 (the teacher's generated answer for fine-grained prompts, empty for classification).
 
 The top-k is the teacher's distribution AT THE TEMPERATURE OF USE (the run's ``kd.temperature``)
-over the tokenizer's real vocabulary ``[0, vocab_size)`` (distill.teacher.output), so the manifest
+over the tokenizer's real vocabulary ``[0, vocab_size)`` (distill.losses.teacher_output), so the manifest
 records both and a run at another temperature or vocabulary is refused. Format 1 (the first
 version) took the top-k at temperature 1 over every lm_head row, padded ones included, and recorded
 no temperature: it is refused with a message saying to rebuild it. Each shard's ids are checked
@@ -48,7 +48,7 @@ from typing import Sequence
 
 import torch
 
-from distill.teacher.output import TopKTeacher
+from distill.losses.teacher_output import TopKTeacher
 from distill.fileio import atomic_write_bytes, atomic_write_text, is_temporary, sha256_file
 from distill.errors import UserError
 
@@ -303,7 +303,7 @@ class TeacherCache:
 
     The top-k returned carries the manifest's temperature. A shard's ids are checked against the
     manifest's ``vocab_size`` once, when the shard is first loaded
-    (:class:`~distill.teacher.output.TopKIdError` naming the file); :meth:`verify` loads and checks
+    (:class:`~distill.losses.teacher_output.TopKIdError` naming the file); :meth:`verify` loads and checks
     every shard up front.
     """
 

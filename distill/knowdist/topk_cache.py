@@ -11,7 +11,7 @@ The build runs the co-located teacher (``TEACHER_BACKENDS["colocated"]``, one co
 ``rows`` path: the decoder's final hidden states at the supervised positions, the head a chunk at a
 time) over the training dataset built by the trainer's own dataset factory (``data.name``, so the
 same tokenisation, truncation and ``data.limit``), and stores per example the
-:class:`~distill.teacher.output.TopKTeacher` at that example's supervised positions (shifted labels
+:class:`~distill.losses.teacher_output.TopKTeacher` at that example's supervised positions (shifted labels
 != -100), at ``kd.temperature``, ``k = kd.topk``, over the tokenizer's real vocabulary. Training
 from it gives the online top-k's losses (tests/knowdist/test_topk_cache.py), up to the teacher's
 float rounding on other padding.
@@ -57,7 +57,7 @@ import torch
 from distill.config import ConfigError, RunConfig
 from distill.errors import UserError
 from distill.fileio import atomic_write_bytes, atomic_write_text, is_temporary
-from distill.teacher.output import TopKTeacher
+from distill.losses.teacher_output import TopKTeacher
 from distill.trainer import DATASETS, TEACHER_BACKENDS, BackendContext, TeacherBackend, register_teacher_backend
 
 FORMAT = "distill-knowdist-topk-cache"

@@ -97,7 +97,7 @@ class MultiTeacherBackend(TeacherBackend):
                     f"{'top-' + str(entry.topk) if entry.topk else 'full logits'})")
 
     def _checked(self, i: int, out):
-        from distill.teacher.output import TopKTeacher
+        from distill.losses.teacher_output import TopKTeacher
 
         child = self.children[i]
         if isinstance(out, TopKTeacher) and not child.topk_ids_checked:

@@ -16,7 +16,7 @@ import torch
 
 from distill.icldist.cache import CacheIncomplete, CacheMismatch, CacheWriter, TeacherCache
 from distill.icldist.online import CachedTargets, build_cache
-from distill.teacher.output import TopKIdError
+from distill.losses.teacher_output import TopKIdError
 
 K = 8  # the conftest cache's k
 

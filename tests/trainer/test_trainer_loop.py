@@ -178,7 +178,7 @@ def test_sft_only_and_topk_teacher(tiny_assets, tmp_path):
 def test_backend_registry_prefetch_once_ahead(tiny_assets, tmp_path):
     """A registered backend sees prefetch(batch) exactly once per micro-batch, before its call, with
     the pass-through example ids; returning a TopKTeacher works."""
-    from distill.teacher.output import TopKTeacher
+    from distill.losses.teacher_output import TopKTeacher
     from distill.trainer import ColocatedTeacher, TeacherBackend, register_teacher_backend
 
     log = []
