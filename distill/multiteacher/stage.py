@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from distill.multiteacher.config import BACKEND_NAME
+from distill.config import MULTITEACHER_BACKEND as BACKEND_NAME
 from distill.losses.multiteacher import TeacherSet
 from distill.multiteacher.weighting import GATE_NAME
 from distill.trainer import TeacherBackend, TrainerHooks

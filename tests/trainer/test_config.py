@@ -225,7 +225,7 @@ def test_registered_names_follow_the_registries():
 
     import distill.trainer as T
     from distill.config import BUILTIN_DATASETS, BUILTIN_TEACHER_BACKENDS, registered_names
-    from distill.multiteacher.config import BACKEND_NAME
+    from distill.config import MULTITEACHER_BACKEND as BACKEND_NAME
     from distill.multiteacher.stage import ROUTED_DATASET
 
     # every name the package registers (decorators; the multi-teacher stage's setdefault), ICLDist's own aside
