@@ -30,7 +30,7 @@ from distill.config import (
     _check,
 )
 from distill.data.sentibench import sample_note
-from distill.knowdist.corpus import read_manifest
+from distill.data.corpus import read_manifest
 
 
 @dataclasses.dataclass
