@@ -879,7 +879,7 @@ class Trainer:
         import socket
         from importlib import metadata
 
-        from distill.icldist.targets import tokenizer_hash
+        from distill.models.fingerprint import tokenizer_hash
 
         v = versions()
         code = v.get("git_sha") or f"distill {metadata.version('distill')}"

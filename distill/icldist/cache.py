@@ -29,9 +29,9 @@ writes the rest. Shard file names are the shard number, so nothing is ever dupli
 Reading refuses a cache whose manifest does not match the run (teacher, k, temperature, vocabulary,
 teacher tokenizer, prompt set, ``icl.max_len``, the teacher's dtype, quantization and generation
 budget, and the teacher's weights), or that is incomplete, with a message naming the first differing
-field and both values. The weights are fingerprinted cheaply (:func:`weights_fingerprint`: names,
-sizes and modification times of the weight files, sha256 of ``config.json`` and the safetensors
-index; no GB is hashed), so weights overwritten in place are noticed; a copied folder (new mtimes)
+field and both values. The weights are fingerprinted cheaply
+(:func:`distill.models.fingerprint.weights_fingerprint`: names, sizes and modification times of the
+weight files, sha256 of ``config.json`` and the safetensors index; no GB is hashed), so weights overwritten in place are noticed; a copied folder (new mtimes)
 counts as changed. A format-2 manifest written before these fields existed lacks them and is refused
 with a message saying to rebuild it. The teacher's answers file (``teacher_answers.jsonl``, online and
 cache stage) records the teacher part of the same fingerprint (:data:`ANSWER_FIELDS`) on its first
@@ -48,9 +48,9 @@ from typing import Sequence
 
 import torch
 
-from distill.losses.teacher_output import TopKTeacher
-from distill.fileio import atomic_write_bytes, atomic_write_text, is_temporary, sha256_file
 from distill.errors import UserError
+from distill.fileio import atomic_write_bytes, atomic_write_text, is_temporary, sha256_file
+from distill.losses.teacher_output import TopKTeacher
 
 # 2: top-k at the run's temperature over the real vocabulary; manifest records temperature and vocab_size.
 FORMAT_VERSION = 2
@@ -60,10 +60,6 @@ ANSWER_FIELDS = ("teacher", "teacher_weights", "teacher_dtype", "teacher_quantiz
 # Manifest fields that must match between the cache and the run reading or extending it.
 KEY_FIELDS = ("teacher", "k", "temperature", "vocab_size", "tokenizer_hash", "prompt_set_hash", "n_prompts",
               "shard_size", "max_len", "teacher_weights", "teacher_dtype", "teacher_quantization", "max_new_tokens")
-# Files whose names, sizes and mtimes stand for the teacher's weights (hashing GBs is too slow).
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-# Small files hashed whole: the architecture and the weight-to-file map.
-HASHED_FILES = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 # Why a field must match, where the generic message does not say enough.
 _WHY = {
     "temperature": "a top-k teacher is valid only at the temperature it was taken at",
@@ -101,23 +97,6 @@ class CachedTarget:
 
 def _write_json_atomic(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1))
-
-
-def weights_fingerprint(model: str | os.PathLike) -> dict:
-    """A cheap fingerprint of a teacher folder's weights: ``{"files": {name: {"bytes", "mtime_ns"}},
-    <hashed file>: sha256[:16]}``. A hub name (not a local folder) is fingerprinted by its name only."""
-    root = Path(model)
-    if not root.is_dir():
-        return {"hub": str(model)}
-    out: dict = {"files": {}}
-    for f in sorted(root.iterdir()):
-        if f.suffix in WEIGHT_SUFFIXES and f.is_file():
-            st = f.stat()
-            out["files"][f.name] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-    for name in HASHED_FILES:
-        if (root / name).is_file():
-            out[name] = sha256_file(root / name)[:16]
-    return out
 
 
 def _first_difference(field: str, have, want) -> tuple[str, object, object]:

@@ -21,27 +21,18 @@ one vocabulary: :func:`check_token_level` refuses different tokenizers with a me
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from typing import Sequence
 
 import torch
 
-from distill.losses.teacher_output import TopKTeacher
 from distill.errors import UserError
+from distill.losses.teacher_output import TopKTeacher
+from distill.models.fingerprint import tokenizer_hash
 
 
 class VocabularyMismatch(UserError, ValueError):
     """Token-level KD asked for with teacher and student tokenizers that differ."""
-
-
-def tokenizer_hash(tokenizer) -> str:
-    """sha256 of the vocabulary (token -> id) and the special tokens: equal iff the ids mean the same."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    special = sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())
-    h = hashlib.sha256(json.dumps([vocab, special], ensure_ascii=False).encode())
-    return h.hexdigest()
 
 
 def tokenizer_name(tokenizer) -> str:

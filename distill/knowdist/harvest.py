@@ -389,7 +389,7 @@ def harvest(cfg: HarvestConfig, *, teacher=None, model_name: str | None = None,
     fp = _fingerprint(cfg, model, jobs_digest)
     n_shards = (len(jobs) + cfg.output.shard_size - 1) // cfg.output.shard_size
 
-    from distill.icldist.cache import weights_fingerprint
+    from distill.models.fingerprint import weights_fingerprint
 
     weights = weights_fingerprint(model)
     man = C.read_manifest(out)

@@ -102,14 +102,14 @@ def _local_path(p: str) -> str:
 
 
 def _teacher_weights(teacher: str) -> str:
-    from distill.icldist.cache import weights_fingerprint
+    from distill.models.fingerprint import weights_fingerprint
 
     return hashlib.sha256(json.dumps(weights_fingerprint(teacher), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run_key(cfg: RunConfig, *, teacher_path: str, tokenizer, vocab_size: int, dataset) -> dict:
     """The manifest's KEY_FIELDS for this run (``data`` nested)."""
-    from distill.models.load import tokenizer_fingerprint
+    from distill.models.fingerprint import tokenizer_fingerprint
 
     d = cfg.data
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "tokenizer": tokenizer_fingerprint(tokenizer),

@@ -9,7 +9,6 @@ whole on one rank.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from distill.errors import UserError
+from distill.models.fingerprint import tokenizer_fingerprint
 
 
 class TokenizerMismatch(UserError, ValueError):
@@ -230,12 +230,6 @@ def check_hub_config(name: str, what: str = "model", *, trust_remote_code: bool 
     if kind:
         raise UserError(f"{what} {name} (Hugging Face hub) is {kind}, not a causal language model: distillation, "
                         f"prediction and SentiBench need a decoder-only LM (Llama, Qwen2, ...)")
-
-
-def tokenizer_fingerprint(tok) -> str:
-    """Hash of the token -> id map (special tokens included)."""
-    items = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def check_shared_tokenizer(student_tok, teacher_tok, *, student_name: str, teacher_name: str) -> None:
