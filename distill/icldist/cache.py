@@ -32,10 +32,11 @@ budget, and the teacher's weights), or that is incomplete, with a message naming
 field and both values. The weights are fingerprinted cheaply
 (:func:`distill.models.fingerprint.weights_fingerprint`: names, sizes and modification times of the
 weight files, sha256 of ``config.json`` and the safetensors index; no GB is hashed), so weights
-overwritten in place are noticed; a copied folder (new mtimes) counts as changed. A format-2 manifest written before these fields existed lacks them and is refused
-with a message saying to rebuild it. The teacher's answers file (``teacher_answers.jsonl``, online and
-cache stage) records the teacher part of the same fingerprint (:data:`ANSWER_FIELDS`) on its first
-line and is checked the same way (:func:`check_answers`).
+overwritten in place are noticed; a copied folder (new mtimes) counts as changed. A format-2 manifest
+written before these fields existed lacks them and is refused with a message saying to rebuild it.
+The teacher's answers file (``teacher_answers.jsonl``, online and cache stage) records the teacher
+part of the same fingerprint (:data:`ANSWER_FIELDS`) on its first line and is checked the same way
+(:func:`check_answers`).
 """
 
 from __future__ import annotations
