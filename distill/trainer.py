@@ -35,7 +35,6 @@ import math
 import os
 import random
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,6 +49,7 @@ from distill.dist.stop import launcher_chain, watch_for_stop
 from distill.errors import UserError
 from distill.fileio import atomic_write_text, folder_problem, fsync_dir, os_error_text, sha256_file
 from distill.progress import is_terminal
+from distill.runinfo import versions
 from distill.losses.teacher_output import TopKTeacher
 
 # ------------------------------------------------------------------------------------------------
@@ -373,24 +373,6 @@ def model_inputs(batch: dict) -> dict:
 def batch_tokens(batch: dict) -> int | torch.Tensor:
     """Real (non-pad) tokens of a batch: ``n_tokens`` of a packed batch, else the attention mask's sum."""
     return batch["n_tokens"] if "n_tokens" in batch else batch["attention_mask"].sum()
-
-
-def versions() -> dict:
-    from importlib import metadata
-
-    out = {"python": sys.version.split()[0]}
-    for pkg in ("torch", "deepspeed", "transformers", "triton", "datasets", "safetensors", "distill"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    try:
-        out["git_sha"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
-                                        capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        out["git_sha"] = None
-    out["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return out
 
 
 def _rng_state() -> dict:
