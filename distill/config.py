@@ -578,17 +578,24 @@ TEACHER_PLACEMENTS = ("auto", "partitioned", "replicated", "ray")
 
 
 @dataclasses.dataclass
-class TeacherSection:
-    placement: str = "auto"  # auto (chosen from the memory model, logged) | partitioned (ZeRO-3 inference engine over the ranks) | replicated (a copy per rank) | ray (served by Ray actors on their own GPUs; top-k only)
-    quantization: str = ""  # "" | 8bit | 4bit: bitsandbytes weights for replicated and ray (lm_head stays in teacher_dtype)
-    ray_address: str = ""  # ray: a running cluster (HOST:PORT or auto); "" = a private Ray on ray_node_ip
+class RayTeacherSection:
+    """The settings of a teacher served to the ranks by Ray actors, read by
+    :func:`distill.teacher.connect.open_teacher`: the trainer's ``teacher`` section and ICLDist's extend it."""
+
+    quantization: str = ""  # "" | 8bit | 4bit: bitsandbytes weights, CUDA (trainer: replicated and ray; lm_head stays in teacher_dtype)
+    ray_address: str = ""  # ray: a running cluster (HOST:PORT or auto); "" = a private Ray on ray_node_ip; "local" = in this process, no Ray
     ray_node_ip: str = "127.0.0.2"  # ray: address of the private Ray node when ray_address is ""
     replicas: int = 1  # ray: teacher copies serving the ranks
-    shards: int = 1  # ray: pipeline stages per copy (one GPU each), for teachers larger than one GPU
-    num_gpus: int = -1  # ray: GPUs per shard actor: -1 = 1 if CUDA is visible else 0 (CPU actors)
+    shards: int = 1  # ray: pipeline stages (actors) per copy, one GPU each, for teachers larger than one GPU
+    num_gpus: int = -1  # ray: GPUs per shard actor: -1 = 1 if CUDA is visible else 0 (CPU actors); 1 = one GPU each
     max_batch_tokens: int = 16384  # ray: padded tokens per teacher forward
     max_restarts: int = 3  # ray: restarts of a dead teacher actor (the router; each replica) before the run stops
     max_retries: int = 3  # ray: re-sends of one request / batch after the actor serving it died
+
+
+@dataclasses.dataclass
+class TeacherSection(RayTeacherSection):
+    placement: str = "auto"  # auto (chosen from the memory model, logged) | partitioned (ZeRO-3 inference engine over the ranks) | replicated (a copy per rank) | ray (served by Ray actors on their own GPUs; top-k only)
     gpu_mem_gb: float = 0.0  # auto: memory per GPU the plan assumes (0 = this device's total; CPU: RAM / local ranks)
 
     def validate(self) -> None:

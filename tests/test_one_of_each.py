@@ -1,4 +1,4 @@
-"""One print0 and one versions(), used by the trainer and the SentiBench evaluator alike."""
+"""One print0 and one versions() (the trainer and the SentiBench evaluator alike), one Ray teacher section."""
 
 from __future__ import annotations
 
@@ -60,3 +60,19 @@ def test_versions_has_the_keys_of_the_run_files_and_of_results():
     assert v["torch"] == torch.__version__ and v["python"] == sys.version.split()[0]
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     assert v["git_sha"] == v["git"] == (head.stdout.strip() or None if head.returncode == 0 else None)
+
+
+def test_one_ray_teacher_section():
+    import dataclasses
+
+    from distill.config import RayTeacherSection, TeacherSection
+    from distill.icldist.config import TeacherSection as ICLTeacherSection
+
+    ray_fields = [f.name for f in dataclasses.fields(RayTeacherSection)]
+    assert ray_fields == ["quantization", "ray_address", "ray_node_ip", "replicas", "shards", "num_gpus",
+                          "max_batch_tokens", "max_restarts", "max_retries"]
+    for cls in (TeacherSection, ICLTeacherSection):
+        assert issubclass(cls, RayTeacherSection)
+        own = {f.name for f in dataclasses.fields(cls)} - set(ray_fields)
+        # no Ray field declared twice: the subclasses add only their own settings
+        assert not own & set(ray_fields) and all(n not in cls.__dict__.get("__annotations__", {}) for n in ray_fields)
