@@ -505,7 +505,8 @@ def dump_yaml(cfg: Any, path: str | Path) -> None:
 # the defaults are the built-in tiny CPU run. Units are in the comments.
 
 
-def _check(cond: bool, msg: str) -> None:
+def require(cond: bool, msg: str) -> None:
+    """A :class:`ConfigError` with ``msg`` (one line naming the key, its value and what to do) unless ``cond``."""
     if not cond:
         raise ConfigError(msg)
 
@@ -601,31 +602,38 @@ TEACHER_PLACEMENTS = ("auto", "partitioned", "replicated", "ray")
 
 
 @dataclasses.dataclass
-class TeacherSection:
-    placement: str = "auto"  # auto (chosen from the memory model, logged) | partitioned (ZeRO-3 inference engine over the ranks) | replicated (a copy per rank) | ray (served by Ray actors on their own GPUs; top-k only)
-    quantization: str = ""  # "" | 8bit | 4bit: bitsandbytes weights for replicated and ray (lm_head stays in teacher_dtype)
-    ray_address: str = ""  # ray: a running cluster (HOST:PORT or auto); "" = a private Ray on ray_node_ip
+class RayTeacherSection:
+    """The settings of a teacher served to the ranks by Ray actors, read by
+    :func:`distill.teacher.connect.open_teacher`: the trainer's ``teacher`` section and ICLDist's extend it."""
+
+    quantization: str = ""  # "" | 8bit | 4bit: bitsandbytes weights, CUDA (trainer: replicated and ray; lm_head stays in teacher_dtype)
+    ray_address: str = ""  # ray: a running cluster (HOST:PORT or auto); "" = a private Ray on ray_node_ip; "local" = in this process, no Ray
     ray_node_ip: str = "127.0.0.2"  # ray: address of the private Ray node when ray_address is ""
     replicas: int = 1  # ray: teacher copies serving the ranks
-    shards: int = 1  # ray: pipeline stages per copy (one GPU each), for teachers larger than one GPU
-    num_gpus: int = -1  # ray: GPUs per shard actor: -1 = 1 if CUDA is visible else 0 (CPU actors)
+    shards: int = 1  # ray: pipeline stages (actors) per copy, one GPU each, for teachers larger than one GPU
+    num_gpus: int = -1  # ray: GPUs per shard actor: -1 = 1 if CUDA is visible else 0 (CPU actors); 1 = one GPU each
     max_batch_tokens: int = 16384  # ray: padded tokens per teacher forward
     max_restarts: int = 3  # ray: restarts of a dead teacher actor (the router; each replica) before the run stops
     max_retries: int = 3  # ray: re-sends of one request / batch after the actor serving it died
+
+
+@dataclasses.dataclass
+class TeacherSection(RayTeacherSection):
+    placement: str = "auto"  # auto (chosen from the memory model, logged) | partitioned (ZeRO-3 inference engine over the ranks) | replicated (a copy per rank) | ray (served by Ray actors on their own GPUs; top-k only)
     gpu_mem_gb: float = 0.0  # auto: memory per GPU the plan assumes (0 = this device's total; CPU: RAM / local ranks)
 
     def validate(self) -> None:
-        _check(self.placement in TEACHER_PLACEMENTS, f"teacher.placement={self.placement!r}: one of {list(TEACHER_PLACEMENTS)}")
-        _check(self.quantization in ("", "8bit", "4bit"), f"teacher.quantization={self.quantization!r}: '' | 8bit | 4bit")
-        _check(not (self.quantization and self.placement == "partitioned"),
-               f"teacher.quantization={self.quantization} with teacher.placement=partitioned: ZeRO-3 partitions float "
-               f"weights only; use replicated or ray for a quantized teacher")
+        require(self.placement in TEACHER_PLACEMENTS, f"teacher.placement={self.placement!r}: one of {list(TEACHER_PLACEMENTS)}")
+        require(self.quantization in ("", "8bit", "4bit"), f"teacher.quantization={self.quantization!r}: '' | 8bit | 4bit")
+        require(not (self.quantization and self.placement == "partitioned"),
+                f"teacher.quantization={self.quantization} with teacher.placement=partitioned: ZeRO-3 partitions float "
+                f"weights only; use replicated or ray for a quantized teacher")
         for name in ("replicas", "shards", "max_batch_tokens"):
-            _check(getattr(self, name) >= 1, f"teacher.{name}={getattr(self, name)} must be >= 1")
-        _check(self.num_gpus in (-1, 0, 1), f"teacher.num_gpus={self.num_gpus}: -1 (auto), 0 (CPU) or 1 per shard actor")
-        _check(self.gpu_mem_gb >= 0, f"teacher.gpu_mem_gb={self.gpu_mem_gb} must be >= 0 (0 = the device's)")
+            require(getattr(self, name) >= 1, f"teacher.{name}={getattr(self, name)} must be >= 1")
+        require(self.num_gpus in (-1, 0, 1), f"teacher.num_gpus={self.num_gpus}: -1 (auto), 0 (CPU) or 1 per shard actor")
+        require(self.gpu_mem_gb >= 0, f"teacher.gpu_mem_gb={self.gpu_mem_gb} must be >= 0 (0 = the device's)")
         for name in ("max_restarts", "max_retries"):
-            _check(getattr(self, name) >= 0, f"teacher.{name}={getattr(self, name)} must be >= 0 (0 = none)")
+            require(getattr(self, name) >= 0, f"teacher.{name}={getattr(self, name)} must be >= 0 (0 = none)")
 
 
 @dataclasses.dataclass
@@ -651,8 +659,8 @@ class LogSection:
 
     def validate(self) -> None:
         bad = [r for r in self.report_to if r not in REPORTERS]
-        _check(not bad, f"log.report_to={self.report_to}: unknown {bad}; known: {list(REPORTERS)}")
-        _check(len(set(self.report_to)) == len(self.report_to), f"log.report_to={self.report_to} names one twice")
+        require(not bad, f"log.report_to={self.report_to}: unknown {bad}; known: {list(REPORTERS)}")
+        require(len(set(self.report_to)) == len(self.report_to), f"log.report_to={self.report_to} names one twice")
 
 
 @dataclasses.dataclass
@@ -666,11 +674,133 @@ class EvalSection:
     batch_size: int = 8  # sequences per evaluation forward
 
 
-from distill.multiteacher.config import MultiTeacherSection  # noqa: E402 - after ConfigError, which it raises
+# -- multiteacher: the teachers of a multi-teacher run and how their KD terms are weighted
+# (distill.multiteacher). One entry per teacher (``multiteacher.teachers``, a YAML list of mappings);
+# the weighting strategy and its knobs in sub-sections. RunConfig.validate calls
+# MultiTeacherSection.validate with the whole run config (kd.teacher_backend, kd.path, data.packing).
+
+MULTITEACHER_STRATEGIES = ("fixed", "route", "confidence", "attention", "meta")
+MULTITEACHER_BACKEND = "multiteacher"  # kd.teacher_backend of a multi-teacher run
+
+
+@dataclasses.dataclass
+class TeacherEntry:
+    name: str = ""  # short name (logged as w_<name>, kd_<name>); unique
+    path: str = ""  # HF folder / hub name ("builtin" = the built-in tiny teacher); cache backend: as that backend reads model.teacher
+    backend: str = "colocated"  # teacher backend registry name: colocated | ray | cache (constructed with this teacher's path, temperature and topk)
+    temperature: float = 1.0  # this teacher's KD temperature (its term is scaled by temperature^2)
+    topk: int = 0  # k of a top-k backend (0 = full logits; cache and ray need k > 0)
+    cache_dir: str = ""  # backend=cache: this teacher's top-k folder ("" = kd.cache_dir)
+    weight: float = 1.0  # weighting=fixed: this teacher's weight (the weights are normalised to sum 1)
+
+
+@dataclasses.dataclass
+class RouteSection:
+    column: str = "teacher_id"  # data field naming each example's teacher (a teacher name or 0-based index; TRL's convention)
+
+
+@dataclasses.dataclass
+class ConfidenceSection:
+    signal: str = "gold_prob"  # gold_prob (the teacher's log-probability of the reference token) | neg_entropy (minus its entropy)
+    temperature: float = 0.5  # softmax temperature over the teachers' confidences (smaller = sharper)
+
+
+@dataclasses.dataclass
+class AttentionSection:
+    entropy_bonus: float = 0.01  # weight of the gate's entropy (per token) subtracted from its loss: keeps it from collapsing early
+    hidden: int = 0  # gate hidden width (0 = one linear layer H -> n_teachers)
+
+
+@dataclasses.dataclass
+class MetaSection:
+    every: int = 10  # meta update every N optimizer steps
+    lr: float = 0.1  # Adam step size on the teachers' weight logits (log-weight units per update)
+    min_weight: float = 0.02  # floor of every teacher's weight (bounds: [min_weight, 1 - (n-1) min_weight])
+    max_logit: float = 6.0  # the weight logits are clipped to [-max_logit, max_logit]
+    heldout_path: str = ""  # held-out (prompt, response) JSONL for the meta objective ("" = a seeded draw from the training data)
+    heldout_batch: int = 8  # held-out sequences per meta update (the same on every rank)
+
+
+@dataclasses.dataclass
+class MultiTeacherSection:
+    teachers: list[TeacherEntry] = dataclasses.field(default_factory=list)  # the teachers, each {name, path, backend, temperature, topk, cache_dir, weight} ([] = single-teacher run); needs kd.teacher_backend=multiteacher
+    weighting: str = "fixed"  # fixed | route | confidence | attention | meta
+    route: RouteSection = dataclasses.field(default_factory=RouteSection)
+    confidence: ConfidenceSection = dataclasses.field(default_factory=ConfidenceSection)
+    attention: AttentionSection = dataclasses.field(default_factory=AttentionSection)
+    meta: MetaSection = dataclasses.field(default_factory=MetaSection)
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.teachers]
+
+    def fixed_weights(self) -> list[float]:
+        s = sum(t.weight for t in self.teachers)
+        return [t.weight / s for t in self.teachers]
+
+    def validate(self, run) -> None:
+        """Checks of this section and its fit with the run (``run``: the RunConfig)."""
+        k = run.kd
+        # the strategy and its knobs are checked with or without teachers: a misspelt name is never ignored
+        require(self.weighting in MULTITEACHER_STRATEGIES, f"multiteacher.weighting={self.weighting!r}: one of {list(MULTITEACHER_STRATEGIES)}")
+        c, a, m = self.confidence, self.attention, self.meta
+        require(c.signal in ("gold_prob", "neg_entropy"),
+                f"multiteacher.confidence.signal={c.signal!r}: gold_prob | neg_entropy")
+        require(c.temperature > 0 and math.isfinite(c.temperature),
+                f"multiteacher.confidence.temperature={c.temperature} must be > 0")
+        require(a.entropy_bonus >= 0 and math.isfinite(a.entropy_bonus) and a.hidden >= 0,
+                f"multiteacher.attention.entropy_bonus={a.entropy_bonus} and .hidden={a.hidden} must be >= 0")
+        require(m.every >= 1 and m.heldout_batch >= 1,
+                f"multiteacher.meta.every={m.every} and .heldout_batch={m.heldout_batch} must be >= 1")
+        require(m.lr > 0 and math.isfinite(m.lr), f"multiteacher.meta.lr={m.lr} must be > 0")
+        require(m.max_logit > 0 and math.isfinite(m.max_logit), f"multiteacher.meta.max_logit={m.max_logit} must be > 0")
+        require(bool(self.route.column.strip()), "multiteacher.route.column is empty: name the data field of each "
+                                                 "example's teacher (e.g. teacher_id)")
+        if not self.teachers:
+            require(k.teacher_backend != MULTITEACHER_BACKEND,
+                    f"kd.teacher_backend={MULTITEACHER_BACKEND} needs multiteacher.teachers (a list of {{name, path, backend, "
+                    f"temperature, weight}})")
+            return
+        require(k.teacher_backend == MULTITEACHER_BACKEND,
+                f"multiteacher.teachers lists {len(self.teachers)} teacher(s) but kd.teacher_backend="
+                f"{k.teacher_backend!r}: set kd.teacher_backend={MULTITEACHER_BACKEND}")
+        require(k.kind not in ("none",), "multiteacher.teachers with kd.kind=none: set a divergence (e.g. forward_kl)")
+        backends = [b for b in registered_names("teacher_backends") if b != MULTITEACHER_BACKEND]
+        names = self.names
+        require(all(names), f"multiteacher.teachers: every teacher needs a name, got {names}")
+        require(len(set(names)) == len(names), f"multiteacher.teachers: names must be unique, got {names}")
+        for i, t in enumerate(self.teachers):
+            w = f"multiteacher.teachers[{i}] ({t.name})"
+            require(bool(t.path), f"{w}: path is empty")
+            require(t.backend != MULTITEACHER_BACKEND, f"{w}: backend={t.backend} (a teacher cannot be a multiteacher)")
+            require(t.backend in backends, f"{w}: backend={t.backend!r} is not a teacher backend; known: {backends}")
+            require(t.temperature > 0 and math.isfinite(t.temperature), f"{w}: temperature={t.temperature} must be > 0")
+            require(t.topk >= 0, f"{w}: topk={t.topk} must be >= 0")
+            require(t.backend not in ("cache", "ray") or t.topk > 0, f"{w}: backend={t.backend} serves top-k: set topk")
+            require(t.weight >= 0 and math.isfinite(t.weight), f"{w}: weight={t.weight} must be >= 0")
+        caches = [t.cache_dir or k.cache_dir for t in self.teachers if t.backend == "cache"]
+        require(len(set(caches)) == len(caches),
+                f"multiteacher.teachers: {len(caches)} cache teachers share the top-k folder(s) {sorted(set(caches))}: "
+                f"give each its own cache_dir")
+        if self.weighting == "fixed":
+            require(sum(t.weight for t in self.teachers) > 0,
+                    f"multiteacher.weighting=fixed: the weights {[t.weight for t in self.teachers]} sum to 0")
+        require(0 <= m.min_weight * len(self.teachers) < 1,
+                f"multiteacher.meta.min_weight={m.min_weight} x {len(self.teachers)} teachers must be in [0, 1)")
+        if self.weighting in ("attention", "meta"):
+            require(k.path == "lean", f"multiteacher.weighting={self.weighting} reads the student's final hidden "
+                                      f"states at the supervised rows: it needs kd.path=lean, got {k.path}")
+        if self.weighting == "route":
+            require(not run.data.packing, "multiteacher.weighting=route reads a per-example teacher column: "
+                                          "data.packing=true merges examples; turn packing off")
+            require(run.data.name != "sft", f"multiteacher.weighting=route reads each example's "
+                                            f"{self.route.column!r} field: set data.name=sft_routed (data.name=sft "
+                                            f"drops it)")
+
 
 _KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "none")
 
-# The registries (distill.data.registry.DATASETS, distill.teacher.base.TEACHER_BACKENDS) fill as the modules that
+# The registries (distill.data.registry.DATASETS, distill.teacher.registry.TEACHER_BACKENDS) fill as the modules that
 # define their entries are imported, after the config is checked; the built-in names are listed
 # here (tests/trainer/test_config.py keeps them in step with the registries). A name that a program
 # registered itself before the check is read from the registry.
@@ -686,7 +816,7 @@ def registered_names(registry: Literal["datasets", "teacher_backends"], stage_na
     take: the built-in ones, ``stage_names`` (a stage's own, registered when it runs) and any name
     already registered (without importing the registries' modules: the teachers' imports torch)."""
     builtin = BUILTIN_DATASETS if registry == "datasets" else BUILTIN_TEACHER_BACKENDS
-    module = sys.modules.get("distill.data.registry" if registry == "datasets" else "distill.teacher.base")
+    module = sys.modules.get("distill.data.registry" if registry == "datasets" else "distill.teacher.registry")
     live = getattr(module, "DATASETS" if registry == "datasets" else "TEACHER_BACKENDS", {}) if module else {}
     return sorted(set(builtin) | set(stage_names) | (set(live) - set(STAGE_ONLY_NAMES)))
 
@@ -697,10 +827,10 @@ def check_sentibench_tasks(value: str, key: str) -> None:
     from distill.data.sentibench import CATEGORIES, TASKS
 
     names = [t.strip() for t in str(value).split(",") if t.strip()]
-    _check(bool(names), f"{key} is empty: give SentiBench tasks (all, a category or task names such as sc/sst2)")
+    require(bool(names), f"{key} is empty: give SentiBench tasks (all, a category or task names such as sc/sst2)")
     bad = [t for t in names if t != "all" and t not in CATEGORIES and t not in TASKS]
-    _check(not bad, f"{key}={value!r}: unknown SentiBench task(s) {bad}; known: all, {', '.join(CATEGORIES)} "
-                    f"(categories) and {', '.join(TASKS)}")
+    require(not bad, f"{key}={value!r}: unknown SentiBench task(s) {bad}; known: all, {', '.join(CATEGORIES)} "
+                     f"(categories) and {', '.join(TASKS)}")
 
 
 @dataclasses.dataclass
@@ -721,67 +851,67 @@ class RunConfig:
         """Cross-field checks; runs before any process group exists. Messages print the numbers.
         ``stage_names``: data / teacher-backend names a stage registers when it runs (ICLDist's)."""
         t, k, m, d, ds, c = self.train, self.kd, self.model, self.data, self.deepspeed, self.checkpoint
-        _check(self.run.out_dir.strip() != "", "run.out_dir is empty: give the run's folder (e.g. runs/my_run)")
-        _check(t.micro_batch >= 1, f"train.micro_batch={t.micro_batch} must be >= 1")
-        _check(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")
-        _check(t.steps >= 0, f"train.steps={t.steps} must be >= 0 (0 = epochs x steps per epoch)")
-        _check(t.epochs >= 0 and math.isfinite(t.epochs), f"train.epochs={t.epochs} must be >= 0 (passes over the data)")
-        _check(t.steps > 0 or t.epochs > 0, f"train.steps={t.steps} and train.epochs={t.epochs}: one must be > 0")
-        _check(t.lr > 0 and math.isfinite(t.lr), f"train.lr={t.lr} must be > 0")
-        _check(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
-        _check(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
-        _check(t.steps == 0 or t.warmup_steps <= t.steps,
-               f"train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}")
-        _check(t.schedule in ("cosine", "constant"), f"train.schedule={t.schedule!r}: cosine | constant")
-        _check(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas),
-               f"train.adam_betas={t.adam_betas} must be two numbers in [0, 1)")
-        _check(t.grad_clip >= 0 and math.isfinite(t.grad_clip), f"train.grad_clip={t.grad_clip} must be a finite number >= 0 (0 = off)")
-        _check(t.weight_decay >= 0 and math.isfinite(t.weight_decay),
-               f"train.weight_decay={t.weight_decay} must be a finite number >= 0")
-        _check(t.adam_eps > 0 and math.isfinite(t.adam_eps), f"train.adam_eps={t.adam_eps} must be a finite number > 0")
-        _check(k.kind in _KD_KINDS, f"kd.kind={k.kind!r}: one of {list(_KD_KINDS)}")
-        _check(k.temperature > 0 and math.isfinite(k.temperature), f"kd.temperature={k.temperature} must be > 0")
-        _check(0.0 <= k.beta <= 1.0, f"kd.beta={k.beta} must be in [0, 1]")
-        _check(0.0 <= k.alpha <= 1.0, f"kd.alpha={k.alpha} must be in [0, 1]")
-        _check(k.ce_weight >= 0 and k.kd_weight >= 0 and math.isfinite(k.ce_weight) and math.isfinite(k.kd_weight),
-               f"kd.ce_weight={k.ce_weight} and kd.kd_weight={k.kd_weight} must be finite numbers >= 0")
-        _check(k.ce_weight > 0 or (k.kind != "none" and k.kd_weight > 0),
-               f"nothing to train: kd.ce_weight={k.ce_weight}, kd.kind={k.kind!r}, kd.kd_weight={k.kd_weight}")
-        _check(k.impl in ("auto", "torch", "triton"), f"kd.impl={k.impl!r}: auto | torch | triton")
-        _check(k.path in ("lean", "logits"), f"kd.path={k.path!r}: lean | logits")
-        _check(k.chunk_tokens >= 0 and k.topk >= 0, f"kd.chunk_tokens={k.chunk_tokens}, kd.topk={k.topk} must be >= 0")
+        require(self.run.out_dir.strip() != "", "run.out_dir is empty: give the run's folder (e.g. runs/my_run)")
+        require(t.micro_batch >= 1, f"train.micro_batch={t.micro_batch} must be >= 1")
+        require(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")
+        require(t.steps >= 0, f"train.steps={t.steps} must be >= 0 (0 = epochs x steps per epoch)")
+        require(t.epochs >= 0 and math.isfinite(t.epochs), f"train.epochs={t.epochs} must be >= 0 (passes over the data)")
+        require(t.steps > 0 or t.epochs > 0, f"train.steps={t.steps} and train.epochs={t.epochs}: one must be > 0")
+        require(t.lr > 0 and math.isfinite(t.lr), f"train.lr={t.lr} must be > 0")
+        require(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+        require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
+        require(t.steps == 0 or t.warmup_steps <= t.steps,
+                f"train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}")
+        require(t.schedule in ("cosine", "constant"), f"train.schedule={t.schedule!r}: cosine | constant")
+        require(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas),
+                f"train.adam_betas={t.adam_betas} must be two numbers in [0, 1)")
+        require(t.grad_clip >= 0 and math.isfinite(t.grad_clip), f"train.grad_clip={t.grad_clip} must be a finite number >= 0 (0 = off)")
+        require(t.weight_decay >= 0 and math.isfinite(t.weight_decay),
+                f"train.weight_decay={t.weight_decay} must be a finite number >= 0")
+        require(t.adam_eps > 0 and math.isfinite(t.adam_eps), f"train.adam_eps={t.adam_eps} must be a finite number > 0")
+        require(k.kind in _KD_KINDS, f"kd.kind={k.kind!r}: one of {list(_KD_KINDS)}")
+        require(k.temperature > 0 and math.isfinite(k.temperature), f"kd.temperature={k.temperature} must be > 0")
+        require(0.0 <= k.beta <= 1.0, f"kd.beta={k.beta} must be in [0, 1]")
+        require(0.0 <= k.alpha <= 1.0, f"kd.alpha={k.alpha} must be in [0, 1]")
+        require(k.ce_weight >= 0 and k.kd_weight >= 0 and math.isfinite(k.ce_weight) and math.isfinite(k.kd_weight),
+                f"kd.ce_weight={k.ce_weight} and kd.kd_weight={k.kd_weight} must be finite numbers >= 0")
+        require(k.ce_weight > 0 or (k.kind != "none" and k.kd_weight > 0),
+                f"nothing to train: kd.ce_weight={k.ce_weight}, kd.kind={k.kind!r}, kd.kd_weight={k.kd_weight}")
+        require(k.impl in ("auto", "torch", "triton"), f"kd.impl={k.impl!r}: auto | torch | triton")
+        require(k.path in ("lean", "logits"), f"kd.path={k.path!r}: lean | logits")
+        require(k.chunk_tokens >= 0 and k.topk >= 0, f"kd.chunk_tokens={k.chunk_tokens}, kd.topk={k.topk} must be >= 0")
         backends = registered_names("teacher_backends", stage_names)
-        _check(k.teacher_backend in backends, f"kd.teacher_backend={k.teacher_backend!r} is not a teacher backend; "
-                                              f"known: {backends} (colocated = the teacher in this process)")
+        require(k.teacher_backend in backends, f"kd.teacher_backend={k.teacher_backend!r} is not a teacher backend; "
+                                               f"known: {backends} (colocated = the teacher in this process)")
         datasets = registered_names("datasets", stage_names)
-        _check(d.name in datasets, f"data.name={d.name!r} is not a dataset; known: {datasets} "
-                                   f"(sft = prompt/response records from data.path)")
-        _check(k.teacher_backend != "cache" or k.topk > 0, "kd.teacher_backend=cache reads a top-k cache: set kd.topk (the k it was built with)")
-        _check(k.kind == "none" or m.teacher != "", "kd.kind needs a teacher: model.teacher is empty (set kd.kind=none for SFT)")
+        require(d.name in datasets, f"data.name={d.name!r} is not a dataset; known: {datasets} "
+                                    f"(sft = prompt/response records from data.path)")
+        require(k.teacher_backend != "cache" or k.topk > 0, "kd.teacher_backend=cache reads a top-k cache: set kd.topk (the k it was built with)")
+        require(k.kind == "none" or m.teacher != "", "kd.kind needs a teacher: model.teacher is empty (set kd.kind=none for SFT)")
         for name in ("dtype", "teacher_dtype"):
             v = getattr(m, name)
-            _check(v in ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"), f"model.{name}={v!r}: auto | bfloat16 | float16 | float32")
-        _check(m.attn in ("auto", "sdpa", "eager", "flash_attention_2"), f"model.attn={m.attn!r}: auto | sdpa | eager | flash_attention_2")
-        _check(m.vocab_size >= 0, f"model.vocab_size={m.vocab_size} must be >= 0 (0 = the tokenizer's size)")
-        _check(d.max_len >= 8, f"data.max_len={d.max_len} tokens is too short (>= 8)")
-        _check(d.format in ("auto", "jsonl", "json", "parquet", "datasets"), f"data.format={d.format!r}: auto | jsonl | json | parquet | datasets")
-        _check(d.limit >= 0, f"data.limit={d.limit} must be >= 0")
-        _check(ds.engine in ("deepspeed", "torch"), f"deepspeed.engine={ds.engine!r}: deepspeed | torch")
-        _check(ds.zero_stage in (-1, 0, 1, 2, 3), f"deepspeed.zero_stage={ds.zero_stage}: -1 (from the JSON) or 0..3")
-        _check(ds.dist_backend in ("auto", "nccl", "gloo"), f"deepspeed.dist_backend={ds.dist_backend!r}: auto | nccl | gloo")
-        _check(c.every >= 0, f"checkpoint.every={c.every} must be >= 0")
-        _check(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be >= 1")
-        _check(not (c.overwrite and c.resume), f"checkpoint.overwrite=true and checkpoint.resume={c.resume}: choose one")
-        _check(self.log.every >= 1, f"log.every={self.log.every} must be >= 1")
+            require(v in ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"), f"model.{name}={v!r}: auto | bfloat16 | float16 | float32")
+        require(m.attn in ("auto", "sdpa", "eager", "flash_attention_2"), f"model.attn={m.attn!r}: auto | sdpa | eager | flash_attention_2")
+        require(m.vocab_size >= 0, f"model.vocab_size={m.vocab_size} must be >= 0 (0 = the tokenizer's size)")
+        require(d.max_len >= 8, f"data.max_len={d.max_len} tokens is too short (>= 8)")
+        require(d.format in ("auto", "jsonl", "json", "parquet", "datasets"), f"data.format={d.format!r}: auto | jsonl | json | parquet | datasets")
+        require(d.limit >= 0, f"data.limit={d.limit} must be >= 0")
+        require(ds.engine in ("deepspeed", "torch"), f"deepspeed.engine={ds.engine!r}: deepspeed | torch")
+        require(ds.zero_stage in (-1, 0, 1, 2, 3), f"deepspeed.zero_stage={ds.zero_stage}: -1 (from the JSON) or 0..3")
+        require(ds.dist_backend in ("auto", "nccl", "gloo"), f"deepspeed.dist_backend={ds.dist_backend!r}: auto | nccl | gloo")
+        require(c.every >= 0, f"checkpoint.every={c.every} must be >= 0")
+        require(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be >= 1")
+        require(not (c.overwrite and c.resume), f"checkpoint.overwrite=true and checkpoint.resume={c.resume}: choose one")
+        require(self.log.every >= 1, f"log.every={self.log.every} must be >= 1")
         self.log.validate()
         self.multiteacher.validate(self)
         self.teacher.validate()
-        _check(not (self.teacher.placement == "ray" and k.topk == 0 and k.kind != "none"),
-               "teacher.placement=ray serves top-k only: set kd.topk (e.g. 64)")
-        _check(self.eval.every >= 0 and self.eval.limit >= 0,
-               f"eval.every={self.eval.every} and eval.limit={self.eval.limit} must be >= 0")
-        _check(self.eval.shots >= 0, f"eval.shots={self.eval.shots} must be >= 0")
-        _check(self.eval.batch_size >= 1, f"eval.batch_size={self.eval.batch_size} must be >= 1")
+        require(not (self.teacher.placement == "ray" and k.topk == 0 and k.kind != "none"),
+                "teacher.placement=ray serves top-k only: set kd.topk (e.g. 64)")
+        require(self.eval.every >= 0 and self.eval.limit >= 0,
+                f"eval.every={self.eval.every} and eval.limit={self.eval.limit} must be >= 0")
+        require(self.eval.shots >= 0, f"eval.shots={self.eval.shots} must be >= 0")
+        require(self.eval.batch_size >= 1, f"eval.batch_size={self.eval.batch_size} must be >= 1")
         check_sentibench_tasks(self.eval.tasks, "eval.tasks")
 
     def check_machine(self) -> None:
@@ -801,21 +931,21 @@ class RunConfig:
         if ds.dist_backend == "nccl":
             nccl = torch.distributed.is_available() and torch.distributed.is_nccl_available()
             why = "this machine has no CUDA GPU" if not cuda else "this torch build has no NCCL"
-            _check(cuda and nccl, f"deepspeed.dist_backend=nccl needs CUDA GPUs and NCCL; {why}: use "
-                                  f"deepspeed.dist_backend=gloo (or auto: nccl on GPUs, gloo otherwise)")
+            require(cuda and nccl, f"deepspeed.dist_backend=nccl needs CUDA GPUs and NCCL; {why}: use "
+                                   f"deepspeed.dist_backend=gloo (or auto: nccl on GPUs, gloo otherwise)")
         if m.attn == "flash_attention_2":
             missing = ([] if importlib.util.find_spec("flash_attn") else ["the flash-attn package is not installed"]) + \
                       ([] if cuda else ["this machine has no CUDA GPU"])
-            _check(not missing, f"model.attn=flash_attention_2 needs the flash-attn package and a CUDA GPU; "
-                                f"{' and '.join(missing)}: use model.attn=sdpa (or auto: flash_attention_2 where it "
-                                f"can run, else sdpa)")
+            require(not missing, f"model.attn=flash_attention_2 needs the flash-attn package and a CUDA GPU; "
+                                 f"{' and '.join(missing)}: use model.attn=sdpa (or auto: flash_attention_2 where it "
+                                 f"can run, else sdpa)")
         if k.impl == "triton":
             interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
             why = ("triton is not installed" if importlib.util.find_spec("triton") is None else
                    None if cuda or interp else "this machine has no CUDA GPU and TRITON_INTERPRET is not 1")
-            _check(why is None, f"kd.impl=triton runs the Triton kernels on a CUDA GPU (on CPU only under "
-                                f"TRITON_INTERPRET=1, the interpreter, for tests); {why}: use kd.impl=torch (or auto: "
-                                f"triton on CUDA, torch otherwise)")
+            require(why is None, f"kd.impl=triton runs the Triton kernels on a CUDA GPU (on CPU only under "
+                                 f"TRITON_INTERPRET=1, the interpreter, for tests); {why}: use kd.impl=torch (or auto: "
+                                 f"triton on CUDA, torch otherwise)")
         if not cuda and ds.engine == "deepspeed":
             fp16 = ("float16", "fp16")
             asked = [f"model.dtype={m.dtype}"] if m.dtype in fp16 else []
@@ -828,7 +958,7 @@ class RunConfig:
             if asked:
                 from deepspeed.accelerator import get_accelerator
 
-                _check(get_accelerator().is_fp16_supported(),
-                       f"{' and '.join(asked)}: DeepSpeed has no float16 on this machine (no CUDA GPU; its CPU "
-                       f"accelerator has no fp16): use bfloat16 or float32"
-                       f"{', or teacher.placement=replicated' if len(asked) == 1 and 'teacher' in asked[0] else ''}")
+                require(get_accelerator().is_fp16_supported(),
+                        f"{' and '.join(asked)}: DeepSpeed has no float16 on this machine (no CUDA GPU; its CPU "
+                        f"accelerator has no fp16): use bfloat16 or float32"
+                        f"{', or teacher.placement=replicated' if len(asked) == 1 and 'teacher' in asked[0] else ''}")

@@ -236,7 +236,7 @@ def _train(name: str, out: Path, *, student: str, teacher: str, data: str, steps
     cfg.validate()
     t0 = time.time()
     if backend == "cache":
-        from distill.knowdist.topk_cache import build_topk_cache
+        from distill.teacher.topk_cache import build_topk_cache
 
         build_topk_cache(cfg)
     tr = build_trainer(cfg)

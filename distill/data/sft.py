@@ -26,6 +26,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from distill.data import corpus as C
 from distill.errors import UserError, one_line
 
 IGNORE_INDEX = -100
@@ -147,8 +148,6 @@ def files_in(folder: Path) -> list[Path]:
 def _corpus_files(folder: Path, allow_partial: bool) -> list[Path] | None:
     """The shards a KnowDist corpus folder's manifest lists (None: not such a folder); an unfinished
     harvest is a DataError unless ``allow_partial``, then a one-line warning with the counts."""
-    from distill.knowdist import corpus as C
-
     status = C.corpus_status(folder)
     if status is None:
         return None

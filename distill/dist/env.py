@@ -185,9 +185,19 @@ def broadcast_object0(obj):
     return box[0]
 
 
+def current_rank() -> int:
+    """This process's global rank: the process group's once one exists, else the launcher's
+    (``RANK``, or ``SLURM_PROCID`` under srun; :func:`read_env`), else 0. Starts and imports nothing."""
+    dist = sys.modules.get("torch.distributed")  # not imported yet: no process group can exist
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return read_env([]).rank
+
+
 def print0(*args, **kwargs) -> None:
-    """print on rank 0 only (flushes)."""
-    if _ENV.rank == 0:
+    """print on rank 0 only (flushes), also before the process group exists (a process a launcher
+    started as rank 3 stays silent while it builds its model)."""
+    if current_rank() == 0:
         kwargs.setdefault("flush", True)
         print(*args, **kwargs)
 

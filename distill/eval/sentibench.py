@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Mapping
@@ -37,9 +36,11 @@ from distill.data.sentibench import (
     resolve_tasks,
     task_file,
 )
+from distill.dist.env import print0
 from distill.errors import UserError
 from distill.eval.protocol import LABEL_WORDS, MAX_NEW_TOKENS, build_prompts
 from distill.eval.scoring import label_set, out_of_label_set, score_task
+from distill.runinfo import versions
 
 PROTOCOL = "HITSZ-HLT/Sentiment-Distillation@2810fc2826e8f7c2ae6a0d6dd328ab7d8979744a (icl_multifaced.py, fsa.py, parse_utils/)"
 DATA_URL = "https://codeload.github.com/HITSZ-HLT/Sentiment-Distillation/tar.gz/{ref}"
@@ -50,37 +51,6 @@ DEFAULT_MAX_BATCH_TOKENS = 32768  # padded tokens per call: bounds attention/KV 
 
 class SentiBenchUsageError(UserError, ValueError):
     """A value or file given to the sentibench commands is wrong (a model, a limit, a task list)."""
-
-
-def print0(*args, **kwargs) -> None:
-    from distill.eval.runner import dist_info
-
-    if dist_info()[0] == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def _versions() -> dict:
-    out = {"python": platform.python_version()}
-    for mod in ("torch", "transformers", "datasets", "deepspeed"):
-        m = sys.modules.get(mod)
-        if m is not None:
-            out[mod] = getattr(m, "__version__", "?")
-    try:
-        from importlib.metadata import version
-
-        out["distill"] = version("distill")
-    except Exception:
-        pass
-    try:
-        import subprocess
-
-        root = Path(__file__).resolve().parents[2]
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        if sha.returncode == 0:
-            out["git"] = sha.stdout.strip()
-    except Exception:
-        pass
-    return out
 
 
 def _mean(xs: Iterable[float]) -> float | None:
@@ -185,7 +155,7 @@ def evaluate(
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "elapsed_s": round(elapsed, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "versions": _versions(),
+        "versions": versions(),
     }
     results.update(aggregate(per_seed, task_list))
     return results

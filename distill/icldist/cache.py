@@ -14,7 +14,7 @@ vocabulary. Shards are written by rename and count as done once their entry exis
 matches, so a rerun after ``kill -9`` resumes. Reading refuses, in one line naming the first
 differing field, a cache built for another run or incomplete; ids are checked when a shard is first
 loaded. See docs/icldist.md, section "Teacher signal: online or cached", for the fields, the weights
-fingerprint (:func:`weights_fingerprint`) and the refused older formats.
+fingerprint (:func:`distill.models.fingerprint.weights_fingerprint`) and the refused older formats.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from typing import Sequence
 
 import torch
 
-from distill.teacher.output import TopKTeacher
-from distill.fileio import atomic_write_bytes, atomic_write_text, is_temporary, sha256_file
 from distill.errors import UserError
+from distill.fileio import atomic_write_bytes, atomic_write_text, is_temporary, sha256_file
+from distill.losses.teacher_output import TopKTeacher
 
 # 2: top-k at the run's temperature over the real vocabulary; manifest records temperature and vocab_size.
 FORMAT_VERSION = 2
@@ -39,10 +39,6 @@ ANSWER_FIELDS = ("teacher", "teacher_weights", "teacher_dtype", "teacher_quantiz
 # Manifest fields that must match between the cache and the run reading or extending it.
 KEY_FIELDS = ("teacher", "k", "temperature", "vocab_size", "tokenizer_hash", "prompt_set_hash", "n_prompts",
               "shard_size", "max_len", "teacher_weights", "teacher_dtype", "teacher_quantization", "max_new_tokens")
-# Files whose names, sizes and mtimes stand for the teacher's weights (hashing GBs is too slow).
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-# Small files hashed whole: the architecture and the weight-to-file map.
-HASHED_FILES = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 # Why a field must match, where the generic message does not say enough.
 _WHY = {
     "temperature": "a top-k teacher is valid only at the temperature it was taken at",
@@ -80,23 +76,6 @@ class CachedTarget:
 
 def _write_json_atomic(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1))
-
-
-def weights_fingerprint(model: str | os.PathLike) -> dict:
-    """A cheap fingerprint of a teacher folder's weights: ``{"files": {name: {"bytes", "mtime_ns"}},
-    <hashed file>: sha256[:16]}``. A hub name (not a local folder) is fingerprinted by its name only."""
-    root = Path(model)
-    if not root.is_dir():
-        return {"hub": str(model)}
-    out: dict = {"files": {}}
-    for f in sorted(root.iterdir()):
-        if f.suffix in WEIGHT_SUFFIXES and f.is_file():
-            st = f.stat()
-            out["files"][f.name] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-    for name in HASHED_FILES:
-        if (root / name).is_file():
-            out[name] = sha256_file(root / name)[:16]
-    return out
 
 
 def _first_difference(field: str, have, want) -> tuple[str, object, object]:
@@ -282,7 +261,7 @@ class TeacherCache:
 
     The top-k returned carries the manifest's temperature. A shard's ids are checked against the
     manifest's ``vocab_size`` once, when the shard is first loaded
-    (:class:`~distill.teacher.output.TopKIdError` naming the file); :meth:`verify` loads and checks
+    (:class:`~distill.losses.teacher_output.TopKIdError` naming the file); :meth:`verify` loads and checks
     every shard up front.
     """
 

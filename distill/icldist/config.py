@@ -22,6 +22,7 @@ from distill.config import (
     LogSection,
     ModelSection,
     RunConfig,
+    RayTeacherSection,
     RunSection,
     TrainSection,
 )
@@ -31,19 +32,12 @@ from distill.icldist.prompts import PromptConfig
 STAGES = ("all", "prompts", "cache", "train", "eval")
 
 
+# The teacher service (its Ray fields are the trainer's: RayTeacherSection), or the cache read instead of
+# it, and what is asked of it. (No docstring: --help would print it as the section's note.)
 @dataclass
-class TeacherSection:
+class TeacherSection(RayTeacherSection):
     source: str = "online"  # "online": the teacher service during training; "cache": read cache_dir (no teacher running)
-    ray_address: str = ""  # running Ray cluster (HOST:PORT or "auto"); "" = private loopback Ray on ray_node_ip; "local" = in-process, no Ray
-    ray_node_ip: str = "127.0.0.2"  # address of the private Ray node when ray_address is ""
-    replicas: int = 1  # teacher copies serving requests
-    shards: int = 1  # pipeline stages (actors) per copy, for teachers larger than one GPU
-    num_gpus: int = -1  # GPUs per shard actor: -1 = 1 if this machine sees CUDA else 0; 0 = CPU actors; 1 = one GPU each
     dtype: str = "auto"  # teacher weights: auto | bfloat16 | float16 | float32
-    quantization: str = ""  # "" | "8bit" | "4bit" (bitsandbytes, CUDA only)
-    max_batch_tokens: int = 16384  # padded tokens per teacher forward batch
-    max_restarts: int = 3  # Ray: restarts of a dead teacher actor (the router; each replica) before the run stops
-    max_retries: int = 3  # Ray: re-sends of one request / batch after the actor serving it died
     k: int = 64  # top-k kept per target position
     prefetch: int = 2  # batches whose top-k is requested ahead of the one being trained
     cache_dir: str = ""  # teacher top-k cache ("" = <out_dir>/teacher_cache)

@@ -12,7 +12,7 @@
   convention, so micro-batch losses add up.
 
 The teacher's top-k, and so its label log-probs, are at the temperature of use T already (taken at
-``kd.temperature`` by the teacher, distill.teacher.output); only the student is tempered here. A
+``kd.temperature`` by the teacher, distill.losses.teacher_output); only the student is tempered here. A
 batch whose teacher temperature is not the loss's is refused.
 """
 
@@ -25,7 +25,7 @@ import torch
 
 from distill.icldist.data import StudentExample
 from distill.icldist.targets import label_kl, label_logprobs_from_topk, pad_label_ids
-from distill.teacher.output import TopKTeacher
+from distill.losses.teacher_output import TopKTeacher
 
 
 @dataclass

@@ -29,7 +29,7 @@ from distill.icldist.data import TeacherRequest
 from distill.icldist.prompts import Prompt
 from distill.teacher import connect
 from distill.teacher.connect import close_teacher, resolve
-from distill.teacher.output import TopKTeacher
+from distill.losses.teacher_output import TopKTeacher
 
 HANDOFF_NAMESPACE = "distill-icldist"
 RAY_TEMP_DIR = "/tmp/ray_icldist"  # the private Ray's temp dir (its records of our sessions live there too)
@@ -139,7 +139,7 @@ def check_reply(topks, prompts: Sequence[int], *, temperature: float, vocab_size
     ``temperature``, with ids in ``[0, vocab_size)`` and distinct per position.
 
     ``source`` names where the reply came from (the client, the request); raises ValueError
-    (:class:`~distill.teacher.output.TopKIdError` for the ids) before anything indexes with it.
+    (:class:`~distill.losses.teacher_output.TopKIdError` for the ids) before anything indexes with it.
     """
     topks, prompts = list(topks), list(prompts)
     if len(topks) != len(prompts):

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from distill.icldist.tasks import TaskData
+from distill.icldist.tasks import TaskData, clip_text
 
 FORMATS = ("eval", "qa", "review", "arrow")
 
@@ -169,10 +169,6 @@ def _rng(seed: int, *key) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "little"))
 
 
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: max(limit - 3, 0)].rstrip() + " ..."
-
-
 def _join_labels(words: Sequence[str], rng: random.Random) -> str:
     words = list(words)
     rng.shuffle(words)
@@ -189,8 +185,8 @@ def _render(task: TaskData, fmt: str, instruction: str, demos: list, query, max_
             text = task.render_eval(demos, query, max_text)
         else:
             lay = _LAYOUTS[fmt]
-            parts = [lay["demo"].format(x=_clip(d.text, max_text), y=d.answer) for d in demos]
-            parts.append(lay["query"].format(x=_clip(query.text, max_text)))
+            parts = [lay["demo"].format(x=clip_text(d.text, max_text), y=d.answer) for d in demos]
+            parts.append(lay["query"].format(x=clip_text(query.text, max_text)))
             text = lay["head"].format(i=instruction) + lay["sep"].join(parts)
         if len(text) <= max_chars or not demos:
             return text, len(demos)

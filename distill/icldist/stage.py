@@ -51,8 +51,10 @@ class ICLDistRun:
 
 
 def _print0(msg: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"[icldist] {msg}", flush=True)
+    """One ``[icldist]`` line on rank 0 (distill.dist.env.print0)."""
+    from distill.dist.env import print0
+
+    print0(f"[icldist] {msg}", flush=True)
 
 
 def resolve_models(cfg: ICLDistConfig, out_dir: Path) -> tuple[str, str]:
@@ -98,9 +100,8 @@ def manifest_for(run: ICLDistRun, teacher_tok) -> dict:
     It fingerprints everything the cached targets depend on (distill.icldist.cache.KEY_FIELDS): the
     teacher (name, weights, dtype, quantization, tokenizer, generation budget), the prompt set and
     ``icl.max_len``; :func:`answers_fingerprint` is its teacher part."""
-    from distill.icldist.cache import weights_fingerprint
     from distill.icldist.prompts import prompt_set_hash
-    from distill.icldist.targets import tokenizer_hash
+    from distill.models.fingerprint import tokenizer_hash, weights_fingerprint
 
     t = run.cfg.teacher
     return {"teacher": teacher_name(run), "k": t.k, "temperature": float(run.cfg.kd.temperature),

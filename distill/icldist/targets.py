@@ -4,7 +4,7 @@ Classification (label level). The target is the teacher's distribution over the 
 read at the answer position (the last prompt token) through the TEACHER tokenizer's verbalizer
 (first sub-token of each ``" " + label word``, :func:`label_token_ids`). The teacher signal is its
 top-k there, taken AT THE TEMPERATURE OF USE T over the teacher tokenizer's real vocabulary of V
-tokens (distill.teacher.output); a label token outside the top-k gets the uniform-tail estimate
+tokens (distill.losses.teacher_output); a label token outside the top-k gets the uniform-tail estimate
 ``tail_mass / (V - k)`` (the mass outside the top-k spread evenly: the only unbiased guess the
 top-k carries; use a k that covers the label words, the default 64 does for instruction-tuned
 teachers). The label log-probs are then renormalised over the label words; for label tokens in the
@@ -26,9 +26,9 @@ from typing import Sequence
 
 import torch
 
-from distill.teacher.output import TopKTeacher
 from distill.errors import UserError
-from distill.models.load import tokenizer_hash  # noqa: F401 - the ICLDist cache key uses it from here too
+from distill.losses.teacher_output import TopKTeacher
+from distill.models.fingerprint import tokenizer_hash
 
 
 class VocabularyMismatch(UserError, ValueError):

@@ -37,6 +37,11 @@ FAMILY = {
 }
 
 
+def clip_text(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters, a cut one ending in " ..." (prompt demonstrations)."""
+    return text if len(text) <= limit else text[: max(limit - 3, 0)].rstrip() + " ..."
+
+
 @dataclass
 class Example:
     text: str
@@ -60,10 +65,8 @@ class TaskData:
 
     def render_eval(self, demos: Sequence[Example], query: Example, max_text: int) -> str:
         """The evaluation's prompt (its instruction and layout) with these demonstrations."""
-        from distill.icldist.prompts import _clip
-
         def rec(e: Example):
-            return dataclasses.replace(e.record, text=_clip(e.text, max_text))
+            return dataclasses.replace(e.record, text=clip_text(e.text, max_text))
 
         return self._eval_builder(self.name, rec(query), [rec(d) for d in demos])
 

@@ -5,7 +5,7 @@ file, a ``datasets`` name), crosses them with the perspectives (:mod:`perspectiv
 user's YAML), asks the teacher (Ray :class:`TeacherService` or in-process :class:`LocalTeacher`) to
 write an analysis for every (text, perspective), drops empty, truncated (``max_new_tokens`` reached
 without an end-of-sequence) and duplicate answers, and writes the corpus described in
-:mod:`distill.knowdist.corpus`. ``load_corpus(dir)`` reads it back; the folder is also directly a
+:mod:`distill.data.corpus`. ``load_corpus(dir)`` reads it back; the folder is also directly a
 (prompt, response) SFT dataset for ``launchers/knowdist.py`` (``--data.path=DIR``).
 
 Determinism and resumption: the job list (text ids x perspectives x samples) is fixed by the config,
@@ -29,7 +29,7 @@ from typing import Literal
 
 from distill.config import ConfigError, to_dict
 from distill.fileio import atomic_write_bytes
-from distill.knowdist import corpus as C
+from distill.data import corpus as C
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,7 +422,7 @@ def _job_list(texts: list, n_persps: int, per_text: int, samples: int) -> list[t
 def _open_manifest(cfg: HarvestConfig, out: Path, model: str, fp: str, n_jobs: int, n_shards: int) -> dict:
     """The manifest of ``out`` if it holds this harvest (fingerprint ``fp``, the same teacher weights),
     else a new one written there; a stale corpus is refused, or cleared with ``output.overwrite``."""
-    from distill.icldist.cache import weights_fingerprint
+    from distill.models.fingerprint import weights_fingerprint
 
     weights = weights_fingerprint(model)
     man = C.read_manifest(out)
@@ -618,7 +618,7 @@ def _filter(chunk, prompts, gens, persps, seen, model, sampling_d, S):
 
 
 def load_corpus(folder: str | os.PathLike) -> list[dict]:
-    """Records of a harvested corpus (see :mod:`distill.knowdist.corpus`)."""
+    """Records of a harvested corpus (see :mod:`distill.data.corpus`)."""
     return C.load_corpus(folder)
 
 

@@ -27,10 +27,10 @@ from distill.config import (
     RunConfig,
     RunSection,
     TrainSection,
-    _check,
+    require,
 )
+from distill.data.corpus import read_manifest
 from distill.data.sentibench import sample_note
-from distill.knowdist.corpus import read_manifest
 
 
 @dataclasses.dataclass
@@ -63,10 +63,10 @@ class KnowDistConfig(RunConfig):
         super().validate()
         h = self.harvest
         for name in ("texts_per_task", "max_new_tokens", "batch_size"):
-            _check(getattr(h, name) >= 1, f"harvest.{name}={getattr(h, name)} must be >= 1")
-        _check(h.temperature >= 0 and math.isfinite(h.temperature),
-               f"harvest.temperature={h.temperature} must be a finite number >= 0 (0 = greedy)")
-        _check(len(h.perspectives) >= 1, "harvest.perspectives is empty")
+            require(getattr(h, name) >= 1, f"harvest.{name}={getattr(h, name)} must be >= 1")
+        require(h.temperature >= 0 and math.isfinite(h.temperature),
+                f"harvest.temperature={h.temperature} must be a finite number >= 0 (0 = greedy)")
+        require(len(h.perspectives) >= 1, "harvest.perspectives is empty")
         if not self.data.path:  # the corpus is harvested first: check its names now
             from distill.knowdist.harvest import PerspectiveSection, load_perspectives
 
@@ -74,10 +74,10 @@ class KnowDistConfig(RunConfig):
             style = "builtin" if builtin else "chat_system"
             known = [p["name"] for p in load_perspectives(PerspectiveSection(prompt_style=style))[1]]
             unknown = [n for n in h.perspectives if n not in known]
-            _check(not unknown, f"harvest.perspectives {unknown}: not "
-                   + ("names the built-in teacher was trained on" if builtin else
-                      "defined in distill/knowdist/perspectives.yaml")
-                   + f"; known: {known}")
+            require(not unknown, f"harvest.perspectives {unknown}: not "
+                    + ("names the built-in teacher was trained on" if builtin else
+                       "defined in distill/knowdist/perspectives.yaml")
+                    + f"; known: {known}")
 
 
 def harvest_corpus(teacher_path: str, workdir: Path, h: HarvestSection) -> Path:

@@ -4,7 +4,7 @@ What is computed is defined once in ``distill_kernels.ref`` (kernels/distill_ker
 reverse KL, generalized JSD (TRL convention, beta=0 -> forward, beta=1 -> reverse), skew KL and
 skew reverse KL (DistiLLM, alpha), TVD; ``p`` the teacher, ``q`` the student, both at temperature T;
 no T^2 factor here. A teacher is either full logits ``[..., V]`` or a
-:class:`~distill.teacher.output.TopKTeacher` ``[..., k]`` computed at the temperature of use (k+1
+:class:`~distill.losses.teacher_output.TopKTeacher` ``[..., k]`` computed at the temperature of use (k+1
 buckets on both sides, for every kind; a teacher at another temperature is refused;
 see the reference's docstring and docs/losses.md).
 
@@ -51,7 +51,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from distill.errors import UserError
-from distill.teacher.output import TopKTeacher
+from distill.losses.teacher_output import TopKTeacher
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
 REDUCTIONS = ("mean", "sum", "none")
@@ -77,12 +77,14 @@ def default_chunk_tokens(vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> 
 # ----------------------------------------------------------------------------------------------
 
 
-class _Params(NamedTuple):
+class KindParams(NamedTuple):
+    """The parameters of a divergence kind: JSD's ``beta``, the skew KLs' ``alpha``."""
+
     beta: float
     alpha: float
 
 
-TermsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, _Params], tuple]
+TermsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, KindParams], tuple]
 
 
 # Each kind may overwrite ``log_q``, ``log_p`` and ``p`` (the caller no longer needs them) but
@@ -152,8 +154,9 @@ _REGISTRY: dict[str, TermsFn] = {
 }
 
 
-def _effective_kind(kind: str, beta: float) -> str:
-    """JSD's ends are defined as the KLs (TRL and the reference special-case them)."""
+def effective_kind(kind: str, beta: float) -> str:
+    """The kind that runs for ``kind`` at ``beta`` (JSD's ends are the KLs, as TRL and the reference
+    define them); an unknown kind is a ValueError."""
     if kind not in _REGISTRY:
         raise ValueError(f"unknown divergence kind {kind!r}; expected one of {KINDS}")
     if kind == "jsd" and beta == 0.0:
@@ -168,9 +171,11 @@ def _effective_kind(kind: str, beta: float) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-class _Cfg(NamedTuple):
+class ChunkConfig(NamedTuple):
+    """What :func:`chunk_terms` computes for every chunk of one call: kind, temperature, softcaps, weights."""
+
     kind: str  # effective kind (JSD ends resolved)
-    prm: _Params
+    prm: KindParams
     temperature: float
     student_softcap: float | None
     teacher_softcap: float | None
@@ -212,9 +217,12 @@ def _softcap_(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x
 
 
-def _chunk(s_raw, teacher, ce_labels, mask, cfg: _Cfg, need_grad: bool, *, owned: bool = False,
-           teacher_owned: bool = False, kd_mask=None):
-    """Returns (kd_rows [n] fp32 or None, ce_rows [n] fp32 or None, grad [n, V] fp32 or None).
+def chunk_terms(s_raw, teacher, ce_labels, mask, cfg: ChunkConfig, need_grad: bool, *, owned: bool = False,
+                teacher_owned: bool = False, kd_mask=None):
+    """One chunk of rows: per-row KD and CE and the gradient w.r.t. the student rows, in one pass (the
+    shared core of the logits path, the lean path and the multi-teacher loss).
+
+    Returns (kd_rows [n] fp32 or None, ce_rows [n] fp32 or None, grad [n, V] fp32 or None).
 
     ``s_raw``: student rows [n, V] (any dtype, any strides); ``teacher``: teacher rows [n, V], a tuple
     (ids [n, k], logprobs [n, k], tail [n] or None), or None; ``ce_labels``: [n] long or None;
@@ -282,7 +290,7 @@ def _chunk(s_raw, teacher, ce_labels, mask, cfg: _Cfg, need_grad: bool, *, owned
     return kd_rows, ce_rows, grad
 
 
-def _full_terms(s, t_raw, cfg: _Cfg, need_grad: bool, teacher_owned: bool = False, lse=None):
+def _full_terms(s, t_raw, cfg: ChunkConfig, need_grad: bool, teacher_owned: bool = False, lse=None):
     """Full-vocabulary teacher. ``s`` = tempered student logits (fp32, owned: overwritten);
     ``lse``: their logsumexp ``[n, 1]`` where the caller has it."""
     if lse is None:
@@ -306,7 +314,7 @@ def _full_terms(s, t_raw, cfg: _Cfg, need_grad: bool, teacher_owned: bool = Fals
     return loss, grad
 
 
-def _topk_terms(s, teacher, cfg: _Cfg, need_grad: bool, lse=None):
+def _topk_terms(s, teacher, cfg: ChunkConfig, need_grad: bool, lse=None):
     """Top-k teacher over k+1 buckets. ``s`` = tempered student logits (fp32, owned: overwritten);
     ``lse``: their logsumexp ``[n, 1]`` where the caller has it."""
     ids, logprobs, tail = teacher
@@ -380,7 +388,7 @@ class ChunkedDistillFunction(torch.autograd.Function):
                 t_chunk = (ids[start:end], lp[start:end], None if tail is None else tail[start:end])
             elif teacher is not None:
                 t_chunk = teacher[start:end, :vocab]
-            kd, ce, g = _chunk(
+            kd, ce, g = chunk_terms(
                 student_logits[start:end, :vocab],
                 t_chunk,
                 None if ce_labels is None else ce_labels[start:end],
@@ -431,7 +439,8 @@ def _flatten_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _check_teacher(teacher, temperature: float) -> None:
+def check_teacher(teacher, temperature: float) -> None:
+    """Refuse a top-k teacher at another temperature, and teacher tensors that require grad."""
     if isinstance(teacher, TopKTeacher) and teacher.temperature != float(temperature):
         raise ValueError(
             f"the top-k teacher was computed at temperature {teacher.temperature:g}, but the loss uses "
@@ -446,6 +455,65 @@ def _check_teacher(teacher, temperature: float) -> None:
                 "teacher tensors require grad: the teacher is frozen and gets no gradient. Compute "
                 "its logits under torch.no_grad() (or pass .detach()) so no autograd graph is kept"
             )
+
+
+def _check_kind(kind: str, beta: float, alpha: float, temperature: float) -> str:
+    """The effective kind (:func:`effective_kind`) after checking the temperature and the kind's parameters."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    eff = effective_kind(kind, beta)
+    if kind == "jsd" and not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
+    if kind in ("skew_kl", "skew_reverse_kl") and not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"{kind} alpha must be in [0, 1], got {alpha}")
+    return eff
+
+
+def _topk_teacher_rows(teacher: TopKTeacher, student_logits: torch.Tensor, vocab: int,
+                       temperature: float, teacher_softcap: float | None) -> tuple:
+    """A checked top-k teacher as flat rows: ``(ids [N, k], logprobs [N, k], tail [N] or None)``."""
+    check_teacher(teacher, temperature)
+    if teacher.ids.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(
+            f"top-k teacher positions {tuple(teacher.ids.shape[:-1])} do not match student "
+            f"logits {tuple(student_logits.shape)}"
+        )
+    if teacher.k > vocab:
+        raise ValueError(f"top-k teacher k={teacher.k} exceeds the vocabulary size {vocab}")
+    if teacher_softcap is not None:
+        raise ValueError(
+            "teacher_softcap applies to full teacher logits; a top-k teacher must be built from "
+            "the teacher's softcapped logits (TopKTeacher.from_logits(cap*tanh(logits/cap), k))"
+        )
+    k = teacher.k
+    return (
+        teacher.ids.reshape(-1, k),
+        teacher.logprobs.reshape(-1, k),
+        None if teacher.tail_mass is None else teacher.tail_mass.reshape(-1),
+    )
+
+
+def _full_teacher_rows(teacher: torch.Tensor, student_logits: torch.Tensor, vocab: int, vocab_size: int | None,
+                       temperature: float) -> torch.Tensor:
+    """Checked full teacher logits as rows ``[N, Vt]`` (a view where the leading dims merge)."""
+    check_teacher(teacher, temperature)
+    v_teacher, v_student = teacher.shape[-1], student_logits.shape[-1]
+    if teacher.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(
+            f"teacher logits {tuple(teacher.shape)} and student logits "
+            f"{tuple(student_logits.shape)} differ in their leading (position) dims"
+        )
+    if vocab_size is None and v_teacher != v_student:
+        raise ValueError(
+            f"teacher has {v_teacher} logit columns and student {v_student}: pass vocab_size "
+            f"(the tokenizer's real vocabulary) to compare the first vocab_size columns"
+        )
+    if vocab > v_teacher:
+        raise ValueError(
+            f"vocab_size={vocab} is larger than the teacher's {v_teacher} logit columns "
+            f"(student has {v_student})"
+        )
+    return _flatten_rows(teacher)
 
 
 def chunked_rows(
@@ -472,13 +540,7 @@ def chunked_rows(
     logits [..., Vt], a TopKTeacher [..., k], or None (CE only). ``mask``: [...] bool or None (all).
     ``vocab_size``: use only the first ``vocab_size`` columns of both sides (views, no copies).
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    eff = _effective_kind(kind, beta)
-    if kind == "jsd" and not 0.0 <= beta <= 1.0:
-        raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
-    if kind in ("skew_kl", "skew_reverse_kl") and not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"{kind} alpha must be in [0, 1], got {alpha}")
+    eff = _check_kind(kind, beta, alpha, temperature)
     v_student = student_logits.shape[-1]
     lead = student_logits.shape[:-1]
     vocab = v_student if vocab_size is None else int(vocab_size)
@@ -486,50 +548,16 @@ def chunked_rows(
         raise ValueError(
             f"vocab_size={vocab} is larger than the student's {v_student} logit columns"
         )
-    t_arg = None
     if isinstance(teacher, TopKTeacher):
-        _check_teacher(teacher, temperature)
-        if teacher.ids.shape[:-1] != lead:
-            raise ValueError(
-                f"top-k teacher positions {tuple(teacher.ids.shape[:-1])} do not match student "
-                f"logits {tuple(student_logits.shape)}"
-            )
-        if teacher.k > vocab:
-            raise ValueError(f"top-k teacher k={teacher.k} exceeds the vocabulary size {vocab}")
-        if teacher_softcap is not None:
-            raise ValueError(
-                "teacher_softcap applies to full teacher logits; a top-k teacher must be built from "
-                "the teacher's softcapped logits (TopKTeacher.from_logits(cap*tanh(logits/cap), k))"
-            )
-        k = teacher.k
-        t_arg = (
-            teacher.ids.reshape(-1, k),
-            teacher.logprobs.reshape(-1, k),
-            None if teacher.tail_mass is None else teacher.tail_mass.reshape(-1),
-        )
+        t_arg = _topk_teacher_rows(teacher, student_logits, vocab, temperature, teacher_softcap)
     elif isinstance(teacher, torch.Tensor):
-        _check_teacher(teacher, temperature)
-        v_teacher = teacher.shape[-1]
-        if teacher.shape[:-1] != lead:
-            raise ValueError(
-                f"teacher logits {tuple(teacher.shape)} and student logits "
-                f"{tuple(student_logits.shape)} differ in their leading (position) dims"
-            )
-        if vocab_size is None and v_teacher != v_student:
-            raise ValueError(
-                f"teacher has {v_teacher} logit columns and student {v_student}: pass vocab_size "
-                f"(the tokenizer's real vocabulary) to compare the first vocab_size columns"
-            )
-        if vocab > v_teacher:
-            raise ValueError(
-                f"vocab_size={vocab} is larger than the teacher's {v_teacher} logit columns "
-                f"(student has {v_student})"
-            )
-        t_arg = _flatten_rows(teacher)
+        t_arg = _full_teacher_rows(teacher, student_logits, vocab, vocab_size, temperature)
     elif teacher is not None:
         raise TypeError(f"teacher must be a tensor of logits or a TopKTeacher, got {type(teacher).__name__}")
     elif ce_labels is None:
         raise ValueError("nothing to compute: no teacher and no CE labels")
+    else:
+        t_arg = None
 
     s2d = _flatten_rows(student_logits)
     n_rows = s2d.shape[0]
@@ -542,9 +570,9 @@ def chunked_rows(
         chunk_tokens = default_chunk_tokens(vocab)
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    cfg = _Cfg(
+    cfg = ChunkConfig(
         kind=eff,
-        prm=_Params(float(beta), float(alpha)),
+        prm=KindParams(float(beta), float(alpha)),
         temperature=float(temperature),
         student_softcap=None if student_softcap is None else float(student_softcap),
         teacher_softcap=None if teacher_softcap is None else float(teacher_softcap),
@@ -624,7 +652,7 @@ def triton_divergence(kind, student_logits, teacher, labels, *, beta, alpha, tem
     except Exception as exc:  # noqa: BLE001 - any import failure: the kernel cannot run
         kernel_fallback(requested, f"distill_kernels.{name}", f"not importable: {exc!r}")
         return None
-    _check_teacher(teacher, temperature)
+    check_teacher(teacher, temperature)
     kw = dict(kind=kind, beta=beta, alpha=alpha, temperature=temperature,
               ignore_index=ignore_index, reduction=reduction)
     if grad_inplace:
@@ -684,7 +712,7 @@ def divergence(
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
-    _effective_kind(kind, beta)
+    effective_kind(kind, beta)
     if resolve_impl(impl, student_logits) == "triton":
         extras = vocab_size is not None or student_softcap is not None or teacher_softcap is not None
         if extras:

@@ -11,10 +11,10 @@ Nothing of size [tokens x V] exists on this path, for the student or the teacher
    it picks the supervised rows ``[N, H]`` and runs :func:`linear_distill` over them, a chunk of
    rows at a time: ``logits_c = rows_c @ W[:vocab].T`` (input dtype), then CE + KD and the
    gradient of the chunk in one pass (the same per-chunk math as the full-logits objective,
-   :func:`distill.losses.divergences._chunk`), then ``dL/drows_c = g @ W`` and
+   :func:`distill.losses.divergences.chunk_terms`), then ``dL/drows_c = g @ W`` and
    ``dL/dW += g.T @ rows_c`` (fp32 accumulator). The gradients are formed in the forward; the
    backward only scales them by the upstream gradient.
-3. The teacher is given at the same rows: a :class:`~distill.teacher.output.TopKTeacher`
+3. The teacher is given at the same rows: a :class:`~distill.losses.teacher_output.TopKTeacher`
    ``[N, k]``, or a :class:`HiddenTeacher` (its final hidden states ``[N, Ht]`` and a context
    manager that yields its head), whose logits are computed inside the same chunk loop.
 
@@ -38,8 +38,16 @@ from typing import Any, Callable
 
 import torch
 
-from distill.losses.divergences import _Cfg, _chunk, _Params, default_chunk_tokens
-from distill.teacher.output import TopKTeacher
+from distill.losses.divergences import (
+    ChunkConfig,
+    KindParams,
+    check_teacher,
+    chunk_terms,
+    default_chunk_tokens,
+    effective_kind,
+    kernel_fallback,
+)
+from distill.losses.teacher_output import TopKTeacher
 
 
 def supervised_rows(labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,8 +84,8 @@ def topk_rows(t: TopKTeacher, index: torch.Tensor) -> TopKTeacher:
                        temperature=t.temperature)
 
 
-def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, first: bool = False) -> None:
-    """acc (fp32) += a @ b; ``first``: acc = a @ b (its old contents, e.g. ``torch.empty``, unread)."""
+def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, first: bool = False) -> None:
+    """Accumulate a head gradient in fp32: acc += a @ b; ``first``: acc = a @ b (its old contents, e.g. ``torch.empty``, unread)."""
     if a.dtype != torch.float32 or b.dtype != torch.float32:
         a, b = a.float(), b.float()
     if first:
@@ -165,7 +173,7 @@ class LinearDistillFunction(torch.autograd.Function):
                            None if teacher.tail_mass is None else teacher.tail_mass[c0:c1])
                 elif teacher is not None:  # teacher logits at the rows [N, Vt]
                     t_c = teacher[c0:c1, :vocab]
-                kd, ce, g = _chunk(s, t_c, targets[c0:c1], None, cfg, need, owned=True,
+                kd, ce, g = chunk_terms(s, t_c, targets[c0:c1], None, cfg, need, owned=True,
                                    teacher_owned=isinstance(teacher, HiddenTeacher),
                                    kd_mask=None if kd_rows is None else kd_rows[c0:c1])
                 del s, t_c
@@ -180,7 +188,7 @@ class LinearDistillFunction(torch.autograd.Function):
                     gh = (g if rows.dtype == torch.float32 else g.to(rows.dtype)) @ w
                     grad_h[c0:c1] = gh if inv is None else gh.mul_(inv)
                 if need_w:
-                    _accumulate(grad_w[:vocab], g.t(), h_c if inv is None else h_c.float() * inv, first=not wrote)
+                    accumulate_mm(grad_w[:vocab], g.t(), h_c if inv is None else h_c.float() * inv, first=not wrote)
                     wrote = True
                 if need_b:
                     grad_b[:vocab] += g.sum(0) if inv is None else g.sum(0).mul_(inv)
@@ -199,6 +207,37 @@ class LinearDistillFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, _gk, _gc):
         return (*forward_grads(ctx, grad_total, "linear_distill"), None, None, None, None, None, None, None, None)
+
+
+def _check_linear_inputs(rows, weight, teacher, targets, kd_rows, vocab: int, temperature: float) -> None:
+    """Refuse shapes that do not fit ``rows [N, H]``, ``weight [V, H]`` and a teacher at the same rows."""
+    if weight.dim() != 2 or weight.shape[1] != rows.shape[-1]:
+        raise ValueError(f"lm_head weight {tuple(weight.shape)} must be [V, H] with H = {rows.shape[-1]} "
+                         f"(under ZeRO-3 call it inside the head module's forward, where the weight is gathered)")
+    if vocab > weight.shape[0]:
+        raise ValueError(f"vocab_size={vocab} exceeds the student's {weight.shape[0]} head rows")
+    if rows.dim() != 2 or targets.shape != rows.shape[:1]:
+        raise ValueError(f"rows {tuple(rows.shape)} and targets {tuple(targets.shape)}: expected [N, H] and [N]")
+    if isinstance(teacher, TopKTeacher):
+        check_teacher(teacher, temperature)
+        if teacher.ids.shape[0] != rows.shape[0]:
+            raise ValueError(f"top-k teacher has {teacher.ids.shape[0]} rows, the student {rows.shape[0]}")
+        if teacher.k > vocab:
+            raise ValueError(f"top-k teacher k={teacher.k} exceeds the vocabulary size {vocab}")
+    elif isinstance(teacher, HiddenTeacher):
+        if teacher.hidden.shape[0] != rows.shape[0]:
+            raise ValueError(f"teacher hidden has {teacher.hidden.shape[0]} rows, the student {rows.shape[0]}")
+        if teacher.hidden.requires_grad:
+            raise ValueError("teacher hidden states require grad: compute them under torch.no_grad()")
+    elif isinstance(teacher, torch.Tensor):
+        check_teacher(teacher, temperature)
+        if teacher.dim() != 2 or teacher.shape[0] != rows.shape[0] or teacher.shape[1] < vocab:
+            raise ValueError(f"teacher logits {tuple(teacher.shape)} must be [N={rows.shape[0]}, >= {vocab}]")
+    elif teacher is not None:
+        raise TypeError(f"teacher must be None, logits [N, V], a TopKTeacher or a HiddenTeacher, "
+                        f"got {type(teacher).__name__}")
+    if kd_rows is not None and kd_rows.shape != targets.shape:
+        raise ValueError(f"kd_rows {tuple(kd_rows.shape)} must match targets {tuple(targets.shape)}")
 
 
 def linear_distill(
@@ -239,36 +278,8 @@ def linear_distill(
     device): ``total`` is divided by it, and the torch loop applies it to the gradients it forms in
     the forward (so the backward of the step's loss has nothing left to scale); the sums are not.
     """
-    from distill.losses.divergences import _check_teacher, _effective_kind, kernel_fallback
-
     vocab = int(vocab_size or weight.shape[0])
-    if weight.dim() != 2 or weight.shape[1] != rows.shape[-1]:
-        raise ValueError(f"lm_head weight {tuple(weight.shape)} must be [V, H] with H = {rows.shape[-1]} "
-                         f"(under ZeRO-3 call it inside the head module's forward, where the weight is gathered)")
-    if vocab > weight.shape[0]:
-        raise ValueError(f"vocab_size={vocab} exceeds the student's {weight.shape[0]} head rows")
-    if rows.dim() != 2 or targets.shape != rows.shape[:1]:
-        raise ValueError(f"rows {tuple(rows.shape)} and targets {tuple(targets.shape)}: expected [N, H] and [N]")
-    if isinstance(teacher, TopKTeacher):
-        _check_teacher(teacher, temperature)
-        if teacher.ids.shape[0] != rows.shape[0]:
-            raise ValueError(f"top-k teacher has {teacher.ids.shape[0]} rows, the student {rows.shape[0]}")
-        if teacher.k > vocab:
-            raise ValueError(f"top-k teacher k={teacher.k} exceeds the vocabulary size {vocab}")
-    elif isinstance(teacher, HiddenTeacher):
-        if teacher.hidden.shape[0] != rows.shape[0]:
-            raise ValueError(f"teacher hidden has {teacher.hidden.shape[0]} rows, the student {rows.shape[0]}")
-        if teacher.hidden.requires_grad:
-            raise ValueError("teacher hidden states require grad: compute them under torch.no_grad()")
-    elif isinstance(teacher, torch.Tensor):
-        _check_teacher(teacher, temperature)
-        if teacher.dim() != 2 or teacher.shape[0] != rows.shape[0] or teacher.shape[1] < vocab:
-            raise ValueError(f"teacher logits {tuple(teacher.shape)} must be [N={rows.shape[0]}, >= {vocab}]")
-    elif teacher is not None:
-        raise TypeError(f"teacher must be None, logits [N, V], a TopKTeacher or a HiddenTeacher, "
-                        f"got {type(teacher).__name__}")
-    if kd_rows is not None and kd_rows.shape != targets.shape:
-        raise ValueError(f"kd_rows {tuple(kd_rows.shape)} must match targets {tuple(targets.shape)}")
+    _check_linear_inputs(rows, weight, teacher, targets, kd_rows, vocab, temperature)
     if impl == "triton":
         requested = requested or impl
         fast, why = None, "KD on a subset of the rows (the fused op masks KD and CE by one label set)"
@@ -283,10 +294,10 @@ def linear_distill(
         if fast is not None:
             return fast if normalizer is None else (fast[0] / normalizer, *fast[1:])
         kernel_fallback(requested, "distill_kernels.fused_linear_kd", why)
-    cfg = _Cfg(kind=_effective_kind(kind, beta), prm=_Params(float(beta), float(alpha)),
-               temperature=float(temperature), student_softcap=student_softcap,
-               teacher_softcap=teacher.softcap if isinstance(teacher, HiddenTeacher) else teacher_softcap,
-               kd_weight=float(kd_weight) if teacher is not None else 0.0, ce_weight=float(ce_weight))
+    cfg = ChunkConfig(kind=effective_kind(kind, beta), prm=KindParams(float(beta), float(alpha)),
+                      temperature=float(temperature), student_softcap=student_softcap,
+                      teacher_softcap=teacher.softcap if isinstance(teacher, HiddenTeacher) else teacher_softcap,
+                      kd_weight=float(kd_weight) if teacher is not None else 0.0, ce_weight=float(ce_weight))
     chunk = int(chunk_tokens or default_chunk_tokens(vocab))
     return LinearDistillFunction.apply(rows, weight, bias, teacher, targets, kd_rows, cfg, vocab, chunk,
                                        float(scale), normalizer)

@@ -9,7 +9,7 @@
 
 One pass over the rows a chunk at a time (:class:`MultiLinearFunction` on the lean path): the
 student's logits of the chunk once (``rows_c @ W.T``), the CE term and then, per teacher, its logits
-(or top-k) at the same rows and ``divergences._chunk`` (the per-chunk loss and its closed-form
+(or top-k) at the same rows and ``divergences.chunk_terms`` (the per-chunk loss and its closed-form
 gradient, the same building block as the single-teacher path) with that teacher's temperature;
 the chunk's gradient is ``g_ce + sum_t w_t[:, None] * g_t``, projected to ``dL/drows_c = g @ W`` and
 ``dL/dW += g.T @ rows_c``. Extra teachers cost their forward and their head chunks; no
@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from distill.losses.divergences import _Cfg, _chunk, _effective_kind, _Params
-from distill.losses.lean import HiddenTeacher, _accumulate, forward_grads
-from distill.losses.objective import LossOutput, _normalizer
-from distill.teacher.output import TopKTeacher
+from distill.losses.divergences import ChunkConfig, KindParams, chunk_terms, effective_kind
+from distill.losses.lean import HiddenTeacher, accumulate_mm, forward_grads
+from distill.losses.objective import LossOutput, step_divisor
+from distill.losses.teacher_output import TopKTeacher
 
 _TINY = 1e-30
 
@@ -65,18 +65,18 @@ class Spec:
     conf_temperature: float = 1.0  # confidence weighting: softmax temperature (weights None)
     teacher_softcaps: list = field(default_factory=list)  # per teacher: the cap still to apply to its logits (None: none)
     cfgs: list = field(default_factory=list)
-    ce_cfg: _Cfg | None = None
+    ce_cfg: ChunkConfig | None = None
 
     def __post_init__(self):
-        eff = _effective_kind(self.kind, self.beta)
-        prm = _Params(float(self.beta), float(self.alpha))
+        eff = effective_kind(self.kind, self.beta)
+        prm = KindParams(float(self.beta), float(self.alpha))
         self.kd_scales = [self.kd_weight * T * T for T in self.temperatures]
         caps = list(self.teacher_softcaps) or [None] * len(self.temperatures)
-        self.cfgs = [_Cfg(kind=eff, prm=prm, temperature=float(T), student_softcap=self.student_softcap,
-                          teacher_softcap=cap, kd_weight=s, ce_weight=0.0)
+        self.cfgs = [ChunkConfig(kind=eff, prm=prm, temperature=float(T), student_softcap=self.student_softcap,
+                                 teacher_softcap=cap, kd_weight=s, ce_weight=0.0)
                      for T, s, cap in zip(self.temperatures, self.kd_scales, caps)]
-        self.ce_cfg = _Cfg(kind=eff, prm=prm, temperature=1.0, student_softcap=self.student_softcap,
-                           teacher_softcap=None, kd_weight=0.0, ce_weight=float(self.ce_weight))
+        self.ce_cfg = ChunkConfig(kind=eff, prm=prm, temperature=1.0, student_softcap=self.student_softcap,
+                                  teacher_softcap=None, kd_weight=0.0, ce_weight=float(self.ce_weight))
 
     @property
     def n(self) -> int:
@@ -137,7 +137,7 @@ def multi_chunk(s, teachers, heads, c0, c1, targets, weights, spec: Spec, need_g
     inner product with the held-out gradient."""
     n, nt = s.shape[0], spec.n
     dev = s.device
-    _, ce, grad = _chunk(s, None, targets, None, spec.ce_cfg, need_grad)
+    _, ce, grad = chunk_terms(s, None, targets, None, spec.ce_cfg, need_grad)
     kd = torch.zeros((n, nt), dtype=torch.float32, device=dev)
     conf = None
     # with confidences every teacher's chunk is needed before the weights (their logits held together,
@@ -161,7 +161,7 @@ def multi_chunk(s, teachers, heads, c0, c1, targets, weights, spec: Spec, need_g
         if isinstance(t, HiddenTeacher) and t.softcap is not None:
             cfg = cfg._replace(teacher_softcap=t.softcap)
         t_c, owned = ch
-        k_rows, _, g = _chunk(s, t_c, None, None, cfg, need_grad or meta_p is not None, teacher_owned=owned)
+        k_rows, _, g = chunk_terms(s, t_c, None, None, cfg, need_grad or meta_p is not None, teacher_owned=owned)
         del t_c
         kd[:, i] = k_rows
         if g is None:
@@ -241,7 +241,7 @@ class MultiLinearFunction(torch.autograd.Function):
                 if need_h:
                     grad_h[c0:c1] = (g if rows.dtype == torch.float32 else g.to(rows.dtype)) @ w
                 if need_w:
-                    _accumulate(grad_w[:vocab], g.t(), h_c)
+                    accumulate_mm(grad_w[:vocab], g.t(), h_c)
                 if need_b:
                     grad_b[:vocab] += g.sum(0)
                 del g
@@ -283,8 +283,8 @@ def heldout_head_grad(rows, weight, bias, targets, *, vocab: int, chunk: int, sc
     """``(G [vocab, H] fp32, ce_sum)``: the gradient of the summed CE of ``rows`` w.r.t. the head
     weight's rows of the real vocabulary (a padded head's extra rows take no part), a chunk at a time;
     the meta strategy's held-out direction."""
-    cfg = _Cfg(kind="forward_kl", prm=_Params(0.5, 0.1), temperature=1.0, student_softcap=softcap,
-               teacher_softcap=None, kd_weight=0.0, ce_weight=1.0)
+    cfg = ChunkConfig(kind="forward_kl", prm=KindParams(0.5, 0.1), temperature=1.0, student_softcap=softcap,
+                      teacher_softcap=None, kd_weight=0.0, ce_weight=1.0)
     G = torch.zeros((vocab, weight.shape[1]), dtype=torch.float32, device=rows.device)
     ce_sum = torch.zeros((), dtype=torch.float32, device=rows.device)
     w, b = weight[:vocab], None if bias is None else bias[:vocab]
@@ -293,11 +293,11 @@ def heldout_head_grad(rows, weight, bias, targets, *, vocab: int, chunk: int, sc
         s = torch.nn.functional.linear(h_c, w, b)
         if scale != 1.0:
             s = s.mul_(scale)
-        _, ce, g = _chunk(s, None, targets[c0:c0 + chunk], None, cfg, True, owned=True)
+        _, ce, g = chunk_terms(s, None, targets[c0:c0 + chunk], None, cfg, True, owned=True)
         ce_sum += ce.sum()
         if scale != 1.0:
             g.mul_(scale)
-        _accumulate(G, g.t(), h_c)
+        accumulate_mm(G, g.t(), h_c)
     return G, ce_sum
 
 
@@ -351,14 +351,14 @@ class MultiTeacherObjective:
     def _check_teachers(self, teachers) -> None:
         """Each top-k teacher at its own temperature (a top-k distribution is valid only there), none
         requiring grad."""
-        from distill.losses.divergences import _check_teacher
+        from distill.losses.divergences import check_teacher
 
         if len(teachers) != self.spec.n:
             raise ValueError(f"{len(teachers)} teacher outputs for the {self.spec.n} teachers {self.names}")
         for name, t, T in zip(self.names, teachers, self.spec.temperatures):
             if isinstance(t, (TopKTeacher, torch.Tensor)):
                 try:
-                    _check_teacher(t, T)
+                    check_teacher(t, T)
                 except ValueError as e:
                     raise ValueError(f"teacher {name}: {e}") from None
 
@@ -385,7 +385,7 @@ class MultiTeacherObjective:
             if extra_loss is not None:
                 total = total + extra_loss
             self._log(parts, extra)
-            norm = _normalizer(normalizer, total.device)
+            norm = step_divisor(normalizer, total.device)
             return total / norm, parts, extra_loss
 
         return LossRequest(index, compute)
@@ -423,7 +423,7 @@ class MultiTeacherObjective:
         if extra_loss is not None:
             total = total + extra_loss
         self._log(parts, extra)
-        norm = _normalizer(normalizer, total.device)
+        norm = step_divisor(normalizer, total.device)
         return self._output(total / norm, parts, extra_loss, torch.tensor(index.numel(), device=dev))
 
     def __repr__(self) -> str:

@@ -39,13 +39,13 @@ import torch
 
 from distill.losses.divergences import (
     IMPLS,
-    _effective_kind,
+    effective_kind,
     chunked_rows,
     kernel_fallback,
     resolve_impl,
     triton_divergence,
 )
-from distill.teacher.output import TopKTeacher
+from distill.losses.teacher_output import TopKTeacher
 
 
 @dataclass
@@ -88,7 +88,7 @@ def count_targets(labels: torch.Tensor, ignore_index: int = -100) -> int:
     return int((labels[..., 1:] != ignore_index).sum())
 
 
-def _normalizer(normalizer, device):
+def step_divisor(normalizer, device):
     """The step's response-token count as the divisor: a device tensor stays one (no host sync),
     values < 1 count as 1."""
     if isinstance(normalizer, torch.Tensor):
@@ -131,7 +131,7 @@ class DistillObjective:
         scale_kd_by_t2: bool = True,
         grad_inplace: bool = False,
     ) -> None:
-        _effective_kind(kind, beta)  # validates the kind
+        effective_kind(kind, beta)  # validates the kind
         if impl not in IMPLS:
             raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
         if temperature <= 0:
@@ -234,7 +234,7 @@ class DistillObjective:
             )
             total = rows.sum()
             kd_sum = kd_rows.sum()
-        norm = _normalizer(normalizer, total.device)
+        norm = step_divisor(normalizer, total.device)
         return LossOutput(
             loss=total / norm,
             ce_sum=ce_rows.sum().detach(),
@@ -264,7 +264,7 @@ class DistillObjective:
                 kd_weight=self.kd_scale if use_kd else 0.0, vocab_size=self.vocab_size,
                 student_softcap=self.student_softcap, teacher_softcap=self.teacher_softcap,
                 chunk_tokens=self.chunk_tokens, impl=impl, requested=self.impl,
-                normalizer=_normalizer(normalizer, rows.device))
+                normalizer=step_divisor(normalizer, rows.device))
             weighted = self.ce_weight * ce_sum + (self.kd_scale * kd_sum if use_kd else 0.0)
             return total, ce_sum, kd_sum, weighted
 

@@ -9,7 +9,6 @@ whole on one rank.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from distill.errors import UserError
+from distill.models.fingerprint import tokenizer_fingerprint
 
 
 class TokenizerMismatch(UserError, ValueError):
@@ -232,12 +232,6 @@ def check_hub_config(name: str, what: str = "model", *, trust_remote_code: bool 
                         f"prediction and SentiBench need a decoder-only LM (Llama, Qwen2, ...)")
 
 
-def tokenizer_fingerprint(tok) -> str:
-    """Hash of the token -> id map (special tokens included)."""
-    items = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:16]
-
-
 def check_shared_tokenizer(student_tok, teacher_tok, *, student_name: str, teacher_name: str) -> None:
     """Refuse logit KD between different tokenizers (sizes and names in the message)."""
     ns, nt = len(student_tok), len(teacher_tok)
@@ -372,13 +366,3 @@ def load_causal_lm(name: str, *, dtype: torch.dtype, attn: str | None, device: s
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
-
-
-def tokenizer_hash(tokenizer) -> str:
-    """sha256 of the vocabulary (token -> id) and the special tokens: equal iff the ids mean the same."""
-    import hashlib
-    import json
-
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    special = sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())
-    return hashlib.sha256(json.dumps([vocab, special], ensure_ascii=False).encode()).hexdigest()

@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 
-from distill.multiteacher.config import BACKEND_NAME
+from distill.config import MULTITEACHER_BACKEND as BACKEND_NAME
 from distill.losses.multiteacher import TeacherSet
 from distill.multiteacher.weighting import GATE_NAME
 from distill.data.registry import DATASETS, dataset_factory
-from distill.teacher.base import TeacherBackend, teacher_factory
+from distill.teacher.base import TeacherBackend
+from distill.teacher.registry import teacher_factory
 from distill.train.build import StageParts
 from distill.train.callbacks import Callback
 
@@ -39,6 +40,7 @@ ROUTED_DATASET = "sft_routed"
 
 
 def _print0(msg: str) -> None:
+    """One ``[multiteacher]`` line on rank 0 (distill.dist.env.print0)."""
     from distill.dist.env import print0
 
     print0(f"[multiteacher] {msg}")
@@ -93,7 +95,7 @@ class MultiTeacherBackend(TeacherBackend):
                     f"{'top-' + str(entry.topk) if entry.topk else 'full logits'})")
 
     def _checked(self, i: int, out):
-        from distill.teacher.output import TopKTeacher
+        from distill.losses.teacher_output import TopKTeacher
 
         child = self.children[i]
         if isinstance(out, TopKTeacher) and not child.topk_ids_checked:

@@ -1,7 +1,7 @@
 """The teacher-backend protocol: what the training loop asks of a teacher, and the registry of backends.
 
 A backend turns a training micro-batch into the teacher's targets: ``__call__(batch)`` gives logits
-``[B, L, V]`` or a :class:`~distill.teacher.output.TopKTeacher` ``[B, L, k]`` aligned with the batch's
+``[B, L, V]`` or a :class:`~distill.losses.teacher_output.TopKTeacher` ``[B, L, k]`` aligned with the batch's
 ``input_ids`` positions (``kd.path=logits``); ``rows(batch, index)`` gives the teacher at the flat
 supervised positions only (``kd.path=lean``). ``prefetch(batch)`` is called exactly once per
 micro-batch, ahead of its use (an asynchronous backend starts its request there); ``close()`` at the
@@ -9,48 +9,19 @@ end of training.
 
 Backends are registered by name (``kd.teacher_backend``) as ``factory(cfg, ctx) -> TeacherBackend``,
 ``ctx`` being a :class:`BackendContext`. Built in: ``colocated`` (distill.teacher.colocated), ``ray``
-(distill.teacher.ray_backend), ``cache`` (distill.knowdist.topk_cache) and ``multiteacher``
+(distill.teacher.ray_backend), ``cache`` (distill.teacher.topk_cache) and ``multiteacher``
 (distill.multiteacher.stage); docs/architecture.md shows how to add one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from distill.config import ConfigError
-from distill.teacher.output import TopKTeacher
-
-TEACHER_BACKENDS: dict[str, Callable] = {}
-# Built-in backends with heavy imports, registered when a run names them: name -> module.
-LAZY_BACKENDS = {"colocated": "distill.teacher.colocated", "ray": "distill.teacher.ray_backend",
-                 "cache": "distill.knowdist.topk_cache"}
-
-
-def register_teacher_backend(name: str):
-    """Decorator: ``factory(cfg: RunConfig, ctx: BackendContext) -> TeacherBackend``."""
-
-    def deco(factory):
-        TEACHER_BACKENDS[name] = factory
-        return factory
-
-    return deco
-
-
-def teacher_factory(name: str, *, key: str = "kd.teacher_backend", hidden: tuple[str, ...] = ()) -> Callable:
-    """The registered factory of backend ``name`` (a built-in one imported on first use); a ConfigError
-    naming ``key`` and the known names otherwise."""
-    if name not in TEACHER_BACKENDS and name in LAZY_BACKENDS:
-        importlib.import_module(LAZY_BACKENDS[name])  # registers it
-    if name not in TEACHER_BACKENDS:
-        known = sorted((set(TEACHER_BACKENDS) | set(LAZY_BACKENDS)) - set(hidden))
-        raise ConfigError(f"{key}={name!r} is not registered; known: {known}")
-    return TEACHER_BACKENDS[name]
-
+from distill.losses.teacher_output import TopKTeacher
 
 @dataclasses.dataclass
 class BackendContext:

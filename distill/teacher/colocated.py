@@ -8,11 +8,10 @@ import torch
 
 from distill.config import ConfigError, RunConfig
 from distill.data.batching import model_inputs
-from distill.teacher.base import BackendContext, TeacherBackend, register_teacher_backend
-from distill.teacher.output import TopKTeacher
+from distill.teacher.base import BackendContext, TeacherBackend
+from distill.losses.teacher_output import TopKTeacher
 
 
-@register_teacher_backend("colocated")
 class ColocatedTeacher(TeacherBackend):
     """The frozen teacher in this process: full logits (or top-k when ``kd.topk`` > 0).
 

@@ -1,10 +1,10 @@
 """One teacher service for all trainer ranks: connecting to Ray, starting the service, sharing it.
 
 Used by every stage whose teacher is served (ICLDist's online teacher, KnowDist's
-``teacher.placement=ray``). The settings object ``tcfg`` has the fields ``ray_address``,
-``ray_node_ip``, ``replicas``, ``shards``, ``num_gpus``, ``quantization``, ``max_batch_tokens``,
-``max_restarts`` and ``max_retries`` (``distill.config.TeacherSection`` and
-``distill.icldist.config.TeacherSection`` both do).
+``teacher.placement=ray``). The settings object ``tcfg`` is a :class:`distill.config.RayTeacherSection`
+(``ray_address``, ``ray_node_ip``, ``replicas``, ``shards``, ``num_gpus``, ``quantization``,
+``max_batch_tokens``, ``max_restarts``, ``max_retries``), which the trainer's and ICLDist's ``teacher``
+sections extend.
 
 * ``ray_address="local"``: :class:`distill.teacher.local.LocalTeacher` in this process, no Ray.
 * otherwise the Ray :class:`distill.teacher.ray_service.TeacherService`. Rank 0 creates it (on the

@@ -23,7 +23,7 @@ from typing import Awaitable, Callable
 import torch
 
 from distill.errors import UserError
-from distill.teacher.output import TopKTeacher
+from distill.losses.teacher_output import TopKTeacher
 
 _session_ids = itertools.count()
 

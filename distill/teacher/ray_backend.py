@@ -10,7 +10,7 @@ training ranks; each rank sends its supervised positions and gets their top-k ba
   their supervised positions: the rows of a right-padded batch, or, packed (``data.packing``), each
   example of a row as its own sequence (split where the position ids restart), so the teacher sees
   exactly what the co-located one sees. ``rows(batch, index)`` waits for that reply: a
-  :class:`~distill.teacher.output.TopKTeacher` ``[N, k]`` in the order of the flat supervised rows.
+  :class:`~distill.losses.teacher_output.TopKTeacher` ``[N, k]`` in the order of the flat supervised rows.
 * The top-k is computed at ``kd.temperature`` over the student tokenizer's real vocabulary, and
   the log-probs come back in fp32 (the same numbers the co-located teacher's top-k gives).
 * The teacher's tokenizer must equal the student's (token-level KD): checked before the service
@@ -29,8 +29,8 @@ import time
 import torch
 
 from distill.config import ConfigError, RunConfig
-from distill.teacher.output import TopKTeacher
-from distill.teacher.base import BackendContext, TeacherBackend, register_teacher_backend
+from distill.losses.teacher_output import TopKTeacher
+from distill.teacher.base import BackendContext, TeacherBackend
 
 RAY_TEMP_DIR = "/tmp/ray_distill"  # the private Ray's temp dir (records of our sessions live there too)
 NAMESPACE = "distill-teacher"
@@ -86,7 +86,6 @@ def _cat(parts: list[TopKTeacher], k: int, temperature: float) -> TopKTeacher:
                        tail_mass=torch.cat([p.tail_mass.float() for p in parts]), temperature=temperature)
 
 
-@register_teacher_backend("ray")
 class RayTeacher(TeacherBackend):
     """See the module docstring. ``wait_s``: seconds ``rows`` spent waiting for replies (logged)."""
 

@@ -279,7 +279,7 @@ class TeacherStage(nn.Module):
     def _topk(self, hidden: torch.Tensor, task: dict):
         """Top-k at the requested (row, position) pairs only; lm_head runs on those rows alone, a chunk
         at a time, over the first ``vocab_size`` rows (the tokenizer's tokens) at ``temperature``."""
-        from distill.teacher.output import TopKTeacher
+        from distill.losses.teacher_output import TopKTeacher
 
         rows = task["rows"].to(hidden.device)  # [N] batch row of each requested position
         cols = task["cols"].to(hidden.device)  # [N] position in that row

@@ -26,13 +26,14 @@ from distill.data.registry import dataset_factory
 from distill.dist import env as distenv
 from distill.dist.env import print0
 from distill.fileio import os_error_text
-from distill.teacher.base import BackendContext, teacher_factory
+from distill.teacher.base import BackendContext
+from distill.teacher.registry import teacher_factory
 from distill.train.batches import Schedule, StepBatches
 from distill.train.callbacks import Callback, EvalCallback, ExportCallback
 from distill.train.checkpoint import RUN_FOLDER_FIX, Checkpointer, seed_all
 from distill.train.loop import LoopSettings, Trainer
 from distill.train.outputs import RunLog, RunOutputs
-from distill.train.runinfo import versions
+from distill.runinfo import versions
 
 
 @dataclass
@@ -277,14 +278,14 @@ def local_world(env) -> int:
 
 def teacher_placement(cfg: RunConfig, ctx: BackendContext, zero_stage: int) -> tuple[str, str]:
     """``teacher.placement`` resolved, with the reason: ``auto`` is decided on rank 0 from the
-    memory model (:func:`distill.dist.plan.auto_placement`, the two models' config.json shapes)
+    memory model (:func:`distill.train.placement.auto_placement`, the two models' config.json shapes)
     and broadcast, so every rank builds the same teacher."""
     tc, env = cfg.teacher, ctx.env
     if tc.placement != "auto":
         return tc.placement, "teacher.placement"
     decision = None
     if env.is_main:
-        from distill.dist import plan
+        from distill.train import placement as plan
 
         gpu_mem = tc.gpu_mem_gb * plan.GB or plan.rank_memory(ctx.device, local_world(env))
         t = cfg.train
@@ -312,7 +313,7 @@ def _check_ranks_agree(cfg: RunConfig, env, tokenizer) -> None:
         return
     from importlib import metadata
 
-    from distill.models.load import tokenizer_hash
+    from distill.models.fingerprint import tokenizer_hash
 
     code = versions().get("git_sha") or f"distill {metadata.version('distill')}"
     mine = {"host": socket.gethostname(), "code": code, "world_size": env.world_size,

@@ -26,7 +26,7 @@ from distill.dist import env as distenv
 from distill.dist.env import print0
 from distill.errors import UserError
 from distill.fileio import atomic_write_text, folder_problem, fsync_dir, os_error_text, sha256_file
-from distill.train.runinfo import versions
+from distill.runinfo import versions
 
 CKPT_PREFIX = "step_"
 _RESUME_LATEST = ("latest", "auto", "true", "True")  # checkpoint.resume values meaning "the newest in dir"

@@ -30,7 +30,7 @@ from distill.dist.stop import launcher_chain, watch_for_stop
 from distill.losses.lean import supervised_rows
 from distill.losses.objective import count_targets
 from distill.progress import is_terminal
-from distill.teacher.output import TopKTeacher
+from distill.losses.teacher_output import TopKTeacher
 from distill.train.batches import to_device
 from distill.train.callbacks import StallWatch
 from distill.train.checkpoint import list_checkpoints

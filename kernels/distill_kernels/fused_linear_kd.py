@@ -10,7 +10,7 @@ summed over rows (``reduction="sum"``) or divided by the number of non-ignored r
 KD is ``kd_div`` with the teacher given as ``(teacher_hidden, teacher_lm_head)`` (its logits
 ``teacher_hidden @ teacher_lm_head[:V].T`` computed per chunk too; the teacher head may have more
 rows than the student's) or ``topk_kd`` with a top-k teacher (an object with ``.ids``,
-``.logprobs``, ``.tail_mass``, e.g. ``distill.teacher.output.TopKTeacher``, ids < V). Defaults
+``.logprobs``, ``.tail_mass``, e.g. ``distill.losses.teacher_output.TopKTeacher``, ids < V). Defaults
 (``ce_weight=0``, ``kd_weight=1``) are the divergence alone. With ``g = dL/ds`` of a chunk:
 ``dL/dhidden = g @ lm_head[:V]`` and ``dL/dlm_head[:V] = sum over chunks of g.T @ hidden``;
 rows ``>= V`` of the lm_head gradient are exactly 0.

@@ -33,7 +33,7 @@ sum gave up to 2.6e-4 at 1e-12 and 77-280% for forward KL at 1e-16.
 Requires distinct ids per row (a teacher's top-k always has them). Ids outside [0, V) are masked
 on the device in every load and store they index (memory-safe: a bad id never touches memory
 outside its row and is an empty student bucket; that row's values are then not meaningful);
-callers validate ids before the launch (distill.teacher.output.TopKTeacher.check), since a
+callers validate ids before the launch (distill.losses.teacher_output.TopKTeacher.check), since a
 device-side check would need a sync.
 
 Passes per row (one program per row): (1) online max / normaliser / tail over the vocabulary,

@@ -78,7 +78,7 @@ def teacher_inputs(small_prompts, local_teacher, tiny_tokenizer, tmp_path_factor
 
 def cache_manifest(prompts, tokenizer, k=8, shard_size=4, teacher="micro", temperature=1.0, weights=None):
     from distill.icldist.prompts import prompt_set_hash
-    from distill.icldist.targets import tokenizer_hash
+    from distill.models.fingerprint import tokenizer_hash
 
     return {"teacher": teacher, "k": k, "temperature": float(temperature), "vocab_size": len(tokenizer),
             "tokenizer_hash": tokenizer_hash(tokenizer), "prompt_set_hash": prompt_set_hash(prompts),

@@ -16,7 +16,7 @@ import torch
 
 from distill.icldist.cache import CacheIncomplete, CacheMismatch, CacheWriter, TeacherCache
 from distill.icldist.online import CachedTargets, build_cache
-from distill.teacher.output import TopKIdError
+from distill.losses.teacher_output import TopKIdError
 
 K = 8  # the conftest cache's k
 
@@ -43,7 +43,7 @@ def test_round_trip_equals_teacher_topk(built_cache, teacher_inputs):
 
 def test_mismatch_is_refused(built_cache, other_tokenizer, prompt_config):
     from distill.icldist.prompts import build_prompt_set, prompt_set_hash
-    from distill.icldist.targets import tokenizer_hash
+    from distill.models.fingerprint import tokenizer_hash
 
     root, manifest, _ = built_cache
     with pytest.raises(CacheMismatch, match=r"k=8.*k=16"):
@@ -245,7 +245,7 @@ def test_resume_after_kill_9(tmp_path, micro_teacher_dir, local_teacher, teacher
 
 
 def test_changed_teacher_settings_and_weights_are_refused(built_cache, tmp_path, micro_teacher_dir, tiny_tokenizer):
-    from distill.icldist.cache import weights_fingerprint
+    from distill.models.fingerprint import weights_fingerprint
     from distill.models.tiny import build_tiny_causal_lm
 
     root, manifest, _ = built_cache

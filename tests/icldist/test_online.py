@@ -11,7 +11,7 @@ import torch
 
 from distill.icldist.cache import TeacherCache
 from distill.icldist.online import OnlineTargets
-from distill.teacher.output import TopKIdError, TopKTeacher
+from distill.losses.teacher_output import TopKIdError, TopKTeacher
 
 
 def _cache_groups(n, shard_size=4, request_size=3):

@@ -15,7 +15,7 @@ from distill.icldist.targets import (
     label_token_ids,
     pad_label_ids,
 )
-from distill.teacher.output import TopKTeacher
+from distill.losses.teacher_output import TopKTeacher
 
 TASKS = {"sc/twitter": ["negative", "positive", "neutral"], "multifaced/tweeteval": ["anger", "joy", "sadness", "optimism"],
          "multifaced/intimacy": ["not intimate", "moderately intimate", "highly intimate"]}

@@ -43,7 +43,7 @@ FNS = ["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"]
 @pytest.mark.parametrize("teacher_kind", ["logits", "topk"])
 @pytest.mark.parametrize("fn", FNS)
 def test_losses_impl_triton_equals_torch(kernel_calls, fn, teacher_kind):
-    from distill.teacher.output import TopKTeacher
+    from distill.losses.teacher_output import TopKTeacher
 
     g = torch.Generator().manual_seed(0)
     s = torch.randn(2, 5, 211, generator=g) * 2
@@ -71,7 +71,7 @@ def test_tiny_model_loss_curve_torch_vs_triton(kernel_calls, teacher_kind, kind)
     pytest.importorskip("transformers")
     from distill.losses.objective import DistillObjective, count_targets
     from distill.models.tiny import build_tiny_causal_lm
-    from distill.teacher.output import TopKTeacher
+    from distill.losses.teacher_output import TopKTeacher
 
     vocab = 320
     g = torch.Generator().manual_seed(0)
@@ -119,7 +119,7 @@ def test_objective_triton_topk_with_padded_vocabularies(kernel_calls, temperatur
     The kernel is used, its KD equals the torch path's, and a student equal to the teacher on the
     real vocabulary has KD 0 and a zero gradient there (padded columns: zero gradient)."""
     from distill.losses.objective import DistillObjective, count_targets
-    from distill.teacher.output import TopKTeacher
+    from distill.losses.teacher_output import TopKTeacher
 
     vocab = 300
     g = torch.Generator().manual_seed(3)

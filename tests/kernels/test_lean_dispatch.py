@@ -18,7 +18,7 @@ def test_lean_triton_equals_torch(small_blocks, teacher_kind, monkeypatch):
     import importlib
 
     from distill.losses.lean import HiddenTeacher, linear_distill
-    from distill.teacher.output import TopKTeacher
+    from distill.losses.teacher_output import TopKTeacher
 
     flk = importlib.import_module("distill_kernels.fused_linear_kd")  # the module (the package attribute is the op)
     calls = []

@@ -1,6 +1,6 @@
 """Top-k ids outside [0, V) are masked in the kernel: no load or store leaves the id's row.
 
-Callers validate ids before a launch (distill.teacher.output.TopKTeacher.check); the kernel's own
+Callers validate ids before a launch (distill.losses.teacher_output.TopKTeacher.check); the kernel's own
 masking only keeps a bad id memory-safe. A masked id is an empty student bucket; the values of a
 row holding one are not meaningful, so these tests assert memory, not values, for such rows: the
 rows around the student stay bit-identical, and rows whose ids are all valid match the reference.

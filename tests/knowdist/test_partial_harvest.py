@@ -7,7 +7,7 @@ import pytest
 
 from distill.data.sft import DataError, read_records
 from distill.errors import UserError
-from distill.knowdist import corpus as C
+from distill.data import corpus as C
 
 
 def _corpus(folder, done: int, expected: int, fmt: str = "jsonl", per_shard: int = 2):

@@ -1,4 +1,4 @@
-"""The offline top-k cache (distill.knowdist.topk_cache): training from it follows the online
+"""The offline top-k cache (distill.teacher.topk_cache, built by python -m distill.knowdist.topk_cache): training from it follows the online
 co-located top-k teacher step for step (lean, logits, packed), a cache that does not fit the run is
 refused before step 1 with one line naming the manifest and the field, and a rerun does nothing."""
 
@@ -32,7 +32,7 @@ def _train(cfg):
 
 
 def _build(assets, cache, **sections):
-    from distill.knowdist.topk_cache import build_topk_cache
+    from distill.teacher.topk_cache import build_topk_cache
 
     cfg = _cfg(assets, cache.parent / f"build-{cache.name}", **sections)
     return build_topk_cache(cfg, cache, batch_size=5, shard_examples=40)  # 96 examples: 3 shards, ragged batches
@@ -101,7 +101,7 @@ def _manifest(cache: Path) -> dict:
 
 
 def test_rerun_is_a_noop(tiny_assets, caches, monkeypatch, capsys):  # noqa: F811
-    from distill.teacher import base as trainer
+    from distill.teacher import registry as trainer
 
     cache = caches["plain"]
     before = {f.name: f.stat().st_mtime_ns for f in cache.iterdir()}
@@ -141,7 +141,7 @@ def test_interrupted_build_resumes(tiny_assets, caches, tmp_path):  # noqa: F811
                                           ({"data": {"limit": 90}}, "data.limit")])
 def test_training_with_a_mismatched_cache_stops_before_step_1(tiny_assets, caches, tmp_path, change,  # noqa: F811
                                                                field):
-    from distill.knowdist.topk_cache import TopKCacheError
+    from distill.teacher.topk_cache import TopKCacheError
     from distill.train.build import build_trainer
 
     kd = {"teacher_backend": "cache", "cache_dir": str(caches["plain"]), **change.get("kd", {})}
@@ -156,7 +156,7 @@ def test_training_with_a_mismatched_cache_stops_before_step_1(tiny_assets, cache
 def test_missing_incomplete_and_other_tokenizer_are_one_line_errors(tiny_assets, caches, tmp_path):  # noqa: F811
     import shutil
 
-    from distill.knowdist.topk_cache import TopKCacheError
+    from distill.teacher.topk_cache import TopKCacheError
     from distill.train.build import build_trainer
 
     def setup_with(cache):

@@ -7,7 +7,7 @@ import torch
 
 from distill.losses import divergence, forward_kl, jsd, reverse_kl, skew_kl, skew_reverse_kl, tvd
 from distill.losses import divergences as D
-from distill.teacher.output import TopKTeacher
+from distill.losses.teacher_output import TopKTeacher
 from distill_kernels import ref as ref_mod
 from distill_kernels.ref import assert_close_to_ref, kd_div_ref, topk_kd_ref
 

@@ -13,7 +13,7 @@ from distill.losses import divergences as D
 from distill.losses.divergences import KernelUnavailable, forward_kl
 from distill.losses.lean import linear_distill
 from distill.losses.objective import DistillObjective, count_targets
-from distill.teacher.output import TopKTeacher
+from distill.losses.teacher_output import TopKTeacher
 
 
 def _logits(n=10, v=300, seed=0):

@@ -17,7 +17,7 @@ from distill.losses.lean import (
     HiddenTeacher, LeanHead, LossRequest, install_lean_head, linear_distill, supervised_rows, topk_rows,
 )
 from distill.losses.objective import DistillObjective
-from distill.teacher.output import TopKTeacher
+from distill.losses.teacher_output import TopKTeacher
 
 B, L, H, V, VS, VT = 3, 11, 16, 61, 64, 70  # tokenizer 61 tokens; student head 64 rows, teacher 70
 

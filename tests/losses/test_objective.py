@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.losses.objective import DistillObjective, LossOutput, count_targets, shift_labels
-from distill.teacher.output import TopKTeacher
+from distill.losses.teacher_output import TopKTeacher
 from distill_kernels.ref import assert_close_to_ref, kd_div_ref, topk_kd_ref
 
 

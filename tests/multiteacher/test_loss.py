@@ -11,7 +11,7 @@ import torch
 
 from distill.losses.lean import HiddenTeacher, linear_distill
 from distill.losses.multiteacher import MultiLinearFunction, MultiRowsFunction, Spec, _Parts
-from distill.teacher.output import TopKTeacher
+from distill.losses.teacher_output import TopKTeacher
 
 N, H, V = 37, 16, 131  # odd shapes; chunk 8 -> several chunks and a ragged last one
 

@@ -175,10 +175,10 @@ def test_config_errors():
 
 def test_mixed_backends_cache_teacher_equals_colocated_topk(mt_assets, tmp_path):
     """A teacher served from its offline top-k cache (kd.teacher_backend=cache, built by
-    distill.knowdist.topk_cache) beside a co-located full-logits one gives the same run as the same
+    distill.teacher.topk_cache) beside a co-located full-logits one gives the same run as the same
     teacher co-located at the same k and temperature; confidence weighting reads both."""
     from distill.config import RunConfig, from_dict
-    from distill.knowdist.topk_cache import build_topk_cache
+    from distill.teacher.topk_cache import build_topk_cache
 
     cache = tmp_path / "noise_topk"
     one = mt_cfg_dict(mt_assets, tmp_path / "build", kd={"topk": 8, "temperature": 2.0, "cache_dir": str(cache),

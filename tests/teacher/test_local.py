@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill.teacher.output import TopKTeacher
+from distill.losses.teacher_output import TopKTeacher
 from distill.data.batching import plan_batches
 from distill.teacher.pipeline import SamplingParams
 from distill.teacher.shard import split_layers

@@ -225,16 +225,17 @@ def test_registered_names_follow_the_registries():
 
     import distill
     from distill.data import registry as R
-    from distill.teacher import base as B
+    from distill.teacher import registry as B
     from distill.config import BUILTIN_DATASETS, BUILTIN_TEACHER_BACKENDS, registered_names
-    from distill.multiteacher.config import BACKEND_NAME
+    from distill.config import MULTITEACHER_BACKEND as BACKEND_NAME
     from distill.multiteacher.stage import ROUTED_DATASET
 
-    # every name the package registers (decorators; the multi-teacher stage's setdefault), ICLDist's own aside
+    # every name the package registers (decorators; the multi-teacher stage's setdefault; the teacher
+    # registry's built-ins), ICLDist's own aside
     src = "".join(f.read_text() for f in Path(distill.__file__).parent.rglob("*.py"))
     found = {kind: set(re.findall(rf'register_{kind}\("([^"]+)"\)', src)) - {"icldist"}
              for kind in ("dataset", "teacher_backend")}
-    assert found["dataset"] and found["teacher_backend"]
+    assert found["dataset"] and B.LAZY_BACKENDS
     assert found["dataset"] | {ROUTED_DATASET} == set(BUILTIN_DATASETS)
     assert found["teacher_backend"] | set(B.LAZY_BACKENDS) | {BACKEND_NAME} == set(BUILTIN_TEACHER_BACKENDS)
     R.register_dataset("test_own_rows")(lambda cfg, tok, ctx: [])

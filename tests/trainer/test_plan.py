@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from distill.dist import plan as P
+from distill.train import placement as M
 
 # Totals on the model cards (huggingface.co/<name>): "Number of Parameters" / "Params".
 PUBLISHED_TOTALS = {
@@ -82,7 +83,7 @@ def test_72b_bf16_on_one_node_fits_partitioned_not_replicated():
 def test_zero_stage_states_follow_the_zero_paper():
     s = P.load_shape("Qwen/Qwen2.5-1.5B")
     n, psi = 16, s.params
-    assert [P.student_states(s, k, n) for k in range(4)] == pytest.approx(
+    assert [M.student_states(s, k, n) for k in range(4)] == pytest.approx(
         [16 * psi, 4 * psi + 12 * psi / n, 2 * psi + 14 * psi / n, 16 * psi / n])
 
 
@@ -108,7 +109,7 @@ def test_ray_uses_fewest_shards_and_leaves_the_rest_to_the_student():
     ray = _rows(p, "ray")[0]
     k = ray["teacher_gpus"]
     assert k >= 2 and ray["student_gpus"] == 16 - k and ray["teacher_shard_mem"] <= (80 - 6) * 1e9
-    assert P.ray_shards(t, "bf16", (80 - 6) * 1e9, 16384, k - 1) is None
+    assert M.ray_shards(t, "bf16", (80 - 6) * 1e9, 16384, k - 1) is None
 
 
 def test_cli_table_and_json_last_line():
@@ -134,14 +135,14 @@ def test_auto_placement_plans_with_each_gpus_own_memory(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
     gpu = torch.device("cuda", 3)
-    assert P.rank_memory(gpu, 8) == 80 * P.GB
+    assert M.rank_memory(gpu, 8) == 80 * P.GB
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    assert P.rank_memory(torch.device("cpu"), 2) == pytest.approx(ram / 2)
+    assert M.rank_memory(torch.device("cpu"), 2) == pytest.approx(ram / 2)
 
     t, s = P.load_shape("Qwen/Qwen2.5-7B-Instruct"), P.load_shape("Qwen/Qwen2.5-0.5B")
     kw = dict(world=8, gpus_per_node=8, stage=3, seq=2048, micro_batch=4, grad_accum=1, quantization="", topk=0,
               partitioned_ok=True)
-    placement, why = P.auto_placement(t, s, gpu_mem=P.rank_memory(gpu, 8) / P.GB, **kw)
+    placement, why = P.auto_placement(t, s, gpu_mem=M.rank_memory(gpu, 8) / P.GB, **kw)
     assert placement == "replicated", why
     # What the old division planned with: 10 GB per GPU, where the replicated 7B teacher does not fit.
     assert P.auto_placement(t, s, gpu_mem=80 / 8, **kw)[0] == "partitioned"
@@ -224,5 +225,5 @@ def test_recommendation_ends_with_the_overrides_that_realise_it(capsys):
             want = r["flops_gpu"] / 100e12 + r["comm_gpu"] / (150 * 1e9) + r["internode"] / (nodes * 25 * 1e9)
             assert r["step_s"] == pytest.approx(want)
     assert any("s/step[e]" in x for x in out)
-    for stage, f in P.DS_CONFIG_FILES.items():  # a shipped JSON for every stage the planner can recommend
+    for stage, f in M.DS_CONFIG_FILES.items():  # a shipped JSON for every stage the planner can recommend
         assert json.loads((repo / f).read_text())["zero_optimization"]["stage"] == stage

@@ -40,7 +40,7 @@ def test_auto_placement_follows_the_memory_model():
     """Published shapes (no weights): a 7B teacher is replicated on one node of 80 GB GPUs; a 72B
     one does not fit a GPU and is partitioned; in 4-bit it fits again; on the torch engine
     (no ZeRO-3) nothing can partition it, and the reason says nothing fits."""
-    from distill.dist import plan as P
+    from distill.train import placement as P
 
     q7, q72, s = (P.load_shape(n) for n in ("Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-72B-Instruct",
                                              "Qwen/Qwen2.5-0.5B-Instruct"))

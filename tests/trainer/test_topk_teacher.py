@@ -87,8 +87,9 @@ def test_a_head_that_is_not_lm_head_of_the_final_hidden_is_refused(tiny_assets, 
 
 
 def test_bad_ids_from_a_teacher_backend_are_refused_before_the_loss(tiny_assets, padded_pair, tmp_path):
-    from distill.teacher.output import TopKIdError, TopKTeacher
-    from distill.teacher.base import TEACHER_BACKENDS, TeacherBackend, register_teacher_backend
+    from distill.losses.teacher_output import TopKIdError, TopKTeacher
+    from distill.teacher.base import TeacherBackend
+    from distill.teacher.registry import TEACHER_BACKENDS, register_teacher_backend
     from distill.teacher.colocated import ColocatedTeacher
 
     @register_teacher_backend("test-bad-ids")

@@ -178,8 +178,9 @@ def test_sft_only_and_topk_teacher(tiny_assets, tmp_path):
 def test_backend_registry_prefetch_once_ahead(tiny_assets, tmp_path):
     """A registered backend sees prefetch(batch) exactly once per micro-batch, before its call, with
     the pass-through example ids; returning a TopKTeacher works."""
-    from distill.teacher.output import TopKTeacher
-    from distill.teacher.base import TeacherBackend, register_teacher_backend
+    from distill.losses.teacher_output import TopKTeacher
+    from distill.teacher.base import TeacherBackend
+    from distill.teacher.registry import register_teacher_backend
     from distill.teacher.colocated import ColocatedTeacher
 
     log = []

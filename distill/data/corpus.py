@@ -1,4 +1,5 @@
-"""A KnowDist corpus on disk: sharded JSONL or Parquet records plus a manifest, crash-safe.
+"""A KnowDist corpus on disk: sharded JSONL or Parquet records plus a manifest, crash-safe. Written by
+:mod:`distill.knowdist.harvest`, read as SFT data by :mod:`distill.data.sft` (so it lives in the data layer).
 
 Layout of a corpus folder::
 
@@ -21,8 +22,8 @@ import json
 import os
 from pathlib import Path
 
-from distill.fileio import atomic_write_bytes, is_temporary
 from distill.errors import UserError
+from distill.fileio import atomic_write_bytes, is_temporary
 
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
