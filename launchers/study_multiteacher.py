@@ -174,7 +174,7 @@ def run_strategy(name: str, spec: dict, assets: dict, out: Path, s: dict, seed: 
     cfg = from_dict(RunConfig, d)
     cfg.validate()
     t0 = time.time()
-    tr = make_trainer(cfg).setup()
+    tr = make_trainer(cfg)
     tr.train()
     secs = time.time() - t0
     names = list(assets["teachers"])

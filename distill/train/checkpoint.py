@@ -356,7 +356,12 @@ class Checkpointer:
             return None  # a damaged checkpoint is named by the resume itself
 
         old, new = flatten(saved if isinstance(saved, dict) else {}), flatten(to_dict(self.cfg))
-        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k != "checkpoint.resume")
+        # a setting added to the schema after the checkpoint was written, and left at its default, is
+        # the behaviour the checkpoint trained with: not a change
+        default = flatten(to_dict(type(self.cfg)()))
+        added = {k for k in new.keys() - old.keys() if k in default and new[k] == default[k]}
+        diff = sorted(k for k in old.keys() | new.keys()
+                      if old.get(k) != new.get(k) and k != "checkpoint.resume" and k not in added)
         harmless = [k for k in diff if k.startswith(self.HARMLESS_CHANGES)]
         serious = [k for k in diff if k not in harmless]
         shown = lambda keys: ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys)  # noqa: E731

@@ -6,10 +6,12 @@ resumed run must load the engine, optimizer and RNG files and reach the same ste
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from .conftest import tiny_cfg_dict
 
@@ -22,11 +24,22 @@ def test_checkpoint_from_before_the_split_resumes(tiny_assets, tmp_path):
     from distill.train.build import build_trainer
 
     run = tmp_path / "run"
-    shutil.copytree(FIXTURE, run / "checkpoints" / "step_00000002")
-    # the fixture's config names the folders of the machine that wrote it: the model paths differ
+    ckpt = run / "checkpoints" / "step_00000002"
+    shutil.copytree(FIXTURE, ckpt)
+    # The fixture's config names the folders of the machine that wrote it: point them at this session's
+    # (the same tiny models, built deterministically), and let its manifest follow the file's new size.
     d = tiny_cfg_dict(tiny_assets, run, train={"steps": 3, "grad_accum": 2},
-                      checkpoint={"every": 2, "keep_last": 3, "export": False, "resume": "latest",
-                                  "allow_config_change": True})
+                      checkpoint={"every": 2, "keep_last": 3, "export": False, "resume": "latest"})
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text())
+    saved["model"].update(student=d["model"]["student"], teacher=d["model"]["teacher"])
+    saved["data"]["path"] = d["data"]["path"]
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state["files"]["config.yaml"]["size"] = (ckpt / "config.yaml").stat().st_size
+    (ckpt / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    # Settings added since (kd.on_policy.*), at their defaults, are not a change of the run: no
+    # checkpoint.allow_config_change needed.
+    assert "on_policy" not in saved["kd"]
     tr = build_trainer(from_dict(RunConfig, d))
     assert tr.step == 2
     result = tr.train()
