@@ -11,6 +11,8 @@ import time
 from distill.config import RunConfig, from_dict
 from distill.train.build import build_trainer
 
+from conftest import record_rollouts  # noqa: E402 - this script runs from tests/trainer
+
 
 def main():
     spec = json.loads(open(sys.argv[1]).read())
@@ -28,24 +30,11 @@ def main():
 
         tr.train_step = slow
     record = spec.get("record_rollouts")
-    if record:
-        seen = {}
-        inner = tr.batches.rollout
-
-        def rec(step, items, positions, indices):
-            out = inner(step, items, positions, indices)
-            for row_items, row_idx in zip(out, indices):
-                for it, i in zip(row_items, row_idx):
-                    if it["on_policy"]:
-                        first = next(t for t, lab in enumerate(it["labels"]) if lab != -100)
-                        seen.setdefault(str(step), {})[str(i)] = it["input_ids"][first:]
-            return out
-
-        tr.batches.rollout = rec
+    seen = record_rollouts(tr) if record else None
     tr.train()
     if record:
         with open(f"{record}.rank{tr.env.rank}", "w") as fh:
-            json.dump(seen, fh)
+            json.dump({str(step): {str(i): t for i, t in by.items()} for step, by in seen.items()}, fh)
 
 
 if __name__ == "__main__":

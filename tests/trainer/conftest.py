@@ -115,3 +115,22 @@ def run_child(spec: dict, tmp: Path, *, env_extra: dict | None = None, world: in
 def read_metrics(out_dir) -> list[dict]:
     path = Path(out_dir) / "metrics.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip() and "loss" in json.loads(x)]
+
+
+def record_rollouts(tr) -> dict:
+    """Wrap a run's on-policy rollout: the returned {step: {dataset index: response tokens}} fills with
+    what the student writes."""
+    seen: dict = {}
+    inner = tr.batches.rollout
+
+    def rec(step, items, positions, indices):
+        out = inner(step, items, positions, indices)
+        for row_items, row_idx in zip(out, indices):
+            for it, i in zip(row_items, row_idx):
+                if it["on_policy"]:
+                    first = next(t for t, lab in enumerate(it["labels"]) if lab != -100)
+                    seen.setdefault(step, {})[i] = it["input_ids"][first:]
+        return out
+
+    tr.batches.rollout = rec
+    return seen

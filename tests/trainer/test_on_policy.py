@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from .conftest import read_metrics, run_child, tiny_cfg_dict
+from .conftest import read_metrics, record_rollouts, run_child, tiny_cfg_dict
 
 ON = {"on_policy": {"fraction": 0.5, "max_new_tokens": 12}}
 
@@ -70,24 +70,6 @@ def test_sampled_row_does_not_depend_on_its_batch(tiny_assets):
     assert other != both  # the seed matters (T = 1 over a 384-token vocabulary)
 
 
-def _record(tr):
-    """Wrap the run's rollout: {step: {dataset index: response tokens}} of what the student wrote."""
-    seen = {}
-    inner = tr.batches.rollout
-
-    def rec(step, items, positions, indices):
-        out = inner(step, items, positions, indices)
-        for row_items, row_idx in zip(out, indices):
-            for it, i in zip(row_items, row_idx):
-                if it["on_policy"]:
-                    first = next(t for t, lab in enumerate(it["labels"]) if lab != -100)
-                    seen.setdefault(step, {})[i] = it["input_ids"][first:]
-        return out
-
-    tr.batches.rollout = rec
-    return seen
-
-
 def test_on_policy_run_writes_trains_and_logs(tiny_assets, tmp_path):
     from distill.config import RunConfig, from_dict
     from distill.train.build import build_trainer
@@ -95,7 +77,7 @@ def test_on_policy_run_writes_trains_and_logs(tiny_assets, tmp_path):
     cfg = tiny_cfg_dict(tiny_assets, tmp_path / "on", train={"steps": 3, "warmup_steps": 0}, kd=ON,
                         checkpoint={"export": False})
     tr = build_trainer(from_dict(RunConfig, cfg))
-    seen = _record(tr)
+    seen = record_rollouts(tr)
     tr.train()
     recs = read_metrics(tmp_path / "on")
     g = tr.batches.schedule.global_batch
