@@ -222,7 +222,7 @@ def _train(name: str, out: Path, *, student: str, teacher: str, data: str, steps
            micro_batch: int | None = None, max_len: int | None = None, packing: bool = False,
            kd_extra: dict | None = None) -> dict:
     """One core-trainer run (plain torch engine); returns {export, seconds, loss_first, loss_last} and, where
-    its metrics.jsonl logs ``gen_*`` numbers (on-policy generation), their sums under ``gen``."""
+    its steps record ``gen_*`` numbers (on-policy generation), their sums under ``gen``."""
     from distill.config import RunConfig, from_dict
     from distill.train.build import build_trainer
 
@@ -251,17 +251,20 @@ def _train(name: str, out: Path, *, student: str, teacher: str, data: str, steps
     hist = tr.history
     res = {"export": str(result.get("export", run_dir / "export")), "seconds": round(time.time() - t0, 1),
            "loss_first": hist[0]["loss"] if hist else None, "loss_last": hist[-1]["loss"] if hist else None}
-    gen = gen_sums(run_dir / "metrics.jsonl")
+    gen = gen_sums(hist)
     return {**res, "gen": gen} if gen else res
 
 
-def gen_sums(metrics: Path) -> dict:
-    """{key: sum over the records} of the numeric ``gen_*`` fields of a run's metrics.jsonl ({} if none)."""
+def gen_sums(records) -> dict:
+    """{key: sum over ``records``} of the numeric ``gen_*`` fields (on-policy generation: ``gen_time_s``,
+    ``gen_tokens``, ``gen_seqs``; means are not summed); {} when no record has one. The trainer's
+    history has every step's record (metrics.jsonl only every ``log.every``-th), so it is what is summed."""
     sums: dict[str, float] = {}
-    try:
-        lines = metrics.read_text().splitlines()
-    except OSError:
-        return sums
+    for rec in records:
+        for k, v in rec.items():
+            if k.startswith("gen_") and "mean" not in k and isinstance(v, (int, float)) and not isinstance(v, bool):
+                sums[k] = round(sums.get(k, 0.0) + v, 3)
+    return sums
     for line in lines:
         try:
             rec = json.loads(line)

@@ -119,7 +119,7 @@ def test_report_covers_only_the_arms_run(launcher, tmp_path):
     res = {"mode": "quick", "seed": 0, "chance": {"basic": 40.0, "multifaceted": 30.0},
            "arms": {"teacher": _arm(60, 50), "full": _arm(50, 40, 100.0),
                     "full_onpolicy": _arm(52, 41, 150.0, stages={"knowdist": 90.0, "icldist": 60.0},
-                                          gen={"gen_seconds": 40.0, "gen_tokens": 5000})},
+                                          gen={"gen_time_s": 40.0, "gen_tokens": 5000})},
            "bootstrap": {"n_boot": 10, "se": {"teacher": 1.0, "full": 1.0, "full_onpolicy": 1.0},
                          "pairs": {"full_onpolicy - full": {"lo": -1.0, "hi": 4.0, "p_le_0": 0.2}}}}
     lines = study.findings(res)
@@ -158,10 +158,9 @@ def test_bootstrap_of_a_subset_pairs_full_onpolicy_with_full(launcher, tmp_path)
     assert boot["pairs"]["full_onpolicy - full"]["lo"] > 0
 
 
-def test_gen_sums_reads_the_generation_fields_of_metrics(launcher, tmp_path):
+def test_gen_sums_adds_up_every_steps_generation_fields(launcher):
     study = launcher.load("study.py")
-    m = tmp_path / "metrics.jsonl"
-    assert study.gen_sums(m) == {}  # no file yet: nothing logged
-    m.write_text('{"step": 1, "loss": 2.0, "gen_seconds": 1.5, "gen_tokens": 10}\n'
-                 'not json\n{"step": 2, "gen_seconds": 2.0, "gen_tokens": 12, "gen_flag": true}\n')
-    assert study.gen_sums(m) == {"gen_seconds": 3.5, "gen_tokens": 22}
+    assert study.gen_sums([{"step": 1, "loss": 2.0}]) == {}  # nothing generated: no "gen" entry
+    steps = [{"step": 1, "loss": 2.0, "gen_time_s": 1.5, "gen_tokens": 10, "gen_mean_len": 5.0},
+             {"step": 2, "gen_time_s": 2.0, "gen_tokens": 12, "gen_mean_len": 6.0, "gen_flag": True}]
+    assert study.gen_sums(steps) == {"gen_time_s": 3.5, "gen_tokens": 22}
