@@ -575,6 +575,27 @@ class TrainSection:
 
 
 @dataclasses.dataclass
+class OnPolicySection:
+    """On-policy distillation (GKD): the student writes the response of a share of each step's examples,
+    the teacher scores every token it wrote, and those rows train on the divergence alone
+    (docs/on_policy.md)."""
+
+    fraction: float = 0.0  # share of each optimizer step's examples whose response the student generates (0 = off)
+    max_new_tokens: int = 128  # longest generated response (also capped by data.max_len minus the prompt)
+    temperature: float = 1.0  # the student's sampling temperature (0 = greedy)
+    top_p: float = 1.0  # nucleus sampling: keep the most likely tokens up to this probability mass (1 = all)
+    batch_size: int = 0  # sequences per generation batch (0 = train.micro_batch)
+
+    def validate(self) -> None:
+        require(0.0 <= self.fraction <= 1.0, f"kd.on_policy.fraction={self.fraction} must be in [0, 1]")
+        require(self.max_new_tokens >= 1, f"kd.on_policy.max_new_tokens={self.max_new_tokens} must be >= 1")
+        require(self.temperature >= 0 and math.isfinite(self.temperature),
+                f"kd.on_policy.temperature={self.temperature} must be a finite number >= 0 (0 = greedy)")
+        require(0.0 < self.top_p <= 1.0, f"kd.on_policy.top_p={self.top_p} must be in (0, 1]")
+        require(self.batch_size >= 0, f"kd.on_policy.batch_size={self.batch_size} must be >= 0 (0 = train.micro_batch)")
+
+
+@dataclasses.dataclass
 class KDSection:
     kind: str = "forward_kl"  # forward_kl | reverse_kl | jsd | skew_kl | skew_reverse_kl | tvd | none (SFT only, no teacher)
     beta: float = 0.5  # jsd mixture weight (0 = forward KL, 1 = reverse KL)
@@ -588,6 +609,7 @@ class KDSection:
     topk: int = 0  # k for top-k teacher backends (0 = full logits)
     path: str = "lean"  # lean (final hidden states of the supervised positions in, loss out: logits a chunk at a time) | logits (the models' full [B, L, V] logits; for comparison and debugging)
     cache_dir: str = ""  # kd.teacher_backend=cache: the offline top-k folder (python -m distill.knowdist.topk_cache) ("" = <run.out_dir>/teacher_topk)
+    on_policy: OnPolicySection = dataclasses.field(default_factory=OnPolicySection)  # the student writes a share of the responses (GKD)
 
 
 @dataclasses.dataclass
@@ -904,6 +926,7 @@ class RunConfig:
         require(not (c.overwrite and c.resume), f"checkpoint.overwrite=true and checkpoint.resume={c.resume}: choose one")
         require(self.log.every >= 1, f"log.every={self.log.every} must be >= 1")
         self.log.validate()
+        self._check_on_policy()
         self.multiteacher.validate(self)
         self.teacher.validate()
         require(not (self.teacher.placement == "ray" and k.topk == 0 and k.kind != "none"),
@@ -913,6 +936,25 @@ class RunConfig:
         require(self.eval.shots >= 0, f"eval.shots={self.eval.shots} must be >= 0")
         require(self.eval.batch_size >= 1, f"eval.batch_size={self.eval.batch_size} must be >= 1")
         check_sentibench_tasks(self.eval.tasks, "eval.tasks")
+
+    def _check_on_policy(self) -> None:
+        op, k = self.kd.on_policy, self.kd
+        op.validate()
+        if op.fraction == 0:
+            return
+        require(k.kind != "none", "kd.on_policy.fraction > 0 needs a teacher to score what the student writes: "
+                                  "set kd.kind (e.g. forward_kl), or kd.on_policy.fraction=0")
+        require(k.teacher_backend != "cache", "kd.on_policy.fraction > 0 with kd.teacher_backend=cache: the cache holds "
+                                              "the teacher's top-k of the corpus text and cannot score text the student "
+                                              "writes; use kd.teacher_backend=colocated (or teacher.placement=ray), or "
+                                              "kd.on_policy.fraction=0")
+        caches = [t.name for t in self.multiteacher.teachers if t.backend == "cache"]
+        require(not caches, f"kd.on_policy.fraction > 0 with multiteacher teacher(s) {caches} on backend=cache: a "
+                            f"cache cannot score text the student writes; give them a colocated or ray backend")
+        require(k.path == "lean", f"kd.on_policy.fraction > 0 trains the generated rows on the lean path: set "
+                                  f"kd.path=lean (got {k.path})")
+        require(not self.data.packing, "kd.on_policy.fraction > 0 with data.packing=true: generated responses are "
+                                       "batched unpacked; set data.packing=false")
 
     def check_machine(self) -> None:
         """Settings this machine cannot honour, one line with what to use instead (a ConfigError).

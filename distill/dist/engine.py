@@ -108,6 +108,18 @@ class Engine:
     def eval(self) -> None:
         self.module.eval()
 
+    @contextlib.contextmanager
+    def generation(self):
+        """The student as a plain model to sample from: eval mode, no gradients; the train mode is
+        restored after. Under ZeRO-3 (:class:`DeepSpeedEngine`) every rank must enter it together."""
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                yield self.module
+        finally:
+            self.module.train(was_training)
+
 
 class TorchEngine(Engine):
     """Plain single-process engine: AdamW, LambdaLR schedule, clipping, accumulation."""
@@ -244,6 +256,22 @@ class DeepSpeedEngine(Engine):
 
     def eval(self):
         self.engine.eval()
+
+    @contextlib.contextmanager
+    def generation(self):
+        """Under ZeRO-3 the partitioned weights are gathered ONCE for the whole block and ZeRO's
+        per-module hooks are lifted (DeepSpeed's ``unwrap_model_for_generation``), so sampling token by
+        token does not gather every layer for every token; leaving the block re-partitions them (the
+        memory of the full weights is returned). A collective: every rank enters it, even one with
+        nothing to generate. ZeRO 0-2 hold whole weights: the module as it is."""
+        if self.stage != 3:
+            with super().generation() as module:
+                yield module
+            return
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+        with unwrap_model_for_generation(self.engine), super().generation() as module:
+            yield module
 
 
 def to_universal(src: Path, dst: Path) -> None:

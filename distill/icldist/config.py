@@ -136,6 +136,9 @@ class ICLDistConfig:
         if self.kd.kd_weight == 0 and self.icl.label_kd_weight == 0:
             raise ConfigError("kd.kd_weight=0 and icl.label_kd_weight=0: nothing is learnt from the teacher; give one "
                               "of them a weight > 0 (kd.kd_weight=0 alone trains on the label-level KL and the CE)")
+        if self.kd.on_policy.fraction:
+            raise ConfigError(f"kd.on_policy.fraction={self.kd.on_policy.fraction}: on-policy distillation is a KnowDist "
+                              f"setting (launchers/knowdist.py); ICLDist trains on its prompt set's answers")
         if self.kd.kind == "none":
             raise ConfigError("kd.kind=none: ICLDist distils from the teacher; pick a divergence (forward_kl, ...)")
         if self.model.teacher == "":

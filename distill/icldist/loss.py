@@ -167,15 +167,19 @@ class ICLDistLoss:
         out = self.compute(logits, labels, targets, normalizer)
         return self._output(out.loss, out.ce_sum, out.kd_sum, out.label_kd_sum, out.n_tokens)
 
-    def lean_request(self, index: torch.Tensor, targets_tok: torch.Tensor, targets: BatchTargets, normalizer):
+    def lean_request(self, index: torch.Tensor, targets_tok: torch.Tensor, targets: BatchTargets, normalizer,
+                     ce_rows=None):
         """``kd.path=lean``: ``index`` [N] flat supervised positions, ``targets_tok`` [N] their tokens;
         ``targets`` the batch's teacher targets (the ICLDist backend's ``rows`` returns them whole).
         Inside the head, one pass over the N rows: CE on all, top-k KD on the token-level ones (a row
         mask); the label-level KL from the label words' head rows at the classification positions; no
-        [rows x V] logits and no host sync."""
+        [rows x V] logits and no host sync. ``ce_rows`` (the objectives' on-policy row mask) must be None:
+        ICLDist has no on-policy rows; the keyword lets the loop pass it to every objective alike."""
         from distill.losses.divergences import resolve_impl
         from distill.losses.lean import LossRequest, linear_distill, topk_rows
 
+        if ce_rows is not None:
+            raise ValueError("ICLDist trains on its prompt set only: no on-policy rows (ce_rows must be None)")
         self._check_temperature(targets)
         dev = index.device
         teacher = kd_rows = None

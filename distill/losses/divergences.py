@@ -218,7 +218,7 @@ def _softcap_(x: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 
 def chunk_terms(s_raw, teacher, ce_labels, mask, cfg: ChunkConfig, need_grad: bool, *, owned: bool = False,
-                teacher_owned: bool = False, kd_mask=None):
+                teacher_owned: bool = False, kd_mask=None, ce_mask=None):
     """One chunk of rows: per-row KD and CE and the gradient w.r.t. the student rows, in one pass (the
     shared core of the logits path, the lean path and the multi-teacher loss).
 
@@ -230,6 +230,8 @@ def chunk_terms(s_raw, teacher, ce_labels, mask, cfg: ChunkConfig, need_grad: bo
     outside the mask give 0 loss and 0 gradient.
     ``kd_mask``: [n] bool or None, the rows (among those counted) the KD term applies to; the others
     get CE only (ICLDist: token-level rows among the answer rows).
+    ``ce_mask``: [n] bool or None, the rows (among those counted) the CE term applies to; the others
+    get ce_rows 0 and no CE gradient, KD as usual (on-policy rows: the student wrote them).
     ``owned`` / ``teacher_owned``: the caller hands over the student / teacher rows (fresh tensors
     nothing else reads, e.g. a chunk's head GEMM output): fp32 contiguous ones are overwritten in
     place instead of copied.
@@ -253,10 +255,14 @@ def chunk_terms(s_raw, teacher, ce_labels, mask, cfg: ChunkConfig, need_grad: bo
         safe_labels = (ce_labels if mask is None else torch.where(mask, ce_labels, 0)).long()
         picked = s.gather(-1, safe_labels[:, None]).squeeze(-1)
         ce_rows = lse1 - picked if mask is None else torch.where(mask, lse1 - picked, 0.0)
+        if ce_mask is not None:
+            ce_rows = torch.where(ce_mask, ce_rows, 0.0)
         if need_grad and cfg.ce_weight != 0.0:
             grad = (s - lse1[:, None]).exp_()
             grad.scatter_add_(-1, safe_labels[:, None], torch.full_like(picked[:, None], -1.0))
             grad.mul_(cfg.ce_weight)
+            if ce_mask is not None:
+                grad.masked_fill_(~ce_mask[:, None], 0.0)
 
     if teacher is not None:
         if T != 1.0:

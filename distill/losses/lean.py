@@ -124,15 +124,17 @@ class LinearDistillFunction(torch.autograd.Function):
     """``total = ce_weight * CE_sum + kd_weight * KD_sum`` over the rows, from hidden rows and the head.
 
     forward(rows [N, H], weight [Vf, H], bias [Vf] or None, teacher, targets [N], kd_rows [N] bool or
-    None, cfg, vocab, chunk, scale, norm) returns (total, kd_sum, ce_sum), fp32 scalars; only ``total`` is
-    differentiable. ``norm`` (None, a float or a 0-d tensor >= 1): ``total`` is divided by it and so are
-    the gradients formed here, through the small [rows, H] operands (the [V, H] weight gradient
-    then needs no pass of its own in backward). The head's rows ``vocab:`` (padded embedding rows)
+    None, ce_rows [N] bool or None, cfg, vocab, chunk, scale, norm) returns (total, kd_sum, ce_sum), fp32
+    scalars; only ``total`` is differentiable. ``kd_rows`` / ``ce_rows``: the rows the KD / CE term applies
+    to (None: all), passed chunk by chunk to ``chunk_terms`` as its ``kd_mask`` / ``ce_mask``. ``norm``
+    (None, a float or a 0-d tensor >= 1): ``total`` is divided by it and so are the gradients formed
+    here, through the small [rows, H] operands (the [V, H] weight gradient then needs no pass of its
+    own in backward). The head's rows ``vocab:`` (padded embedding rows)
     get zero gradient.
     """
 
     @staticmethod
-    def forward(ctx, rows, weight, bias, teacher, targets, kd_rows, cfg, vocab, chunk, scale, norm):
+    def forward(ctx, rows, weight, bias, teacher, targets, kd_rows, ce_rows, cfg, vocab, chunk, scale, norm):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         need = need_h or need_w or need_b
@@ -175,7 +177,8 @@ class LinearDistillFunction(torch.autograd.Function):
                     t_c = teacher[c0:c1, :vocab]
                 kd, ce, g = chunk_terms(s, t_c, targets[c0:c1], None, cfg, need, owned=True,
                                    teacher_owned=isinstance(teacher, HiddenTeacher),
-                                   kd_mask=None if kd_rows is None else kd_rows[c0:c1])
+                                   kd_mask=None if kd_rows is None else kd_rows[c0:c1],
+                                   ce_mask=None if ce_rows is None else ce_rows[c0:c1])
                 del s, t_c
                 if kd is not None:
                     kd_sum += kd.sum()
@@ -206,10 +209,10 @@ class LinearDistillFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _gk, _gc):
-        return (*forward_grads(ctx, grad_total, "linear_distill"), None, None, None, None, None, None, None, None)
+        return (*forward_grads(ctx, grad_total, "linear_distill"), *(None,) * 9)
 
 
-def _check_linear_inputs(rows, weight, teacher, targets, kd_rows, vocab: int, temperature: float) -> None:
+def _check_linear_inputs(rows, weight, teacher, targets, kd_rows, ce_rows, vocab: int, temperature: float) -> None:
     """Refuse shapes that do not fit ``rows [N, H]``, ``weight [V, H]`` and a teacher at the same rows."""
     if weight.dim() != 2 or weight.shape[1] != rows.shape[-1]:
         raise ValueError(f"lm_head weight {tuple(weight.shape)} must be [V, H] with H = {rows.shape[-1]} "
@@ -238,6 +241,9 @@ def _check_linear_inputs(rows, weight, teacher, targets, kd_rows, vocab: int, te
                         f"got {type(teacher).__name__}")
     if kd_rows is not None and kd_rows.shape != targets.shape:
         raise ValueError(f"kd_rows {tuple(kd_rows.shape)} must match targets {tuple(targets.shape)}")
+    if ce_rows is not None and (ce_rows.dtype != torch.bool or ce_rows.shape != targets.shape):
+        raise ValueError(f"ce_rows ({ce_rows.dtype}, {tuple(ce_rows.shape)}) must be a bool mask of the rows, "
+                         f"shaped as targets {tuple(targets.shape)}")
 
 
 def linear_distill(
@@ -258,6 +264,7 @@ def linear_distill(
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
     kd_rows: torch.Tensor | None = None,
+    ce_rows: torch.Tensor | None = None,
     chunk_tokens: int | None = None,
     impl: str = "torch",
     requested: str | None = None,
@@ -271,7 +278,10 @@ def linear_distill(
     rows beyond it are padding on both sides). ``scale`` / ``student_softcap``: the student's own
     logit transform; ``teacher_softcap``: the cap still to apply to teacher logits given as a tensor
     ``[N, Vt]`` (a HiddenTeacher carries its own). ``kd_rows``: [N] bool, the rows KD applies to
-    (None: all); the others get CE only, in the same pass. ``impl="triton"`` (CUDA) runs the chunk loop in the fused Triton kernel.
+    (None: all); the others get CE only, in the same pass. ``ce_rows``: [N] bool on the rows' device, the
+    rows CE applies to (None: all); the others get KD only (on-policy rows, written by the student), and
+    ``ce_sum`` is the CE over the rows with CE. ``impl="triton"`` (CUDA) runs the chunk loop in the fused
+    Triton kernel (which masks neither term by row: with ``kd_rows`` or ``ce_rows`` the torch loop runs).
     ``requested``: the impl the user asked for (default ``impl``): where the kernel cannot serve the call,
     ``"triton"`` is a one-line error and ``"auto"`` runs the torch loop, warning once why.
     ``normalizer``: the step's response-token count (>= 1; a float or a 0-d tensor on the rows'
@@ -279,11 +289,14 @@ def linear_distill(
     the forward (so the backward of the step's loss has nothing left to scale); the sums are not.
     """
     vocab = int(vocab_size or weight.shape[0])
-    _check_linear_inputs(rows, weight, teacher, targets, kd_rows, vocab, temperature)
+    _check_linear_inputs(rows, weight, teacher, targets, kd_rows, ce_rows, vocab, temperature)
     if impl == "triton":
         requested = requested or impl
         fast, why = None, "KD on a subset of the rows (the fused op masks KD and CE by one label set)"
-        if kd_rows is None:
+        if ce_rows is not None:
+            why = ("CE on a subset of the rows, on-policy rows taking KD only (the fused op masks KD and CE by "
+                   "one label set)")
+        if kd_rows is None and ce_rows is None:
             try:
                 fast, why = _triton_linear_distill(
                     rows, weight, bias, teacher, targets, kind=kind, beta=beta, alpha=alpha, temperature=temperature,
@@ -299,7 +312,7 @@ def linear_distill(
                       teacher_softcap=teacher.softcap if isinstance(teacher, HiddenTeacher) else teacher_softcap,
                       kd_weight=float(kd_weight) if teacher is not None else 0.0, ce_weight=float(ce_weight))
     chunk = int(chunk_tokens or default_chunk_tokens(vocab))
-    return LinearDistillFunction.apply(rows, weight, bias, teacher, targets, kd_rows, cfg, vocab, chunk,
+    return LinearDistillFunction.apply(rows, weight, bias, teacher, targets, kd_rows, ce_rows, cfg, vocab, chunk,
                                        float(scale), normalizer)
 
 

@@ -127,17 +127,19 @@ def _teacher_chunk(teacher, heads, c0: int, c1: int, vocab: int):
     return teacher[c0:c1, :vocab], False
 
 
-def multi_chunk(s, teachers, heads, c0, c1, targets, weights, spec: Spec, need_grad: bool, *, meta_p=None):
+def multi_chunk(s, teachers, heads, c0, c1, targets, weights, spec: Spec, need_grad: bool, *, meta_p=None,
+                ce_mask=None):
     """One chunk of rows: ``s`` the student logits [n, V] (read, not modified). Returns
     ``(ce [n], kd [n, nt] raw, conf [n, nt] or None, w [n, nt], grad [n, V] or None, dots [nt] or None)``.
 
     ``weights``: the rows' weights [n, nt], or None to form them from the confidences (softmax over
     the teachers of conf / spec.conf_temperature; teachers not run get 0). ``meta_p``: ``rows_c @ G_val.T``
     [n, V] at a meta step; then ``dots[t] = sum(g_t * meta_p)``, teacher t's unweighted head-gradient
-    inner product with the held-out gradient."""
+    inner product with the held-out gradient. ``ce_mask``: [n] bool or None, the rows the CE term applies
+    to (the others, on-policy rows, get the teachers' KD only)."""
     n, nt = s.shape[0], spec.n
     dev = s.device
-    _, ce, grad = chunk_terms(s, None, targets, None, spec.ce_cfg, need_grad)
+    _, ce, grad = chunk_terms(s, None, targets, None, spec.ce_cfg, need_grad, ce_mask=ce_mask)
     kd = torch.zeros((n, nt), dtype=torch.float32, device=dev)
     conf = None
     # with confidences every teacher's chunk is needed before the weights (their logits held together,
@@ -200,10 +202,11 @@ class _Parts:
 class MultiLinearFunction(torch.autograd.Function):
     """Lean path: ``total = ce_weight * CE_sum + sum_rows sum_t w_t * T_t^2 * kd_weight * KD_t`` from the
     student's hidden rows and head, every teacher's chunk in the same pass. Returns ``total`` (fp32,
-    differentiable w.r.t. rows, weight, bias) and a :class:`_Parts` (detached)."""
+    differentiable w.r.t. rows, weight, bias) and a :class:`_Parts` (detached). ``ce_rows``: [N] bool or
+    None, the rows CE applies to (None: all; the others get KD only)."""
 
     @staticmethod
-    def forward(ctx, rows, weight, bias, teachers, targets, weights, spec, meta_g, parts):
+    def forward(ctx, rows, weight, bias, teachers, targets, weights, spec, meta_g, parts, ce_rows=None):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         need = need_h or need_w or need_b
@@ -231,7 +234,7 @@ class MultiLinearFunction(torch.autograd.Function):
                         meta_p.mul_(spec.scale)
                 ce, kd, conf, wc, g, dots = multi_chunk(
                     s, teachers, heads, c0, c1, targets[c0:c1], None if weights is None else weights[c0:c1], spec,
-                    need, meta_p=meta_p)
+                    need, meta_p=meta_p, ce_mask=None if ce_rows is None else ce_rows[c0:c1])
                 del s, meta_p
                 parts.add(c0, c1, ce, kd, conf, wc, dots, spec)
                 if g is None:
@@ -251,7 +254,7 @@ class MultiLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
-        return (*forward_grads(ctx, grad_total, "multiteacher loss"), None, None, None, None, None, None)
+        return (*forward_grads(ctx, grad_total, "multiteacher loss"), *(None,) * 7)
 
 
 class MultiRowsFunction(torch.autograd.Function):
@@ -363,7 +366,10 @@ class MultiTeacherObjective:
                     raise ValueError(f"teacher {name}: {e}") from None
 
     # -- kd.path=lean -----------------------------------------------------------------------------------
-    def lean_request(self, index, targets, teacher_rows: TeacherSet, normalizer):
+    def lean_request(self, index, targets, teacher_rows: TeacherSet, normalizer, ce_rows=None):
+        """The lean path's :class:`~distill.losses.lean.LossRequest` (as DistillObjective.lean_request);
+        ``ce_rows``: [N] bool on the rows' device, the rows CE applies to (None: all); the others
+        (on-policy rows) get the weighted KD only and still count in the normalizer."""
         from distill.losses.lean import LossRequest
 
         if not isinstance(teacher_rows, TeacherSet):
@@ -373,6 +379,9 @@ class MultiTeacherObjective:
         for t in teacher_rows.teachers:
             if isinstance(t, TopKTeacher) and t.ids.shape[0] != targets.shape[0]:
                 raise ValueError(f"top-k teacher has {t.ids.shape[0]} rows, the student {targets.shape[0]}")
+        if ce_rows is not None and (ce_rows.dtype != torch.bool or ce_rows.shape != targets.shape):
+            raise ValueError(f"ce_rows ({ce_rows.dtype}, {tuple(ce_rows.shape)}) must be a bool mask of the rows, "
+                             f"shaped as targets {tuple(targets.shape)}")
         strategy, spec = self.strategy, self.spec
 
         def compute(rows, weight, bias):
@@ -380,7 +389,7 @@ class MultiTeacherObjective:
             meta_g = strategy.meta_direction()
             parts = _Parts(spec.n, rows.shape[0], rows.device, spec.conf_signal is not None, meta_g is not None)
             total = MultiLinearFunction.apply(rows, weight, bias, teacher_rows.teachers, targets, weights, spec,
-                                              meta_g, parts)
+                                              meta_g, parts, ce_rows)
             extra_loss, extra = strategy.extra_loss(aux, parts)
             if extra_loss is not None:
                 total = total + extra_loss

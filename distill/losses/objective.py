@@ -243,13 +243,15 @@ class DistillObjective:
             total=total.detach(),
         )
 
-    def lean_request(self, index: torch.Tensor, targets: torch.Tensor, teacher, normalizer):
+    def lean_request(self, index: torch.Tensor, targets: torch.Tensor, teacher, normalizer, ce_rows=None):
         """The lean path (:mod:`distill.losses.lean`): a :class:`~distill.losses.lean.LossRequest` for
         the student's :class:`~distill.losses.lean.LeanHead`, computing this objective on the
         supervised rows only. ``index`` [N] (flat positions) and ``targets`` [N] from
         :func:`~distill.losses.lean.supervised_rows`; ``teacher``: None, a TopKTeacher ``[N, k]`` or a
-        HiddenTeacher at the same rows. The head's returned loss is already divided by the normalizer;
-        :meth:`lean_output` turns it and the request into a :class:`LossOutput`."""
+        HiddenTeacher at the same rows. ``ce_rows``: [N] bool on the rows' device, the rows CE applies to
+        (None: all); the others (on-policy rows: the student wrote them) get KD only, and still count in
+        the normalizer. The head's returned loss is already divided by the normalizer; :meth:`lean_output`
+        turns it and the request into a :class:`LossOutput` (``ce_sum``: the CE of the rows with CE)."""
         from distill.losses.lean import LossRequest, linear_distill
 
         use_kd = teacher is not None
@@ -263,7 +265,7 @@ class DistillObjective:
                 temperature=self.temperature, ce_weight=self.ce_weight,
                 kd_weight=self.kd_scale if use_kd else 0.0, vocab_size=self.vocab_size,
                 student_softcap=self.student_softcap, teacher_softcap=self.teacher_softcap,
-                chunk_tokens=self.chunk_tokens, impl=impl, requested=self.impl,
+                chunk_tokens=self.chunk_tokens, impl=impl, requested=self.impl, ce_rows=ce_rows,
                 normalizer=step_divisor(normalizer, rows.device))
             weighted = self.ce_weight * ce_sum + (self.kd_scale * kd_sum if use_kd else 0.0)
             return total, ce_sum, kd_sum, weighted

@@ -145,6 +145,8 @@ def _build(cfg: RunConfig, env, ckpt: Checkpointer, stage: StageParts) -> Traine
     model, lean_head = _load_student(cfg, ctx, zero_stage, on_gpu)
     stage.prepare_student(model, ctx)  # before the engine: what it attaches is trained
     engine = _engine(cfg, model, schedule.total_steps, ds_config)
+    rollout = _rollout(cfg, engine, model, tokenizer, schedule, device)
+    batches.rollout = rollout
     teacher = None
     if cfg.kd.kind != "none":
         teacher = stage.teacher(cfg, ctx) or _core_teacher(cfg, ctx, zero_stage)
@@ -152,7 +154,7 @@ def _build(cfg: RunConfig, env, ckpt: Checkpointer, stage: StageParts) -> Traine
     ckpt.engine, ckpt.ds_config, ckpt.versions = engine, ds_config, _write_run_files(cfg, env, ckpt, ds_config)
     ckpt.global_batch, ckpt.steps_per_epoch, ckpt.total_steps = schedule.global_batch, schedule.steps_per_epoch, \
         schedule.total_steps
-    callbacks = stage.callbacks(cfg, ctx, Student(engine, lean_head, device))
+    callbacks = [*([rollout] if rollout else []), *stage.callbacks(cfg, ctx, Student(engine, lean_head, device))]
     ckpt.extra_state = lambda: {k: v for cb in callbacks for k, v in cb.state_dict().items()}
     ckpt.load_extra_state = lambda state: [cb.load_state_dict(state) for cb in callbacks]
     step = ckpt.resume(cfg.checkpoint.resume) if cfg.checkpoint.resume else 0
@@ -174,7 +176,8 @@ def _build(cfg: RunConfig, env, ckpt: Checkpointer, stage: StageParts) -> Traine
            f"(from step {step}) softcaps={caps} objective={objective!r}")
     settings = LoopSettings(total_steps=schedule.total_steps, log_every=cfg.log.every,
                             progress_bar=cfg.log.progress_bar, checkpoint_every=cfg.checkpoint.every,
-                            prefetch_depth=stage.prefetch_depth(teacher), vocab_size=vocab_size,
+                            prefetch_depth=stage.prefetch_depth(teacher), prefetch_across_steps=rollout is None,
+                            vocab_size=vocab_size,
                             teacher_name=f"teacher backend {cfg.kd.teacher_backend!r}")
     return Trainer(env=env, engine=engine, batches=batches, teacher=teacher, objective=objective, lean_head=lean_head,
                    checkpointer=ckpt, log=log, callbacks=callbacks, settings=settings, outputs=outputs, start_step=step)
@@ -229,6 +232,32 @@ def _load_student(cfg: RunConfig, ctx: BackendContext, zero_stage: int, on_gpu: 
             f"student {path}: its forward rescales or softcaps the logits after lm_head (scale "
             f"{scale:g}, softcap {cap}); kd.path=lean computes the loss inside lm_head: use kd.path=logits")
     return model, install_lean_head(model, f"student {path} (kd.path=lean)")
+
+
+def _rollout(cfg: RunConfig, engine, model, tokenizer, schedule: Schedule, device):
+    """``kd.on_policy.fraction > 0``: the student's rollouts (distill.train.rollout), else None."""
+    op = cfg.kd.on_policy
+    if not op.fraction:
+        return None
+    from distill.train.rollout import Rollout
+
+    eos = {tokenizer.eos_token_id} | set(_ids(getattr(getattr(model, "generation_config", None), "eos_token_id", None)))
+    eos.discard(None)
+    if not eos:
+        raise ConfigError(f"kd.on_policy: the student's tokenizer ({cfg.model.tokenizer or cfg.model.student}) has no "
+                          f"end-of-sequence token, so a generated response could not end; set one in its tokenizer")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
+    r = Rollout(engine, fraction=op.fraction, max_new_tokens=op.max_new_tokens, temperature=op.temperature,
+                top_p=op.top_p, batch_size=op.batch_size or cfg.train.micro_batch, max_len=cfg.data.max_len,
+                seed=cfg.train.seed, global_batch=schedule.global_batch, eos_ids=sorted(eos), pad_id=pad, device=device)
+    print0(f"[trainer] on-policy: the student writes {r.per_step} of the {schedule.global_batch} responses of each "
+           f"step (kd.on_policy.fraction={op.fraction}; up to {op.max_new_tokens} tokens, temperature "
+           f"{op.temperature:g}, top_p {op.top_p:g}); those rows train on the divergence alone")
+    return r
+
+
+def _ids(value) -> list:
+    return [] if value is None else [value] if isinstance(value, int) else list(value)
 
 
 def _engine(cfg: RunConfig, model, total_steps: int, ds_config: dict | None):

@@ -47,7 +47,9 @@ class TrainingDiverged(RuntimeError):
 class LoopSettings:
     """``total_steps`` optimizer steps; a progress line every ``log_every`` steps (and the last), a
     tqdm bar on a terminal with ``progress_bar``; a checkpoint every ``checkpoint_every`` steps (0:
-    only the last); ``prefetch_depth`` micro-batches the teacher's prefetch runs ahead (0: none);
+    only the last); ``prefetch_depth`` micro-batches the teacher's prefetch runs ahead (0: none), not
+    into the next step without ``prefetch_across_steps`` (on-policy: its batches exist only once the
+    student has written them, after this step's update);
     ``vocab_size`` and ``teacher_name`` check a backend's unchecked top-k ids."""
 
     total_steps: int
@@ -55,6 +57,7 @@ class LoopSettings:
     progress_bar: bool = True
     checkpoint_every: int = 0
     prefetch_depth: int = 1
+    prefetch_across_steps: bool = True
     vocab_size: int = 0
     teacher_name: str = "teacher"
 
@@ -125,7 +128,8 @@ class Trainer:
                 self._prefetch(step, m, cpu_batch)
                 for d in range(1, depth + 1):
                     s, mm = divmod(step * ga + m + d, ga)
-                    self._prefetch(s, mm, micro[mm] if s == step else None)
+                    if s == step or self.settings.prefetch_across_steps:
+                        self._prefetch(s, mm, micro[mm] if s == step else None)
             batch = self.to_device(cpu_batch)
             out = self._lean_loss(cpu_batch, batch, norm) if self.lean_head is not None else self._logits_loss(batch, norm)
             self.engine.backward(out.loss)
@@ -162,11 +166,15 @@ class Trainer:
         """Lean: supervised rows chosen from the CPU labels, the teacher at those rows, the loss
         computed inside the student's lm_head forward (distill.losses.lean)."""
         index, targets = supervised_rows(cpu_batch["labels"], self.objective.ignore_index)
+        extra = {}
+        if any(cpu_batch.get("on_policy") or ()):  # rows the student wrote: the divergence only, no CE
+            written = torch.tensor(cpu_batch["on_policy"], dtype=torch.bool)
+            extra["ce_rows"] = (~written)[index // cpu_batch["labels"].shape[1]].to(self.device, non_blocking=True)
         index = index.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
         teacher_rows = self.teacher.rows(batch, index) if self.teacher is not None else None
         self._check_topk(teacher_rows)
-        request = self.objective.lean_request(index, targets, teacher_rows, norm)
+        request = self.objective.lean_request(index, targets, teacher_rows, norm, **extra)
         with self.lean_head.pending(request):
             loss = self.engine.forward(**model_inputs(batch), use_cache=False).logits
         return self.objective.lean_output(loss, request)

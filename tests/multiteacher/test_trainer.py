@@ -280,3 +280,21 @@ def test_confidently_wrong_teacher_what_each_strategy_does(mt_assets, confident_
         print(f"\nconfidently wrong teacher: entropy {ent}, CE {ce}, weight on the right teacher {w_good}")
     assert abs(w_good["neg_entropy"] - 0.5) < 0.1, w_good
     assert w_good["gold_prob"] > w_good["neg_entropy"], w_good
+
+
+def test_on_policy_through_several_teachers_equals_the_single_teacher_run(mt_assets, tmp_path):
+    """kd.on_policy with the multiteacher backend: the student's samples are scored through the
+    several-teachers path exactly as through the single co-located teacher (fixed weights 1, 0)."""
+    from distill.config import RunConfig, from_dict
+    from distill.train.build import build_trainer
+
+    on = {"temperature": 2.0, "on_policy": {"fraction": 0.5, "max_new_tokens": 10}}
+    teachers = [{"name": "good", "path": mt_assets["good"], "temperature": 2.0, "weight": 1.0},
+                {"name": "noise", "path": mt_assets["noise"], "weight": 0.0}]
+    _train(mt_cfg_dict(mt_assets, tmp_path / "multi", train={"steps": 3}, teachers=teachers, kd=on))
+    single = mt_cfg_dict(mt_assets, tmp_path / "single", train={"steps": 3}, kd={**on, "teacher_backend": "colocated"})
+    single.pop("multiteacher")
+    build_trainer(from_dict(RunConfig, single)).train()
+    a, b = read_metrics(tmp_path / "multi"), read_metrics(tmp_path / "single")
+    _assert_same_metrics(a, b, keys=("loss", "ce", "kd", "grad_norm", "response_tokens", "gen_tokens"))
+    assert all(r["gen_seqs"] > 0 and r["gen_tokens"] > 0 for r in a)

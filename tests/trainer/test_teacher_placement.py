@@ -133,6 +133,28 @@ def test_ray_served_teacher_matches_the_colocated_topk(tiny_assets, tmp_path, pa
 
 
 @pytest.mark.slow
+def test_ray_served_teacher_scores_the_students_samples(tiny_assets, tmp_path):
+    """kd.on_policy: the Ray service's top-k of the text the student wrote gives the co-located top-k
+    teacher's losses (the same samples: seeded by step and example)."""
+    pytest.importorskip("ray")
+    import json
+
+    common = {"train": {"steps": 3}, "kd": {"topk": 8, "on_policy": {"fraction": 0.5, "max_new_tokens": 10}}}
+    _train(tiny_cfg_dict(tiny_assets, tmp_path / "colocated", **common))
+    d = tiny_cfg_dict(tiny_assets, tmp_path / "ray", **common)
+    d["teacher"] = {"placement": "ray", "num_gpus": 0, "ray_node_ip": "127.0.0.2"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false")
+    out = subprocess.run([sys.executable, "-c", RAY_RUN, json.dumps(d)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got, want = read_metrics(tmp_path / "ray"), read_metrics(tmp_path / "colocated")
+    assert [r["step"] for r in got] == [1, 2, 3] and all(r["gen_tokens"] > 0 for r in got)
+    for key in ("loss", "ce", "kd", "gen_tokens"):
+        assert [r[key] for r in got] == pytest.approx([r[key] for r in want], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
 @pytest.mark.dist
 def test_two_ranks_share_one_ray_teacher(tiny_assets, tmp_path):
     """2 DeepSpeed ranks (gloo, loopback): rank 0 starts the service, rank 1 attaches to the same
