@@ -325,6 +325,16 @@ def _check_verbalizers(tok) -> None:
         verbalizer_ids(tok, task)  # raises, naming the colliding words
 
 
+def teacher_made_with(s: dict, mode: str, seed: int) -> dict:
+    """What assets/DONE.json records and a rerun must match: the settings that make the teacher, and
+    whether its SentiBench train splits were the full data or the packaged sample (a launcher run from
+    a copy outside a checkout reads the sample when ../shared/sentibench is not beside it)."""
+    from distill.data.sentibench import data_provenance
+
+    return {"mode": mode, "seed": seed, "shapes": SHAPES[mode], "sentibench": data_provenance()["source"],
+            **{k: v for k, v in s.items() if k in TEACHER_KEYS}}
+
+
 def build_teacher(out: Path, s: dict, mode: str, seed: int) -> dict:
     """Tokenizer, the trained teacher and the students' init (reused when ``out/assets/DONE.json`` exists)."""
     from distill.data.sentibench import TASKS
@@ -333,8 +343,7 @@ def build_teacher(out: Path, s: dict, mode: str, seed: int) -> dict:
 
     a = out / "assets"
     done = a / "DONE.json"
-    made_with = {"mode": mode, "seed": seed, "shapes": SHAPES[mode],
-                 **{k: v for k, v in s.items() if k in TEACHER_KEYS}}
+    made_with = teacher_made_with(s, mode, seed)
     if done.is_file():
         return _reuse(done, made_with)
     a.mkdir(parents=True, exist_ok=True)
@@ -697,6 +706,11 @@ def main(argv=None) -> int:
     if arms != ARMS:
         cmd += f" --arms {','.join(arms)}"
 
+    from distill.data.sentibench import data_provenance
+
+    prov = data_provenance()
+    _log(f"SentiBench: {prov['source']} data at {prov['path']}"
+         + (" (the packaged sample: these numbers are not the study's)" if prov["source"] == "sample" else ""))
     assets = build_teacher(out, s, mode, seed)
     split = split_students(s, seed)
     data = build_student_data(out, s, assets, split, seed)
@@ -728,7 +742,7 @@ def main(argv=None) -> int:
                                         steps=total, s=s, seed=seed, k=64, cached=False)
     results = {"seed": seed, "mode": mode, "command": cmd, "settings": {**s, "shapes": SHAPES[mode]},
                "gold_fraction": GOLD_FRACTION, "data": {k: v for k, v in data.items() if k.startswith(("n_", "pseudo"))},
-               "chance": chance(s), "arms": {}}
+               "chance": chance(s), "sentibench": prov, "arms": {}}
     for name in arms:
         r = runs[name]
         ev = evaluate_model(r["export"], s, out, name)

@@ -164,3 +164,20 @@ def test_gen_sums_adds_up_every_steps_generation_fields(launcher):
     steps = [{"step": 1, "loss": 2.0, "gen_time_s": 1.5, "gen_tokens": 10, "gen_mean_len": 5.0},
              {"step": 2, "gen_time_s": 2.0, "gen_tokens": 12, "gen_mean_len": 6.0, "gen_flag": True}]
     assert study.gen_sums(steps) == {"gen_time_s": 3.5, "gen_tokens": 22}
+
+
+def test_assets_record_which_sentibench_made_them(launcher, tmp_path):
+    """A teacher built on the packaged sample is not reused by a run on the full data (or the reverse):
+    DONE.json's made_with names the data source, and a mismatch stops in one line naming it."""
+    from distill.data.sentibench import data_provenance
+    from distill.errors import UserError
+
+    study = launcher.load("study.py")
+    made = study.teacher_made_with(study.SETTINGS["quick"], "quick", 0)
+    assert made["sentibench"] == data_provenance()["source"] and made["teacher_steps"] == 30
+    done = tmp_path / "DONE.json"
+    other = "sample" if made["sentibench"] == "full" else "full"
+    done.write_text(json.dumps({"made_with": {**made, "sentibench": other}}))
+    with pytest.raises(UserError, match=r"DONE.json: field made_with differs .* \['sentibench'\]"):
+        study._reuse(done, made)
+    assert study._reuse(done.parent / "DONE.json", {**made, "sentibench": other})["made_with"]["sentibench"] == other
