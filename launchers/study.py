@@ -25,6 +25,8 @@ learning rate in every arm:
 - ``full``: KnowDist for ``kd_steps``, then ICLDist for ``icl_steps`` (in-process teacher) on
   few-shot prompts whose labels are the gold share plus the teacher's labels of the unlabeled texts
   (in the gold share's class proportions, :func:`align_labels`).
+- ``full_onpolicy``: ``full`` whose KnowDist stage generates ``kd.on_policy.fraction`` = 0.5 of its
+  sequences from the student (the other ``kd.on_policy`` settings at their defaults), same steps.
 - ``full_topk16``: ``full`` with a top-16 teacher from the offline caches in both stages.
 - ``icldist_only`` (ablation): ICLDist from the init for all the steps.
 
@@ -33,6 +35,8 @@ seeds 42/52/62 in the full study, 42 in ``--quick``), all 12 datasets, the first
 sentences each. Writes ``DIR/results.json`` (``{"seed", "arms": {arm: {basic, multifaceted,
 fine_grained, average, params, seconds, ...}}, "bootstrap": ..., ...}``), ``DIR/results.md`` and
 ``DIR/results.png``; ``bootstrap`` is a paired bootstrap over the test sentences (:func:`resample`).
+``--arms a,b``: train and score only those arms (the teacher and the students' data are built or reused
+all the same); the table, findings and bootstrap cover the arms run.
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ from pathlib import Path
 if find_spec("distill") is None:  # a source checkout runs what is installed, never its own tree
     sys.exit("launchers/study.py: the distill package is not installed; run `pip install -e .` in the repository root")
 
-ARMS = ("teacher", "sft_gold", "sft_text", "knowdist", "full", "full_topk16", "icldist_only")
+ARMS = ("teacher", "sft_gold", "sft_text", "knowdist", "full", "full_onpolicy", "full_topk16", "icldist_only")
+ON_POLICY_FRACTION = 0.5  # full_onpolicy: share of KnowDist's sequences the student generates itself (kd.on_policy)
 GOLD_FRACTION = 0.10  # share of the students' train texts that keep their gold labels
 
 # Model shapes (distill.models.tiny.TinySize fields). The students are about a quarter of the teacher.
@@ -214,8 +219,10 @@ def split_students(s: dict, seed: int) -> dict:
 
 def _train(name: str, out: Path, *, student: str, teacher: str, data: str, steps: int, s: dict, seed: int,
            kind: str = "none", backend: str = "colocated", topk: int = 0, lr: float | None = None,
-           micro_batch: int | None = None, max_len: int | None = None, packing: bool = False) -> dict:
-    """One core-trainer run (plain torch engine); returns {export, seconds}."""
+           micro_batch: int | None = None, max_len: int | None = None, packing: bool = False,
+           kd_extra: dict | None = None) -> dict:
+    """One core-trainer run (plain torch engine); returns {export, seconds, loss_first, loss_last} and, where
+    its steps record ``gen_*`` numbers (on-policy generation), their sums under ``gen``."""
     from distill.config import RunConfig, from_dict
     from distill.train.build import build_trainer
 
@@ -227,7 +234,7 @@ def _train(name: str, out: Path, *, student: str, teacher: str, data: str, steps
         "train": {"steps": steps, "micro_batch": micro_batch or s["micro_batch"], "grad_accum": 1, "lr": lr or s["lr"],
                   "warmup_steps": max(1, steps // 20), "seed": seed},
         "kd": {"kind": kind, "teacher_backend": backend, "topk": topk,
-               "cache_dir": str(run_dir / "teacher_topk") if backend == "cache" else ""},
+               "cache_dir": str(run_dir / "teacher_topk") if backend == "cache" else "", **(kd_extra or {})},
         "deepspeed": {"engine": "torch"},
         "checkpoint": {"every": 0, "overwrite": True},
         "log": {"progress_bar": False, "every": max(1, steps // 5)},
@@ -242,8 +249,31 @@ def _train(name: str, out: Path, *, student: str, teacher: str, data: str, steps
     tr = build_trainer(cfg)
     result = tr.train()
     hist = tr.history
-    return {"export": str(result.get("export", run_dir / "export")), "seconds": round(time.time() - t0, 1),
-            "loss_first": hist[0]["loss"] if hist else None, "loss_last": hist[-1]["loss"] if hist else None}
+    res = {"export": str(result.get("export", run_dir / "export")), "seconds": round(time.time() - t0, 1),
+           "loss_first": hist[0]["loss"] if hist else None, "loss_last": hist[-1]["loss"] if hist else None}
+    gen = gen_sums(hist)
+    return {**res, "gen": gen} if gen else res
+
+
+def gen_sums(records) -> dict:
+    """{key: sum over ``records``} of the numeric ``gen_*`` fields (on-policy generation: ``gen_time_s``,
+    ``gen_tokens``, ``gen_seqs``; means are not summed); {} when no record has one. The trainer's
+    history has every step's record (metrics.jsonl only every ``log.every``-th), so it is what is summed."""
+    sums: dict[str, float] = {}
+    for rec in records:
+        for k, v in rec.items():
+            if k.startswith("gen_") and "mean" not in k and isinstance(v, (int, float)) and not isinstance(v, bool):
+                sums[k] = round(sums.get(k, 0.0) + v, 3)
+    return sums
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        for k, v in rec.items() if isinstance(rec, dict) else ():
+            if k.startswith("gen_") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                sums[k] = round(sums.get(k, 0.0) + v, 3)
+    return sums
 
 
 def _icldist(name: str, out: Path, *, student: str, teacher: str, data_dir: Path, steps: int, s: dict, seed: int,
@@ -295,6 +325,16 @@ def _check_verbalizers(tok) -> None:
         verbalizer_ids(tok, task)  # raises, naming the colliding words
 
 
+def teacher_made_with(s: dict, mode: str, seed: int) -> dict:
+    """What assets/DONE.json records and a rerun must match: the settings that make the teacher, and
+    whether its SentiBench train splits were the full data or the packaged sample (a launcher run from
+    a copy outside a checkout reads the sample when ../shared/sentibench is not beside it)."""
+    from distill.data.sentibench import data_provenance
+
+    return {"mode": mode, "seed": seed, "shapes": SHAPES[mode], "sentibench": data_provenance()["source"],
+            **{k: v for k, v in s.items() if k in TEACHER_KEYS}}
+
+
 def build_teacher(out: Path, s: dict, mode: str, seed: int) -> dict:
     """Tokenizer, the trained teacher and the students' init (reused when ``out/assets/DONE.json`` exists)."""
     from distill.data.sentibench import TASKS
@@ -303,8 +343,7 @@ def build_teacher(out: Path, s: dict, mode: str, seed: int) -> dict:
 
     a = out / "assets"
     done = a / "DONE.json"
-    made_with = {"mode": mode, "seed": seed, "shapes": SHAPES[mode],
-                 **{k: v for k, v in s.items() if k in TEACHER_KEYS}}
+    made_with = teacher_made_with(s, mode, seed)
     if done.is_file():
         return _reuse(done, made_with)
     a.mkdir(parents=True, exist_ok=True)
@@ -483,7 +522,7 @@ def chance(s: dict) -> dict:
 # ------------------------------------------------------------------------------------------ report
 
 PAIRS = (("full", "sft_gold"), ("full", "sft_text"), ("full", "knowdist"), ("full_topk16", "full"),
-         ("knowdist", "sft_text"), ("sft_text", "sft_gold"))
+         ("full_onpolicy", "full"), ("knowdist", "sft_text"), ("sft_text", "sft_gold"))
 
 
 def resample(out: Path, s: dict, arms, n_boot: int = 1000, seed: int = 0) -> dict:
@@ -538,24 +577,47 @@ def table(results: dict) -> str:
 
 
 def findings(results: dict) -> list[str]:
+    """The study's claims as lines; a claim whose arms were not run (``--arms``) is left out."""
     arms = results["arms"]
 
     def bm(n):
         return (arms[n]["basic"] + arms[n]["multifaceted"]) / 2
 
+    def have(*names):
+        return all(n in arms for n in names)
+
     ch = results["chance"]
-    t = arms["teacher"]
-    lines = [
-        f"- teacher vs chance (uniform-random macro-F1): basic {t['basic']:.2f} vs {ch['basic']:.2f}, "
-        f"multifaceted {t['multifaceted']:.2f} vs {ch['multifaceted']:.2f}.",
-        f"- full ({bm('full'):.2f}) vs sft_gold ({bm('sft_gold'):.2f}) and sft_text ({bm('sft_text'):.2f}) on the mean "
-        f"of basic and multifaceted: {'beats both' if bm('full') > max(bm('sft_gold'), bm('sft_text')) else 'does NOT beat both'}.",
-        f"- full_topk16 - full = {bm('full_topk16') - bm('full'):+.2f} (basic+multi mean; "
-        f"{'within' if abs(bm('full_topk16') - bm('full')) <= 1 else 'NOT within'} 1 point).",
-        f"- ablation, what KnowDist adds: sft_text -> knowdist {bm('knowdist') - bm('sft_text'):+.2f}; "
-        f"icldist_only -> full {bm('full') - bm('icldist_only'):+.2f}.",
-        f"- ablation, what ICLDist adds: knowdist -> full {bm('full') - bm('knowdist'):+.2f} (same total steps).",
-    ]
+    lines = []
+    if have("teacher"):
+        t = arms["teacher"]
+        lines.append(f"- teacher vs chance (uniform-random macro-F1): basic {t['basic']:.2f} vs {ch['basic']:.2f}, "
+                     f"multifaceted {t['multifaceted']:.2f} vs {ch['multifaceted']:.2f}.")
+    if have("full", "sft_gold", "sft_text"):
+        lines.append(f"- full ({bm('full'):.2f}) vs sft_gold ({bm('sft_gold'):.2f}) and sft_text ({bm('sft_text'):.2f}) "
+                     f"on the mean of basic and multifaceted: "
+                     f"{'beats both' if bm('full') > max(bm('sft_gold'), bm('sft_text')) else 'does NOT beat both'}.")
+    if have("full", "full_topk16"):
+        lines.append(f"- full_topk16 - full = {bm('full_topk16') - bm('full'):+.2f} (basic+multi mean; "
+                     f"{'within' if abs(bm('full_topk16') - bm('full')) <= 1 else 'NOT within'} 1 point).")
+    if have("full", "full_onpolicy"):
+        on, base = arms["full_onpolicy"], arms["full"]
+        gen = on.get("gen") or {}
+        secs = [v for k, v in gen.items() if k.endswith(("_s", "_seconds", "_time"))]
+        share = (f"; generation {sum(secs):.0f} s of its KnowDist stage's {on['stages']['knowdist']:.0f} s"
+                 if secs and on.get("stages") else "")
+        lines.append(f"- on-policy KnowDist (fraction {ON_POLICY_FRACTION}): full_onpolicy - full = "
+                     f"{bm('full_onpolicy') - bm('full'):+.2f} (basic+multi mean), at {on['seconds']:.0f} s of "
+                     f"training vs {base['seconds']:.0f} s{share}.")
+    parts = []
+    if have("sft_text", "knowdist"):
+        parts.append(f"sft_text -> knowdist {bm('knowdist') - bm('sft_text'):+.2f}")
+    if have("icldist_only", "full"):
+        parts.append(f"icldist_only -> full {bm('full') - bm('icldist_only'):+.2f}")
+    if parts:
+        lines.append(f"- ablation, what KnowDist adds: {'; '.join(parts)}.")
+    if have("knowdist", "full"):
+        lines.append(f"- ablation, what ICLDist adds: knowdist -> full {bm('full') - bm('knowdist'):+.2f} "
+                     f"(same total steps).")
     boot = results.get("bootstrap")
     if boot:
         se = ", ".join(f"{a} {v:.2f}" for a, v in boot["se"].items())
@@ -603,6 +665,18 @@ def write_report(out: Path, results: dict) -> None:
 # -------------------------------------------------------------------------------------------- main
 
 
+def parse_arms(text: str) -> tuple[str, ...]:
+    """``--arms a,b``: the named arms in the study's order (a UserError names an unknown or missing one)."""
+    from distill.errors import UserError
+
+    asked = [a.strip() for a in text.split(",") if a.strip()]
+    unknown = [a for a in asked if a not in ARMS]
+    if unknown or not asked:
+        raise UserError(f"--arms: {'unknown arm(s) ' + ', '.join(unknown) if unknown else 'no arm named'}; "
+                        f"choose from {','.join(ARMS)}")
+    return tuple(a for a in ARMS if a in asked)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="launchers/study.py")
     ap.add_argument("--quick", action="store_true", help="small settings: every arm end to end in under 10 minutes")
@@ -612,8 +686,11 @@ def main(argv=None) -> int:
     ap.add_argument("--report", action="store_true",
                     help="train nothing: rebuild the bootstrap, table and plot from DIR/results.json and "
                          "DIR/eval/*/predictions")
+    ap.add_argument("--arms", default=",".join(ARMS),
+                    help=f"comma-separated arms to train and score (default: all: {','.join(ARMS)})")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None)
     args = ap.parse_args(argv)
+    arms = parse_arms(args.arms)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -626,7 +703,14 @@ def main(argv=None) -> int:
     seed = args.seed
     t0 = time.time()
     cmd = "python launchers/study.py" + (" --quick" if args.quick else "") + f" --seed {seed} --out {out}"
+    if arms != ARMS:
+        cmd += f" --arms {','.join(arms)}"
 
+    from distill.data.sentibench import data_provenance
+
+    prov = data_provenance()
+    _log(f"SentiBench: {prov['source']} data at {prov['path']}"
+         + (" (the packaged sample: these numbers are not the study's)" if prov["source"] == "sample" else ""))
     assets = build_teacher(out, s, mode, seed)
     split = split_students(s, seed)
     data = build_student_data(out, s, assets, split, seed)
@@ -634,33 +718,42 @@ def main(argv=None) -> int:
     total = s["kd_steps"] + s["icl_steps"]
     runs = {"teacher": {"export": teacher, "seconds": assets["teacher_train_s"]}}
     common = dict(student=init, teacher=teacher, s=s, seed=seed)
-    runs["sft_gold"] = _train("sft_gold", out, data=data["gold"], steps=total, **common)
-    runs["sft_text"] = _train("sft_text", out, data=data["teacher_text"], steps=total, **common)
-    runs["knowdist"] = _train("knowdist", out, data=data["teacher_text"], steps=total, kind="forward_kl", **common)
+    for name, d, kind in (("sft_gold", "gold", "none"), ("sft_text", "teacher_text", "none"),
+                          ("knowdist", "teacher_text", "forward_kl")):
+        if name in arms:
+            runs[name] = _train(name, out, data=data[d], steps=total, kind=kind, **common)
     icl_dir = Path(data["icl_data_dir"])
-    for name, cached, k in (("full", False, 64), ("full_topk16", True, 16)):
+    for name, cached, k, extra in (("full", False, 64, None),
+                                   ("full_onpolicy", False, 64, {"on_policy": {"fraction": ON_POLICY_FRACTION}}),
+                                   ("full_topk16", True, 16, None)):
+        if name not in arms:
+            continue
         st1 = _train(f"{name}_stage1_knowdist", out, data=data["teacher_text"], steps=s["kd_steps"], kind="forward_kl",
-                     backend="cache" if cached else "colocated", topk=k if cached else 0, **common)
+                     backend="cache" if cached else "colocated", topk=k if cached else 0, kd_extra=extra, **common)
         st2 = _icldist(f"{name}_stage2_icldist", out, student=st1["export"], teacher=teacher, data_dir=icl_dir,
                        steps=s["icl_steps"], s=s, seed=seed, k=k, cached=cached)
         runs[name] = {"export": st2["export"], "seconds": st1["seconds"] + st2["seconds"],
-                      "stages": {"knowdist": st1["seconds"], "icldist": st2["seconds"]}}
-        _log(f"{name}: KnowDist {st1['seconds']:.0f}s + ICLDist {st2['seconds']:.0f}s")
-    runs["icldist_only"] = _icldist("icldist_only", out, student=init, teacher=teacher, data_dir=icl_dir, steps=total,
-                                    s=s, seed=seed, k=64, cached=False)
+                      "stages": {"knowdist": st1["seconds"], "icldist": st2["seconds"]},
+                      **({"gen": st1["gen"]} if "gen" in st1 else {})}
+        gen = f" (generation logged: {st1['gen']})" if "gen" in st1 else ""
+        _log(f"{name}: KnowDist {st1['seconds']:.0f}s + ICLDist {st2['seconds']:.0f}s{gen}")
+    if "icldist_only" in arms:
+        runs["icldist_only"] = _icldist("icldist_only", out, student=init, teacher=teacher, data_dir=icl_dir,
+                                        steps=total, s=s, seed=seed, k=64, cached=False)
     results = {"seed": seed, "mode": mode, "command": cmd, "settings": {**s, "shapes": SHAPES[mode]},
                "gold_fraction": GOLD_FRACTION, "data": {k: v for k, v in data.items() if k.startswith(("n_", "pseudo"))},
-               "chance": chance(s), "arms": {}}
-    for name in ARMS:
+               "chance": chance(s), "sentibench": prov, "arms": {}}
+    for name in arms:
         r = runs[name]
         ev = evaluate_model(r["export"], s, out, name)
         results["arms"][name] = {**ev, "params": _params(r["export"]), "seconds": r["seconds"],
                                  **({"stages": r["stages"]} if "stages" in r else {}),
+                                 **({"gen": r["gen"]} if "gen" in r else {}),
                                  "export": str(Path(r["export"]).relative_to(out))}
         _log(f"{name}: basic {ev['basic']:.2f} multi {ev['multifaceted']:.2f} fine {ev['fine_grained']:.2f} "
              f"avg {ev['average']:.2f} (train {r['seconds']:.0f}s, eval {ev['eval_seconds']:.0f}s)")
         (out / "results.partial.json").write_text(json.dumps(results, indent=2))  # what a cut-short run has
-    results["bootstrap"] = resample(out, s, ARMS)
+    results["bootstrap"] = resample(out, s, arms)
     results["seconds"] = round(time.time() - t0, 1)
     return _finish(out, results)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ARMS = ("teacher", "sft_gold", "sft_text", "knowdist", "full", "full_topk16")
+ARMS = ("teacher", "sft_gold", "sft_text", "knowdist", "full", "full_onpolicy", "full_topk16")
 FIELDS = ("basic", "multifaceted", "fine_grained", "average", "params", "seconds")
 
 
@@ -38,7 +38,7 @@ def test_quick_study_writes_every_arm(tmp_path, launcher):
     assert (out / "results.png").stat().st_size > 0
     boot = res["bootstrap"]
     assert set(boot["se"]) == set(res["arms"]) and all(v >= 0 for v in boot["se"].values())
-    for pair in ("full - sft_gold", "full - sft_text", "full_topk16 - full"):
+    for pair in ("full - sft_gold", "full - sft_text", "full_topk16 - full", "full_onpolicy - full"):
         assert boot["pairs"][pair]["lo"] <= boot["pairs"][pair]["hi"], boot["pairs"][pair]
     assert "95% interval" in md
 
@@ -93,3 +93,91 @@ def test_align_labels_matches_the_gold_shares_and_keeps_confident_labels(launche
     # uneven quotas round by largest remainders and every text gets one label
     three = align(torch.randn(10, 3, generator=g).tolist(), [0, 0, 1])  # pi = 1:1:2 -> 2.5, 2.5, 5
     assert sorted(torch.bincount(torch.tensor(three), minlength=3).tolist()) == [2, 3, 5]
+
+
+def test_arms_are_checked_and_kept_in_the_studys_order(launcher):
+    from distill.errors import UserError
+
+    study = launcher.load("study.py")
+    assert study.parse_arms("full_onpolicy, teacher,full") == ("teacher", "full", "full_onpolicy")
+    assert study.parse_arms(",".join(study.ARMS)) == study.ARMS
+    for bad, needle in (("teacher,fulll", "unknown arm(s) fulll"), (" , ", "no arm named")):
+        with pytest.raises(UserError, match="--arms") as e:
+            study.parse_arms(bad)
+        assert needle in str(e.value) and "full_onpolicy" in str(e.value)  # it lists the choices
+
+
+def _arm(basic, multi, seconds=10.0, **extra):
+    return {"basic": basic, "multifaceted": multi, "fine_grained": 1.0, "average": (basic + multi + 1) / 3,
+            "params": 100, "seconds": seconds, **extra}
+
+
+def test_report_covers_only_the_arms_run(launcher, tmp_path):
+    """A subset of arms (--arms teacher,full,full_onpolicy) gets its table, plot and the findings whose
+    arms it has; the on-policy line carries the difference, the timings and the generation share."""
+    study = launcher.load("study.py")
+    res = {"mode": "quick", "seed": 0, "chance": {"basic": 40.0, "multifaceted": 30.0},
+           "arms": {"teacher": _arm(60, 50), "full": _arm(50, 40, 100.0),
+                    "full_onpolicy": _arm(52, 41, 150.0, stages={"knowdist": 90.0, "icldist": 60.0},
+                                          gen={"gen_time_s": 40.0, "gen_tokens": 5000})},
+           "bootstrap": {"n_boot": 10, "se": {"teacher": 1.0, "full": 1.0, "full_onpolicy": 1.0},
+                         "pairs": {"full_onpolicy - full": {"lo": -1.0, "hi": 4.0, "p_le_0": 0.2}}}}
+    lines = study.findings(res)
+    text = "\n".join(lines)
+    assert "teacher vs chance" in text and "sft_gold" not in text and "topk16" not in text
+    assert "full_onpolicy - full = +1.50 (basic+multi mean), at 150 s of training vs 100 s" in text
+    assert "generation 40 s of its KnowDist stage's 90 s" in text
+    assert "full_onpolicy - full = +1.50, 95% interval [-1.00, +4.00]" in text
+    table = study.table(res)
+    assert [r.split(" | ")[0] for r in table.splitlines()[2:]] == ["| teacher", "| full", "| full_onpolicy"]
+    assert study.plot(res, tmp_path / "r.png").stat().st_size > 0
+    # no teacher, no bootstrap, no generation logged: the lines that need them are left out
+    del res["arms"]["teacher"], res["bootstrap"], res["arms"]["full_onpolicy"]["gen"]
+    text = "\n".join(study.findings(res))
+    assert "chance" not in text and "generation" not in text and "full_onpolicy - full = +1.50" in text
+
+
+def test_bootstrap_of_a_subset_pairs_full_onpolicy_with_full(launcher, tmp_path):
+    """resample() over two arms' saved predictions: their pair only, and a real difference shows (one arm
+    answers the gold label, the other a word outside every label set)."""
+    from distill.data.sentibench import CATEGORIES, load_task
+    from distill.eval.sentibench import predictions_file
+
+    study = launcher.load("study.py")
+    s = {"eval_limit": 3, "eval_seeds": (42,)}
+    for arm in ("full", "full_onpolicy"):
+        for task in CATEGORIES["basic"] + CATEGORIES["multifaceted"]:
+            recs = load_task(task, "test")[: s["eval_limit"]]
+            path = predictions_file(tmp_path / "eval" / arm / "predictions", task, 42)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps({"index": i, "prediction": r.label.lower() if arm == "full_onpolicy"
+                                                else "zzz"}) + "\n" for i, r in enumerate(recs)))
+    boot = study.resample(tmp_path, s, ("full", "full_onpolicy"), n_boot=20)
+    assert set(boot["se"]) == {"full", "full_onpolicy"}
+    assert list(boot["pairs"]) == ["full_onpolicy - full"]
+    assert boot["pairs"]["full_onpolicy - full"]["lo"] > 0
+
+
+def test_gen_sums_adds_up_every_steps_generation_fields(launcher):
+    study = launcher.load("study.py")
+    assert study.gen_sums([{"step": 1, "loss": 2.0}]) == {}  # nothing generated: no "gen" entry
+    steps = [{"step": 1, "loss": 2.0, "gen_time_s": 1.5, "gen_tokens": 10, "gen_mean_len": 5.0},
+             {"step": 2, "gen_time_s": 2.0, "gen_tokens": 12, "gen_mean_len": 6.0, "gen_flag": True}]
+    assert study.gen_sums(steps) == {"gen_time_s": 3.5, "gen_tokens": 22}
+
+
+def test_assets_record_which_sentibench_made_them(launcher, tmp_path):
+    """A teacher built on the packaged sample is not reused by a run on the full data (or the reverse):
+    DONE.json's made_with names the data source, and a mismatch stops in one line naming it."""
+    from distill.data.sentibench import data_provenance
+    from distill.errors import UserError
+
+    study = launcher.load("study.py")
+    made = study.teacher_made_with(study.SETTINGS["quick"], "quick", 0)
+    assert made["sentibench"] == data_provenance()["source"] and made["teacher_steps"] == 30
+    done = tmp_path / "DONE.json"
+    other = "sample" if made["sentibench"] == "full" else "full"
+    done.write_text(json.dumps({"made_with": {**made, "sentibench": other}}))
+    with pytest.raises(UserError, match=r"DONE.json: field made_with differs .* \['sentibench'\]"):
+        study._reuse(done, made)
+    assert study._reuse(done.parent / "DONE.json", {**made, "sentibench": other})["made_with"]["sentibench"] == other
