@@ -665,6 +665,16 @@ def write_report(out: Path, results: dict) -> None:
 # -------------------------------------------------------------------------------------------- main
 
 
+def export_path(export, out: Path) -> str:
+    """An arm's export as results.json records it: relative to ``out`` when inside it, else as given (a
+    teacher reused through an assets/DONE.json that points into another run's folder)."""
+    p = Path(export)
+    try:
+        return str(p.relative_to(out))
+    except ValueError:
+        return str(p)
+
+
 def parse_arms(text: str) -> tuple[str, ...]:
     """``--arms a,b``: the named arms in the study's order (a UserError names an unknown or missing one)."""
     from distill.errors import UserError
@@ -749,7 +759,7 @@ def main(argv=None) -> int:
         results["arms"][name] = {**ev, "params": _params(r["export"]), "seconds": r["seconds"],
                                  **({"stages": r["stages"]} if "stages" in r else {}),
                                  **({"gen": r["gen"]} if "gen" in r else {}),
-                                 "export": str(Path(r["export"]).relative_to(out))}
+                                 "export": export_path(r["export"], out)}
         _log(f"{name}: basic {ev['basic']:.2f} multi {ev['multifaceted']:.2f} fine {ev['fine_grained']:.2f} "
              f"avg {ev['average']:.2f} (train {r['seconds']:.0f}s, eval {ev['eval_seconds']:.0f}s)")
         (out / "results.partial.json").write_text(json.dumps(results, indent=2))  # what a cut-short run has

@@ -181,3 +181,12 @@ def test_assets_record_which_sentibench_made_them(launcher, tmp_path):
     with pytest.raises(UserError, match=r"DONE.json: field made_with differs .* \['sentibench'\]"):
         study._reuse(done, made)
     assert study._reuse(done.parent / "DONE.json", {**made, "sentibench": other})["made_with"]["sentibench"] == other
+
+
+def test_an_export_outside_the_run_folder_is_recorded_whole(launcher, tmp_path):
+    """A teacher reused from another folder's assets (DONE.json points there) does not stop the run
+    after every arm was trained and scored."""
+    study = launcher.load("study.py")
+    out = tmp_path / "run"
+    assert study.export_path(out / "runs" / "full" / "export", out) == "runs/full/export"
+    assert study.export_path(tmp_path / "other" / "export", out) == str(tmp_path / "other" / "export")
