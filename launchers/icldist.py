@@ -56,4 +56,6 @@ if __name__ == "__main__":
         sys.exit("launchers/icldist.py: the distill package is not installed; run `pip install -e .` in the repository root")
     from distill.errors import run_cli
 
-    sys.exit(run_cli(main, "icldist.py"))
+    from distill.dist.env import exit_process
+
+    exit_process(run_cli(main, "icldist.py"))  # several ranks: ends without the interpreter's teardown of gloo

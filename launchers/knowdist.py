@@ -60,4 +60,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from distill.errors import run_cli
 
-    sys.exit(run_cli(main, "knowdist.py"))
+    from distill.dist.env import exit_process
+
+    exit_process(run_cli(main, "knowdist.py"))  # several ranks: ends without the interpreter's teardown of gloo

@@ -158,6 +158,25 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
+def exit_process(status: int):
+    """End this process with ``status``. Under several ranks: the process group is torn down (after a
+    last barrier), stdout and stderr are flushed, and the process ends with ``os._exit``: left to the
+    interpreter's shutdown, the C++ threads of the process group and its rendezvous store can abort
+    a rank that finished its work ("terminate called without an active exception", exit -6 instead
+    of its status). Everything a run writes is written and closed before this is called. One process:
+    ``SystemExit(status)``, as usual."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        destroy()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(status)
+    raise SystemExit(status)
+
+
 def barrier() -> None:
     if is_dist():
         import torch.distributed as dist

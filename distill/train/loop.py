@@ -282,8 +282,10 @@ class Trainer:
         print0(f"[trainer] {name}: checkpoint at step {self.step}/{self.total_steps} saved; exiting with "
                f"status {REQUEUE_EXIT} (requeue, then resume with checkpoint.resume=latest)")
         self.log.close()  # before the process group goes
-        distenv.destroy()
-        raise SystemExit(REQUEUE_EXIT)
+        for cb in self.callbacks:
+            cb.close()
+        self.checkpointer.release_folder()
+        distenv.exit_process(REQUEUE_EXIT)
 
     # -- what the run leaves ----------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:

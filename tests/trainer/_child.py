@@ -38,4 +38,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from distill.dist.env import exit_process
+
     main()
+    exit_process(0)
