@@ -575,6 +575,25 @@ class TrainSection:
 
 
 @dataclasses.dataclass
+class VLLMSection:
+    """Settings of one vLLM engine (the harvest's ``teacher.vllm``, the trainer's ``teacher.vllm`` and
+    ``kd.on_policy.vllm``)."""
+
+    tensor_parallel_size: int = 1  # GPUs one engine spreads the model over (1 on a CPU)
+    gpu_memory_utilization: float = 0.9  # share of each GPU's memory the engine may take (weights + KV cache)
+    max_model_len: int = 0  # longest sequence (prompt + new tokens) the engine serves (0 = the model's context)
+    enforce_eager: bool = False  # true = no CUDA graphs / torch.compile: a faster start, slower steps
+    kv_cache_gb: float = 1.0  # CPU only: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE, unless already set)
+
+    def validate(self, key: str) -> None:
+        require(self.tensor_parallel_size >= 1, f"{key}.tensor_parallel_size={self.tensor_parallel_size} must be >= 1")
+        require(0.0 < self.gpu_memory_utilization <= 1.0,
+                f"{key}.gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        require(self.max_model_len >= 0, f"{key}.max_model_len={self.max_model_len} must be >= 0 (0 = the model's context)")
+        require(self.kv_cache_gb > 0, f"{key}.kv_cache_gb={self.kv_cache_gb} must be > 0")
+
+
+@dataclasses.dataclass
 class OnPolicySection:
     """On-policy distillation (GKD): the student writes the response of a share of each step's examples,
     the teacher scores every token it wrote, and those rows train on the divergence alone
@@ -585,6 +604,9 @@ class OnPolicySection:
     temperature: float = 1.0  # the student's sampling temperature (0 = greedy)
     top_p: float = 1.0  # nucleus sampling: keep the most likely tokens up to this probability mass (1 = all)
     batch_size: int = 0  # sequences per generation batch (0 = train.micro_batch)
+    engine: str = "hf"  # hf (the student itself, under the training engine) | vllm (a vLLM engine on rank 0 holding a copy of the student)
+    sync_every: int = 1  # engine=vllm: copy the student's weights into the engine every this many optimizer steps (samples are up to sync_every - 1 updates stale)
+    vllm: VLLMSection = dataclasses.field(default_factory=lambda: VLLMSection(gpu_memory_utilization=0.3))  # engine=vllm: its settings (max_model_len 0 = data.max_len)
 
     def validate(self) -> None:
         require(0.0 <= self.fraction <= 1.0, f"kd.on_policy.fraction={self.fraction} must be in [0, 1]")
@@ -593,6 +615,9 @@ class OnPolicySection:
                 f"kd.on_policy.temperature={self.temperature} must be a finite number >= 0 (0 = greedy)")
         require(0.0 < self.top_p <= 1.0, f"kd.on_policy.top_p={self.top_p} must be in (0, 1]")
         require(self.batch_size >= 0, f"kd.on_policy.batch_size={self.batch_size} must be >= 0 (0 = train.micro_batch)")
+        require(self.engine in ("hf", "vllm"), f"kd.on_policy.engine={self.engine!r}: hf | vllm")
+        require(self.sync_every >= 1, f"kd.on_policy.sync_every={self.sync_every} must be >= 1")
+        self.vllm.validate("kd.on_policy.vllm")
 
 
 @dataclasses.dataclass
@@ -620,7 +645,7 @@ class DeepSpeedSection:
     dist_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
 
 
-TEACHER_PLACEMENTS = ("auto", "partitioned", "replicated", "ray")
+TEACHER_PLACEMENTS = ("auto", "partitioned", "replicated", "ray", "vllm")
 
 
 @dataclasses.dataclass
@@ -641,12 +666,17 @@ class RayTeacherSection:
 
 @dataclasses.dataclass
 class TeacherSection(RayTeacherSection):
-    placement: str = "auto"  # auto (chosen from the memory model, logged) | partitioned (ZeRO-3 inference engine over the ranks) | replicated (a copy per rank) | ray (served by Ray actors on their own GPUs; top-k only)
+    placement: str = "auto"  # auto (chosen from the memory model, logged) | partitioned (ZeRO-3 inference engine over the ranks) | replicated (a copy per rank) | ray (served by Ray actors on their own GPUs; top-k only) | vllm (a vLLM engine per rank; top-k only)
     gpu_mem_gb: float = 0.0  # auto: memory per GPU the plan assumes (0 = this device's total; CPU: RAM / local ranks)
+    vllm: VLLMSection = dataclasses.field(default_factory=lambda: VLLMSection(gpu_memory_utilization=0.3))  # placement=vllm: the engine beside the student (max_model_len 0 = data.max_len)
 
     def validate(self) -> None:
         require(self.placement in TEACHER_PLACEMENTS, f"teacher.placement={self.placement!r}: one of {list(TEACHER_PLACEMENTS)}")
         require(self.quantization in ("", "8bit", "4bit"), f"teacher.quantization={self.quantization!r}: '' | 8bit | 4bit")
+        self.vllm.validate("teacher.vllm")
+        require(not (self.quantization and self.placement == "vllm"),
+                f"teacher.quantization={self.quantization} with teacher.placement=vllm: bitsandbytes weights are our HF "
+                f"engine's; give vLLM a quantized checkpoint (model.teacher) or use teacher.placement=replicated")
         require(not (self.quantization and self.placement == "partitioned"),
                 f"teacher.quantization={self.quantization} with teacher.placement=partitioned: ZeRO-3 partitions float "
                 f"weights only; use replicated or ray for a quantized teacher")
@@ -827,7 +857,7 @@ _KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "t
 # here (tests/trainer/test_config.py keeps them in step with the registries). A name that a program
 # registered itself before the check is read from the registry.
 BUILTIN_DATASETS = ("sft", "sft_routed")  # sft_routed: multiteacher.weighting=route (distill.multiteacher.stage)
-BUILTIN_TEACHER_BACKENDS = ("colocated", "ray", "cache", "multiteacher")
+BUILTIN_TEACHER_BACKENDS = ("colocated", "ray", "cache", "multiteacher", "vllm")
 # A stage's own names for its trainer config (distill.icldist.stage builds that dataset and backend itself),
 # which it passes as ``stage_names``; they need that stage's parts, so no other config may name them.
 STAGE_ONLY_NAMES = ("icldist",)
@@ -929,8 +959,11 @@ class RunConfig:
         self._check_on_policy()
         self.multiteacher.validate(self)
         self.teacher.validate()
-        require(not (self.teacher.placement == "ray" and k.topk == 0 and k.kind != "none"),
-                "teacher.placement=ray serves top-k only: set kd.topk (e.g. 64)")
+        for served in ("ray", "vllm"):
+            require(not (self.teacher.placement == served and k.topk == 0 and k.kind != "none"),
+                    f"teacher.placement={served} serves top-k only: set kd.topk (e.g. 64)")
+        require(not ((self.teacher.placement == "vllm" or k.teacher_backend == "vllm") and k.path != "lean"),
+                f"the vllm teacher scores the supervised positions only: set kd.path=lean (got {k.path})")
         require(self.eval.every >= 0 and self.eval.limit >= 0,
                 f"eval.every={self.eval.every} and eval.limit={self.eval.limit} must be >= 0")
         require(self.eval.shots >= 0, f"eval.shots={self.eval.shots} must be >= 0")

@@ -27,7 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from distill.config import ConfigError, to_dict
+from distill.config import ConfigError, VLLMSection, to_dict
 from distill.fileio import atomic_write_bytes
 from distill.data import corpus as C
 
@@ -63,6 +63,8 @@ class PerspectiveSection:
 class TeacherSection:
     model: str = ""  # HF folder or hub name; empty = the built-in small teacher (trained here, cached)
     backend: Literal["ray", "local"] = "ray"  # Ray service or in-process teacher
+    engine: Literal["hf", "vllm"] = "hf"  # hf (our decode loop over HF modules) | vllm (a vLLM engine in this process; teacher.backend=local)
+    vllm: VLLMSection = field(default_factory=VLLMSection)  # engine=vllm: tensor parallelism, memory share, context
     replicas: int = 1  # Ray: teacher replicas
     shards: int = 1  # Ray: pipeline stages per replica (layer ranges)
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
@@ -117,6 +119,16 @@ class HarvestConfig:
             raise ConfigError(f"sampling.max_new_tokens={self.sampling.max_new_tokens} must be >= 1")
         if self.teacher.replicas < 1 or self.teacher.shards < 1:
             raise ConfigError(f"teacher.replicas={self.teacher.replicas}, teacher.shards={self.teacher.shards} must be >= 1")
+        if self.teacher.engine not in ("hf", "vllm"):
+            raise ConfigError(f"teacher.engine={self.teacher.engine!r}: hf | vllm")
+        if self.teacher.engine == "vllm":
+            self.teacher.vllm.validate("teacher.vllm")
+            if self.teacher.backend != "local":
+                raise ConfigError("teacher.engine=vllm runs the engine in the harvest's process: set teacher.backend=local "
+                                  "(spread a large teacher over GPUs with teacher.vllm.tensor_parallel_size)")
+            if self.teacher.quantization or self.teacher.shards != 1:
+                raise ConfigError("teacher.engine=vllm takes neither teacher.quantization nor teacher.shards (our HF "
+                                  "engine's); use teacher.vllm.tensor_parallel_size, or a quantized checkpoint vLLM reads")
         if self.teacher.quantization not in ("", "8bit", "4bit"):
             raise ConfigError(f"teacher.quantization={self.teacher.quantization!r} must be '', 8bit or 4bit")
         for name in ("max_restarts", "max_retries"):
@@ -300,7 +312,11 @@ def job_seed(base: int, text_id: str, perspective: str, sample: int) -> int:
 # The teacher
 
 
-def build_teacher(cfg: TeacherSection, model: str):
+def build_teacher(cfg: TeacherSection, model: str, seed: int = 0):
+    if cfg.engine == "vllm":
+        from distill.teacher.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model, cfg.vllm, dtype=cfg.dtype, seed=seed, key="teacher.engine")
     if cfg.backend == "local":
         from distill.teacher.local import LocalTeacher
 
@@ -329,6 +345,8 @@ def resolve_teacher_model(cfg: TeacherSection) -> str:
 def _fingerprint(cfg: HarvestConfig, model: str, jobs_digest: str) -> str:
     keep = {"perspectives": to_dict(cfg.perspectives), "sampling": to_dict(cfg.sampling), "teacher": model,
             "shard_size": cfg.output.shard_size, "format": cfg.output.format, "jobs": jobs_digest}
+    if cfg.teacher.engine != "hf":  # another engine samples with other random streams: not the same corpus
+        keep["engine"] = cfg.teacher.engine
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -393,8 +411,9 @@ def harvest(cfg: HarvestConfig, *, teacher=None, model_name: str | None = None,
 
     run = _ShardRun(cfg, out, man, jobs, n_shards, persps, template, model, resume_command)
     if owns and todo:
-        _print(f"teacher {model} ({cfg.teacher.backend}, {cfg.teacher.replicas} x {cfg.teacher.shards})")
-        teacher = build_teacher(cfg.teacher, model)
+        _print(f"teacher {model} (" + (f"vLLM, tensor parallel {cfg.teacher.vllm.tensor_parallel_size}" if cfg.teacher.engine == "vllm"
+                                       else f"{cfg.teacher.backend}, {cfg.teacher.replicas} x {cfg.teacher.shards}") + ")")
+        teacher = build_teacher(cfg.teacher, model, seed=cfg.sampling.seed)
     t_gen = time.perf_counter()
     try:
         counts = run.generate(teacher, todo, seen)

@@ -77,7 +77,7 @@ def segments(batch: dict, index: torch.Tensor) -> tuple[list[list[int]], list[li
     return seqs, poss
 
 
-def _cat(parts: list[TopKTeacher], k: int, temperature: float) -> TopKTeacher:
+def cat_topk(parts: list[TopKTeacher], k: int, temperature: float) -> TopKTeacher:
     if not parts:
         return TopKTeacher(ids=torch.zeros((0, k), dtype=torch.int32), logprobs=torch.zeros((0, k)),
                            tail_mass=torch.zeros(0), temperature=temperature)
@@ -138,7 +138,7 @@ class RayTeacher(TeacherBackend):
         parts = resolve(handle) if handle is not None else []
         self.wait_s += time.perf_counter() - t0
         warn_faults(self.client, "trainer", every_s=30.0)
-        out = _cat(parts, self.k, self.temperature)
+        out = cat_topk(parts, self.k, self.temperature)
         return TopKTeacher(ids=out.ids.to(self.device), logprobs=out.logprobs.to(self.device),
                            tail_mass=out.tail_mass.to(self.device), temperature=self.temperature)
 

@@ -12,7 +12,8 @@ TEACHER_BACKENDS: dict[str, Callable] = {}
 # The built-in backends, imported when a run names them: name -> "module:factory".
 LAZY_BACKENDS = {"colocated": "distill.teacher.colocated:ColocatedTeacher",
                  "ray": "distill.teacher.ray_backend:RayTeacher",
-                 "cache": "distill.teacher.topk_cache:CachedTopKTeacher"}
+                 "cache": "distill.teacher.topk_cache:CachedTopKTeacher",
+                 "vllm": "distill.teacher.vllm_backend:VLLMTeacher"}
 
 
 def register_teacher_backend(name: str):

@@ -11,6 +11,7 @@ the default comes from the registries (``data.name``, ``kd.teacher_backend``) an
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -145,7 +146,7 @@ def _build(cfg: RunConfig, env, ckpt: Checkpointer, stage: StageParts) -> Traine
     model, lean_head = _load_student(cfg, ctx, zero_stage, on_gpu)
     stage.prepare_student(model, ctx)  # before the engine: what it attaches is trained
     engine = _engine(cfg, model, schedule.total_steps, ds_config)
-    rollout = _rollout(cfg, engine, model, tokenizer, schedule, device)
+    rollout = _rollout(cfg, engine, model, tokenizer, schedule, device, student_path)
     batches.rollout = rollout
     teacher = None
     if cfg.kd.kind != "none":
@@ -234,7 +235,7 @@ def _load_student(cfg: RunConfig, ctx: BackendContext, zero_stage: int, on_gpu: 
     return model, install_lean_head(model, f"student {path} (kd.path=lean)")
 
 
-def _rollout(cfg: RunConfig, engine, model, tokenizer, schedule: Schedule, device):
+def _rollout(cfg: RunConfig, engine, model, tokenizer, schedule: Schedule, device, student_path: str):
     """``kd.on_policy.fraction > 0``: the student's rollouts (distill.train.rollout), else None."""
     op = cfg.kd.on_policy
     if not op.fraction:
@@ -247,13 +248,34 @@ def _rollout(cfg: RunConfig, engine, model, tokenizer, schedule: Schedule, devic
         raise ConfigError(f"kd.on_policy: the student's tokenizer ({cfg.model.tokenizer or cfg.model.student}) has no "
                           f"end-of-sequence token, so a generated response could not end; set one in its tokenizer")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
-    r = Rollout(engine, fraction=op.fraction, max_new_tokens=op.max_new_tokens, temperature=op.temperature,
-                top_p=op.top_p, batch_size=op.batch_size or cfg.train.micro_batch, max_len=cfg.data.max_len,
-                seed=cfg.train.seed, global_batch=schedule.global_batch, eos_ids=sorted(eos), pad_id=pad, device=device)
+    if op.engine == "vllm":
+        from distill.train.rollout import VLLMSampler
+
+        sampler = VLLMSampler(engine, lambda: _rollout_engine(cfg, student_path), sync_every=op.sync_every,
+                              temperature=op.temperature, top_p=op.top_p, eos_ids=sorted(eos))
+        how = f"vLLM on rank 0, weights copied every {op.sync_every} step(s)"
+    else:
+        from distill.train.rollout import StudentSampler
+
+        sampler = StudentSampler(engine, batch_size=op.batch_size or cfg.train.micro_batch, temperature=op.temperature,
+                                 top_p=op.top_p, eos_ids=sorted(eos), pad_id=pad, device=device)
+        how = "the live student"
+    r = Rollout(sampler, fraction=op.fraction, max_new_tokens=op.max_new_tokens, max_len=cfg.data.max_len,
+                seed=cfg.train.seed, global_batch=schedule.global_batch, device=device)
     print0(f"[trainer] on-policy: the student writes {r.per_step} of the {schedule.global_batch} responses of each "
            f"step (kd.on_policy.fraction={op.fraction}; up to {op.max_new_tokens} tokens, temperature "
-           f"{op.temperature:g}, top_p {op.top_p:g}); those rows train on the divergence alone")
+           f"{op.temperature:g}, top_p {op.top_p:g}; {how}); those rows train on the divergence alone")
     return r
+
+
+def _rollout_engine(cfg: RunConfig, student_path: str):
+    """Rank 0's vLLM engine for ``kd.on_policy.engine=vllm``: the student's architecture and tokenizer,
+    in ``model.dtype`` (fp32 on a CPU); its weights are replaced by the trained ones at the first step."""
+    from distill.teacher.vllm_engine import VLLMEngine
+
+    op = cfg.kd.on_policy
+    settings = op.vllm if op.vllm.max_model_len else dataclasses.replace(op.vllm, max_model_len=cfg.data.max_len)
+    return VLLMEngine(student_path, settings, dtype=cfg.model.dtype, seed=cfg.train.seed, key="kd.on_policy.engine")
 
 
 def _ids(value) -> list:
@@ -278,8 +300,8 @@ def _core_teacher(cfg: RunConfig, ctx: BackendContext, zero_stage: int):
         ctx.teacher_placement, why = teacher_placement(cfg, ctx, zero_stage)
         print0(f"[trainer] teacher placement={ctx.teacher_placement}"
                f"{' ' + cfg.teacher.quantization if cfg.teacher.quantization else ''}: {why}")
-        if ctx.teacher_placement == "ray":
-            name = "ray"
+        if ctx.teacher_placement in ("ray", "vllm"):
+            name = ctx.teacher_placement
     return teacher_factory(name)(cfg, ctx)
 
 

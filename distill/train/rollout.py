@@ -11,11 +11,22 @@ a resume. Generated rows are marked ``on_policy`` in the batch: the loop trains 
 divergence to the teacher alone (no CE on the student's own text, distill.losses), and they count in
 the step's normaliser like every supervised row.
 
-Generation runs once per step, at its start (after the previous optimizer step: the newest weights),
-for all this rank's chosen examples, in batches of ``batch_size``, inside the engine's
-``generation()`` block (under ZeRO-3 the weights are gathered once for the whole block; every rank
-enters it, also one with nothing to write). Logged per step: ``gen_tokens`` and ``gen_seqs`` (all
-ranks), ``gen_mean_len`` and ``gen_time_s`` (this rank's seconds).
+Generation runs once per step, at its start (after the previous optimizer step), through one of two
+samplers (``kd.on_policy.engine``):
+
+* ``hf`` (:class:`StudentSampler`): the live student, for all this rank's chosen examples, in batches
+  of ``batch_size``, inside the engine's ``generation()`` block (under ZeRO-3 the weights are gathered
+  once for the whole block; every rank enters it, also one with nothing to write). Always the newest
+  weights.
+* ``vllm`` (:class:`VLLMSampler`): a vLLM engine on rank 0 holding a copy of the student writes the
+  chosen examples of every rank (gathered to rank 0, the responses sent back). Its weights are copied
+  from the student at the first step and then every ``sync_every`` optimizer steps (at steps that are a
+  multiple of it), so a sample can come from weights up to ``sync_every - 1`` updates old. A resumed
+  run copies at its first step. vLLM draws its own random numbers: seeded per example as above, but
+  not the tokens the ``hf`` sampler draws.
+
+Logged per step: ``gen_tokens`` and ``gen_seqs`` (all ranks), ``gen_mean_len`` and ``gen_time_s``
+(this rank's seconds), and with vLLM ``gen_sync_s`` (the last weight copy's seconds, 0 without one).
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import time
 
 import torch
 
+from distill.dist import env as distenv
 from distill.models.generate import sample_responses
 from distill.train.callbacks import Callback
 
@@ -37,15 +49,79 @@ def example_seed(seed: int, step: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-class Rollout(Callback):
-    """See the module docstring. ``engine``: the student's (its ``generation()`` block);
-    ``eos_ids`` end a response (kept as its last token)."""
+class StudentSampler:
+    """``kd.on_policy.engine=hf``: the live student samples, in batches of ``batch_size``, inside the
+    training engine's ``generation()`` block (see the module docstring)."""
 
-    def __init__(self, engine, *, fraction: float, max_new_tokens: int, temperature: float, top_p: float,
-                 batch_size: int, max_len: int, seed: int, global_batch: int, eos_ids, pad_id: int, device):
-        self.engine, self.fraction, self.max_new_tokens = engine, fraction, max_new_tokens
-        self.temperature, self.top_p, self.batch_size, self.max_len = temperature, top_p, batch_size, max_len
-        self.seed, self.global_batch, self.eos_ids, self.pad_id = seed, global_batch, list(eos_ids), pad_id
+    sync_s = None
+
+    def __init__(self, engine, *, batch_size: int, temperature: float, top_p: float, eos_ids, pad_id: int, device):
+        self.engine, self.batch_size, self.temperature, self.top_p = engine, batch_size, temperature, top_p
+        self.eos_ids, self.pad_id, self.device = list(eos_ids), pad_id, torch.device(device)
+
+    def __call__(self, step: int, jobs: list[tuple[list[int], int, int]]) -> list[list[int]]:
+        """``jobs``: (prompt ids, token limit, seed) -> one response per job."""
+        out: list[list[int]] = []
+        with self.engine.generation() as model:
+            for b0 in range(0, len(jobs), self.batch_size):
+                part = jobs[b0:b0 + self.batch_size]
+                gens = [torch.Generator(device=self.device).manual_seed(s) for *_, s in part]
+                out += sample_responses(model, [p for p, _, _ in part], limits=[lim for _, lim, _ in part],
+                                        temperature=self.temperature, top_p=self.top_p, eos_ids=self.eos_ids,
+                                        pad_id=self.pad_id, generators=gens)
+        return out
+
+
+class VLLMSampler:
+    """``kd.on_policy.engine=vllm``: rank 0's vLLM engine writes every rank's responses; its weights are
+    the student's, copied every ``sync_every`` steps (see the module docstring). ``make_engine()``
+    builds the engine (called on rank 0 only)."""
+
+    def __init__(self, engine, make_engine, *, sync_every: int, temperature: float, top_p: float, eos_ids):
+        self.engine, self.sync_every, self.temperature, self.top_p = engine, sync_every, temperature, top_p
+        self.eos_ids = list(eos_ids)
+        self.vllm = make_engine() if distenv.current_rank() == 0 else None
+        self.synced_at: int | None = None
+        self.sync_s: float | None = None
+
+    def sync(self) -> int:
+        """Copy the student's weights into the engine (every rank enters: ZeRO-3 gathers them); the
+        number of tensors copied (rank 0; 0 elsewhere)."""
+        with self.engine.generation() as model:
+            return self.vllm.load_weights(model.state_dict().items()) if self.vllm is not None else 0
+
+    def __call__(self, step: int, jobs: list[tuple[list[int], int, int]]) -> list[list[int]]:
+        self.sync_s = 0.0
+        if self.synced_at is None or (step % self.sync_every == 0 and step != self.synced_at):
+            t0 = time.perf_counter()
+            self.sync()
+            self.synced_at, self.sync_s = step, time.perf_counter() - t0
+        every = distenv.all_gather_object(jobs)
+        replies = None
+        if self.vllm is not None:
+            flat = [j for rank_jobs in every for j in rank_jobs]
+            got = self.vllm.sample([p for p, _, _ in flat], limits=[lim for _, lim, _ in flat],
+                                   temperature=self.temperature, top_p=self.top_p, eos_ids=self.eos_ids,
+                                   seeds=[s for _, _, s in flat]) if flat else []
+            replies, start = [], 0
+            for rank_jobs in every:
+                replies.append(got[start:start + len(rank_jobs)])
+                start += len(rank_jobs)
+        return distenv.broadcast_object0(replies)[distenv.current_rank()]
+
+    def close(self) -> None:
+        if self.vllm is not None:
+            self.vllm.shutdown()
+            self.vllm = None
+
+
+class Rollout(Callback):
+    """See the module docstring. ``sampler``: a :class:`StudentSampler` or :class:`VLLMSampler`."""
+
+    def __init__(self, sampler, *, fraction: float, max_new_tokens: int, max_len: int, seed: int, global_batch: int,
+                 device):
+        self.sampler, self.fraction, self.max_new_tokens, self.max_len = sampler, fraction, max_new_tokens, max_len
+        self.seed, self.global_batch = seed, global_batch
         self.device = torch.device(device)
         self.per_step = max(1, round(fraction * global_batch)) if fraction > 0 else 0
         self._stats = (0, 0, 0.0)  # this rank's sequences, tokens and seconds of the last rollout
@@ -75,20 +151,19 @@ class Rollout(Callback):
             seed = example_seed(self.seed, step, indices[m][j])
             jobs.append((m, j, prompt, limit, seed))
         n_tokens = 0
-        if self.per_step:  # every rank enters the block (a ZeRO-3 collective), also with no job of its own
-            with self.engine.generation() as model:
-                for b0 in range(0, len(jobs), self.batch_size):
-                    part = jobs[b0:b0 + self.batch_size]
-                    gens = [torch.Generator(device=self.device).manual_seed(s) for *_, s in part]
-                    responses = sample_responses(model, [p for _, _, p, _, _ in part], limits=[lim for *_, lim, _ in part],
-                                                 temperature=self.temperature, top_p=self.top_p, eos_ids=self.eos_ids,
-                                                 pad_id=self.pad_id, generators=gens)
-                    for (m, j, prompt, _, _), resp in zip(part, responses):
-                        out[m][j] = {**out[m][j], "input_ids": prompt + resp,
-                                     "labels": [IGNORE_INDEX] * len(prompt) + resp, "on_policy": True}
-                        n_tokens += len(resp)
+        if self.per_step:  # every rank samples (a collective), also with no job of its own
+            responses = self.sampler(step, [(p, lim, s) for _, _, p, lim, s in jobs])
+            for (m, j, prompt, _, _), resp in zip(jobs, responses):
+                out[m][j] = {**out[m][j], "input_ids": prompt + resp,
+                             "labels": [IGNORE_INDEX] * len(prompt) + resp, "on_policy": True}
+                n_tokens += len(resp)
         self._stats = (len(jobs), n_tokens, time.perf_counter() - t0)
         return out
+
+    def close(self) -> None:
+        close = getattr(self.sampler, "close", None)
+        if close is not None:
+            close()
 
     # -- the step's record ----------------------------------------------------------------------------
     def step_sums(self) -> dict[str, torch.Tensor]:
@@ -101,6 +176,8 @@ class Rollout(Callback):
         record["gen_seqs"], record["gen_tokens"] = int(seqs), int(tokens)
         record["gen_mean_len"] = tokens / seqs if seqs else 0.0
         record["gen_time_s"] = self._stats[2]
+        if self.sampler.sync_s is not None:
+            record["gen_sync_s"] = self.sampler.sync_s
         self._stats = (0, 0, 0.0)
 
     def line_extra(self, record: dict) -> str:

@@ -1,0 +1,111 @@
+"""vLLM as the teacher's engine: its top-k and its generations equal our HF engine's (fp32, CPU), the
+harvest with ``teacher.engine=vllm`` writes the HF engine's corpus, and a run with
+``teacher.placement=vllm`` reaches the losses of the co-located top-k teacher."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+from .conftest import trainer_helpers  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def engines(vllm_assets):
+    from distill.teacher.local import LocalTeacher
+    from distill.teacher.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(vllm_assets["teacher"], max_logprobs=16)
+    hf = LocalTeacher(vllm_assets["teacher"], dtype="float32", values_dtype=torch.float32)
+    yield engine, hf
+    engine.shutdown()
+
+
+def test_topk_equals_the_hf_teachers(engines):
+    engine, hf = engines
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (5, 17, 30)]  # real tokens: below every cut
+    poss = [[0, 2, 4], list(range(3, 17)), [1, 28, 29]]  # the last position of a sequence too
+    for temperature, vocab in ((1.0, None), (2.0, None), (0.7, 300)):
+        got = engine.topk(seqs, poss, 8, temperature=temperature, vocab_size=vocab)
+        want = hf.topk(seqs, poss, 8, temperature=temperature, vocab_size=vocab)
+        for a, b in zip(got, want):
+            assert torch.equal(a.ids, b.ids.to(torch.int32)), (temperature, vocab)
+            assert a.logprobs.dtype == torch.float32 and a.temperature == temperature
+            torch.testing.assert_close(a.logprobs, b.logprobs.float(), rtol=0, atol=2e-5)
+            torch.testing.assert_close(a.tail_mass, b.tail_mass.float(), rtol=0, atol=2e-5)
+            if vocab is not None:
+                assert int(a.ids.max()) < vocab
+    # the engine's logits layer is back as it was: temperature 1 again gives the first answer
+    again = engine.topk(seqs, poss, 8)
+    assert all(torch.equal(a.logprobs, b.logprobs) for a, b in zip(again, engine.topk(seqs, poss, 8)))
+    torch.testing.assert_close(again[0].logprobs, hf.topk(seqs, poss, 8)[0].logprobs.float(), rtol=0, atol=2e-5)
+
+
+def test_greedy_generation_equals_the_hf_teachers(engines, vllm_assets):
+    from distill.teacher.pipeline import SamplingParams
+
+    engine, hf = engines
+    prompts = ["Text: the film was great\nAnalysis:", "Text: the food was awful and the staff rude\nAnalysis:",
+               "Text: dull\nAnalysis:"]
+    free = hf.generate(prompts, SamplingParams(max_new_tokens=10, temperature=0.0))
+    stop = free[0].token_ids[3]  # prompt 0 now ends on its 4th token
+    sp = SamplingParams(max_new_tokens=10, temperature=0.0, stop_token_ids=[stop])
+    want, got = hf.generate(prompts, sp), engine.generate(prompts, sp)
+    assert [(g.text, g.token_ids, g.finish_reason, g.prompt_tokens) for g in got] == \
+           [(g.text, g.token_ids, g.finish_reason, g.prompt_tokens) for g in want]
+    assert got[0].finish_reason == "stop" and len(got[0].token_ids) == 3 and stop not in got[0].token_ids
+    assert "length" in [g.finish_reason for g in got]
+    # sampled: seeded per prompt, the same again
+    sp = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9)
+    assert [g.token_ids for g in engine.generate(prompts, sp, seeds=[1, 2, 3])] == \
+           [g.token_ids for g in engine.generate(prompts, sp, seeds=[1, 2, 3])]
+
+
+def test_harvest_with_vllm_writes_the_hf_engines_corpus(vllm_assets, tmp_path):
+    """The user's path: ``teacher.engine=vllm`` builds its own engine; greedy at fp32 the corpus is the
+    HF engine's, record for record."""
+    import json
+
+    from distill.config import load_config
+    from distill.knowdist.harvest import HarvestConfig, harvest, load_corpus
+
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": p["prompt"].split("\n")[0][6:]}) + "\n"
+                             for p in trainer_helpers.synthetic_pairs(12)))
+    corpora = {}
+    for engine in ("hf", "vllm"):
+        cfg, _ = load_config(HarvestConfig, [
+            f"--input.source=jsonl", f"--input.path={texts}", f"--teacher.model={vllm_assets['teacher']}",
+            "--teacher.backend=local", f"--teacher.engine={engine}", "--teacher.dtype=float32",
+            "--perspectives.names=[\"overall polarity\",\"emotion\"]", "--sampling.max_new_tokens=8",
+            # a third of the vocabulary ends an answer: most answers end within 8 tokens (kept)
+            f"--sampling.stop_token_ids=[{','.join(str(i) for i in range(5, 384, 3))}]",
+            f"--output.dir={tmp_path / engine}", "--output.shard_size=10", "--output.progress=false"])
+        corpora[engine] = load_corpus(harvest(cfg))
+    key = lambda r: (r["id"], r["prompt"], r["response"])  # noqa: E731
+    assert len(corpora["hf"]) >= 6
+    assert sorted(map(key, corpora["vllm"])) == sorted(map(key, corpora["hf"]))
+    summary = json.loads((tmp_path / "vllm" / "summary.json").read_text())
+    assert summary["this_run"]["new_tokens_per_s"] > 0
+
+
+def test_training_with_the_vllm_teacher_equals_the_colocated_topk(vllm_assets, tmp_path):
+    from distill.config import RunConfig, from_dict
+    from distill.train.build import build_trainer
+
+    runs = {}
+    for placement in ("replicated", "vllm"):
+        d = trainer_helpers.tiny_cfg_dict(vllm_assets, tmp_path / placement, train={"steps": 3, "warmup_steps": 0},
+                                          kd={"topk": 8, "temperature": 2.0}, checkpoint={"export": False})
+        d["teacher"] = {"placement": placement}
+        tr = build_trainer(from_dict(RunConfig, d))
+        tr.train()
+        runs[placement] = trainer_helpers.read_metrics(tmp_path / placement)
+    assert len(runs["vllm"]) == 3
+    for key in ("loss", "ce", "kd", "response_tokens", "grad_norm"):
+        assert [r[key] for r in runs["vllm"]] == pytest.approx([r[key] for r in runs["replicated"]], rel=1e-5), key
+    assert runs["vllm"][0]["kd"] > 0.01
