@@ -604,7 +604,7 @@ class OnPolicySection:
     temperature: float = 1.0  # the student's sampling temperature (0 = greedy)
     top_p: float = 1.0  # nucleus sampling: keep the most likely tokens up to this probability mass (1 = all)
     batch_size: int = 0  # sequences per generation batch (0 = train.micro_batch)
-    engine: str = "hf"  # hf (the student itself, under the training engine) | vllm (a vLLM engine on rank 0 holding a copy of the student)
+    engine: str = "hf"  # hf (the student itself, under the training engine) | vllm (a vLLM engine per rank holding a copy of the student)
     sync_every: int = 1  # engine=vllm: copy the student's weights into the engine every this many optimizer steps (samples are up to sync_every - 1 updates stale)
     vllm: VLLMSection = dataclasses.field(default_factory=lambda: VLLMSection(gpu_memory_utilization=0.3))  # engine=vllm: its settings (max_model_len 0 = data.max_len)
 

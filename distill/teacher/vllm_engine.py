@@ -21,7 +21,9 @@ use it in its place (docs/teacher.md, "Which engine"):
   the prefix cache is dropped so no stale key/value is reused.
 
 The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): weight updates hand over
-tensors without pickling, and the logits-layer settings above reach the model directly. vLLM lowers
+tensors without pickling, and the logits-layer settings above reach the model directly. Inside a
+multi-rank run (a process group exists) every rank builds its own engine at the same time, over the
+run's process group (vLLM's ``external_launcher``), with ``tensor_parallel_size`` 1. vLLM lowers
 torch's thread count to 1 when it starts; the count is restored, since a trainer shares the process.
 """
 
@@ -86,6 +88,14 @@ class VLLMEngine:
             kwargs["max_model_len"] = s.max_model_len
         if on_gpu:
             kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Inside a multi-rank run every rank holds its own engine over the run's process group
+            # (vLLM's external launcher: its groups are built from the ranks already there).
+            if s.tensor_parallel_size != 1:
+                raise ConfigError(f"{key}=vllm inside a run of {torch.distributed.get_world_size()} rank(s): every rank "
+                                  f"holds its own engine, so tensor_parallel_size must be 1 (got "
+                                  f"{s.tensor_parallel_size}); spread a larger model over more ranks instead")
+            kwargs["distributed_executor_backend"] = "external_launcher"
         threads = torch.get_num_threads()
         t0 = time.perf_counter()
         self.llm = LLM(**kwargs)

@@ -253,7 +253,7 @@ def _rollout(cfg: RunConfig, engine, model, tokenizer, schedule: Schedule, devic
 
         sampler = VLLMSampler(engine, lambda: _rollout_engine(cfg, student_path), sync_every=op.sync_every,
                               temperature=op.temperature, top_p=op.top_p, eos_ids=sorted(eos))
-        how = f"vLLM on rank 0, weights copied every {op.sync_every} step(s)"
+        how = f"a vLLM engine per rank, weights copied every {op.sync_every} step(s)"
     else:
         from distill.train.rollout import StudentSampler
 
@@ -269,7 +269,7 @@ def _rollout(cfg: RunConfig, engine, model, tokenizer, schedule: Schedule, devic
 
 
 def _rollout_engine(cfg: RunConfig, student_path: str):
-    """Rank 0's vLLM engine for ``kd.on_policy.engine=vllm``: the student's architecture and tokenizer,
+    """This rank's vLLM engine for ``kd.on_policy.engine=vllm``: the student's architecture and tokenizer,
     in ``model.dtype`` (fp32 on a CPU); its weights are replaced by the trained ones at the first step."""
     from distill.teacher.vllm_engine import VLLMEngine
 

@@ -18,12 +18,12 @@ samplers (``kd.on_policy.engine``):
   of ``batch_size``, inside the engine's ``generation()`` block (under ZeRO-3 the weights are gathered
   once for the whole block; every rank enters it, also one with nothing to write). Always the newest
   weights.
-* ``vllm`` (:class:`VLLMSampler`): a vLLM engine on rank 0 holding a copy of the student writes the
-  chosen examples of every rank (gathered to rank 0, the responses sent back). Its weights are copied
-  from the student at the first step and then every ``sync_every`` optimizer steps (at steps that are a
-  multiple of it), so a sample can come from weights up to ``sync_every - 1`` updates old. A resumed
-  run copies at its first step. vLLM draws its own random numbers: seeded per example as above, but
-  not the tokens the ``hf`` sampler draws.
+* ``vllm`` (:class:`VLLMSampler`): each rank holds a vLLM engine with a copy of the student and
+  writes its own chosen examples. The copies' weights are refreshed from the student at the first
+  step and then every ``sync_every`` optimizer steps (at steps that are a multiple of it; every rank
+  enters, under ZeRO-3 the weights are gathered for it), so a sample can come from weights up to
+  ``sync_every - 1`` updates old. A resumed run copies at its first step. vLLM draws its own random
+  numbers: seeded per example as above, but not the tokens the ``hf`` sampler draws.
 
 Logged per step: ``gen_tokens`` and ``gen_seqs`` (all ranks), ``gen_mean_len`` and ``gen_time_s``
 (this rank's seconds), and with vLLM ``gen_sync_s`` (the last weight copy's seconds, 0 without one).
@@ -36,7 +36,6 @@ import time
 
 import torch
 
-from distill.dist import env as distenv
 from distill.models.generate import sample_responses
 from distill.train.callbacks import Callback
 
@@ -73,22 +72,21 @@ class StudentSampler:
 
 
 class VLLMSampler:
-    """``kd.on_policy.engine=vllm``: rank 0's vLLM engine writes every rank's responses; its weights are
-    the student's, copied every ``sync_every`` steps (see the module docstring). ``make_engine()``
-    builds the engine (called on rank 0 only)."""
+    """``kd.on_policy.engine=vllm``: this rank's vLLM engine (``make_engine()``) writes its responses;
+    its weights are the student's, copied every ``sync_every`` steps (see the module docstring)."""
 
     def __init__(self, engine, make_engine, *, sync_every: int, temperature: float, top_p: float, eos_ids):
         self.engine, self.sync_every, self.temperature, self.top_p = engine, sync_every, temperature, top_p
         self.eos_ids = list(eos_ids)
-        self.vllm = make_engine() if distenv.current_rank() == 0 else None
+        self.vllm = make_engine()
         self.synced_at: int | None = None
         self.sync_s: float | None = None
 
     def sync(self) -> int:
         """Copy the student's weights into the engine (every rank enters: ZeRO-3 gathers them); the
-        number of tensors copied (rank 0; 0 elsewhere)."""
+        number of tensors copied."""
         with self.engine.generation() as model:
-            return self.vllm.load_weights(model.state_dict().items()) if self.vllm is not None else 0
+            return self.vllm.load_weights(model.state_dict().items())
 
     def __call__(self, step: int, jobs: list[tuple[list[int], int, int]]) -> list[list[int]]:
         self.sync_s = 0.0
@@ -96,18 +94,10 @@ class VLLMSampler:
             t0 = time.perf_counter()
             self.sync()
             self.synced_at, self.sync_s = step, time.perf_counter() - t0
-        every = distenv.all_gather_object(jobs)
-        replies = None
-        if self.vllm is not None:
-            flat = [j for rank_jobs in every for j in rank_jobs]
-            got = self.vllm.sample([p for p, _, _ in flat], limits=[lim for _, lim, _ in flat],
-                                   temperature=self.temperature, top_p=self.top_p, eos_ids=self.eos_ids,
-                                   seeds=[s for _, _, s in flat]) if flat else []
-            replies, start = [], 0
-            for rank_jobs in every:
-                replies.append(got[start:start + len(rank_jobs)])
-                start += len(rank_jobs)
-        return distenv.broadcast_object0(replies)[distenv.current_rank()]
+        if not jobs:
+            return []
+        return self.vllm.sample([p for p, _, _ in jobs], limits=[lim for _, lim, _ in jobs], temperature=self.temperature,
+                                top_p=self.top_p, eos_ids=self.eos_ids, seeds=[s for _, _, s in jobs])
 
     def close(self) -> None:
         if self.vllm is not None:
