@@ -22,7 +22,7 @@ use it in its place (docs/teacher.md, "Which engine"):
 
 The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): weight updates hand over
 tensors without pickling, and the logits-layer settings above reach the model directly. Inside a
-multi-rank run (a process group exists) every rank builds its own engine at the same time, over the
+multi-rank run (a process group of several ranks exists) every rank builds its own engine at the same time, over the
 run's process group (vLLM's ``external_launcher``), with ``tensor_parallel_size`` 1. vLLM lowers
 torch's thread count to 1 when it starts; the count is restored, since a trainer shares the process.
 """
@@ -88,9 +88,11 @@ class VLLMEngine:
             kwargs["max_model_len"] = s.max_model_len
         if on_gpu:
             kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                torch.distributed.get_world_size() > 1:
             # Inside a multi-rank run every rank holds its own engine over the run's process group
-            # (vLLM's external launcher: its groups are built from the ranks already there).
+            # (vLLM's external launcher: its groups are built from the ranks already there). A group of
+            # one (a 1-process DeepSpeed run, or vLLM's own from an earlier engine) is vLLM's usual case.
             if s.tensor_parallel_size != 1:
                 raise ConfigError(f"{key}=vllm inside a run of {torch.distributed.get_world_size()} rank(s): every rank "
                                   f"holds its own engine, so tensor_parallel_size must be 1 (got "
@@ -177,8 +179,10 @@ class VLLMEngine:
                   detokenize: bool):
         from vllm import SamplingParams as VSP
 
+        # ignore_eos: our stop list (the end-of-sequence ids included) is the only thing that ends a
+        # sequence, as in the HF engine, not vLLM's own reading of the tokenizer's end token.
         return VSP(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else 0,
-                   seed=int(seed), stop_token_ids=stop, detokenize=detokenize, skip_special_tokens=True)
+                   seed=int(seed), stop_token_ids=stop, ignore_eos=True, detokenize=detokenize, skip_special_tokens=True)
 
     def generate(self, prompts: list[str], sampling: SamplingParams | None = None, *,
                  seeds: list[int] | None = None) -> list[Generation]:

@@ -109,3 +109,27 @@ def test_training_with_the_vllm_teacher_equals_the_colocated_topk(vllm_assets, t
     for key in ("loss", "ce", "kd", "response_tokens", "grad_norm"):
         assert [r[key] for r in runs["vllm"]] == pytest.approx([r[key] for r in runs["replicated"]], rel=1e-5), key
     assert runs["vllm"][0]["kd"] > 0.01
+
+
+def test_bench_harvest_runs_both_engines_on_the_same_work(capsys):
+    """launchers/bench_harvest.py: both engines write the same number of tokens, and the ratio printed is
+    the ratio of the rows' rates (a tiny setting: the figures themselves mean nothing here)."""
+    import json
+
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("_launcher_bench_harvest",
+                                                  Path(__file__).parents[2] / "launchers" / "bench_harvest.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    bench.main(["--prompts", "6", "--max-new-tokens", "5", "--repeats", "1"])
+    out = capsys.readouterr().out.strip().splitlines()
+    doc = json.loads(out[-1])
+    hf, vl = doc["rows"]
+    assert (hf["engine"], vl["engine"]) == ("hf", "vllm")
+    assert hf["new_tokens"] == vl["new_tokens"] == 6 * 5
+    assert doc["vllm_over_hf"] == pytest.approx(vl["tok_s_p50"] / hf["tok_s_p50"], rel=1e-2)
+    assert any(line.startswith("vllm / hf generated tokens per second:") for line in out)
