@@ -825,6 +825,8 @@ class MultiTeacherSection:
             w = f"multiteacher.teachers[{i}] ({t.name})"
             require(bool(t.path), f"{w}: path is empty")
             require(t.backend != MULTITEACHER_BACKEND, f"{w}: backend={t.backend} (a teacher cannot be a multiteacher)")
+            require(t.backend != "vllm", f"{w}: backend=vllm is not available for several teachers yet (untested there); "
+                                         f"use colocated, ray or cache")
             require(t.backend in backends, f"{w}: backend={t.backend!r} is not a teacher backend; known: {backends}")
             require(t.temperature > 0 and math.isfinite(t.temperature), f"{w}: temperature={t.temperature} must be > 0")
             require(t.topk >= 0, f"{w}: topk={t.topk} must be >= 0")
@@ -1021,6 +1023,13 @@ class RunConfig:
             require(why is None, f"kd.impl=triton runs the Triton kernels on a CUDA GPU (on CPU only under "
                                  f"TRITON_INTERPRET=1, the interpreter, for tests); {why}: use kd.impl=torch (or auto: "
                                  f"triton on CUDA, torch otherwise)")
+        asked_vllm = [key for key, on in (("teacher.placement=vllm", self.teacher.placement == "vllm"),
+                                          ("kd.teacher_backend=vllm", k.teacher_backend == "vllm"),
+                                          ("kd.on_policy.engine=vllm", k.on_policy.fraction > 0 and k.on_policy.engine == "vllm"))
+                      if on]
+        if asked_vllm and importlib.util.find_spec("vllm") is None:
+            raise ConfigError(f"{' and '.join(asked_vllm)}: vLLM is not installed in this environment; install it with "
+                              f"pip install -e '.[vllm]' on GPUs (on a CPU-only machine: docs/teacher.md, 'vLLM on a CPU')")
         if not cuda and ds.engine == "deepspeed":
             fp16 = ("float16", "fp16")
             asked = [f"model.dtype={m.dtype}"] if m.dtype in fp16 else []

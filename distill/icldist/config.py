@@ -23,6 +23,7 @@ from distill.config import (
     ModelSection,
     RunConfig,
     RayTeacherSection,
+    VLLMSection,
     RunSection,
     TrainSection,
 )
@@ -44,6 +45,8 @@ class TeacherSection(RayTeacherSection):
     shard_size: int = 256  # prompts per cache shard file
     max_new_tokens: int = 48  # fine-grained answers: teacher generation budget (tokens; first line kept)
     request_size: int = 32  # prompts per service request
+    engine: str = "hf"  # hf (our HF engine: in this process with ray_address=local, else the Ray service) | vllm (a vLLM engine in each rank's process; the Ray keys are not used)
+    vllm: VLLMSection = field(default_factory=lambda: VLLMSection(gpu_memory_utilization=0.3))  # engine=vllm: its settings
 
 
 @dataclass
@@ -114,6 +117,12 @@ class ICLDistConfig:
         t = self.teacher
         if t.source not in ("online", "cache"):
             raise ConfigError(f"teacher.source={t.source!r}: must be 'online' or 'cache'")
+        if t.engine not in ("hf", "vllm"):
+            raise ConfigError(f"teacher.engine={t.engine!r}: hf | vllm")
+        t.vllm.validate("teacher.vllm")
+        if t.engine == "vllm" and t.quantization:
+            raise ConfigError(f"teacher.quantization={t.quantization} with teacher.engine=vllm: bitsandbytes weights are "
+                              f"our HF engine's; give vLLM a quantized checkpoint")
         for name in ("replicas", "shards", "k", "shard_size", "max_new_tokens", "request_size", "max_batch_tokens"):
             if getattr(t, name) < 1:
                 raise ConfigError(f"teacher.{name}={getattr(t, name)} must be >= 1")

@@ -3,7 +3,8 @@ and the offline cache builder.
 
 Teacher clients (all with ``async_topk / topk / async_generate / generate / shutdown``) come from
 :func:`distill.teacher.connect.open_teacher`: ``teacher.ray_address="local"`` runs it in this
-process, otherwise rank 0 starts one Ray service that every rank shares.
+process, otherwise rank 0 starts one Ray service that every rank shares; ``teacher.engine=vllm``
+gives each rank a vLLM engine in its process instead.
 
 Online targets (:class:`OnlineTargets`): the trainer calls ``prefetch(batch)`` for the next batches
 before it trains on the current one; the top-k requests then run on the service while the student
@@ -37,7 +38,12 @@ RAY_TEMP_DIR = "/tmp/ray_icldist"  # the private Ray's temp dir (its records of 
 
 def open_teacher(tcfg, model: str, *, rank: int = 0, world: int = 1, broadcast=None, run_id: str = "icldist"):
     """ICLDist's teacher client for this rank (:func:`distill.teacher.connect.open_teacher`: one
-    service for all ranks), in ICLDist's Ray namespace and temp dir."""
+    service for all ranks), in ICLDist's Ray namespace and temp dir; with ``teacher.engine=vllm`` a vLLM
+    engine in this rank's process (:class:`distill.teacher.vllm_engine.VLLMEngine`, the same calls)."""
+    if getattr(tcfg, "engine", "hf") == "vllm":
+        from distill.teacher.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model, tcfg.vllm, dtype=tcfg.dtype, max_logprobs=tcfg.k, key="teacher.engine")
     return connect.open_teacher(tcfg, model, dtype=tcfg.dtype, rank=rank, world=world, broadcast=broadcast,
                                 run_id=run_id, temp_dir=RAY_TEMP_DIR, namespace=HANDOFF_NAMESPACE)
 

@@ -63,7 +63,7 @@ class PerspectiveSection:
 class TeacherSection:
     model: str = ""  # HF folder or hub name; empty = the built-in small teacher (trained here, cached)
     backend: Literal["ray", "local"] = "ray"  # Ray service or in-process teacher
-    engine: Literal["hf", "vllm"] = "hf"  # hf (our decode loop over HF modules) | vllm (a vLLM engine in this process; teacher.backend=local)
+    engine: Literal["hf", "vllm"] = "hf"  # hf (our decode loop over HF modules) | vllm (vLLM engines: one in this process with backend=local, `replicas` Ray actors with backend=ray)
     vllm: VLLMSection = field(default_factory=VLLMSection)  # engine=vllm: tensor parallelism, memory share, context
     replicas: int = 1  # Ray: teacher replicas
     shards: int = 1  # Ray: pipeline stages per replica (layer ranges)
@@ -123,9 +123,6 @@ class HarvestConfig:
             raise ConfigError(f"teacher.engine={self.teacher.engine!r}: hf | vllm")
         if self.teacher.engine == "vllm":
             self.teacher.vllm.validate("teacher.vllm")
-            if self.teacher.backend != "local":
-                raise ConfigError("teacher.engine=vllm runs the engine in the harvest's process: set teacher.backend=local "
-                                  "(spread a large teacher over GPUs with teacher.vllm.tensor_parallel_size)")
             if self.teacher.quantization or self.teacher.shards != 1:
                 raise ConfigError("teacher.engine=vllm takes neither teacher.quantization nor teacher.shards (our HF "
                                   "engine's); use teacher.vllm.tensor_parallel_size, or a quantized checkpoint vLLM reads")
@@ -313,6 +310,12 @@ def job_seed(base: int, text_id: str, perspective: str, sample: int) -> int:
 
 
 def build_teacher(cfg: TeacherSection, model: str, seed: int = 0):
+    if cfg.engine == "vllm" and cfg.backend == "ray":
+        from distill.teacher.vllm_ray import VLLMReplicas
+
+        return VLLMReplicas(model, cfg.vllm, replicas=cfg.replicas, dtype=cfg.dtype, seed=seed,
+                            ray_address=cfg.ray_address or None, max_restarts=cfg.max_restarts,
+                            max_retries=cfg.max_retries)
     if cfg.engine == "vllm":
         from distill.teacher.vllm_engine import VLLMEngine
 
@@ -411,8 +414,10 @@ def harvest(cfg: HarvestConfig, *, teacher=None, model_name: str | None = None,
 
     run = _ShardRun(cfg, out, man, jobs, n_shards, persps, template, model, resume_command)
     if owns and todo:
-        _print(f"teacher {model} (" + (f"vLLM, tensor parallel {cfg.teacher.vllm.tensor_parallel_size}" if cfg.teacher.engine == "vllm"
-                                       else f"{cfg.teacher.backend}, {cfg.teacher.replicas} x {cfg.teacher.shards}") + ")")
+        t = cfg.teacher
+        _print(f"teacher {model} (" + (f"vLLM, {t.replicas if t.backend == 'ray' else 1} engine(s) on {t.backend}, "
+                                       f"tensor parallel {t.vllm.tensor_parallel_size}" if t.engine == "vllm"
+                                       else f"{t.backend}, {t.replicas} x {t.shards}") + ")")
         teacher = build_teacher(cfg.teacher, model, seed=cfg.sampling.seed)
     t_gen = time.perf_counter()
     try:

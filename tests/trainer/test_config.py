@@ -308,3 +308,35 @@ def test_machine_triton_interpreter(no_cuda, monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     load_config(RunConfig, ["--kd.impl=triton"])[0].check_machine()
+
+
+def test_vllm_settings_refused_in_one_line_where_vllm_is_missing_or_misset():
+    """vLLM engines asked for where vLLM is not installed stop before anything loads; bad engine settings
+    name their key. (In the main environment vLLM is absent: the vLLM paths are tested in tests/vllm.)"""
+    import importlib.util
+
+    from distill.config import ConfigError, RunConfig, load_config
+
+    bad = {("--teacher.vllm.gpu_memory_utilization=1.5",): "teacher.vllm.gpu_memory_utilization=1.5 must be in (0, 1]",
+           ("--kd.on_policy.sync_every=0",): "kd.on_policy.sync_every=0 must be >= 1",
+           ("--kd.on_policy.engine=sglang",): "kd.on_policy.engine='sglang': hf | vllm",
+           ("--teacher.placement=vllm", "--kd.topk=0"): "teacher.placement=vllm serves top-k only",
+           ("--teacher.placement=vllm", "--kd.topk=8", "--kd.path=logits"): "set kd.path=lean",
+           ("--teacher.placement=vllm", "--kd.topk=8", "--teacher.quantization=4bit"): "give vLLM a quantized checkpoint"}
+    for argv, want in bad.items():
+        with pytest.raises(ConfigError) as e:
+            load_config(RunConfig, list(argv))[0].validate()
+        assert want in str(e.value) and "\n" not in str(e.value), (argv, str(e.value))
+    if importlib.util.find_spec("vllm") is not None:
+        return
+    for argv, key in ((["--teacher.placement=vllm", "--kd.topk=8"], "teacher.placement=vllm"),
+                      (["--kd.on_policy.fraction=0.5", "--kd.on_policy.engine=vllm"], "kd.on_policy.engine=vllm")):
+        cfg = load_config(RunConfig, argv)[0]
+        cfg.validate()
+        with pytest.raises(ConfigError, match="vLLM is not installed") as e:
+            cfg.check_machine()
+        assert str(e.value).startswith(key) and "\n" not in str(e.value)
+    from distill.knowdist.harvest import HarvestConfig
+
+    with pytest.raises(ConfigError, match="takes neither teacher.quantization nor teacher.shards"):
+        load_config(HarvestConfig, ["--teacher.engine=vllm", "--teacher.shards=2"])[0].validate()

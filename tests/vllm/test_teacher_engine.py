@@ -65,9 +65,10 @@ def test_greedy_generation_equals_the_hf_teachers(engines, vllm_assets):
            [g.token_ids for g in engine.generate(prompts, sp, seeds=[1, 2, 3])]
 
 
+@pytest.mark.ray
 def test_harvest_with_vllm_writes_the_hf_engines_corpus(vllm_assets, tmp_path):
-    """The user's path: ``teacher.engine=vllm`` builds its own engine; greedy at fp32 the corpus is the
-    HF engine's, record for record."""
+    """The user's path: ``teacher.engine=vllm`` builds its own engine (in this process, or 2 replicas in
+    Ray actors); greedy at fp32 the corpus is the HF engine's, record for record."""
     import json
 
     from distill.config import load_config
@@ -77,18 +78,21 @@ def test_harvest_with_vllm_writes_the_hf_engines_corpus(vllm_assets, tmp_path):
     texts.write_text("".join(json.dumps({"text": p["prompt"].split("\n")[0][6:]}) + "\n"
                              for p in trainer_helpers.synthetic_pairs(12)))
     corpora = {}
-    for engine in ("hf", "vllm"):
+    # hf and vllm in this process; vllm-ray: 2 vLLM replicas in Ray actors (a private Ray on loopback)
+    for name, engine, backend in (("hf", "hf", "local"), ("vllm", "vllm", "local"), ("vllm-ray", "vllm", "ray")):
         cfg, _ = load_config(HarvestConfig, [
             f"--input.source=jsonl", f"--input.path={texts}", f"--teacher.model={vllm_assets['teacher']}",
-            "--teacher.backend=local", f"--teacher.engine={engine}", "--teacher.dtype=float32",
+            f"--teacher.backend={backend}", "--teacher.replicas=2", f"--teacher.engine={engine}", "--teacher.dtype=float32",
+            "--teacher.vllm.enforce_eager=true",  # no torch.compile: a quicker start
             "--perspectives.names=[\"overall polarity\",\"emotion\"]", "--sampling.max_new_tokens=8",
             # a third of the vocabulary ends an answer: most answers end within 8 tokens (kept)
             f"--sampling.stop_token_ids=[{','.join(str(i) for i in range(5, 384, 3))}]",
-            f"--output.dir={tmp_path / engine}", "--output.shard_size=10", "--output.progress=false"])
-        corpora[engine] = load_corpus(harvest(cfg))
+            f"--output.dir={tmp_path / name}", "--output.shard_size=6", "--output.progress=false"])
+        corpora[name] = load_corpus(harvest(cfg))
     key = lambda r: (r["id"], r["prompt"], r["response"])  # noqa: E731
     assert len(corpora["hf"]) >= 6
     assert sorted(map(key, corpora["vllm"])) == sorted(map(key, corpora["hf"]))
+    assert sorted(map(key, corpora["vllm-ray"])) == sorted(map(key, corpora["hf"]))  # 4 shards over 2 replicas
     summary = json.loads((tmp_path / "vllm" / "summary.json").read_text())
     assert summary["this_run"]["new_tokens_per_s"] > 0
 
@@ -133,3 +137,35 @@ def test_bench_harvest_runs_both_engines_on_the_same_work(capsys):
     assert hf["new_tokens"] == vl["new_tokens"] == 6 * 5
     assert doc["vllm_over_hf"] == pytest.approx(vl["tok_s_p50"] / hf["tok_s_p50"], rel=1e-2)
     assert any(line.startswith("vllm / hf generated tokens per second:") for line in out)
+
+
+def test_icldist_online_targets_through_vllm_equal_the_hf_teachers(vllm_assets):
+    """ICLDist's ``teacher.engine=vllm``: its online top-k targets (prefetched, checked where they enter)
+    equal those of the in-process HF teacher (fp32), at the run's temperature over the real vocabulary."""
+    from distill.icldist.config import TeacherSection
+    from distill.icldist.data import TeacherRequest
+    from distill.icldist.online import OnlineTargets, close_teacher, open_teacher
+    from distill.teacher.local import LocalTeacher
+
+    tok = vllm_assets["tokenizer"]
+    texts = ["Text: the film was great\nSentiment: positive", "Text: dull plot and rude staff\nSentiment: negative",
+             "Text: the music was lovely\nSentiment:"]
+    requests = []
+    for t in texts:
+        ids = tok(t)["input_ids"]
+        requests.append(TeacherRequest(seq=ids, pos=[len(ids) - 3, len(ids) - 2, len(ids) - 1]))
+    client = open_teacher(TeacherSection(engine="vllm", dtype="float32", k=8), vllm_assets["teacher"])
+    hf = LocalTeacher(vllm_assets["teacher"], dtype="float32", values_dtype=torch.float32)
+    try:
+        assert type(client).__name__ == "VLLMEngine"
+        kw = dict(temperature=2.0, vocab_size=len(tok))
+        got = OnlineTargets(client, requests, 8, **kw)
+        want = OnlineTargets(hf, requests, 8, **kw)
+        got.prefetch([0, 1])
+        for ids in ([0, 1], [2]):
+            for a, b in zip(got.get(ids), want.get(ids)):
+                assert torch.equal(a.ids, b.ids.to(torch.int32)) and a.temperature == 2.0
+                torch.testing.assert_close(a.logprobs, b.logprobs.float(), rtol=0, atol=2e-5)
+        assert got.n_requests == 2
+    finally:
+        close_teacher(client)
