@@ -309,17 +309,17 @@ def job_seed(base: int, text_id: str, perspective: str, sample: int) -> int:
 # The teacher
 
 
-def build_teacher(cfg: TeacherSection, model: str, seed: int = 0):
+def build_teacher(cfg: TeacherSection, model: str):
     if cfg.engine == "vllm" and cfg.backend == "ray":
         from distill.teacher.vllm_ray import VLLMReplicas
 
-        return VLLMReplicas(model, cfg.vllm, replicas=cfg.replicas, dtype=cfg.dtype, seed=seed,
+        return VLLMReplicas(model, cfg.vllm, replicas=cfg.replicas, dtype=cfg.dtype,
                             ray_address=cfg.ray_address or None, max_restarts=cfg.max_restarts,
                             max_retries=cfg.max_retries)
     if cfg.engine == "vllm":
         from distill.teacher.vllm_engine import VLLMEngine
 
-        return VLLMEngine(model, cfg.vllm, dtype=cfg.dtype, seed=seed, key="teacher.engine")
+        return VLLMEngine(model, cfg.vllm, dtype=cfg.dtype, key="teacher.engine")  # every request carries its seed
     if cfg.backend == "local":
         from distill.teacher.local import LocalTeacher
 
@@ -418,7 +418,7 @@ def harvest(cfg: HarvestConfig, *, teacher=None, model_name: str | None = None,
         _print(f"teacher {model} (" + (f"vLLM, {t.replicas if t.backend == 'ray' else 1} engine(s) on {t.backend}, "
                                        f"tensor parallel {t.vllm.tensor_parallel_size}" if t.engine == "vllm"
                                        else f"{t.backend}, {t.replicas} x {t.shards}") + ")")
-        teacher = build_teacher(cfg.teacher, model, seed=cfg.sampling.seed)
+        teacher = build_teacher(cfg.teacher, model)
     t_gen = time.perf_counter()
     try:
         counts = run.generate(teacher, todo, seen)

@@ -215,10 +215,14 @@ class VLLMEngine:
 
         self._check_open()
         stop = sorted(set(int(e) for e in eos_ids))
-        params = [self._sampling(int(lim), temperature, top_p, 0, seed, stop, False) for lim, seed in zip(limits, seeds)]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompt_ids], params,
-                                 use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outs]
+        todo = [i for i, lim in enumerate(limits) if lim >= 1]  # no room left after the prompt: an empty response
+        params = [self._sampling(int(limits[i]), temperature, top_p, 0, seeds[i], stop, False) for i in todo]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(map(int, prompt_ids[i]))) for i in todo], params,
+                                 use_tqdm=False) if todo else []
+        result: list[list[int]] = [[] for _ in prompt_ids]
+        for i, o in zip(todo, outs):
+            result[i] = list(o.outputs[0].token_ids)
+        return result
 
     # -- weights --------------------------------------------------------------------------------------
     def load_weights(self, named_tensors) -> int:

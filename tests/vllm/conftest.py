@@ -22,6 +22,12 @@ _spec = importlib.util.spec_from_file_location("trainer_helpers", Path(__file__)
 trainer_helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(trainer_helpers)
 
+# Engines in the tests skip torch.compile (a quicker start); launchers/bench_harvest.py's test runs the
+# default, compiled engine.
+from distill.config import VLLMSection  # noqa: E402
+
+EAGER = VLLMSection(enforce_eager=True)
+
 # hidden 64 over 2 heads: head dimension 32.
 VLLM_SIZE = dict(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128)
 

@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 from .conftest import trainer_helpers  # noqa: E402
 
-ON = {"fraction": 0.5, "max_new_tokens": 8, "engine": "vllm", "sync_every": 2}
+ON = {"fraction": 0.5, "max_new_tokens": 8, "engine": "vllm", "sync_every": 2, "vllm": {"enforce_eager": True}}
 
 
 def _student_topk(model, seqs, poss, k):
@@ -69,6 +69,13 @@ def test_vllm_rollouts_train_and_the_copy_equals_the_student(vllm_assets, tmp_pa
                             pad_id=tok.pad_token_id, generators=[torch.Generator().manual_seed(0)] * 2)
     got = engine.sample(seqs, limits=[6, 6], temperature=0.0, top_p=1.0, eos_ids=eos, seeds=[0, 0])
     assert got == want
+    # an end-of-sequence token ends a response and is kept as its last token, as the HF sampler does
+    stop = [want[0][2]]
+    want = sample_responses(model, seqs, limits=[6, 6], temperature=0.0, top_p=1.0, eos_ids=stop,
+                            pad_id=tok.pad_token_id, generators=[torch.Generator().manual_seed(0)] * 2)
+    got = engine.sample(seqs, limits=[6, 6], temperature=0.0, top_p=1.0, eos_ids=stop, seeds=[0, 0])
+    assert got == want and got[0][-1] == stop[0] and len(got[0]) <= 3
+    assert engine.sample(seqs, limits=[0, 2], temperature=1.0, top_p=1.0, eos_ids=eos, seeds=[1, 2])[0] == []
     close()
     assert sampler.vllm is None
 
@@ -84,7 +91,7 @@ def test_two_ranks_write_what_one_process_writes(vllm_assets, tmp_path):
         "stage": 3, "stage3_param_persistence_threshold": 0, "reduce_bucket_size": 1000,
         "stage3_prefetch_bucket_size": 1000}}))
     common = {"train": {"steps": 2, "warmup_steps": 0}, "kd": {"topk": 8, "on_policy": {**ON, "sync_every": 1}},
-              "checkpoint": {"export": False}, "teacher": {"placement": "vllm"}}
+              "checkpoint": {"export": False}, "teacher": {"placement": "vllm", "vllm": {"enforce_eager": True}}}
     runs = {}
     for name, world in (("two", 2), ("one", 1)):
         d = trainer_helpers.tiny_cfg_dict(vllm_assets, tmp_path / name, **common)

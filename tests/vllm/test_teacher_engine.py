@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-from .conftest import trainer_helpers  # noqa: E402
+from .conftest import EAGER, trainer_helpers  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def engines(vllm_assets):
     from distill.teacher.local import LocalTeacher
     from distill.teacher.vllm_engine import VLLMEngine
 
-    engine = VLLMEngine(vllm_assets["teacher"], max_logprobs=16)
+    engine = VLLMEngine(vllm_assets["teacher"], EAGER, max_logprobs=16)
     hf = LocalTeacher(vllm_assets["teacher"], dtype="float32", values_dtype=torch.float32)
     yield engine, hf
     engine.shutdown()
@@ -105,7 +105,7 @@ def test_training_with_the_vllm_teacher_equals_the_colocated_topk(vllm_assets, t
     for placement in ("replicated", "vllm"):
         d = trainer_helpers.tiny_cfg_dict(vllm_assets, tmp_path / placement, train={"steps": 3, "warmup_steps": 0},
                                           kd={"topk": 8, "temperature": 2.0}, checkpoint={"export": False})
-        d["teacher"] = {"placement": placement}
+        d["teacher"] = {"placement": placement, "vllm": {"enforce_eager": True}}
         tr = build_trainer(from_dict(RunConfig, d))
         tr.train()
         runs[placement] = trainer_helpers.read_metrics(tmp_path / placement)
@@ -154,7 +154,7 @@ def test_icldist_online_targets_through_vllm_equal_the_hf_teachers(vllm_assets):
     for t in texts:
         ids = tok(t)["input_ids"]
         requests.append(TeacherRequest(seq=ids, pos=[len(ids) - 3, len(ids) - 2, len(ids) - 1]))
-    client = open_teacher(TeacherSection(engine="vllm", dtype="float32", k=8), vllm_assets["teacher"])
+    client = open_teacher(TeacherSection(engine="vllm", dtype="float32", k=8, vllm=EAGER), vllm_assets["teacher"])
     hf = LocalTeacher(vllm_assets["teacher"], dtype="float32", values_dtype=torch.float32)
     try:
         assert type(client).__name__ == "VLLMEngine"
