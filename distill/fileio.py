@@ -56,6 +56,16 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def size_problem(path: str | os.PathLike, size: int, recorded_by: str) -> str | None:
+    """Why the file at ``path`` is not the ``size`` bytes ``recorded_by`` (e.g. "the manifest says")
+    recorded ("<file>: <reason>"), None when it is: one stat, cheap for multi-GB files."""
+    try:
+        have = Path(path).stat().st_size
+    except OSError:
+        return f"{path}: missing"
+    return None if have == size else f"{path}: {have} bytes, {recorded_by} {size}"
+
+
 def os_error_text(e: BaseException) -> str:
     """``no space left on device (ENOSPC)``: the reason of an OSError, for a one-line message."""
     import errno

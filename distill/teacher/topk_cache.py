@@ -56,7 +56,7 @@ import torch
 
 from distill.config import ConfigError, RunConfig
 from distill.errors import UserError
-from distill.fileio import atomic_write_bytes, atomic_write_text, is_temporary
+from distill.fileio import atomic_write_bytes, atomic_write_text, is_temporary, size_problem
 from distill.losses.teacher_output import TopKTeacher
 from distill.data.registry import dataset_factory
 from distill.teacher.base import BackendContext, TeacherBackend
@@ -341,13 +341,9 @@ def _finalize(out: Path, key: dict, n_shards: int, shard_examples: int, built: d
 def _shards_problem(out: Path, manifest: dict) -> str | None:
     """Why the shards of a complete manifest cannot be read ("<file>: <reason>"), None when they can."""
     for e in manifest.get("shards") or []:
-        f = out / e["file"]
-        try:
-            size = f.stat().st_size
-        except OSError:
-            return f"{f}: missing"
-        if size != e["bytes"]:
-            return f"{f}: {size} bytes, the manifest says {e['bytes']}"
+        why = size_problem(out / e["file"], e["bytes"], "the manifest says")
+        if why:
+            return why
     if not manifest.get("shards"):
         return f"{out / MANIFEST}: field 'shards' is empty"
     return None

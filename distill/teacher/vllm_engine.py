@@ -39,6 +39,7 @@ from distill.losses.teacher_output import TopKTeacher
 from distill.teacher import pipeline as P
 from distill.teacher.pipeline import Generation, SamplingParams
 
+CPU_MIN_HEAD_DIM = 32  # vLLM 0.32's CPU attention refuses smaller heads (measured: 16 fails, 32 runs)
 INSTALL_HINT = ("install it with pip install -e '.[vllm]' on a GPU machine; on a CPU-only machine vLLM's CPU build "
                 "goes in an environment of its own (docs/teacher.md, 'vLLM on a CPU')")
 
@@ -82,6 +83,12 @@ class VLLMEngine:
 
         self.model = str(model)
         self.config = AutoConfig.from_pretrained(self.model)
+        text = getattr(self.config, "text_config", None) or self.config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        if not on_gpu and head_dim < CPU_MIN_HEAD_DIM:
+            # vLLM's CPU attention fails at the first forward ("Unsupported CPU attention configuration").
+            raise ConfigError(f"{key}=vllm on a CPU: {self.model} has head dimension {head_dim}, and vLLM's CPU "
+                              f"attention needs at least {CPU_MIN_HEAD_DIM}; use engine hf for this model here")
         kwargs = dict(model=self.model, dtype=dtype, seed=seed, enforce_eager=s.enforce_eager,
                       tensor_parallel_size=s.tensor_parallel_size, max_logprobs=max(20, int(max_logprobs)))
         if s.max_model_len:

@@ -25,7 +25,7 @@ from distill.config import ConfigError, RunConfig, dump_yaml, flatten, to_dict
 from distill.dist import env as distenv
 from distill.dist.env import print0
 from distill.errors import UserError
-from distill.fileio import atomic_write_text, folder_problem, fsync_dir, os_error_text, sha256_file
+from distill.fileio import atomic_write_text, folder_problem, fsync_dir, os_error_text, sha256_file, size_problem
 from distill.runinfo import versions
 
 CKPT_PREFIX = "step_"
@@ -85,12 +85,9 @@ def _verify_checkpoint(path: Path, *, sha256: bool) -> str | None:
         return f"{state_file}: unreadable ({type(e).__name__}: {e})"
     for rel, want in (state.get("files") or {}).items():
         f = path / rel
-        try:
-            size = f.stat().st_size
-        except OSError:
-            return f"{f}: missing"
-        if size != want["size"]:
-            return f"{f}: {size} bytes, the save wrote {want['size']}"
+        why = size_problem(f, want["size"], "the save wrote")
+        if why:
+            return why
         if sha256 and "sha256" in want and sha256_file(f) != want["sha256"]:
             return f"{f}: sha256 differs from the one recorded at save"
     return None

@@ -190,3 +190,32 @@ def test_kill9_resume_reproduces_samples_and_losses(tiny_assets, tmp_path):
     assert [r["step"] for r in got] == list(range(1, steps + 1))
     for key in ("loss", "gen_tokens", "gen_mean_len", "response_tokens"):
         assert [r[key] for r in got] == pytest.approx([r[key] for r in ref], rel=1e-6), key
+
+
+def test_bench_onpolicy_reports_each_parts_share(tiny_assets, tmp_path, capsys):
+    """launchers/bench_onpolicy.py on the tiny pair: one JSON line whose parts add up to the step, with
+    generation time and tokens only when the student writes."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("_launcher_bench_onpolicy",
+                                                  Path(__file__).parents[2] / "launchers" / "bench_onpolicy.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    common = [f"--model.student={tiny_assets['student']}", f"--model.teacher={tiny_assets['teacher']}",
+              f"--data.path={tiny_assets['data']}", "--data.max_len=64", "--train.micro_batch=4", "--train.grad_accum=1",
+              "--deepspeed.engine=torch", "--kd.on_policy.max_new_tokens=8", "--train.warmup_steps=0", "--steps", "3"]
+    docs = {}
+    for fraction in (0.5, 0.0):
+        assert bench.main(common + [f"--kd.on_policy.fraction={fraction}", f"--run.out_dir={tmp_path / str(fraction)}"]) == 0
+        docs[fraction] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    on, off = docs[0.5], docs[0.0]
+    assert on["fraction"] == 0.5 and on["steps_measured"] == 2 and on["global_batch"] == 4
+    for d in (on, off):
+        sec = d["seconds_per_step"]
+        assert sum(sec[k] for k in ("generation", "teacher", "student", "other")) == pytest.approx(sec["total"], abs=2e-3)
+        assert sec["teacher"] > 0 and sec["student"] > 0
+    assert on["seconds_per_step"]["generation"] > 0 and on["gen_tokens_per_step"] > 0
+    assert off["seconds_per_step"]["generation"] == 0 and off["gen_tokens_per_step"] == 0

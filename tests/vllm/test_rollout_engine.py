@@ -109,3 +109,23 @@ def test_two_ranks_write_what_one_process_writes(vllm_assets, tmp_path):
     assert [r["step"] for r in m2] == [1, 2] and all(r["gen_seqs"] == 4 for r in m2)
     for key in ("loss", "kd", "gen_tokens", "response_tokens"):
         assert m2[0][key] == pytest.approx(m1[0][key], rel=2e-4), key
+
+
+def test_bench_onpolicy_with_vllm_rollouts(vllm_assets, tmp_path, capsys):
+    """launchers/bench_onpolicy.py --kd.on_policy.engine=vllm: the rollouts' time and tokens are measured."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("_launcher_bench_onpolicy_vllm",
+                                                  Path(__file__).parents[2] / "launchers" / "bench_onpolicy.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    assert bench.main([f"--model.student={vllm_assets['student']}", f"--model.teacher={vllm_assets['teacher']}",
+                       f"--data.path={vllm_assets['data']}", "--data.max_len=64", "--train.micro_batch=4",
+                       "--train.grad_accum=1", "--deepspeed.engine=torch", "--kd.on_policy.max_new_tokens=8", "--train.warmup_steps=0",
+                       "--kd.on_policy.engine=vllm", "--kd.on_policy.vllm.enforce_eager=true", "--steps", "3",
+                       f"--run.out_dir={tmp_path / 'bench'}"]) == 0
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert doc["seconds_per_step"]["generation"] > 0 and doc["gen_tokens_per_step"] > 0

@@ -169,3 +169,17 @@ def test_icldist_online_targets_through_vllm_equal_the_hf_teachers(vllm_assets):
         assert got.n_requests == 2
     finally:
         close_teacher(client)
+
+
+def test_a_head_dimension_vllm_cannot_run_on_a_cpu_is_one_line(vllm_assets, tmp_path):
+    """Head dimension 16 (the built-in student's): refused before the engine starts, naming the key."""
+    from distill.config import ConfigError
+    from distill.models.tiny import TinySize
+    from distill.teacher.vllm_engine import VLLMEngine
+
+    if torch.cuda.is_available():
+        pytest.skip("the limit is vLLM's CPU attention")
+    small = trainer_helpers.save_tiny_model(vllm_assets["tokenizer"], TinySize(hidden=64, layers=1, heads=4, kv_heads=2,
+                                                                              intermediate=64), 3, tmp_path / "h16")
+    with pytest.raises(ConfigError, match=r"^kd\.on_policy\.engine=vllm on a CPU: .* head dimension 16, .* at least 32"):
+        VLLMEngine(small, key="kd.on_policy.engine")
