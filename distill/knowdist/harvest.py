@@ -415,9 +415,12 @@ def harvest(cfg: HarvestConfig, *, teacher=None, model_name: str | None = None,
     run = _ShardRun(cfg, out, man, jobs, n_shards, persps, template, model, resume_command)
     if owns and todo:
         t = cfg.teacher
-        _print(f"teacher {model} (" + (f"vLLM, {t.replicas if t.backend == 'ray' else 1} engine(s) on {t.backend}, "
-                                       f"tensor parallel {t.vllm.tensor_parallel_size}" if t.engine == "vllm"
-                                       else f"{t.backend}, {t.replicas} x {t.shards}") + ")")
+        if t.engine == "vllm":
+            where = f"vLLM, {t.replicas if t.backend == 'ray' else 1} engine(s) on {t.backend}, " \
+                    f"tensor parallel {t.vllm.tensor_parallel_size}"
+        else:
+            where = f"{t.backend}, {t.replicas} x {t.shards}"
+        _print(f"teacher {model} ({where})")
         teacher = build_teacher(cfg.teacher, model)
     t_gen = time.perf_counter()
     try:

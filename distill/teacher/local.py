@@ -74,7 +74,7 @@ class LocalTeacher:
         return out
 
     def async_topk(self, sequences, positions, k, *, temperature: float = 1.0, vocab_size: int | None = None) -> Future:
-        return _done(self.topk, sequences, positions, k, temperature=temperature, vocab_size=vocab_size)
+        return completed_future(self.topk, sequences, positions, k, temperature=temperature, vocab_size=vocab_size)
 
     # -- generation ---------------------------------------------------------------------------
     def generate(self, prompts: list[str], sampling: SamplingParams | None = None, *, seeds: list[int] | None = None):
@@ -92,7 +92,7 @@ class LocalTeacher:
         return out
 
     def async_generate(self, prompts, sampling=None, *, seeds=None) -> Future:
-        return _done(self.generate, prompts, sampling, seeds=seeds)
+        return completed_future(self.generate, prompts, sampling, seeds=seeds)
 
     @staticmethod
     def get(handle: Future, timeout: float | None = None):
@@ -110,7 +110,9 @@ class LocalTeacher:
         self.shutdown()
 
 
-def _done(fn, *args, **kwargs) -> Future:
+def completed_future(fn, *args, **kwargs) -> Future:
+    """``fn(*args, **kwargs)`` computed now, as a resolved Future: the in-process stand-in for a Ray
+    ObjectRef of the ``async_*`` calls (an error raises here, at the call, as the service's does)."""
     f: Future = Future()
-    f.set_result(fn(*args, **kwargs))  # errors (bad k, too long) raise here, at the call, like the service
+    f.set_result(fn(*args, **kwargs))
     return f

@@ -77,7 +77,7 @@ def segments(batch: dict, index: torch.Tensor) -> tuple[list[list[int]], list[li
     return seqs, poss
 
 
-def cat_topk(parts: list[TopKTeacher], k: int, temperature: float) -> TopKTeacher:
+def _cat(parts: list[TopKTeacher], k: int, temperature: float) -> TopKTeacher:
     if not parts:
         return TopKTeacher(ids=torch.zeros((0, k), dtype=torch.int32), logprobs=torch.zeros((0, k)),
                            tail_mass=torch.zeros(0), temperature=temperature)
@@ -87,29 +87,36 @@ def cat_topk(parts: list[TopKTeacher], k: int, temperature: float) -> TopKTeache
 
 
 class RayTeacher(TeacherBackend):
-    """See the module docstring. ``wait_s``: seconds ``rows`` spent waiting for replies (logged)."""
+    """See the module docstring. ``wait_s``: seconds ``rows`` spent waiting for replies (logged).
+    A subclass serving the top-k some other way overrides :meth:`open_client` (the vLLM backend does)."""
 
     topk_ids_checked = False  # replies cross a process boundary: the trainer checks every one
+    placement = "ray"  # teacher.placement, named in this backend's errors
 
     def __init__(self, cfg: RunConfig, ctx: BackendContext):
-        from distill.dist.env import broadcast_object0
         from distill.models import load as ml
-        from distill.teacher.connect import open_teacher
 
         if cfg.kd.topk < 1:
-            raise ConfigError("teacher.placement=ray serves top-k only: set kd.topk (e.g. 64)")
+            raise ConfigError(f"teacher.placement={self.placement} serves top-k only: set kd.topk (e.g. 64)")
         ml.check_teacher_tokenizer(ctx.teacher_path, ctx.tokenizer, student_name=ctx.student_path,
                                    trust_remote_code=cfg.model.trust_remote_code)
-        dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(cfg.model.teacher_dtype,
-                                                                                 cfg.model.teacher_dtype)
-        run_id = broadcast_object0(f"{os.getpid()}-{int(time.time() * 1000)}")
-        self.client = open_teacher(cfg.teacher, ctx.teacher_path, dtype=dtype, rank=ctx.env.rank,
-                                   world=ctx.env.world_size, broadcast=broadcast_object0, run_id=run_id,
-                                   temp_dir=RAY_TEMP_DIR, namespace=NAMESPACE, values_dtype="float32")
+        self.client = self.open_client(cfg, ctx)
         self.k, self.temperature, self.vocab_size = cfg.kd.topk, cfg.kd.temperature, ctx.vocab_size
         self.device = ctx.device
         self._pending: collections.deque = collections.deque()  # (rows, handle) in prefetch order
         self.wait_s = 0.0
+
+    def open_client(self, cfg: RunConfig, ctx: BackendContext):
+        """The teacher client (``async_topk``, ``shutdown``): the Ray service, started on rank 0."""
+        from distill.dist.env import broadcast_object0
+        from distill.teacher.connect import open_teacher
+
+        dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(cfg.model.teacher_dtype,
+                                                                                 cfg.model.teacher_dtype)
+        run_id = broadcast_object0(f"{os.getpid()}-{int(time.time() * 1000)}")
+        return open_teacher(cfg.teacher, ctx.teacher_path, dtype=dtype, rank=ctx.env.rank, world=ctx.env.world_size,
+                            broadcast=broadcast_object0, run_id=run_id, temp_dir=RAY_TEMP_DIR, namespace=NAMESPACE,
+                            values_dtype="float32")
 
     def _request(self, batch: dict):
         from distill.losses.lean import supervised_rows
@@ -138,7 +145,7 @@ class RayTeacher(TeacherBackend):
         parts = resolve(handle) if handle is not None else []
         self.wait_s += time.perf_counter() - t0
         warn_faults(self.client, "trainer", every_s=30.0)
-        out = cat_topk(parts, self.k, self.temperature)
+        out = _cat(parts, self.k, self.temperature)
         return TopKTeacher(ids=out.ids.to(self.device), logprobs=out.logprobs.to(self.device),
                            tail_mass=out.tail_mass.to(self.device), temperature=self.temperature)
 

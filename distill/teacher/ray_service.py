@@ -343,6 +343,35 @@ def teacher_fault(e: BaseException, *, max_restarts: int | None = None,
                               f"{_death_cause(err)}; {budget}")
 
 
+def get_reply(handle, timeout: float | None = None, *, max_restarts: int | None = None,
+              max_retries: int | None = None):
+    """``ray.get(handle)``; an actor that died past its budget raises the one-line
+    :class:`TeacherUnavailable` of :func:`teacher_fault` instead of Ray's error."""
+    try:
+        return ray.get(handle, timeout=timeout)
+    except Exception as e:
+        fault = teacher_fault(e, max_restarts=max_restarts, max_retries=max_retries)
+        if fault is None:
+            raise
+        raise fault from e
+
+
+def join_ray(address: str | None, temp_dir: str | None, n_actors: int) -> bool:
+    """Join Ray for a service of ``n_actors`` actors, unless this process already has: a private
+    single-node Ray on loopback when ``address`` is None and ``$RAY_ADDRESS`` unset (nothing leaves the
+    machine), else the cluster at ``address`` ("auto" with no cluster starts a private one too; an
+    unreachable address is a ConfigError). True when this call started or joined it (the caller then
+    stops it with :func:`stop_ray`)."""
+    if ray.is_initialized():
+        return False
+    cpus = max(os.cpu_count() or 1, n_actors)
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        start_local_ray(cpus, temp_dir)
+    else:
+        connect_ray(address, num_cpus=cpus, temp_dir=temp_dir)
+    return True
+
+
 @ray.remote(max_restarts=0, max_task_retries=0)
 class _StageActor:
     """Holds one stage (a contiguous layer range) of one replica."""
@@ -708,13 +737,7 @@ class TeacherClient:
         """Resolve an ``async_*`` result (``ray.get``), so callers need not import ray. A teacher actor
         that died past its budget raises :class:`TeacherUnavailable` (one line: which actor, the cause
         Ray gave, the budget); restarts within the budget are invisible here (see :meth:`faults`)."""
-        try:
-            return ray.get(handle, timeout=timeout)
-        except Exception as e:
-            fault = teacher_fault(e, max_restarts=self.max_restarts, max_retries=self.max_retries)
-            if fault is None:
-                raise
-            raise fault from e
+        return get_reply(handle, timeout, max_restarts=self.max_restarts, max_retries=self.max_retries)
 
     def faults(self) -> list[str]:
         """One line per teacher actor restart (or replica lost) since the last call: the router
@@ -794,7 +817,7 @@ class TeacherService(TeacherClient):
             use_gpu = torch.cuda.is_available()
         if quantization is not None and not use_gpu:
             raise RuntimeError(f"quantization={quantization!r} needs CUDA GPUs (bitsandbytes); this service runs on CPU")
-        self._connect(ray_address, ray_temp_dir, replicas * shards)
+        self._owns_ray = join_ray(ray_address, ray_temp_dir, replicas * shards)
         try:
             check_placement(replicas * shards, use_gpu, num_cpus_per_shard)
         except TeacherUnavailable:
@@ -822,16 +845,6 @@ class TeacherService(TeacherClient):
         except BaseException:
             self.shutdown()
             raise
-
-    def _connect(self, address: str | None, temp_dir: str | None, n_actors: int) -> None:
-        if ray.is_initialized():
-            return
-        if address is None and not os.environ.get("RAY_ADDRESS"):
-            # A private single-node Ray on loopback: nothing leaves the machine.
-            start_local_ray(max(os.cpu_count() or 1, n_actors), temp_dir)
-        else:  # "auto" with no cluster starts a private one too; an unreachable address is a ConfigError
-            connect_ray(address, num_cpus=max(os.cpu_count() or 1, n_actors), temp_dir=temp_dir)
-        self._owns_ray = True
 
     def client(self) -> TeacherClient:
         """A picklable client of this service, e.g. to hand to the other trainer ranks."""

@@ -14,7 +14,8 @@ use it in its place (docs/teacher.md, "Which engine"):
   :class:`~distill.losses.teacher_output.TopKTeacher` per sequence with fp32 log-probs and the tail
   mass ``1 - sum(exp(top-k))``. vLLM's prompt log-probs are raw (no sampling temperature): the
   temperature and the vocabulary cut are applied inside the engine's logits layer for the call (its
-  ``scale`` and ``org_vocab_size``), so they are the numbers the co-located teacher computes.
+  ``scale`` and ``org_vocab_size``); in fp32 the result equals the HF teacher's top-k (same ids,
+  log-probs and tail within 2e-5: tests/vllm/test_teacher_engine.py).
 * ``sample(prompt_ids, limits=, ...)``: responses as token ids, the end-of-sequence token kept as the
   last one (the rollout convention of :func:`distill.models.generate.sample_responses`).
 * ``load_weights(named_tensors)``: new weights in place (the on-policy student's weight sync), then
@@ -30,13 +31,13 @@ torch's thread count to 1 when it starts; the count is restored, since a trainer
 from __future__ import annotations
 
 import os
-import time
 from concurrent.futures import Future
 import torch
 
 from distill.config import ConfigError, VLLMSection
 from distill.losses.teacher_output import TopKTeacher
 from distill.teacher import pipeline as P
+from distill.teacher.local import completed_future
 from distill.teacher.pipeline import Generation, SamplingParams
 
 CPU_MIN_HEAD_DIM = 32  # vLLM 0.32's CPU attention refuses smaller heads (measured: 16 fails, 32 runs)
@@ -106,15 +107,11 @@ class VLLMEngine:
                                   f"{s.tensor_parallel_size}); spread a larger model over more ranks instead")
             kwargs["distributed_executor_backend"] = "external_launcher"
         threads = torch.get_num_threads()
-        t0 = time.perf_counter()
         self.llm = LLM(**kwargs)
-        self.start_s = time.perf_counter() - t0
         torch.set_num_threads(threads)
         self.tokenizer = self.llm.get_tokenizer()
         self.info = P.teacher_info(self.model, self.config, self.tokenizer)
-        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
-        self.info.max_context = min(self.info.max_context, self.max_model_len)
-        self.dtype = dtype
+        self.info.max_context = min(self.info.max_context, int(self.llm.llm_engine.model_config.max_model_len))
         self._closed = False
 
     # -- the logits layer -----------------------------------------------------------------------------
@@ -164,22 +161,22 @@ class VLLMEngine:
             self._restore_head(old)
         result = []
         for seq, pos, o in zip(sequences, positions, outs):
-            ids = torch.zeros((len(pos), k), dtype=torch.int32)
-            lps = torch.zeros((len(pos), k), dtype=torch.float32)
-            for j, p in enumerate(pos):
-                p = int(p)
+            id_rows, lp_rows = [], []
+            for p in map(int, pos):
                 entry = o.prompt_logprobs[p + 1] if p + 1 < len(seq) else o.outputs[0].logprobs[0]
-                top = sorted(((lp.rank, tid, lp.logprob) for tid, lp in entry.items() if lp.rank <= k))[:k]
+                top = sorted((lp.rank, tid, lp.logprob) for tid, lp in entry.items() if lp.rank <= k)[:k]
                 if len(top) != k:
                     raise RuntimeError(f"vLLM returned {len(top)} of the top {k} log-probs at position {p}")
-                ids[j] = torch.tensor([t for _, t, _ in top], dtype=torch.int32)
-                lps[j] = torch.tensor([v for _, _, v in top], dtype=torch.float32)
+                id_rows.append([t for _, t, _ in top])
+                lp_rows.append([v for _, _, v in top])
+            ids = torch.tensor(id_rows, dtype=torch.int32).reshape(len(pos), k)
+            lps = torch.tensor(lp_rows, dtype=torch.float32).reshape(len(pos), k)
             tail = (1.0 - lps.double().exp().sum(-1)).clamp(min=0.0).float()
             result.append(TopKTeacher(ids=ids, logprobs=lps, tail_mass=tail, temperature=float(temperature)))
         return result
 
     def async_topk(self, sequences, positions, k, *, temperature: float = 1.0, vocab_size: int | None = None) -> Future:
-        return _done(self.topk, sequences, positions, k, temperature=temperature, vocab_size=vocab_size)
+        return completed_future(self.topk, sequences, positions, k, temperature=temperature, vocab_size=vocab_size)
 
     # -- generation -----------------------------------------------------------------------------------
     def _sampling(self, max_tokens: int, temperature: float, top_p: float, top_k: int, seed: int, stop: list[int],
@@ -213,7 +210,7 @@ class VLLMEngine:
         return gens
 
     def async_generate(self, prompts, sampling=None, *, seeds=None) -> Future:
-        return _done(self.generate, prompts, sampling, seeds=seeds)
+        return completed_future(self.generate, prompts, sampling, seeds=seeds)
 
     def sample(self, prompt_ids: list[list[int]], *, limits: list[int], temperature: float, top_p: float,
                eos_ids, seeds: list[int]) -> list[list[int]]:
@@ -263,8 +260,3 @@ class VLLMEngine:
     def __exit__(self, *exc):
         self.shutdown()
 
-
-def _done(fn, *args, **kwargs) -> Future:
-    f: Future = Future()
-    f.set_result(fn(*args, **kwargs))
-    return f

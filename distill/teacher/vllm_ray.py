@@ -33,8 +33,8 @@ class _EngineActor:
 
         self.engine = VLLMEngine(model, settings, dtype=dtype, seed=seed, key="teacher.engine")
 
-    def ready(self) -> float:
-        return self.engine.start_s
+    def ready(self) -> bool:
+        return True
 
     def generate(self, prompts: list[str], sampling: SamplingParams, seeds: list[int]):
         return self.engine.generate(prompts, sampling, seeds=seeds)
@@ -48,27 +48,21 @@ class VLLMReplicas:
                  start_timeout_s: float = 1800.0, temp_dir: str | None = None):
         from transformers import AutoTokenizer
 
-        from distill.teacher.ray_service import connect_ray, start_local_ray
+        from distill.teacher.ray_service import join_ray
 
         if replicas < 1:
             raise ValueError(f"replicas={replicas} must be >= 1")
         self.model, self.replicas = str(model), replicas
         self.max_restarts, self.max_retries = max_restarts, max_retries
         self.tokenizer = AutoTokenizer.from_pretrained(self.model)  # the harvest's chat templates
-        self._owns_ray = False
-        if not ray.is_initialized():
-            if not ray_address and not os.environ.get("RAY_ADDRESS"):
-                start_local_ray(max(os.cpu_count() or 1, replicas), temp_dir)  # loopback only
-            else:
-                connect_ray(ray_address, num_cpus=max(os.cpu_count() or 1, replicas), temp_dir=temp_dir)
-            self._owns_ray = True
+        self._owns_ray = join_ray(ray_address or None, temp_dir, replicas)
         gpus = settings.tensor_parallel_size if torch.cuda.is_available() else 0
         actor = ray.remote(_EngineActor).options(num_cpus=1, num_gpus=gpus, max_restarts=max_restarts,
                                                  max_task_retries=max_retries)
         self._actors = [actor.remote(self.model, settings, dtype, seed + i) for i in range(replicas)]
         self._next = 0
         try:
-            self.start_s = ray.get([a.ready.remote() for a in self._actors], timeout=start_timeout_s)
+            ray.get([a.ready.remote() for a in self._actors], timeout=start_timeout_s)
         except ray.exceptions.GetTimeoutError:
             self.shutdown()
             raise TeacherUnavailable(f"the {replicas} vLLM replica(s) ({gpus or 1} {'GPU' if gpus else 'CPU'}(s) each) did "
@@ -87,20 +81,11 @@ class VLLMReplicas:
         self._next += 1
         return actor.generate.remote(list(prompts), sampling or SamplingParams(), seeds)
 
-    def generate(self, prompts, sampling=None, *, seeds=None):
-        return self.get(self.async_generate(prompts, sampling, seeds=seeds))
-
     def get(self, handle, timeout: float | None = None):
         """``ray.get`` of a reply; a replica that died past its budget ends in one TeacherUnavailable line."""
-        from distill.teacher.ray_service import teacher_fault
+        from distill.teacher.ray_service import get_reply
 
-        try:
-            return ray.get(handle, timeout=timeout)
-        except Exception as e:
-            fault = teacher_fault(e, max_restarts=self.max_restarts, max_retries=self.max_retries)
-            if fault is None:
-                raise
-            raise fault from None
+        return get_reply(handle, timeout, max_restarts=self.max_restarts, max_retries=self.max_retries)
 
     def shutdown(self) -> None:
         """Stop the replicas (and the private Ray started here, if any). Idempotent."""
